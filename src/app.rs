@@ -1,0 +1,112 @@
+//! The subcommands, wired to the library. Kept apart from `main.rs` so tests can call them.
+
+use std::io::Write;
+
+use crate::auth::identity::{ActorContext, ActorType, Environment};
+use crate::auth::store::{self, KeySpec};
+use crate::cli::{CreateKey, KeysCommand};
+use crate::config::RawConfig;
+use crate::server::RunningProxy;
+
+pub type AppResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The owner-role URL for `init` and `keys` (falls back to `upstream`).
+pub fn admin_url(raw: &RawConfig) -> AppResult<String> {
+    raw.admin_upstream
+        .clone()
+        .or_else(|| raw.upstream.clone())
+        .ok_or_else(|| "missing setting admin_upstream (or upstream)".into())
+}
+
+pub async fn init(raw: &RawConfig) -> AppResult<()> {
+    let client = store::connect_admin(&admin_url(raw)?).await?;
+    store::init_schema(&client).await?;
+    eprintln!("proxy schema \"{}\" is ready", store::PROXY_SCHEMA);
+    Ok(())
+}
+
+pub async fn keys(raw: &RawConfig, cmd: KeysCommand) -> AppResult<()> {
+    let client = store::connect_admin(&admin_url(raw)?).await?;
+    match cmd {
+        KeysCommand::Create(c) => {
+            let spec = key_spec(c)?;
+            let key = store::create_key(&client, &spec).await?;
+            println!("{}", key.secret);
+        }
+        KeysCommand::List => {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{:<5} {:<16} {:<20} {:<12} {:<12} {:<20} {:<24} state", "id", "prefix", "name", "org", "env", "roles", "actor")?;
+            for k in store::list_keys(&client).await? {
+                let state = if k.revoked_at.is_some() {
+                    "revoked"
+                } else if k.expires_at.is_some_and(|e| e <= std::time::SystemTime::now()) {
+                    "expired"
+                } else {
+                    "active"
+                };
+                let dash = || "-".to_owned();
+                writeln!(
+                    out,
+                    "{:<5} {:<16} {:<20} {:<12} {:<12} {:<20} {:<24} {}",
+                    k.id,
+                    k.prefix,
+                    k.name,
+                    k.organization.unwrap_or_else(dash),
+                    if k.operator { "operator".to_owned() } else { k.environment.unwrap_or_else(dash) },
+                    k.roles.join(","),
+                    k.actor.unwrap_or_else(dash),
+                    state
+                )?;
+            }
+        }
+        KeysCommand::Revoke { selector } => {
+            let n = store::revoke_key(&client, &selector).await?;
+            if n == 0 {
+                return Err(format!("no active key matches {selector:?}").into());
+            }
+            eprintln!("revoked {n} key(s); proxies drop their sessions within the key cache TTL");
+        }
+    }
+    Ok(())
+}
+
+fn key_spec(c: CreateKey) -> AppResult<KeySpec> {
+    if c.operator {
+        return Ok(KeySpec { name: c.name, actor: None, expires_in: c.expires_in });
+    }
+    let org = c.org.ok_or("--org is required")?;
+    let env: Environment = c.env.ok_or("--env is required")?.parse()?;
+    let actor_type: ActorType = c.actor_type.parse()?;
+    let actor_id = c.actor_id.unwrap_or_else(|| c.name.clone());
+    Ok(KeySpec {
+        name: c.name,
+        actor: Some(ActorContext { organization: org, environment: env, roles: c.roles, actor_type, actor_id }),
+        expires_in: c.expires_in,
+    })
+}
+
+/// `serve`: run until SIGINT/SIGTERM.
+pub async fn serve(raw: RawConfig) -> AppResult<()> {
+    let settings = crate::config::Settings::from_raw(raw)?;
+    let running = RunningProxy::start(settings).await?;
+    eprintln!("struere-proxy listening on {}", running.addr);
+    wait_for_signal().await;
+    running.stop().await;
+    Ok(())
+}
+
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    match term {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Command-line interface: subcommands and the flag/environment layer of the configuration.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{LogFormat, RawConfig, TlsMode};
+
+#[derive(Debug, Parser)]
+#[command(name = "struere-proxy", version, about = "PostgreSQL proxy that makes one shared database safe for many tenants, environments and roles")]
+pub struct Cli {
+    /// TOML configuration file (default: struere-proxy.toml if present).
+    #[arg(long, global = true, env = "STRUERE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub overrides: Overrides,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Settings that flags and environment variables can override (flags win over the environment,
+/// both win over the file).
+#[derive(Debug, Clone, Default, Args)]
+pub struct Overrides {
+    /// Address to listen on (default 127.0.0.1:6432).
+    #[arg(long, global = true, env = "STRUERE_LISTEN")]
+    pub listen: Option<String>,
+    /// Upstream URL of the least-privilege role used for client traffic.
+    #[arg(long, global = true, env = "STRUERE_UPSTREAM", hide_env_values = true)]
+    pub upstream: Option<String>,
+    /// Upstream URL of the owner role (init, keys, key lookups, operator sessions).
+    #[arg(long, global = true, env = "STRUERE_ADMIN_UPSTREAM", hide_env_values = true)]
+    pub admin_upstream: Option<String>,
+    /// Database name clients must ask for (default: the upstream URL's).
+    #[arg(long, global = true, env = "STRUERE_DATABASE")]
+    pub database: Option<String>,
+    /// disabled | optional | required
+    #[arg(long, global = true, env = "STRUERE_TLS_MODE")]
+    pub tls_mode: Option<TlsMode>,
+    #[arg(long, global = true, env = "STRUERE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "STRUERE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Seconds a key lookup (positive or negative) is cached; also the revocation delay.
+    #[arg(long, global = true, env = "STRUERE_KEY_CACHE_TTL")]
+    pub key_cache_ttl: Option<u64>,
+    /// Largest client message accepted, in bytes.
+    #[arg(long, global = true, env = "STRUERE_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<usize>,
+    /// text | json
+    #[arg(long, global = true, env = "STRUERE_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Accept operator (break-glass) keys.
+    #[arg(long, global = true, env = "STRUERE_OPERATOR_KEYS")]
+    pub operator_keys: Option<bool>,
+}
+
+impl Overrides {
+    pub fn to_raw(&self) -> RawConfig {
+        RawConfig {
+            listen: self.listen.clone(),
+            upstream: self.upstream.clone(),
+            admin_upstream: self.admin_upstream.clone(),
+            database: self.database.clone(),
+            tls_mode: self.tls_mode,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            key_cache_ttl_secs: self.key_cache_ttl,
+            max_message_size: self.max_message_size,
+            log_format: self.log_format,
+            operator_keys: self.operator_keys,
+            ..RawConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy.
+    Serve,
+    /// Create the proxy's own schema in the upstream database (idempotent).
+    Init,
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Start a throwaway PostgreSQL, create keys, and serve until Ctrl-C.
+    Demo,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it (alone) on stdout. It is shown only this once.
+    Create(CreateKey),
+    /// List keys (prefix, name, scope, state); never secrets.
+    List,
+    /// Revoke keys by id, display prefix or name.
+    Revoke { selector: String },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateKey {
+    #[arg(long, required_unless_present = "operator")]
+    pub org: Option<String>,
+    /// development | production
+    #[arg(long, required_unless_present = "operator")]
+    pub env: Option<String>,
+    /// Role name; repeat for several.
+    #[arg(long = "role")]
+    pub roles: Vec<String>,
+    /// user | agent | system | webhook
+    #[arg(long, default_value = "system")]
+    pub actor_type: String,
+    /// Actor id (default: the key's name).
+    #[arg(long)]
+    pub actor_id: Option<String>,
+    #[arg(long)]
+    pub name: String,
+    /// Lifetime, e.g. 3600, 90s, 15m, 12h, 30d.
+    #[arg(long, value_parser = parse_duration)]
+    pub expires_in: Option<Duration>,
+    /// Break-glass key bound to no organization or environment (statements forwarded as sent).
+    #[arg(long, conflicts_with_all = ["org", "env", "roles"])]
+    pub operator: bool,
+}
+
+/// `3600`, `90s`, `15m`, `12h`, `30d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("invalid duration unit in {s:?} (use s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(parse_duration("2w").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "struere-proxy", "keys", "create", "--org", "acme", "--env", "development", "--role", "admin", "--role",
+            "teacher", "--name", "ci-bot",
+        ])
+        .unwrap();
+        let Command::Keys(KeysCommand::Create(c)) = cli.command else { panic!() };
+        assert_eq!(c.roles, ["admin", "teacher"]);
+        assert!(Cli::try_parse_from(["struere-proxy", "keys", "create", "--name", "x"]).is_err());
+        assert!(Cli::try_parse_from(["struere-proxy", "keys", "create", "--name", "x", "--operator"]).is_ok());
+    }
+}

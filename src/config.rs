@@ -1,0 +1,256 @@
+//! Configuration: a TOML file, overridden by environment variables, overridden by flags.
+//!
+//! The raw layers are plain optional fields; `Settings` is built only once all layers are merged
+//! and validated, so the rest of the proxy never sees a half-checked value.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("invalid setting {name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+    #[error("missing setting {0}: set it in the config file, the environment or a flag")]
+    Missing(&'static str),
+}
+
+/// How the client side treats TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Never offer TLS (answer `N` to SSLRequest).
+    Disabled,
+    /// Offer TLS when a certificate is configured; plaintext sessions are allowed.
+    Optional,
+    /// Refuse sessions that did not negotiate TLS.
+    Required,
+}
+
+impl std::str::FromStr for TlsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "disabled" | "off" => Ok(TlsMode::Disabled),
+            "optional" | "prefer" => Ok(TlsMode::Optional),
+            "required" | "require" => Ok(TlsMode::Required),
+            other => Err(format!("unknown TLS mode {other:?} (disabled, optional, required)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("unknown log format {other:?} (text, json)")),
+        }
+    }
+}
+
+/// One layer of configuration: every field optional. The TOML file deserialises into it; the
+/// environment and flags are read into it by the CLI.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub admin_upstream: Option<String>,
+    pub database: Option<String>,
+    pub tls_mode: Option<TlsMode>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub key_cache_ttl_secs: Option<u64>,
+    pub max_message_size: Option<usize>,
+    pub log_format: Option<LogFormat>,
+    pub operator_keys: Option<bool>,
+    pub search_path: Option<String>,
+    pub max_clients: Option<usize>,
+    pub rewrite_cache_capacity: Option<usize>,
+    pub connect_timeout_secs: Option<u64>,
+}
+
+impl RawConfig {
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text)
+            .map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+    }
+
+    /// Layer `over` on top of `self`: any field `over` sets wins.
+    pub fn overlay(self, over: RawConfig) -> RawConfig {
+        RawConfig {
+            listen: over.listen.or(self.listen),
+            upstream: over.upstream.or(self.upstream),
+            admin_upstream: over.admin_upstream.or(self.admin_upstream),
+            database: over.database.or(self.database),
+            tls_mode: over.tls_mode.or(self.tls_mode),
+            tls_cert: over.tls_cert.or(self.tls_cert),
+            tls_key: over.tls_key.or(self.tls_key),
+            key_cache_ttl_secs: over.key_cache_ttl_secs.or(self.key_cache_ttl_secs),
+            max_message_size: over.max_message_size.or(self.max_message_size),
+            log_format: over.log_format.or(self.log_format),
+            operator_keys: over.operator_keys.or(self.operator_keys),
+            search_path: over.search_path.or(self.search_path),
+            max_clients: over.max_clients.or(self.max_clients),
+            rewrite_cache_capacity: over.rewrite_cache_capacity.or(self.rewrite_cache_capacity),
+            connect_timeout_secs: over.connect_timeout_secs.or(self.connect_timeout_secs),
+        }
+    }
+}
+
+/// Validated settings. Built by [`Settings::from_raw`]; every field has its final value.
+#[derive(Clone)]
+pub struct Settings {
+    pub listen: String,
+    /// Least-privilege role used for client traffic of environment keys.
+    pub upstream: String,
+    /// Owner role: `init`, `keys`, key lookups and operator sessions.
+    pub admin_upstream: String,
+    /// The database name clients must ask for (operator keys may name any).
+    pub database: String,
+    pub tls_mode: TlsMode,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub key_cache_ttl: Duration,
+    pub max_message_size: usize,
+    pub log_format: LogFormat,
+    pub operator_keys: bool,
+    pub search_path: String,
+    pub max_clients: usize,
+    pub rewrite_cache_capacity: usize,
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Settings {
+    // Upstream URLs carry passwords: never print them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("listen", &self.listen)
+            .field("database", &self.database)
+            .field("tls_mode", &self.tls_mode)
+            .field("key_cache_ttl", &self.key_cache_ttl)
+            .field("max_message_size", &self.max_message_size)
+            .field("operator_keys", &self.operator_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
+pub const DEFAULT_CONFIG_FILE: &str = "struere-proxy.toml";
+
+impl Settings {
+    pub fn from_raw(raw: RawConfig) -> Result<Settings, ConfigError> {
+        let upstream = raw.upstream.ok_or(ConfigError::Missing("upstream"))?;
+        let admin_upstream = raw.admin_upstream.unwrap_or_else(|| upstream.clone());
+        let database = match raw.database {
+            Some(d) => d,
+            None => database_of(&upstream)?,
+        };
+        let tls_mode = raw.tls_mode.unwrap_or(if raw.tls_cert.is_some() {
+            TlsMode::Optional
+        } else {
+            TlsMode::Disabled
+        });
+        if tls_mode != TlsMode::Disabled && (raw.tls_cert.is_none() || raw.tls_key.is_none()) {
+            return Err(ConfigError::Invalid {
+                name: "tls_mode",
+                reason: "TLS needs both tls_cert and tls_key".into(),
+            });
+        }
+        let max_message_size = raw.max_message_size.unwrap_or(16 << 20);
+        if !(1024..=crate::protocol::frame::MAX_PROTOCOL_MESSAGE).contains(&max_message_size) {
+            return Err(ConfigError::Invalid {
+                name: "max_message_size",
+                reason: "must be between 1 KiB and 1 GiB".into(),
+            });
+        }
+        let ttl = raw.key_cache_ttl_secs.unwrap_or(5);
+        if ttl == 0 || ttl > 3600 {
+            return Err(ConfigError::Invalid {
+                name: "key_cache_ttl_secs",
+                reason: "must be between 1 and 3600 seconds".into(),
+            });
+        }
+        Ok(Settings {
+            listen: raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
+            upstream,
+            admin_upstream,
+            database,
+            tls_mode,
+            tls_cert: raw.tls_cert,
+            tls_key: raw.tls_key,
+            key_cache_ttl: Duration::from_secs(ttl),
+            max_message_size,
+            log_format: raw.log_format.unwrap_or(LogFormat::Text),
+            operator_keys: raw.operator_keys.unwrap_or(false),
+            search_path: raw.search_path.unwrap_or_else(|| "public".to_owned()),
+            max_clients: raw.max_clients.unwrap_or(1000).max(1),
+            rewrite_cache_capacity: raw.rewrite_cache_capacity.unwrap_or(10_000),
+            connect_timeout: Duration::from_secs(raw.connect_timeout_secs.unwrap_or(10).max(1)),
+        })
+    }
+}
+
+fn database_of(url: &str) -> Result<String, ConfigError> {
+    let cfg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| ConfigError::Invalid { name: "upstream", reason: format!("{e}") })?;
+    Ok(cfg
+        .get_dbname()
+        .or(cfg.get_user())
+        .unwrap_or("postgres")
+        .to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_override_in_order() {
+        let file: RawConfig = toml::from_str(
+            r#"
+            listen = "0.0.0.0:7000"
+            upstream = "postgres://app:pw@db:5432/appdb"
+            key_cache_ttl_secs = 30
+            "#,
+        )
+        .unwrap();
+        let env = RawConfig { listen: Some("127.0.0.1:7001".into()), ..Default::default() };
+        let s = Settings::from_raw(file.overlay(env)).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:7001");
+        assert_eq!(s.database, "appdb");
+        assert_eq!(s.key_cache_ttl, Duration::from_secs(30));
+        assert_eq!(s.admin_upstream, s.upstream);
+        assert!(!s.operator_keys);
+        assert!(!format!("{s:?}").contains("pw"));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(Settings::from_raw(RawConfig::default()).is_err());
+        let base = RawConfig { upstream: Some("postgres://a@h/db".into()), ..Default::default() };
+        let no_key = RawConfig { tls_mode: Some(TlsMode::Required), ..base.clone() };
+        assert!(Settings::from_raw(no_key).is_err());
+        let tiny = RawConfig { max_message_size: Some(10), ..base.clone() };
+        assert!(Settings::from_raw(tiny).is_err());
+        assert!(toml::from_str::<RawConfig>("lisen = 1").is_err());
+    }
+}

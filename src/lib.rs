@@ -1,0 +1,29 @@
+//! struere-proxy: a PostgreSQL wire-protocol proxy that makes one shared database safe for many
+//! tenants, two environments and many roles.
+//!
+//! # Layout
+//! - [`protocol`]: pure wire protocol — strict framing, startup packets, messages, SQLSTATEs.
+//! - [`rewrite`]: pure statement pipeline — split and classify (pg_query), parse (sqlparser),
+//!   policy hook, guess-free printer, verification (pg_query).
+//! - [`auth`]: API keys — generation, SHA-256 hashing, the key store and its TTL cache, throttling,
+//!   and the caller identity ([`auth::identity::ActorContext`]).
+//! - [`session`]: one client connection — handshake, relay, refusals kept in protocol step.
+//! - [`upstream`]: the raw connection to the real database and cancel requests.
+//! - [`server`]: the listener and the state sessions share; [`cancel`]: cancel-key mapping.
+//! - [`config`], [`cli`], [`app`], [`demo`]: configuration layers and the subcommands.
+//! - [`cluster`]: a throwaway local PostgreSQL for the demo and the tests.
+
+pub mod app;
+pub mod auth;
+pub mod cancel;
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod net;
+pub mod protocol;
+pub mod rewrite;
+pub mod server;
+pub mod session;
+pub mod upstream;

@@ -1,0 +1,53 @@
+//! `struere-proxy`: parse the command line, set up logging, run the subcommand.
+
+use clap::Parser;
+use struere_proxy::cli::{Cli, Command};
+use struere_proxy::config::{DEFAULT_CONFIG_FILE, LogFormat, RawConfig};
+use struere_proxy::{app, demo};
+
+fn load_raw(cli: &Cli) -> Result<RawConfig, Box<dyn std::error::Error + Send + Sync>> {
+    let file = match &cli.config {
+        Some(path) => RawConfig::from_file(path)?,
+        None if std::path::Path::new(DEFAULT_CONFIG_FILE).exists() => {
+            RawConfig::from_file(std::path::Path::new(DEFAULT_CONFIG_FILE))?
+        }
+        None => RawConfig::default(),
+    };
+    Ok(file.overlay(cli.overrides.to_raw()))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STRUERE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let raw = match load_raw(&cli) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(raw.log_format.unwrap_or(LogFormat::Text));
+    let result = match cli.command {
+        Command::Serve => app::serve(raw).await,
+        Command::Init => app::init(&raw).await,
+        Command::Keys(k) => app::keys(&raw, k).await,
+        Command::Demo => demo::run(raw).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Splitting a byte stream into exactly one message at a time.
+//!
+//! This is the first thing client bytes meet. A length is checked against the limits before it is
+//! trusted (PgBouncer's "don't believe nonsense"), a negative length is refused before any cast,
+//! and a decoder is only ever handed the bytes of its own message.
+
+use bytes::{Buf, Bytes, BytesMut};
+use thiserror::Error;
+
+/// PostgreSQL's own limit for a startup packet (`MAX_STARTUP_PACKET_LENGTH`).
+pub const MAX_STARTUP_PACKET: usize = 10_000;
+
+/// The largest message PostgreSQL will ever accept or send (1 GiB - 1).
+pub const MAX_PROTOCOL_MESSAGE: usize = 0x3fff_ffff;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("invalid message length {0}")]
+    BadLength(i64),
+    #[error("message of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { len: usize, limit: usize },
+    #[error("unknown frontend message type {0:#04x}")]
+    UnknownType(u8),
+}
+
+/// One complete typed message: `tag`, and `body` (the bytes after the length word).
+/// `raw` keeps the whole message so it can be relayed without re-encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub tag: u8,
+    pub body: Bytes,
+    pub raw: Bytes,
+}
+
+/// The frontend message types a client may send after startup.
+pub fn is_frontend_tag(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' | b'X' | b'F' | b'd' | b'c' | b'f' | b'p'
+    )
+}
+
+/// The largest body a frontend message of this type may have. Messages that carry no payload
+/// must be exactly empty; small fixed-shape ones get a small bound; payload-carrying messages
+/// get the configured limit.
+fn frontend_body_limit(tag: u8, configured: usize) -> usize {
+    match tag {
+        b'S' | b'H' | b'X' | b'c' => 0,
+        b'D' | b'C' | b'E' | b'f' => MAX_STARTUP_PACKET.min(configured).max(1024),
+        _ => configured,
+    }
+}
+
+/// Split one typed frontend message off the front of `buf`, or `Ok(None)` if more bytes are needed.
+/// On error the connection must be closed: the stream can no longer be trusted to be in step.
+pub fn split_frontend(buf: &mut BytesMut, max_message: usize) -> Result<Option<Frame>, FrameError> {
+    let Some(&tag) = buf.first() else {
+        return Ok(None);
+    };
+    if !is_frontend_tag(tag) {
+        return Err(FrameError::UnknownType(tag));
+    }
+    let limit = frontend_body_limit(tag, max_message);
+    split_typed(buf, limit)
+}
+
+/// Split one backend message (tag + length + body). The server is trusted more than a client,
+/// but its bytes are still never indexed blindly.
+pub fn split_backend(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    split_typed(buf, MAX_PROTOCOL_MESSAGE)
+}
+
+fn split_typed(buf: &mut BytesMut, body_limit: usize) -> Result<Option<Frame>, FrameError> {
+    let Some(len_bytes) = buf.get(1..5) else {
+        return Ok(None);
+    };
+    let len = i32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
+    if len < 4 {
+        return Err(FrameError::BadLength(i64::from(len)));
+    }
+    // `len` is positive and fits in usize on every platform tokio supports.
+    let body_len = (len as usize) - 4;
+    if body_len > body_limit {
+        return Err(FrameError::TooLarge { len: body_len, limit: body_limit });
+    }
+    let total = 1 + len as usize;
+    if buf.len() < total {
+        // Reserve now so a large message is read without repeated reallocation.
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let raw = buf.split_to(total).freeze();
+    let body = raw.slice(5..);
+    Ok(Some(Frame { tag, body, raw }))
+}
+
+/// Split one untyped startup-phase packet (length word first, no tag): SSLRequest, GSSENCRequest,
+/// CancelRequest or StartupMessage. Returns the packet body after the length word.
+pub fn split_startup(buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+    let Some(len_bytes) = buf.get(0..4) else {
+        return Ok(None);
+    };
+    let len = i32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
+    // A startup packet holds at least the 4-byte protocol code after the length word.
+    if len < 8 {
+        return Err(FrameError::BadLength(i64::from(len)));
+    }
+    let len = len as usize;
+    if len > MAX_STARTUP_PACKET {
+        return Err(FrameError::TooLarge { len, limit: MAX_STARTUP_PACKET });
+    }
+    if buf.len() < len {
+        return Ok(None);
+    }
+    let mut packet = buf.split_to(len);
+    packet.advance(4);
+    Ok(Some(packet.freeze()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn msg(tag: u8, body: &[u8]) -> BytesMut {
+        let mut b = BytesMut::new();
+        b.extend_from_slice(&[tag]);
+        b.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        b.extend_from_slice(body);
+        b
+    }
+
+    #[test]
+    fn splits_exactly_one_message() {
+        let mut buf = msg(b'Q', b"SELECT 1\0");
+        buf.extend_from_slice(&msg(b'S', b""));
+        let f = split_frontend(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(f.tag, b'Q');
+        assert_eq!(&f.body[..], b"SELECT 1\0");
+        let s = split_frontend(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(s.tag, b'S');
+        assert!(buf.is_empty());
+        assert_eq!(split_frontend(&mut buf, 1 << 20), Ok(None));
+    }
+
+    #[test]
+    fn waits_for_partial_messages() {
+        let full = msg(b'Q', b"SELECT 1\0");
+        for cut in 0..full.len() {
+            let mut buf = BytesMut::from(&full[..cut]);
+            assert_eq!(split_frontend(&mut buf, 1 << 20), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_lengths_and_types() {
+        let mut neg = BytesMut::from(&[b'Q', 0xff, 0xff, 0xff, 0xff][..]);
+        assert_eq!(split_frontend(&mut neg, 100), Err(FrameError::BadLength(-1)));
+        let mut short = BytesMut::from(&[b'Q', 0, 0, 0, 3][..]);
+        assert_eq!(split_frontend(&mut short, 100), Err(FrameError::BadLength(3)));
+        let mut huge = BytesMut::from(&[b'Q', 0x7f, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(split_frontend(&mut huge, 100), Err(FrameError::TooLarge { .. })));
+        let mut unknown = msg(b'!', b"");
+        assert_eq!(split_frontend(&mut unknown, 100), Err(FrameError::UnknownType(b'!')));
+        // Sync carries no payload.
+        let mut fat_sync = msg(b'S', b"x");
+        assert!(matches!(split_frontend(&mut fat_sync, 100), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn startup_packets() {
+        let mut ssl = BytesMut::from(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f][..]);
+        let body = split_startup(&mut ssl).unwrap().unwrap();
+        assert_eq!(&body[..], &[0x04, 0xd2, 0x16, 0x2f]);
+        let mut big = BytesMut::from(&[0, 1, 0, 0, 0, 3, 0, 0][..]);
+        assert!(matches!(split_startup(&mut big), Err(FrameError::TooLarge { .. })));
+        let mut tiny = BytesMut::from(&[0, 0, 0, 4][..]);
+        assert_eq!(split_startup(&mut tiny), Err(FrameError::BadLength(4)));
+        let mut garbage = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
+        assert!(split_startup(&mut garbage).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn frontend_splitter_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(f)) = split_frontend(&mut buf, 32) {
+                prop_assert_eq!(f.raw.len(), f.body.len() + 5);
+            }
+        }
+
+        #[test]
+        fn startup_splitter_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            let _ = split_startup(&mut buf);
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The listener and the state every session shares.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::store::KeyStore;
+use crate::auth::throttle::AuthThrottle;
+use crate::cancel::CancelRegistry;
+use crate::config::Settings;
+use crate::protocol::backend::{self, Severity};
+use crate::protocol::sqlstate::SqlState;
+use crate::rewrite::Rewriter;
+use crate::upstream::UpstreamConfig;
+
+/// Everything sessions share. Cheap to reach from any task through an `Arc`.
+pub struct Proxy {
+    pub settings: Settings,
+    pub keys: Arc<KeyStore>,
+    pub throttle: AuthThrottle,
+    pub rewriter: Rewriter,
+    pub cancels: Arc<CancelRegistry>,
+    pub upstream: Arc<UpstreamConfig>,
+    pub admin_upstream: Arc<UpstreamConfig>,
+    pub tls: Option<TlsAcceptor>,
+    /// Random per process: makes the marker of an injected refusal unguessable.
+    pub refusal_nonce: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid upstream URL: {0}")]
+    Upstream(String),
+    #[error(transparent)]
+    Tls(#[from] crate::net::tls::TlsError),
+    #[error("cannot generate randomness: {0}")]
+    Random(String),
+}
+
+impl Proxy {
+    pub fn new(settings: Settings) -> Result<Proxy, StartError> {
+        let upstream = UpstreamConfig::from_url(&settings.upstream).map_err(|e| StartError::Upstream(e.to_string()))?;
+        let admin_upstream =
+            UpstreamConfig::from_url(&settings.admin_upstream).map_err(|e| StartError::Upstream(e.to_string()))?;
+        let tls = match (&settings.tls_cert, &settings.tls_key, settings.tls_mode) {
+            (_, _, crate::config::TlsMode::Disabled) => None,
+            (Some(c), Some(k), _) => Some(crate::net::tls::acceptor(c, k)?),
+            _ => None,
+        };
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|e| StartError::Random(e.to_string()))?;
+        Ok(Proxy {
+            keys: Arc::new(KeyStore::new(settings.admin_upstream.clone(), settings.key_cache_ttl)),
+            throttle: AuthThrottle::new(),
+            rewriter: Rewriter::new(settings.rewrite_cache_capacity),
+            cancels: Arc::new(CancelRegistry::default()),
+            upstream: Arc::new(upstream),
+            admin_upstream: Arc::new(admin_upstream),
+            tls,
+            refusal_nonce: hex::encode(nonce),
+            settings,
+        })
+    }
+}
+
+/// Accept clients until `shutdown` flips to true. Each client runs on its own task; a panic or
+/// error in one never reaches another.
+pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+    let slots = Arc::new(Semaphore::new(proxy.settings.max_clients));
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return Ok(()),
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            tokio::spawn(refuse_too_many(tcp));
+            continue;
+        };
+        let proxy = Arc::clone(&proxy);
+        tokio::spawn(async move {
+            crate::session::serve(proxy, tcp, peer).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn refuse_too_many(mut tcp: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let mut out = bytes::BytesMut::new();
+    backend::error_response(
+        &mut out,
+        Severity::Fatal,
+        SqlState::TOO_MANY_CONNECTIONS,
+        "sorry, too many clients already (max_clients reached)",
+        None,
+    );
+    let _ = tcp.write_all(&out).await;
+}
+
+/// A proxy serving on a bound listener: what `serve`, `demo` and the tests start.
+pub struct RunningProxy {
+    pub addr: std::net::SocketAddr,
+    pub proxy: Arc<Proxy>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningProxy {
+    /// Bind `settings.listen` and start accepting.
+    pub async fn start(settings: Settings) -> Result<RunningProxy, Box<dyn std::error::Error + Send + Sync>> {
+        let listener = TcpListener::bind(&settings.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+        Self::start_on(settings, listener)
+    }
+
+    pub fn start_on(
+        settings: Settings,
+        listener: TcpListener,
+    ) -> Result<RunningProxy, Box<dyn std::error::Error + Send + Sync>> {
+        let addr = listener.local_addr()?;
+        let proxy = Arc::new(Proxy::new(settings)?);
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(serve(Arc::clone(&proxy), listener, rx));
+        Ok(RunningProxy { addr, proxy, shutdown: tx, task })
+    }
+
+    /// Stop accepting new clients (sessions already running finish on their own).
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}

@@ -1,0 +1,259 @@
+//! The startup phase, as one linear function: TLS negotiation, the StartupMessage, the API key,
+//! the upstream connection. Anything unexpected ends the connection with a FATAL error.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use crate::auth::api_key::{KeyHash, display_prefix};
+use crate::auth::identity::Caller;
+use crate::auth::store::KeyStatus;
+use crate::cancel::CancelGuard;
+use crate::config::TlsMode;
+use crate::error::SessionEnd;
+use crate::net::stream::ClientStream;
+use crate::protocol::backend;
+use crate::protocol::frontend::decode_password;
+use crate::protocol::sqlstate::SqlState;
+use crate::protocol::startup::{ParamVerdict, StartupMessage, StartupRequest, classify_param, parse_startup};
+use crate::server::Proxy;
+use crate::session::io::ClientConn;
+use crate::upstream::{self, UpstreamConn, UpstreamError};
+
+/// A session that passed the startup phase.
+pub struct Established {
+    pub client: ClientConn,
+    pub upstream: UpstreamConn,
+    pub caller: Caller,
+    pub key_hash: KeyHash,
+    pub key_prefix: String,
+    pub cancel: CancelGuard,
+}
+
+pub enum Outcome {
+    Session(Box<Established>),
+    /// A CancelRequest was handled (or ignored); the connection is done.
+    CancelHandled,
+    /// The client went away before starting.
+    Closed,
+}
+
+/// Settings the proxy pins in the upstream startup packet. Because they are startup values,
+/// `RESET ALL` and `DISCARD ALL` restore them.
+fn pinned_params(proxy: &Proxy) -> Vec<(String, String)> {
+    vec![
+        ("search_path".to_owned(), proxy.settings.search_path.clone()),
+        ("standard_conforming_strings".to_owned(), "on".to_owned()),
+        ("client_encoding".to_owned(), "UTF8".to_owned()),
+    ]
+}
+
+/// Run the startup phase. A failure that the client should hear about is sent to it as a
+/// FATAL ErrorResponse before the error is returned.
+pub async fn run(proxy: &Arc<Proxy>, mut client: ClientConn, peer: SocketAddr) -> Result<Outcome, SessionEnd> {
+    match steps(proxy, &mut client, peer).await {
+        Ok(Some((upstream, caller, key_hash, key_prefix, cancel))) => Ok(Outcome::Session(Box::new(Established {
+            client,
+            upstream,
+            caller,
+            key_hash,
+            key_prefix,
+            cancel,
+        }))),
+        Ok(None) => Ok(Outcome::Closed),
+        Err(Early::Cancel) => Ok(Outcome::CancelHandled),
+        Err(Early::End(e)) => {
+            if let Some(bytes) = super::fatal_bytes(&e) {
+                let _ = client.send(&bytes).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+enum Early {
+    Cancel,
+    End(SessionEnd),
+}
+
+impl<E: Into<SessionEnd>> From<E> for Early {
+    fn from(e: E) -> Self {
+        Early::End(e.into())
+    }
+}
+
+type Steps = Option<(UpstreamConn, Caller, KeyHash, String, CancelGuard)>;
+
+async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) -> Result<Steps, Early> {
+    // 1. Special requests until a StartupMessage.
+    let startup = loop {
+        let Some(packet) = client.read_startup().await? else {
+            return Ok(None);
+        };
+        match parse_startup(&packet)? {
+            StartupRequest::SslRequest => negotiate_tls(proxy, client).await?,
+            StartupRequest::GssEncRequest => client.send(b"N").await?,
+            StartupRequest::Cancel { pid, secret } => {
+                handle_cancel(proxy, pid, secret).await;
+                return Err(Early::Cancel);
+            }
+            StartupRequest::Startup(m) => break m,
+        }
+    };
+    if proxy.settings.tls_mode == TlsMode::Required && !client.stream.is_tls() {
+        return Err(SessionEnd::fatal(
+            SqlState::INVALID_AUTHORIZATION,
+            "this proxy requires TLS: connect with sslmode=require (or stronger)",
+        )
+        .into());
+    }
+
+    // 2. Startup parameters.
+    let user = startup.get("user").unwrap_or_default().to_owned();
+    let database = startup.get("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_owned();
+    let (forwarded, unsupported) = screen_params(&startup)?;
+    let mut out = BytesMut::new();
+    if startup.minor > 0 || !unsupported.is_empty() {
+        backend::negotiate_protocol_version(&mut out, unsupported);
+    }
+    tracing::Span::current().record("user", user.as_str());
+
+    // 3. The API key, as a cleartext password (the connection is expected to be TLS).
+    backend::auth_cleartext_request(&mut out);
+    client.send(&out).await?;
+    let frame = client.read_frame().await?;
+    if frame.tag != b'p' {
+        return Err(SessionEnd::fatal(SqlState::PROTOCOL_VIOLATION, "expected a password message").into());
+    }
+    let presented = decode_password(&frame.body)?;
+    let key_hash = KeyHash::of(presented);
+    let key_prefix = display_prefix(presented);
+    tracing::Span::current().record("key", key_prefix.as_str());
+    let record = match proxy.keys.lookup(&key_hash).await {
+        Ok(KeyStatus::Valid(r)) if r.caller.is_operator() && !proxy.settings.operator_keys => {
+            Err("operator key presented but operator keys are disabled")
+        }
+        Ok(KeyStatus::Valid(r)) => Ok(r),
+        Ok(other) => Err(other.reason()),
+        Err(e) => {
+            tracing::error!(error = %e, "key store lookup failed");
+            return Err(SessionEnd::fatal(
+                SqlState::CANNOT_CONNECT_NOW,
+                "the proxy cannot verify keys right now: key store unavailable",
+            )
+            .into());
+        }
+    };
+    let record = match record {
+        Ok(r) => r,
+        Err(reason) => {
+            let delay = proxy.throttle.record_failure(peer.ip(), &key_prefix);
+            tracing::warn!(reason, delay_ms = delay.as_millis() as u64, "authentication failed");
+            tokio::time::sleep(delay).await;
+            return Err(SessionEnd::fatal(
+                SqlState::INVALID_PASSWORD,
+                format!("password authentication failed for user \"{user}\""),
+            )
+            .into());
+        }
+    };
+    proxy.keys.touch(record.id);
+    let caller = record.caller.clone();
+
+    // 4. The database: environment keys only reach the configured one.
+    if !caller.is_operator() && database != proxy.settings.database {
+        return Err(SessionEnd::fatal(
+            SqlState::INVALID_CATALOG_NAME,
+            format!("database \"{database}\" is not served by this proxy (use \"{}\")", proxy.settings.database),
+        )
+        .into());
+    }
+
+    // 5. Upstream: environment keys use the least-privilege role, operator keys the owner role.
+    let target = if caller.is_operator() { &proxy.admin_upstream } else { &proxy.upstream };
+    let mut params = forwarded;
+    params.extend(pinned_params(proxy));
+    let upstream = upstream::connect(target, &database, &params, proxy.settings.connect_timeout)
+        .await
+        .map_err(upstream_failure)?;
+    let cancel = proxy.cancels.register(Arc::clone(target), upstream.backend_pid, upstream.backend_secret);
+
+    // 6. Tell the client it is in, as the server would.
+    let mut out = BytesMut::new();
+    backend::auth_ok(&mut out);
+    for (name, value) in &upstream.parameters {
+        backend::parameter_status(&mut out, name, value);
+    }
+    backend::backend_key_data(&mut out, cancel.pid, cancel.secret);
+    backend::ready_for_query(&mut out, upstream.transaction_status);
+    client.send(&out).await?;
+    tracing::info!(operator = caller.is_operator(), %database, "session started");
+    Ok(Some((upstream, caller, key_hash, key_prefix, cancel)))
+}
+
+/// Split the client's startup parameters into the ones forwarded upstream and the `_pq_.`
+/// options to report as unsupported; any refused parameter ends the session.
+/// Parameters to forward upstream, and `_pq_.` options to report as unsupported.
+type ScreenedParams = (Vec<(String, String)>, Vec<String>);
+
+fn screen_params(m: &StartupMessage) -> Result<ScreenedParams, SessionEnd> {
+    let mut forwarded = Vec::new();
+    let mut unsupported = Vec::new();
+    for (name, value) in &m.params {
+        match classify_param(name, value) {
+            ParamVerdict::Forward => forwarded.push((name.clone(), value.clone())),
+            ParamVerdict::Consume => {}
+            ParamVerdict::ProtocolOption => unsupported.push(name.clone()),
+            ParamVerdict::Refuse(reason) => {
+                return Err(SessionEnd::fatal(SqlState::INSUFFICIENT_PRIVILEGE, format!("refused: {reason}")));
+            }
+        }
+    }
+    Ok((forwarded, unsupported))
+}
+
+async fn negotiate_tls(proxy: &Proxy, client: &mut ClientConn) -> Result<(), SessionEnd> {
+    if client.stream.is_tls() {
+        return Err(SessionEnd::fatal(SqlState::PROTOCOL_VIOLATION, "SSLRequest received inside TLS"));
+    }
+    let Some(acceptor) = proxy.tls.as_ref() else {
+        return client.send(b"N").await;
+    };
+    // Bytes sent after SSLRequest but before the handshake would be read as if they came over
+    // TLS (CVE-2021-23214): refuse them.
+    if !client.buf.is_empty() {
+        return Err(SessionEnd::fatal(SqlState::PROTOCOL_VIOLATION, "data received before the TLS handshake"));
+    }
+    client.send(b"S").await?;
+    let ClientStream::Plain(tcp) = std::mem::replace(&mut client.stream, ClientStream::Detached) else {
+        return Err(SessionEnd::fatal(SqlState::PROTOCOL_VIOLATION, "SSLRequest on a detached stream"));
+    };
+    let tls = acceptor.accept(tcp).await?;
+    client.stream = ClientStream::Tls(Box::new(tls));
+    Ok(())
+}
+
+async fn handle_cancel(proxy: &Proxy, pid: i32, secret: i32) {
+    match proxy.cancels.resolve(pid, secret) {
+        Some(t) => {
+            tracing::info!(pid, "cancel request forwarded");
+            if let Err(e) = upstream::send_cancel(&t.upstream, t.upstream_pid, t.upstream_secret).await {
+                tracing::warn!(error = %e, "cancel request failed");
+            }
+        }
+        // A wrong pid or secret does nothing, and says nothing (as the server does).
+        None => tracing::warn!(pid, "cancel request with an unknown key ignored"),
+    }
+}
+
+/// How a failed upstream connection is reported to the client.
+fn upstream_failure(e: UpstreamError) -> SessionEnd {
+    match e {
+        UpstreamError::Server(s) => SessionEnd::relayed(&s.code, s.message),
+        other => {
+            tracing::error!(error = %other, "upstream connection failed");
+            SessionEnd::fatal(SqlState::CANNOT_CONNECT_NOW, format!("upstream database unavailable: {other}"))
+        }
+    }
+}

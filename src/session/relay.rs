@@ -1,0 +1,327 @@
+//! The steady state of a session: two directions running concurrently.
+//!
+//! * client → upstream: frames the client's bytes, rewrites Query and Parse for environment keys,
+//!   refuses what the rewriter refuses (see `refusal.rs`), relays everything else untouched.
+//! * upstream → client: relays the server's messages without decoding row data; swaps the marker
+//!   error of an injected refusal for the proxy's own; watches ParameterStatus; re-checks the key.
+//!
+//! Only the upstream → client direction writes to the client while the session runs, so replies
+//! can never interleave out of order. The directions run concurrently so that neither side's full
+//! socket buffer can deadlock the other (a client pipelining large results while still sending).
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tracing::Instrument;
+
+use crate::auth::api_key::KeyHash;
+use crate::auth::identity::{ActorContext, Caller};
+use crate::auth::store::KeyStatus;
+use crate::error::SessionEnd;
+use crate::net::stream::ClientStream;
+use crate::protocol::backend::{self, Severity, parse_parameter_status};
+use crate::protocol::frame::{self, Frame};
+use crate::protocol::frontend::{decode_parse, decode_query, encode_parse, encode_query};
+use crate::protocol::sqlstate::SqlState;
+use crate::rewrite::Refusal;
+use crate::server::Proxy;
+use crate::session::handshake::Established;
+use crate::session::refusal::{BackendAction, RefusalTracker};
+use crate::upstream::UpstreamStream;
+
+type Tracker = Arc<Mutex<RefusalTracker>>;
+
+fn lock(t: &Tracker) -> std::sync::MutexGuard<'_, RefusalTracker> {
+    // The tracker holds no invariant a panic elsewhere could break halfway.
+    t.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd> {
+    let Established { client, upstream, caller, key_hash, .. } = *Box::new(est);
+    let max_message = client.max_message;
+    let (client_r, mut client_w) = tokio::io::split(client.stream);
+    let (up_r, up_w) = tokio::io::split(upstream.stream);
+    let tracker: Tracker = Arc::new(Mutex::new(RefusalTracker::new(proxy.refusal_nonce.clone())));
+
+    let mut inbound = ClientToUpstream {
+        proxy,
+        caller: &caller,
+        reader: client_r,
+        buf: client.buf,
+        max_message,
+        upstream: up_w,
+        tracker: Arc::clone(&tracker),
+        discard_until_sync: false,
+    };
+    let mut outbound = UpstreamToClient {
+        proxy,
+        is_operator: caller.is_operator(),
+        key_hash,
+        reader: up_r,
+        buf: upstream.read_buf,
+        tracker,
+    };
+    let result = {
+        let c2u = inbound.run();
+        let u2c = outbound.run(&mut client_w);
+        tokio::pin!(c2u, u2c);
+        tokio::select! {
+            r = &mut c2u => r,
+            r = &mut u2c => r,
+        }
+    };
+    match &result {
+        Err(SessionEnd::Fatal { code, message }) => {
+            let mut out = BytesMut::new();
+            backend::error_response_code(&mut out, Severity::Fatal, code, message, None);
+            let _ = client_w.write_all(&out).await;
+            let _ = client_w.flush().await;
+        }
+        Ok(()) | Err(SessionEnd::ClientClosed) => {}
+        Err(SessionEnd::Io(_)) => {}
+    }
+    let _ = client_w.shutdown().await;
+    result
+}
+
+struct ClientToUpstream<'a> {
+    proxy: &'a Arc<Proxy>,
+    caller: &'a Caller,
+    reader: ReadHalf<ClientStream>,
+    buf: BytesMut,
+    max_message: usize,
+    upstream: WriteHalf<UpstreamStream>,
+    tracker: Tracker,
+    /// After a refused extended-protocol message the server skips until Sync; so does the proxy.
+    discard_until_sync: bool,
+}
+
+impl ClientToUpstream<'_> {
+    async fn run(&mut self) -> Result<(), SessionEnd> {
+        let mut out = BytesMut::with_capacity(8192);
+        loop {
+            while let Some(frame) = frame::split_frontend(&mut self.buf, self.max_message)? {
+                if frame.tag == b'X' {
+                    out.extend_from_slice(&frame.raw);
+                    self.upstream.write_all(&out).await?;
+                    let _ = self.upstream.shutdown().await;
+                    return Ok(());
+                }
+                self.handle(frame, &mut out)?;
+            }
+            if !out.is_empty() {
+                self.upstream.write_all(&out).await?;
+                out.clear();
+            }
+            if self.buf.capacity() - self.buf.len() < 4096 {
+                self.buf.reserve(8192);
+            }
+            if self.reader.read_buf(&mut self.buf).await? == 0 {
+                return Err(SessionEnd::ClientClosed);
+            }
+        }
+    }
+
+    fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), SessionEnd> {
+        if self.discard_until_sync {
+            match frame.tag {
+                b'S' => self.discard_until_sync = false,
+                // Flush still makes the server send what it has, including the error.
+                b'H' => {}
+                _ => return Ok(()),
+            }
+        }
+        match frame.tag {
+            b'Q' => {
+                let sql = decode_query(&frame.body)?;
+                lock(&self.tracker).boundary_sent();
+                match self.caller {
+                    Caller::Operator => {
+                        audit_operator(sql);
+                        out.extend_from_slice(&frame.raw);
+                    }
+                    Caller::Environment(actor) => match self.rewrite(sql, actor) {
+                        Ok(text) => encode_query(out, &text),
+                        Err(refusal) => {
+                            let injected = self.refuse(&refusal);
+                            encode_query(out, &injected);
+                        }
+                    },
+                }
+            }
+            b'P' => {
+                let parse = decode_parse(&frame.body)?;
+                match self.caller {
+                    Caller::Operator => {
+                        audit_operator(parse.query);
+                        out.extend_from_slice(&frame.raw);
+                    }
+                    Caller::Environment(actor) => match self.rewrite(parse.query, actor) {
+                        Ok(text) => encode_parse(out, parse.name, &text, &parse.param_types),
+                        Err(refusal) => {
+                            let injected = self.refuse(&refusal);
+                            encode_parse(out, "", &injected, &[]);
+                            self.discard_until_sync = true;
+                        }
+                    },
+                }
+            }
+            b'F' => {
+                // Fastpath function calls bypass SQL entirely: never forwarded.
+                let refusal = Refusal::Denied(
+                    "refused: the fastpath FunctionCall protocol is not supported through the proxy; call the function in SQL"
+                        .to_owned(),
+                );
+                lock(&self.tracker).boundary_sent();
+                let injected = self.refuse(&refusal);
+                encode_query(out, &injected);
+            }
+            b'S' => {
+                lock(&self.tracker).boundary_sent();
+                out.extend_from_slice(&frame.raw);
+            }
+            b'p' => {
+                return Err(SessionEnd::fatal(
+                    SqlState::PROTOCOL_VIOLATION,
+                    "protocol violation: unexpected password message after authentication",
+                ));
+            }
+            // Bind, Describe, Execute, Close, Flush and the COPY messages carry no SQL text.
+            _ => out.extend_from_slice(&frame.raw),
+        }
+        Ok(())
+    }
+
+    fn rewrite(&self, sql: &str, actor: &ActorContext) -> Result<String, Refusal> {
+        let span = tracing::debug_span!("statement", bytes = sql.len());
+        let _g = span.enter();
+        let r = self.proxy.rewriter.rewrite(sql, actor);
+        match &r {
+            Ok(rw) => tracing::debug!(kinds = ?rw.statement_kinds, "rewritten"),
+            Err(refusal) => tracing::info!(code = refusal.sqlstate().code(), reason = %refusal, "refused"),
+        }
+        r.map(|rw| rw.sql.clone())
+    }
+
+    /// Build the client-facing error and return the SQL to forward in the refused one's place.
+    fn refuse(&self, refusal: &Refusal) -> String {
+        let mut err = BytesMut::new();
+        backend::error_response(&mut err, Severity::Error, refusal.sqlstate(), &refusal.to_string(), None);
+        lock(&self.tracker).inject(err.freeze())
+    }
+}
+
+fn audit_operator(sql: &str) {
+    tracing::info!(target: "struere_proxy::audit", bytes = sql.len(), statement = sql, "operator statement");
+}
+
+struct UpstreamToClient<'a> {
+    proxy: &'a Arc<Proxy>,
+    is_operator: bool,
+    key_hash: KeyHash,
+    reader: ReadHalf<UpstreamStream>,
+    buf: BytesMut,
+    tracker: Tracker,
+}
+
+impl UpstreamToClient<'_> {
+    async fn run<W: AsyncWrite + Unpin>(&mut self, client: &mut W) -> Result<(), SessionEnd> {
+        let mut out = BytesMut::with_capacity(16 * 1024);
+        let mut recheck = tokio::time::interval(self.proxy.keys.ttl());
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        recheck.tick().await;
+        loop {
+            // Relay whatever complete messages are buffered (leftovers from the handshake first).
+            self.relay_buffered(&mut out)?;
+            if !out.is_empty() {
+                client.write_all(&out).await?;
+                out.clear();
+            }
+            tokio::select! {
+                n = read_more(&mut self.reader, &mut self.buf) => {
+                    if n? == 0 {
+                        return Err(SessionEnd::fatal(
+                            SqlState::CONNECTION_FAILURE,
+                            "the upstream database closed the connection",
+                        ));
+                    }
+                }
+                _ = recheck.tick() => self.recheck_key().instrument(tracing::debug_span!("key_recheck")).await?,
+            }
+        }
+    }
+
+    fn relay_buffered(&mut self, out: &mut BytesMut) -> Result<(), SessionEnd> {
+        loop {
+            let frame = match frame::split_backend(&mut self.buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    return Err(SessionEnd::fatal(
+                        SqlState::CONNECTION_FAILURE,
+                        format!("the upstream database sent an invalid message: {e}"),
+                    ));
+                }
+            };
+            match frame.tag {
+                b'S' if !self.is_operator => check_parameter(&frame.body)?,
+                b'E' | b'Z' => {}
+                _ => {
+                    out.extend_from_slice(&frame.raw);
+                    continue;
+                }
+            }
+            match lock(&self.tracker).on_backend(frame.tag, &frame.body) {
+                BackendAction::Forward => out.extend_from_slice(&frame.raw),
+                BackendAction::Replace(b) => out.extend_from_slice(&b),
+            }
+        }
+    }
+
+    async fn recheck_key(&self) -> Result<(), SessionEnd> {
+        match self.proxy.keys.lookup(&self.key_hash).await {
+            Ok(KeyStatus::Valid(_)) => Ok(()),
+            Ok(status) => {
+                tracing::warn!(reason = status.reason(), "terminating session: key no longer valid");
+                Err(SessionEnd::fatal(
+                    SqlState::ADMIN_SHUTDOWN,
+                    format!("terminating connection: the API key is no longer valid ({})", status.reason()),
+                ))
+            }
+            // The key store being briefly unreachable is no reason to drop working sessions;
+            // the next tick checks again.
+            Err(e) => {
+                tracing::warn!(error = %e, "key re-check failed");
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 8192 {
+        buf.reserve(32 * 1024);
+    }
+    r.read_buf(buf).await
+}
+
+/// The printer's safety rests on these settings; a session where they changed is ended.
+fn check_parameter(body: &Bytes) -> Result<(), SessionEnd> {
+    let Some((name, value)) = parse_parameter_status(body) else {
+        return Ok(());
+    };
+    let ok = match name {
+        "standard_conforming_strings" => value == "on",
+        "client_encoding" => value == "UTF8",
+        _ => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(SessionEnd::fatal(
+            SqlState::PROTOCOL_VIOLATION,
+            format!("terminating connection: {name} changed to {value:?}, which the proxy cannot parse safely"),
+        ))
+    }
+}
