@@ -105,10 +105,8 @@ impl Runner {
 /// A running PostgreSQL server in a temporary directory. Dropping it stops the server and
 /// removes the directory.
 pub struct TempCluster {
-    /// `None` only while dropping.
-    dir: Option<tempfile::TempDir>,
-    /// The temp directory's path (kept separately so it outlives `dir` in `Drop`).
-    root: PathBuf,
+    /// Removed by its own `Drop`, which runs after ours has stopped the server.
+    dir: tempfile::TempDir,
     data_dir: PathBuf,
     bin_dir: PathBuf,
     port: u16,
@@ -121,7 +119,7 @@ pub struct TempCluster {
 impl fmt::Debug for TempCluster {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TempCluster")
-            .field("root", &self.root)
+            .field("dir", &self.dir.path())
             .field("port", &self.port)
             .field("bin_dir", &self.bin_dir)
             .field("running", &self.running)
@@ -140,9 +138,8 @@ impl TempCluster {
             .prefix("struere-pg-")
             .tempdir()
             .map_err(ClusterError::io("create temp dir"))?;
-        let root = dir.path().to_path_buf();
         // A directory we just created is owned by our effective uid: that tells us if we are root.
-        let euid = fs::metadata(&root)
+        let euid = fs::metadata(dir.path())
             .map_err(ClusterError::io("stat temp dir"))?
             .uid();
         let runner = if euid == 0 {
@@ -151,12 +148,11 @@ impl TempCluster {
         } else {
             Runner::Direct
         };
-        runner.give(&root)?;
+        runner.give(dir.path())?;
 
         let mut cluster = TempCluster {
-            data_dir: root.join("data"),
-            dir: Some(dir),
-            root,
+            data_dir: dir.path().join("data"),
+            dir,
             bin_dir,
             port: 0,
             password: random_password()?,
@@ -207,7 +203,7 @@ impl TempCluster {
 
     /// The server's log file (inside the temp directory).
     pub fn log_path(&self) -> PathBuf {
-        self.root.join("server.log")
+        self.dir.path().join("server.log")
     }
 
     /// The data directory (inside the temp directory).
@@ -217,7 +213,7 @@ impl TempCluster {
 
     /// The directory holding the unix socket (the temp directory).
     pub fn socket_dir(&self) -> &Path {
-        &self.root
+        self.dir.path()
     }
 
     /// Runs `sql` as the superuser with the bundled psql over the unix socket
@@ -226,7 +222,7 @@ impl TempCluster {
     pub fn psql(&self, database: &str, sql: &str) -> Result<String, ClusterError> {
         let mut cmd = self.psql_command();
         cmd.arg("-h")
-            .arg(&self.root)
+            .arg(self.dir.path())
             .arg("-p")
             .arg(self.port.to_string())
             .args(["-U", SUPERUSER, "-d", database]);
@@ -245,7 +241,8 @@ impl TempCluster {
         let path = self.data_dir.join("pg_hba.conf");
         let old = fs::read_to_string(&path).map_err(ClusterError::io("read pg_hba.conf"))?;
         // Writing over the existing file keeps its owner.
-        fs::write(&path, format!("{line}\n{old}")).map_err(ClusterError::io("write pg_hba.conf"))?;
+        fs::write(&path, format!("{line}\n{old}"))
+            .map_err(ClusterError::io("write pg_hba.conf"))?;
         self.reload()
     }
 
@@ -278,15 +275,13 @@ impl TempCluster {
     /// (server.crt / server.key in the data directory, mode 0600), `ssl = on`, reload, then a
     /// check that a `sslmode=require` connection really is encrypted.
     pub fn enable_ssl(&self) -> Result<(), ClusterError> {
-        let certified = rcgen::generate_simple_self_signed(vec![
-            "localhost".to_string(),
-            HOST.to_string(),
-        ])
-        .map_err(|e| ClusterError::Command {
-            step: "generate certificate".into(),
-            status: "rcgen".into(),
-            output: e.to_string(),
-        })?;
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_string(), HOST.to_string()])
+                .map_err(|e| ClusterError::Command {
+                    step: "generate certificate".into(),
+                    status: "rcgen".into(),
+                    output: e.to_string(),
+                })?;
         self.write_private_file("server.crt", &certified.cert.pem())?;
         self.write_private_file("server.key", &certified.signing_key.serialize_pem())?;
         self.append_config("ssl = on\n")?;
@@ -325,7 +320,7 @@ impl TempCluster {
 
     fn initdb(&self) -> Result<(), ClusterError> {
         // initdb reads the password from a file; it lives only until initdb is done.
-        let pwfile = self.root.join("pwfile");
+        let pwfile = self.dir.path().join("pwfile");
         self.write_file(&pwfile, &self.password, 0o600)?;
         let mut cmd = self.runner.command(&self.bin_dir.join("initdb"));
         cmd.arg("-D")
@@ -344,7 +339,7 @@ impl TempCluster {
         let _ = fs::remove_file(&pwfile);
         result?;
 
-        let socket_dir = self.root.to_string_lossy().replace('\'', "''");
+        let socket_dir = self.dir.path().to_string_lossy().replace('\'', "''");
         self.append_config(&format!(
             "\n# struere-proxy TempCluster\n{SERVER_SETTINGS}unix_socket_directories = '{socket_dir}'\n"
         ))
@@ -400,10 +395,13 @@ impl TempCluster {
 
     fn pg_ctl_stop(&self, mode: &str) -> Result<(), ClusterError> {
         let mut cmd = self.runner.command(&self.bin_dir.join("pg_ctl"));
-        cmd.arg("stop")
-            .arg("-D")
-            .arg(&self.data_dir)
-            .args(["-m", mode, "-w", "-t", PG_CTL_WAIT_SECS]);
+        cmd.arg("stop").arg("-D").arg(&self.data_dir).args([
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            PG_CTL_WAIT_SECS,
+        ]);
         self.run_checked(cmd, &format!("pg_ctl stop -m {mode}"))
             .map(drop)
     }
@@ -433,7 +431,7 @@ impl TempCluster {
 
     /// Runs a command in the temp directory (the server's user may not enter our cwd).
     fn run(&self, mut cmd: Command, step: &str) -> Result<Output, ClusterError> {
-        cmd.current_dir(&self.root)
+        cmd.current_dir(self.dir.path())
             .stdin(Stdio::null())
             .output()
             .map_err(ClusterError::io(step))
@@ -495,9 +493,6 @@ impl Drop for TempCluster {
     fn drop(&mut self) {
         if self.running && self.stop().is_err() {
             let _ = self.pg_ctl_stop("immediate");
-        }
-        if let Some(dir) = self.dir.take() {
-            let _ = dir.close();
         }
     }
 }

@@ -38,7 +38,8 @@ fn lock(t: &Tracker) -> std::sync::MutexGuard<'_, RefusalTracker> {
 }
 
 pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd> {
-    let Established { client, upstream, caller, key_hash, .. } = *Box::new(est);
+    // `_cancel` keeps this session's cancel key registered until the session ends.
+    let Established { client, upstream, caller, key_hash, cancel: _cancel, .. } = est;
     let max_message = client.max_message;
     let (client_r, mut client_w) = tokio::io::split(client.stream);
     let (up_r, up_w) = tokio::io::split(upstream.stream);

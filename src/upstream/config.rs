@@ -115,9 +115,10 @@ mod tests {
 
     #[test]
     fn parses_url_form() {
-        let cfg =
-            UpstreamConfig::from_url("postgres://app:s%40cret@db.internal:6543/main?sslmode=require")
-                .unwrap();
+        let cfg = UpstreamConfig::from_url(
+            "postgres://app:s%40cret@db.internal:6543/main?sslmode=require",
+        )
+        .unwrap();
         assert_eq!(cfg.host, "db.internal");
         assert_eq!(cfg.port, 6543);
         assert_eq!(cfg.user, "app");
@@ -151,8 +152,7 @@ mod tests {
 
     #[test]
     fn hostaddr_wins_over_host() {
-        let cfg =
-            UpstreamConfig::from_url("host=db.example hostaddr=10.0.0.5 user=app").unwrap();
+        let cfg = UpstreamConfig::from_url("host=db.example hostaddr=10.0.0.5 user=app").unwrap();
         assert_eq!(cfg.host, "10.0.0.5");
     }
 

@@ -81,9 +81,7 @@ fn startup_message(
     for (name, _) in params {
         if name.is_empty() {
             // An empty name would end the parameter list early on the server.
-            return Err(UpstreamError::Config(
-                "empty startup parameter name".into(),
-            ));
+            return Err(UpstreamError::Config("empty startup parameter name".into()));
         }
         if RESERVED_PARAMETERS.contains(&name.as_str()) {
             return Err(UpstreamError::Config(format!(
@@ -222,8 +220,7 @@ async fn scram_exchange(
 ) -> Result<(), UpstreamError> {
     let mut scram = ScramSha256::new(password(cfg)?.as_bytes(), ChannelBinding::unsupported());
     let mut buf = BytesMut::new();
-    frontend::sasl_initial_response(mechanism, scram.message(), &mut buf)
-        .map_err(unencodable)?;
+    frontend::sasl_initial_response(mechanism, scram.message(), &mut buf).map_err(unencodable)?;
     wire.send(&buf).await?;
 
     let frame = wire.recv_auth().await?;
@@ -356,12 +353,8 @@ mod tests {
 
     #[test]
     fn startup_message_layout() {
-        let buf = startup_message(
-            "app",
-            "db",
-            &[("application_name".into(), "proxy".into())],
-        )
-        .unwrap();
+        let buf =
+            startup_message("app", "db", &[("application_name".into(), "proxy".into())]).unwrap();
         let mut expected = Vec::new();
         expected.extend_from_slice(&[0, 3, 0, 0]);
         expected.extend_from_slice(b"user\0app\0database\0db\0application_name\0proxy\0\0");

@@ -92,7 +92,11 @@ async fn wait_for_sleeper(cluster: &TempCluster) {
 }
 
 /// Runs `SELECT pg_sleep(10)` on `conn`, cancels it with `send_cancel` and checks 57014.
-async fn cancel_sleeping_query(cluster: &TempCluster, cfg: &UpstreamConfig, mut conn: UpstreamConn) {
+async fn cancel_sleeping_query(
+    cluster: &TempCluster,
+    cfg: &UpstreamConfig,
+    mut conn: UpstreamConn,
+) {
     let (pid, secret) = (conn.backend_pid, conn.backend_secret);
     let sleeper = tokio::spawn(async move {
         let started = std::time::Instant::now();
@@ -138,13 +142,14 @@ async fn scram_login_then_query_and_cancel() {
 
 #[tokio::test]
 async fn md5_and_cleartext_logins() {
+    // Both roles store md5 hashes, which SCRAM cannot use: a login only succeeds if the hba
+    // lines below really select md5 and cleartext.
     let cluster = start_cluster().await;
     cluster
         .psql(
             "postgres",
             "SET password_encryption = 'md5';\
              CREATE ROLE md5user LOGIN PASSWORD 'md5 p@ss';\
-             RESET password_encryption;\
              CREATE ROLE plainuser LOGIN PASSWORD 'plain';",
         )
         .unwrap();
@@ -202,7 +207,9 @@ async fn refusals_carry_their_cause() {
 
     // An unknown startup parameter is the server's error, not a panic or a hang.
     let params = [("no_such_setting".to_string(), "1".to_string())];
-    let err = connect(&cfg, "postgres", &params, TIMEOUT).await.unwrap_err();
+    let err = connect(&cfg, "postgres", &params, TIMEOUT)
+        .await
+        .unwrap_err();
     assert_eq!(err.sqlstate(), Some("42704"), "{err}");
 
     let port = cluster.port();
@@ -210,14 +217,20 @@ async fn refusals_carry_their_cause() {
     let gone = config(&format!("postgres://u:p@127.0.0.1:{port}/db"));
     let err = login(&gone).await.unwrap_err();
     assert!(matches!(err, UpstreamError::Io(_)), "{err:?}");
-    assert!(err.to_string().starts_with("cannot reach upstream"), "{err}");
+    assert!(
+        err.to_string().starts_with("cannot reach upstream"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn tls_required_and_cancel_over_tls() {
     let cluster = start_cluster().await;
     cluster.enable_ssl().unwrap();
-    let cfg = config(&format!("{}?sslmode=require", cluster.admin_url("postgres")));
+    let cfg = config(&format!(
+        "{}?sslmode=require",
+        cluster.admin_url("postgres")
+    ));
     let mut conn = login(&cfg).await.unwrap();
     assert!(conn.stream.is_tls());
     let frames = simple_query(
@@ -270,7 +283,7 @@ const AUTH_OK: &[u8] = &[0, 0, 0, 0];
 async fn fake_server_happy_path_keeps_bytes_past_ready() {
     let mut reply = msg(b'R', AUTH_OK);
     reply.extend(msg(b'N', b"SNOTICE\0Mhello\0\0"));
-    reply.extend(msg(b'S', b"server_version\015.0\0"));
+    reply.extend(msg(b'S', b"server_version\x0015.0\0"));
     reply.extend(msg(b'K', &[0, 0, 0, 42, 0, 0, 0, 7]));
     reply.extend(msg(b'Z', b"I"));
     reply.extend(msg(b'A', b"early")); // not part of the handshake
@@ -288,18 +301,18 @@ async fn fake_server_garbage_is_an_error_not_a_panic() {
         reply
     };
     let protocol_cases: Vec<Vec<u8>> = vec![
-        b"R\0\0\0\x02".to_vec(),                      // length below 4
-        b"R\x7f\xff\xff\xff".to_vec(),                // absurd length
-        b"R\xff\xff\xff\xf0".to_vec(),                // negative length
-        msg(b'R', &[0, 0, 0, 5, 1]),                  // md5 without its salt
-        msg(b'R', b"\0\0\0\x0aSCRAM-SHA-256"),        // unterminated mechanism
-        msg(b'X', b""),                               // unknown message
-        msg(b'K', &[0; 8]),                           // key data before auth
-        with_ok(msg(b'S', b"a")),                     // bad ParameterStatus
-        with_ok(msg(b'K', &[0; 12])),                 // 3.2-style long key
-        with_ok(msg(b'Z', b"Q")),                     // bad transaction status
-        with_ok(msg(b'R', AUTH_OK)),                  // auth again
-        with_ok(msg(b'E', b"SFATAL")),                // unterminated error
+        b"R\0\0\0\x02".to_vec(),               // length below 4
+        b"R\x7f\xff\xff\xff".to_vec(),         // absurd length
+        b"R\xff\xff\xff\xf0".to_vec(),         // negative length
+        msg(b'R', &[0, 0, 0, 5, 1]),           // md5 without its salt
+        msg(b'R', b"\0\0\0\x0aSCRAM-SHA-256"), // unterminated mechanism
+        msg(b'X', b""),                        // unknown message
+        msg(b'K', &[0; 8]),                    // key data before auth
+        with_ok(msg(b'S', b"a")),              // bad ParameterStatus
+        with_ok(msg(b'K', &[0; 12])),          // 3.2-style long key
+        with_ok(msg(b'Z', b"Q")),              // bad transaction status
+        with_ok(msg(b'R', AUTH_OK)),           // auth again
+        with_ok(msg(b'E', b"SFATAL")),         // unterminated error
     ];
     for reply in protocol_cases {
         let err = login(&fake_server(reply.clone(), false).await)
@@ -363,8 +376,8 @@ async fn ssl_request_answers() {
         .await
         .unwrap_err();
     assert!(matches!(err, UpstreamError::Protocol(_)), "{err:?}");
-    let mut refusal = b"E".to_vec();
-    refusal.extend(&msg(b'E', b"SFATAL\0C53300\0Mfull\0\0")[1..]);
+    // An ErrorResponse in place of the one-byte answer.
+    let refusal = msg(b'E', b"SFATAL\0C53300\0Mfull\0\0");
     let err = login(&require(fake_server(refusal, false).await))
         .await
         .unwrap_err();

@@ -33,12 +33,7 @@ pub(crate) fn split_frame(buf: &mut BytesMut) -> Result<Option<Frame>, UpstreamE
     let len = usize::try_from(len)
         .ok()
         .filter(|len| (4..=MAX_BACKEND_MESSAGE_LEN).contains(len))
-        .ok_or_else(|| {
-            violation(format!(
-                "message {} declares length {len}",
-                printable(tag)
-            ))
-        })?;
+        .ok_or_else(|| violation(format!("message {} declares length {len}", printable(tag))))?;
     // len counts itself but not the tag.
     let total = len + 1;
     if buf.len() < total {
@@ -135,8 +130,12 @@ impl<'a> Reader<'a> {
 pub(crate) enum AuthRequest<'a> {
     Ok,
     Cleartext,
-    Md5 { salt: [u8; 4] },
-    Sasl { mechanisms: Vec<&'a str> },
+    Md5 {
+        salt: [u8; 4],
+    },
+    Sasl {
+        mechanisms: Vec<&'a str>,
+    },
     SaslContinue(&'a [u8]),
     SaslFinal(&'a [u8]),
     /// Kerberos, GSSAPI, SSPI or an unknown code: the caller refuses it by number.
@@ -380,7 +379,14 @@ mod tests {
             parse_parameter_status(b"TimeZone\0UTC\0").unwrap(),
             ("TimeZone".into(), "UTC".into())
         );
-        for body in [&b""[..], b"a\0", b"a\0b", b"\0b\0", b"a\0b\0c", b"a\0\xff\0"] {
+        for body in [
+            &b""[..],
+            b"a\0",
+            b"a\0b",
+            b"\0b\0",
+            b"a\0b\0c",
+            b"a\0\xff\0",
+        ] {
             assert!(parse_parameter_status(body).is_err(), "{body:?}");
         }
         assert_eq!(

@@ -1,0 +1,247 @@
+//! Fuzz the wire framing (`split_frontend`, `split_backend`, `split_startup`) and the decoders that
+//! are handed the frames it splits off (`decode_query`, `decode_parse`, `decode_password`,
+//! `parse_error_fields`, `parse_parameter_status`).
+//!
+//! Input layout (3 header bytes, then the byte stream):
+//!   byte 0: mode — 0 frontend, 1 backend, 2 startup, 3 a session (startup packets until a
+//!           StartupMessage-looking packet, then frontend messages)
+//!   byte 1: chunk size for the streaming pass (0 = 1 byte at a time, else 1..=255)
+//!   byte 2: index into MAX_MESSAGES (the `max_message` handed to `split_frontend`)
+//!
+//! Invariants checked:
+//! - no panic, for any bytes;
+//! - every Frame has `raw.len() == body.len() + 5`, `raw[0] == tag`, `raw[1..5]` is the length word,
+//!   `raw[5..] == body`, and the frame is exactly the bytes at the front of the input;
+//! - a frontend Frame has a frontend tag and a body within the per-type limit;
+//! - a startup packet is exactly `len - 4` bytes, `8 <= len <= MAX_STARTUP_PACKET`;
+//! - total bytes consumed never exceed the input, and `Ok(None)` never consumes anything;
+//! - feeding the same stream in small chunks (as the socket does) yields exactly the same frames
+//!   and the same final outcome as feeding it all at once;
+//! - strict decoders round-trip: a Query/Parse that decodes re-encodes to the identical bytes;
+//! - an ErrorResponse the proxy encodes is read back by `parse_error_fields` unchanged.
+#![no_main]
+
+use bytes::{Bytes, BytesMut};
+use libfuzzer_sys::fuzz_target;
+use struere_proxy::protocol::backend::{self, Severity};
+use struere_proxy::protocol::frame::{
+    self, Frame, FrameError, MAX_PROTOCOL_MESSAGE, MAX_STARTUP_PACKET,
+};
+use struere_proxy::protocol::frontend;
+
+const MAX_MESSAGES: [usize; 8] = [0, 1, 16, 1024, 8192, 16 << 20, MAX_PROTOCOL_MESSAGE, usize::MAX];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Frontend,
+    Backend,
+    Startup,
+    Session,
+}
+
+/// What one split call produced.
+#[derive(Debug, PartialEq, Eq)]
+enum Item {
+    Typed(Frame),
+    Startup(Bytes),
+}
+
+/// The outcome of splitting a whole stream: every item, then how it ended.
+#[derive(Debug, PartialEq, Eq)]
+struct Outcome {
+    items: Vec<Item>,
+    end: Result<(), FrameError>,
+    /// Bytes left unconsumed (only comparable between passes when the stream ended in `Ok(None)`).
+    left: usize,
+}
+
+/// State of a session-mode splitter: still in the startup phase, or after it.
+struct Splitter {
+    mode: Mode,
+    in_startup: bool,
+    max_message: usize,
+}
+
+impl Splitter {
+    fn new(mode: Mode, max_message: usize) -> Self {
+        Splitter { mode, in_startup: matches!(mode, Mode::Startup | Mode::Session), max_message }
+    }
+
+    /// One split call, with its invariants checked.
+    fn split(&mut self, buf: &mut BytesMut) -> Result<Option<Item>, FrameError> {
+        let before = buf.clone();
+        let res = if self.in_startup {
+            frame::split_startup(buf).map(|o| o.map(Item::Startup))
+        } else if self.mode == Mode::Backend {
+            frame::split_backend(buf).map(|o| o.map(Item::Typed))
+        } else {
+            frame::split_frontend(buf, self.max_message).map(|o| o.map(Item::Typed))
+        };
+        match &res {
+            Ok(None) | Err(_) => assert_eq!(&buf[..], &before[..], "no bytes may be consumed without a frame"),
+            Ok(Some(Item::Typed(f))) => {
+                check_typed(f, &before, buf.len(), self.mode, self.max_message);
+            }
+            Ok(Some(Item::Startup(body))) => {
+                let len = body.len() + 4;
+                assert!((8..=MAX_STARTUP_PACKET).contains(&len), "startup packet of {len} bytes");
+                assert_eq!(&before[..4], &(len as i32).to_be_bytes(), "length word");
+                assert_eq!(&before[4..len], &body[..], "startup body is the bytes after the length");
+                assert_eq!(buf.len() + len, before.len(), "startup consumed exactly one packet");
+                assert_eq!(&buf[..], &before[len..]);
+                // In a session, a packet that is not a special request starts the message phase.
+                if self.mode == Mode::Session {
+                    let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    if !matches!(code, 80_877_102..=80_877_104) {
+                        self.in_startup = false;
+                    }
+                }
+            }
+        }
+        res
+    }
+}
+
+fn check_typed(f: &Frame, before: &[u8], left: usize, mode: Mode, max_message: usize) {
+    assert_eq!(f.raw.len(), f.body.len() + 5, "raw = tag + length + body");
+    assert_eq!(f.raw[0], f.tag);
+    assert_eq!(&f.raw[1..5], &((f.body.len() + 4) as i32).to_be_bytes(), "length word");
+    assert_eq!(&f.raw[5..], &f.body[..]);
+    assert!(f.raw.len() <= before.len(), "consumed more than the buffer held");
+    assert_eq!(&before[..f.raw.len()], &f.raw[..], "frame is the front of the buffer");
+    assert_eq!(left + f.raw.len(), before.len(), "consumed exactly one frame");
+    if mode == Mode::Backend {
+        assert!(f.body.len() <= MAX_PROTOCOL_MESSAGE);
+    } else {
+        assert!(frame::is_frontend_tag(f.tag), "non-frontend tag {:#04x} accepted", f.tag);
+        let limit = match f.tag {
+            b'S' | b'H' | b'X' | b'c' => 0,
+            b'D' | b'C' | b'E' | b'f' => MAX_STARTUP_PACKET.min(max_message).max(1024),
+            _ => max_message,
+        };
+        assert!(f.body.len() <= limit, "body of {} bytes over the limit {limit}", f.body.len());
+    }
+}
+
+/// Split everything at once.
+fn split_all(mode: Mode, max_message: usize, data: &[u8]) -> Outcome {
+    let mut s = Splitter::new(mode, max_message);
+    let mut buf = BytesMut::from(data);
+    let mut items = Vec::new();
+    let mut consumed = 0usize;
+    loop {
+        match s.split(&mut buf) {
+            Ok(Some(item)) => {
+                consumed += match &item {
+                    Item::Typed(f) => f.raw.len(),
+                    Item::Startup(b) => b.len() + 4,
+                };
+                assert!(consumed <= data.len(), "consumed {consumed} of {} bytes", data.len());
+                items.push(item);
+            }
+            Ok(None) => {
+                assert_eq!(consumed + buf.len(), data.len());
+                return Outcome { items, end: Ok(()), left: buf.len() };
+            }
+            Err(e) => return Outcome { items, end: Err(e), left: buf.len() },
+        }
+    }
+}
+
+/// Split the same bytes as they would arrive from a socket: a chunk at a time, splitting as much
+/// as possible after each chunk, stopping at the first error.
+fn split_streamed(mode: Mode, max_message: usize, data: &[u8], chunk: usize) -> Outcome {
+    let mut s = Splitter::new(mode, max_message);
+    let mut buf = BytesMut::new();
+    let mut items = Vec::new();
+    for piece in data.chunks(chunk) {
+        buf.extend_from_slice(piece);
+        loop {
+            match s.split(&mut buf) {
+                Ok(Some(item)) => items.push(item),
+                Ok(None) => break,
+                Err(e) => return Outcome { items, end: Err(e), left: buf.len() },
+            }
+        }
+    }
+    Outcome { items, end: Ok(()), left: buf.len() }
+}
+
+fn decode_checks(f: &Frame) {
+    let body = &f.body[..];
+    if let Ok(sql) = frontend::decode_query(body) {
+        assert!(!sql.contains('\0'));
+        if f.tag == b'Q' {
+            let mut out = BytesMut::new();
+            frontend::encode_query(&mut out, sql);
+            assert_eq!(&out[..], &f.raw[..], "Query does not round-trip");
+        }
+    }
+    if let Ok(pw) = frontend::decode_password(body) {
+        assert!(!pw.contains('\0'));
+    }
+    if let Ok(p) = frontend::decode_parse(body) {
+        assert!(!p.name.contains('\0') && !p.query.contains('\0'));
+        assert!(p.param_types.len() <= i16::MAX as usize);
+        if f.tag == b'P' {
+            let mut out = BytesMut::new();
+            frontend::encode_parse(&mut out, p.name, p.query, &p.param_types);
+            assert_eq!(&out[..], &f.raw[..], "Parse does not round-trip");
+        }
+    }
+    let fields = backend::parse_error_fields(body);
+    if let Some((name, value)) = backend::parse_parameter_status(body) {
+        assert!(!name.contains('\0') && !value.contains('\0'));
+    }
+    // What the proxy itself emits must read back unchanged, for any message text it is handed
+    // (a relayed server message here: lossy UTF-8 of hostile bytes, NULs included).
+    let message = String::from_utf8_lossy(body);
+    let mut out = BytesMut::new();
+    backend::error_response_code(&mut out, Severity::Error, &fields.code, &message, Some(&fields.message));
+    let mut out_buf = out.clone();
+    let emitted = frame::split_backend(&mut out_buf).expect("own ErrorResponse splits").expect("complete");
+    assert!(out_buf.is_empty());
+    assert_eq!(emitted.tag, b'E');
+    let back = backend::parse_error_fields(&emitted.body);
+    assert_eq!(back.severity, "ERROR");
+    assert_eq!(back.message, message.replace('\0', ""));
+    // A code containing NUL would split into a second field; the proxy only relays server codes,
+    // which `parse_error_fields` never returns with a NUL.
+    assert_eq!(back.code, fields.code);
+}
+
+fuzz_target!(|input: &[u8]| {
+    let [mode, chunk, max_idx, data @ ..] = input else {
+        return;
+    };
+    let mode = match mode & 3 {
+        0 => Mode::Frontend,
+        1 => Mode::Backend,
+        2 => Mode::Startup,
+        _ => Mode::Session,
+    };
+    let chunk = usize::from(*chunk).max(1);
+    let max_message = MAX_MESSAGES[usize::from(*max_idx) % MAX_MESSAGES.len()];
+
+    let whole = split_all(mode, max_message, data);
+    for item in &whole.items {
+        match item {
+            Item::Typed(f) => decode_checks(f),
+            Item::Startup(body) => {
+                // Startup bodies are also fed to the decoders: they must not care where bytes came from.
+                let _ = frontend::decode_query(body);
+                let _ = frontend::decode_parse(body);
+                let _ = frontend::decode_password(body);
+                let _ = backend::parse_error_fields(body);
+                let _ = backend::parse_parameter_status(body);
+            }
+        }
+    }
+
+    let streamed = split_streamed(mode, max_message, data, chunk);
+    assert_eq!(whole.items, streamed.items, "streaming in chunks of {chunk} changed the frames");
+    assert_eq!(whole.end, streamed.end, "streaming in chunks of {chunk} changed the outcome");
+    if whole.end.is_ok() {
+        assert_eq!(whole.left, streamed.left, "streaming in chunks of {chunk} left other bytes");
+    }
+});

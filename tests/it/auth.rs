@@ -1,0 +1,130 @@
+//! API keys end to end: good, bad, revoked and expired keys, revocation of open sessions,
+//! the database check, TLS, and startup parameters.
+
+use std::time::Duration;
+
+use struere_proxy::auth::identity::Environment;
+use struere_proxy::auth::store;
+use struere_proxy::config::TlsMode;
+
+use crate::harness::{code, connect_to, fixture};
+
+#[tokio::test]
+async fn unknown_revoked_and_expired_keys_get_the_same_28p01() {
+    let f = fixture();
+    let unknown = f.connect("sk_dev_0000000000000000000000000000000000000000000000000000000000000000").await;
+    let not_a_key = f.connect("hunter2").await;
+    let expired_key = f.create_key("expired", Environment::Development, Some(Duration::ZERO)).await;
+    let expired = f.connect(&expired_key).await;
+    let revoked_key = f.create_key("revoked", Environment::Development, None).await;
+    let admin = f.admin().await;
+    assert_eq!(store::revoke_key(&admin, "revoked").await.unwrap(), 1);
+    let revoked = f.connect(&revoked_key).await;
+    let messages: Vec<String> = [unknown, not_a_key, expired, revoked]
+        .into_iter()
+        .map(|r| {
+            let e = r.err().expect("must be refused");
+            assert_eq!(code(&e), "28P01", "{e:?}");
+            e.as_db_error().unwrap().message().to_owned()
+        })
+        .collect();
+    assert!(messages.iter().all(|m| m == &messages[0]), "failures must be indistinguishable: {messages:?}");
+}
+
+#[tokio::test]
+async fn revoking_a_key_closes_its_open_sessions_within_the_ttl() {
+    let f = fixture();
+    let key = f.create_key("to-revoke", Environment::Production, None).await;
+    let c = f.connect(&key).await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    let admin = f.admin().await;
+    store::revoke_key(&admin, "to-revoke").await.unwrap();
+    // TTL is 1 s in the fixture; allow a few.
+    let mut closed = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(e) = c.simple_query("SELECT 1").await {
+            let ok = e.is_closed() || e.code().map(|c| c.code()) == Some("57P01");
+            assert!(ok, "{e:?}");
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the session of a revoked key must be terminated");
+}
+
+#[tokio::test]
+async fn expiry_while_connected_ends_the_session() {
+    let f = fixture();
+    let key = f.create_key("short-lived", Environment::Development, Some(Duration::from_secs(2))).await;
+    let c = f.connect(&key).await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(c.simple_query("SELECT 1").await.is_err());
+}
+
+#[tokio::test]
+async fn database_name_must_be_the_configured_one() {
+    let f = fixture();
+    let url = format!("host=127.0.0.1 port={} user=x dbname=postgres password={} sslmode=disable", f.addr.port(), f.dev_key);
+    let e = connect_to(&url).await.err().unwrap();
+    assert_eq!(code(&e), "3D000");
+}
+
+#[tokio::test]
+async fn operator_keys_are_refused_when_disabled() {
+    let f = fixture();
+    let addr = f.extra_proxy(|s| s.operator_keys = false);
+    let url = format!("host=127.0.0.1 port={} user=x dbname=app password={} sslmode=disable", addr.port(), f.operator_key);
+    let e = connect_to(&url).await.err().unwrap();
+    assert_eq!(code(&e), "28P01");
+    // Environment keys still work there.
+    let url = format!("host=127.0.0.1 port={} user=x dbname=app password={} sslmode=disable", addr.port(), f.dev_key);
+    connect_to(&url).await.unwrap();
+}
+
+#[tokio::test]
+async fn startup_parameters_are_screened() {
+    let f = fixture();
+    let base = format!("host=127.0.0.1 port={} user=x dbname=app password={} sslmode=disable", f.addr.port(), f.dev_key);
+    let e = connect_to(&format!("{base} options='-c search_path=evil'")).await.err().unwrap();
+    assert_eq!(code(&e), "42501");
+    assert!(e.as_db_error().unwrap().message().contains("options"));
+    // Allowed cosmetics are forwarded.
+    let c = connect_to(&format!("{base} application_name=struere-it")).await.unwrap();
+    let name: String = c.query_one("SELECT current_setting('application_name')", &[]).await.unwrap().get(0);
+    assert_eq!(name, "struere-it");
+    // Pinned settings.
+    let row = c
+        .query_one(
+            "SELECT current_setting('search_path'), current_setting('standard_conforming_strings'), current_setting('client_encoding')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1), row.get::<_, String>(2)), ("public".into(), "on".into(), "UTF8".into()));
+    // RESET ALL restores them (they are startup values).
+    c.batch_execute("SET application_name = 'x'; RESET ALL").await.unwrap();
+    let sp: String = c.query_one("SELECT current_setting('search_path')", &[]).await.unwrap().get(0);
+    assert_eq!(sp, "public");
+}
+
+#[tokio::test]
+async fn tls_required_mode_refuses_plaintext() {
+    let f = fixture();
+    let addr = f.extra_proxy(|s| s.tls_mode = TlsMode::Required);
+    let url = format!("host=127.0.0.1 port={} user=x dbname=app password={} sslmode=disable", addr.port(), f.dev_key);
+    let e = connect_to(&url).await.err().unwrap();
+    assert_eq!(code(&e), "28000");
+    assert!(e.as_db_error().unwrap().message().contains("TLS"));
+}
+
+#[tokio::test]
+async fn production_and_development_keys_both_connect() {
+    let f = fixture();
+    for key in [&f.dev_key, &f.prod_key] {
+        let c = f.connect(key).await.unwrap();
+        let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(one, 1);
+    }
+}

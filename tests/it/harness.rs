@@ -1,0 +1,157 @@
+//! The shared fixture: one throwaway cluster and one proxy per test binary, started on first use
+//! on a runtime of their own (so every `#[tokio::test]` runtime can come and go), and stopped at
+//! process exit.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+
+use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
+use struere_proxy::auth::store::{self, KeySpec};
+use struere_proxy::config::{RawConfig, Settings};
+use struere_proxy::demo::Demo;
+use struere_proxy::server::RunningProxy;
+use tokio_postgres::{Client, NoTls};
+
+pub struct Fixture {
+    pub addr: SocketAddr,
+    pub dev_key: String,
+    pub prod_key: String,
+    pub operator_key: String,
+    pub admin_url: String,
+    pub settings: Settings,
+    pub psql: PathBuf,
+    runtime: tokio::runtime::Runtime,
+}
+
+/// The demo (cluster + proxy), kept in a static so `atexit` can stop the cluster.
+static DEMO: Mutex<Option<Demo>> = Mutex::new(None);
+static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+
+extern "C" fn stop_cluster() {
+    let demo = DEMO.lock().ok().and_then(|mut d| d.take());
+    if let Some(demo) = demo {
+        // Dropping stops the server and removes its directory.
+        drop(demo);
+    }
+}
+
+pub fn fixture() -> &'static Fixture {
+    // Built on a thread of its own: a test's runtime may not block on another runtime.
+    FIXTURE.get_or_init(|| std::thread::spawn(build_fixture).join().expect("fixture thread"))
+}
+
+fn build_fixture() -> Fixture {
+    // STRUERE_TEST_LOG=debug shows the proxy's logs for a failing test.
+    if let Ok(filter) = std::env::var("STRUERE_TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let overrides = RawConfig {
+            listen: Some("127.0.0.1:0".into()),
+            key_cache_ttl_secs: Some(1),
+            ..RawConfig::default()
+        };
+        let demo = runtime.block_on(Demo::start(overrides)).expect("demo starts");
+        let fixture = Fixture {
+            addr: demo.proxy.addr,
+            dev_key: demo.dev_key.clone(),
+            prod_key: demo.prod_key.clone(),
+            operator_key: demo.operator_key.clone(),
+            admin_url: demo.cluster.admin_url("app"),
+            settings: demo.proxy.proxy.settings.clone(),
+            psql: demo.cluster.bin_dir().join("psql"),
+            runtime,
+        };
+        *DEMO.lock().expect("demo lock") = Some(demo);
+        // SAFETY: registering a plain `extern "C" fn` with no preconditions.
+        unsafe { libc_atexit(stop_cluster) };
+        fixture
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "atexit"]
+    fn libc_atexit(cb: extern "C" fn()) -> i32;
+}
+
+impl Fixture {
+    pub fn url(&self, key: &str) -> String {
+        format!("host=127.0.0.1 port={} user=tester dbname=app password={key} sslmode=disable", self.addr.port())
+    }
+
+    pub async fn connect(&self, key: &str) -> Result<Client, tokio_postgres::Error> {
+        connect_to(&self.url(key)).await
+    }
+
+    pub async fn dev(&self) -> Client {
+        self.connect(&self.dev_key).await.expect("dev key connects")
+    }
+
+    pub async fn operator(&self) -> Client {
+        self.connect(&self.operator_key).await.expect("operator key connects")
+    }
+
+    pub async fn admin(&self) -> Client {
+        connect_to(&self.admin_url).await.expect("admin connects directly")
+    }
+
+    /// Create a key with the owner connection (as `keys create` does).
+    pub async fn create_key(&self, name: &str, env: Environment, expires_in: Option<std::time::Duration>) -> String {
+        let admin = self.admin().await;
+        let spec = KeySpec {
+            name: name.to_owned(),
+            actor: Some(ActorContext {
+                organization: "acme".into(),
+                environment: env,
+                roles: vec!["admin".into()],
+                actor_type: ActorType::User,
+                actor_id: name.to_owned(),
+            }),
+            expires_in,
+        };
+        store::create_key(&admin, &spec).await.expect("create key").secret
+    }
+
+    /// Start one more proxy (same cluster) with changed settings, on the fixture's runtime.
+    pub fn extra_proxy(&self, change: impl FnOnce(&mut Settings)) -> SocketAddr {
+        let mut settings = self.settings.clone();
+        settings.listen = "127.0.0.1:0".into();
+        change(&mut settings);
+        let handle = self.runtime.handle().clone();
+        std::thread::spawn(move || {
+            let running = handle.block_on(RunningProxy::start(settings)).expect("extra proxy");
+            let addr = running.addr;
+            // Leak the handle: the proxy lives as long as the test binary.
+            std::mem::forget(running);
+            addr
+        })
+        .join()
+        .expect("extra proxy thread")
+    }
+}
+
+pub async fn connect_to(url: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// The SQLSTATE of a failed statement.
+pub fn code(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_owned()).unwrap_or_else(|| format!("no sqlstate: {e}"))
+}
+
+/// A table name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}

@@ -1,0 +1,9 @@
+//! One integration binary (like ripgrep's `tests/tests.rs`): a real PostgreSQL cluster started
+//! once for the whole binary, the proxy in front of it, and real clients (tokio-postgres, psql,
+//! raw sockets) talking to it.
+
+mod auth;
+mod harness;
+mod hostile;
+mod psql;
+mod wire;
