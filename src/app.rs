@@ -35,7 +35,11 @@ pub async fn keys(raw: &RawConfig, cmd: KeysCommand) -> AppResult<()> {
         }
         KeysCommand::List => {
             let mut out = std::io::stdout().lock();
-            writeln!(out, "{:<5} {:<16} {:<20} {:<12} {:<12} {:<20} {:<24} state", "id", "prefix", "name", "org", "env", "roles", "actor")?;
+            writeln!(
+                out,
+                "{:<5} {:<16} {:<20} {:<12} {:<12} {:<20} {:<24} state",
+                "id", "prefix", "name", "org", "env", "roles", "actor"
+            )?;
             for k in store::list_keys(&client).await? {
                 let state = if k.revoked_at.is_some() {
                     "revoked"

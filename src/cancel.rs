@@ -27,10 +27,8 @@ fn random_i32() -> i32 {
     // getrandom only fails when the OS has no entropy source at all; fall back to time-based
     // bits rather than aborting a session (the secret is still checked in constant time).
     if getrandom::fill(&mut b).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         b = nanos.to_be_bytes();
     }
     i32::from_be_bytes(b)

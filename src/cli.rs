@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{LogFormat, RawConfig, TlsMode};
 
 #[derive(Debug, Parser)]
-#[command(name = "struere-proxy", version, about = "PostgreSQL proxy that makes one shared database safe for many tenants, environments and roles")]
+#[command(
+    name = "struere-proxy",
+    version,
+    about = "PostgreSQL proxy that makes one shared database safe for many tenants, environments and roles"
+)]
 pub struct Cli {
     /// TOML configuration file (default: struere-proxy.toml if present).
     #[arg(long, global = true, env = "STRUERE_CONFIG")]
@@ -160,8 +164,19 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from([
-            "struere-proxy", "keys", "create", "--org", "acme", "--env", "development", "--role", "admin", "--role",
-            "teacher", "--name", "ci-bot",
+            "struere-proxy",
+            "keys",
+            "create",
+            "--org",
+            "acme",
+            "--env",
+            "development",
+            "--role",
+            "admin",
+            "--role",
+            "teacher",
+            "--name",
+            "ci-bot",
         ])
         .unwrap();
         let Command::Keys(KeysCommand::Create(c)) = cli.command else { panic!() };

@@ -59,11 +59,7 @@ pub enum ClusterError {
     },
     /// A command ran and failed; `output` holds its stderr (and the server log's tail where useful).
     #[error("{step} failed ({status}): {output}")]
-    Command {
-        step: String,
-        status: String,
-        output: String,
-    },
+    Command { step: String, status: String, output: String },
 }
 
 impl ClusterError {
@@ -134,14 +130,10 @@ impl TempCluster {
     /// socket, which lives in the temp directory. The superuser `postgres` gets a random password.
     pub fn start() -> Result<TempCluster, ClusterError> {
         let bin_dir = find_pg_bin_dir()?;
-        let dir = tempfile::Builder::new()
-            .prefix("struere-pg-")
-            .tempdir()
-            .map_err(ClusterError::io("create temp dir"))?;
+        let dir =
+            tempfile::Builder::new().prefix("struere-pg-").tempdir().map_err(ClusterError::io("create temp dir"))?;
         // A directory we just created is owned by our effective uid: that tells us if we are root.
-        let euid = fs::metadata(dir.path())
-            .map_err(ClusterError::io("stat temp dir"))?
-            .uid();
+        let euid = fs::metadata(dir.path()).map_err(ClusterError::io("stat temp dir"))?.uid();
         let runner = if euid == 0 {
             let (uid, gid) = os_user_ids(OS_USER)?;
             Runner::AsPostgres { uid, gid }
@@ -221,11 +213,7 @@ impl TempCluster {
     /// and returns its stdout: unaligned rows, one per line, no headers.
     pub fn psql(&self, database: &str, sql: &str) -> Result<String, ClusterError> {
         let mut cmd = self.psql_command();
-        cmd.arg("-h")
-            .arg(self.dir.path())
-            .arg("-p")
-            .arg(self.port.to_string())
-            .args(["-U", SUPERUSER, "-d", database]);
+        cmd.arg("-h").arg(self.dir.path()).arg("-p").arg(self.port.to_string()).args(["-U", SUPERUSER, "-d", database]);
         run_with_stdin(cmd, sql, "psql")
     }
 
@@ -241,8 +229,7 @@ impl TempCluster {
         let path = self.data_dir.join("pg_hba.conf");
         let old = fs::read_to_string(&path).map_err(ClusterError::io("read pg_hba.conf"))?;
         // Writing over the existing file keeps its owner.
-        fs::write(&path, format!("{line}\n{old}"))
-            .map_err(ClusterError::io("write pg_hba.conf"))?;
+        fs::write(&path, format!("{line}\n{old}")).map_err(ClusterError::io("write pg_hba.conf"))?;
         self.reload()
     }
 
@@ -276,27 +263,22 @@ impl TempCluster {
     /// check that a `sslmode=require` connection really is encrypted.
     pub fn enable_ssl(&self) -> Result<(), ClusterError> {
         let certified =
-            rcgen::generate_simple_self_signed(vec!["localhost".to_string(), HOST.to_string()])
-                .map_err(|e| ClusterError::Command {
+            rcgen::generate_simple_self_signed(vec!["localhost".to_string(), HOST.to_string()]).map_err(|e| {
+                ClusterError::Command {
                     step: "generate certificate".into(),
                     status: "rcgen".into(),
                     output: e.to_string(),
-                })?;
+                }
+            })?;
         self.write_private_file("server.crt", &certified.cert.pem())?;
         self.write_private_file("server.key", &certified.signing_key.serialize_pem())?;
         self.append_config("ssl = on\n")?;
         self.reload()?;
 
         let mut cmd = self.psql_command();
-        cmd.env("PGPASSWORD", &self.password).arg(format!(
-            "host={HOST} port={} user={SUPERUSER} dbname=postgres sslmode=require",
-            self.port
-        ));
-        let out = run_with_stdin(
-            cmd,
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid();",
-            "psql over TLS",
-        )?;
+        cmd.env("PGPASSWORD", &self.password)
+            .arg(format!("host={HOST} port={} user={SUPERUSER} dbname=postgres sslmode=require", self.port));
+        let out = run_with_stdin(cmd, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid();", "psql over TLS")?;
         if out.trim() == "t" {
             Ok(())
         } else {
@@ -323,18 +305,14 @@ impl TempCluster {
         let pwfile = self.dir.path().join("pwfile");
         self.write_file(&pwfile, &self.password, 0o600)?;
         let mut cmd = self.runner.command(&self.bin_dir.join("initdb"));
-        cmd.arg("-D")
-            .arg(&self.data_dir)
-            .args(["-U", SUPERUSER])
-            .arg(format!("--pwfile={}", pwfile.display()))
-            .args([
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-                "--no-sync",
-            ]);
+        cmd.arg("-D").arg(&self.data_dir).args(["-U", SUPERUSER]).arg(format!("--pwfile={}", pwfile.display())).args([
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ]);
         let result = self.run_checked(cmd, "initdb");
         let _ = fs::remove_file(&pwfile);
         result?;
@@ -373,10 +351,7 @@ impl TempCluster {
             let err = ClusterError::Command {
                 step: format!("pg_ctl start on port {port}"),
                 status: out.status.to_string(),
-                output: format!(
-                    "{}\n--- server log ---\n{tail}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
+                output: format!("{}\n--- server log ---\n{tail}", String::from_utf8_lossy(&out.stderr).trim()),
             };
             let port_race = tail.contains("could not bind") || tail.contains("already in use");
             if !port_race {
@@ -395,15 +370,8 @@ impl TempCluster {
 
     fn pg_ctl_stop(&self, mode: &str) -> Result<(), ClusterError> {
         let mut cmd = self.runner.command(&self.bin_dir.join("pg_ctl"));
-        cmd.arg("stop").arg("-D").arg(&self.data_dir).args([
-            "-m",
-            mode,
-            "-w",
-            "-t",
-            PG_CTL_WAIT_SECS,
-        ]);
-        self.run_checked(cmd, &format!("pg_ctl stop -m {mode}"))
-            .map(drop)
+        cmd.arg("stop").arg("-D").arg(&self.data_dir).args(["-m", mode, "-w", "-t", PG_CTL_WAIT_SECS]);
+        self.run_checked(cmd, &format!("pg_ctl stop -m {mode}")).map(drop)
     }
 
     fn psql_command(&self) -> Command {
@@ -431,29 +399,18 @@ impl TempCluster {
 
     /// Runs a command in the temp directory (the server's user may not enter our cwd).
     fn run(&self, mut cmd: Command, step: &str) -> Result<Output, ClusterError> {
-        cmd.current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .map_err(ClusterError::io(step))
+        cmd.current_dir(self.dir.path()).stdin(Stdio::null()).output().map_err(ClusterError::io(step))
     }
 
     fn run_checked(&self, cmd: Command, step: &str) -> Result<Output, ClusterError> {
         let out = self.run(cmd, step)?;
-        if out.status.success() {
-            Ok(out)
-        } else {
-            Err(command_error(step, &out))
-        }
+        if out.status.success() { Ok(out) } else { Err(command_error(step, &out)) }
     }
 
     fn append_config(&self, text: &str) -> Result<(), ClusterError> {
         let path = self.data_dir.join("postgresql.conf");
-        let mut file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(ClusterError::io("open postgresql.conf"))?;
-        file.write_all(text.as_bytes())
-            .map_err(ClusterError::io("write postgresql.conf"))
+        let mut file = OpenOptions::new().append(true).open(&path).map_err(ClusterError::io("open postgresql.conf"))?;
+        file.write_all(text.as_bytes()).map_err(ClusterError::io("write postgresql.conf"))
     }
 
     fn write_private_file(&self, name: &str, contents: &str) -> Result<(), ClusterError> {
@@ -464,8 +421,7 @@ impl TempCluster {
     fn write_file(&self, path: &Path, contents: &str, mode: u32) -> Result<(), ClusterError> {
         let step = format!("write {}", path.display());
         fs::write(path, contents).map_err(ClusterError::io(step.clone()))?;
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .map_err(ClusterError::io(step))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(ClusterError::io(step))?;
         self.runner.give(path)
     }
 
@@ -506,10 +462,7 @@ pub fn find_pg_bin_dir() -> Result<PathBuf, ClusterError> {
         return if has_initdb(&dir) {
             Ok(dir)
         } else {
-            Err(ClusterError::BinariesNotFound(format!(
-                "STRUERE_PG_BIN={} has no initdb",
-                dir.display()
-            )))
+            Err(ClusterError::BinariesNotFound(format!("STRUERE_PG_BIN={} has no initdb", dir.display())))
         };
     }
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
@@ -523,10 +476,7 @@ pub fn find_pg_bin_dir() -> Result<PathBuf, ClusterError> {
     let mut best: Option<(u32, PathBuf)> = None;
     if let Ok(entries) = fs::read_dir("/usr/lib/postgresql") {
         for entry in entries.flatten() {
-            let version = entry
-                .file_name()
-                .to_str()
-                .and_then(|name| name.split('.').next()?.parse::<u32>().ok());
+            let version = entry.file_name().to_str().and_then(|name| name.split('.').next()?.parse::<u32>().ok());
             let bin = entry.path().join("bin");
             if let Some(version) = version
                 && has_initdb(&bin)
@@ -538,8 +488,7 @@ pub fn find_pg_bin_dir() -> Result<PathBuf, ClusterError> {
     }
     best.map(|(_, dir)| dir).ok_or_else(|| {
         ClusterError::BinariesNotFound(
-            "set STRUERE_PG_BIN, put pg_config on PATH, or install PostgreSQL under /usr/lib/postgresql"
-                .into(),
+            "set STRUERE_PG_BIN, put pg_config on PATH, or install PostgreSQL under /usr/lib/postgresql".into(),
         )
     })
 }
@@ -575,9 +524,7 @@ fn command_error(step: &str, out: &Output) -> ClusterError {
     ClusterError::Command {
         step: step.to_owned(),
         status: out.status.to_string(),
-        output: format!("{}\n{}", stderr.trim(), stdout.trim())
-            .trim()
-            .to_owned(),
+        output: format!("{}\n{}", stderr.trim(), stdout.trim()).trim().to_owned(),
     }
 }
 
@@ -585,21 +532,15 @@ fn command_error(step: &str, out: &Output) -> ClusterError {
 fn os_user_ids(user: &str) -> Result<(u32, u32), ClusterError> {
     let id = |flag: &str| -> Result<u32, ClusterError> {
         let step = format!("id {flag} {user}");
-        let out = Command::new("id")
-            .args([flag, user])
-            .output()
-            .map_err(ClusterError::io(step.clone()))?;
+        let out = Command::new("id").args([flag, user]).output().map_err(ClusterError::io(step.clone()))?;
         if !out.status.success() {
             return Err(command_error(&step, &out));
         }
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .map_err(|e| ClusterError::Command {
-                step,
-                status: "unparsable output".into(),
-                output: format!("{e}"),
-            })
+        String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|e| ClusterError::Command {
+            step,
+            status: "unparsable output".into(),
+            output: format!("{e}"),
+        })
     };
     Ok((id("-u")?, id("-g")?))
 }
@@ -607,21 +548,15 @@ fn os_user_ids(user: &str) -> Result<(u32, u32), ClusterError> {
 /// Asks the kernel for a free port on 127.0.0.1. The port is released before the server binds
 /// it, hence the retry in `start_on_free_port`.
 fn free_port() -> Result<u16, ClusterError> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(ClusterError::io("probe free port"))?;
-    let port = listener
-        .local_addr()
-        .map_err(ClusterError::io("probe free port"))?
-        .port();
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(ClusterError::io("probe free port"))?;
+    let port = listener.local_addr().map_err(ClusterError::io("probe free port"))?.port();
     Ok(port)
 }
 
 fn random_password() -> Result<String, ClusterError> {
     let mut bytes = [0u8; 18];
-    getrandom::fill(&mut bytes).map_err(|e| ClusterError::Io {
-        step: "generate password".into(),
-        source: io::Error::other(e.to_string()),
-    })?;
+    getrandom::fill(&mut bytes)
+        .map_err(|e| ClusterError::Io { step: "generate password".into(), source: io::Error::other(e.to_string()) })?;
     Ok(hex::encode(bytes))
 }
 
@@ -672,9 +607,7 @@ mod tests {
     }
 
     async fn select_one_over_scram(url: String) {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
         let task = tokio::spawn(conn);
         let row = client.query_one("SELECT 1::int4", &[]).await.unwrap();
         assert_eq!(row.get::<_, i32>(0), 1);
@@ -684,10 +617,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cluster_lifecycle() {
-        let mut cluster = tokio::task::spawn_blocking(TempCluster::start)
-            .await
-            .unwrap()
-            .unwrap();
+        let mut cluster = tokio::task::spawn_blocking(TempCluster::start).await.unwrap().unwrap();
         let root = cluster.socket_dir().to_path_buf();
         assert!(root.is_dir());
         assert_eq!(cluster.host(), "127.0.0.1");
@@ -702,14 +632,8 @@ mod tests {
 
         // A wrong password is refused: scram is really in force over TCP.
         let bad = cluster.url("postgres", "wrong", "postgres");
-        let err = tokio_postgres::connect(&bad, tokio_postgres::NoTls)
-            .await
-            .err()
-            .unwrap();
-        assert_eq!(
-            err.code(),
-            Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD)
-        );
+        let err = tokio_postgres::connect(&bad, tokio_postgres::NoTls).await.err().unwrap();
+        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD));
 
         let cluster = tokio::task::spawn_blocking(move || {
             cluster.stop().unwrap();
@@ -718,11 +642,7 @@ mod tests {
         })
         .await
         .unwrap();
-        assert!(
-            tokio_postgres::connect(&cluster.admin_url("postgres"), tokio_postgres::NoTls)
-                .await
-                .is_err()
-        );
+        assert!(tokio_postgres::connect(&cluster.admin_url("postgres"), tokio_postgres::NoTls).await.is_err());
         drop(cluster);
         assert!(!root.exists(), "temp dir left behind: {}", root.display());
     }
@@ -735,44 +655,26 @@ mod tests {
         assert_ne!(a.port(), b.port());
         assert_ne!(a.socket_dir(), b.socket_dir());
         a.psql("postgres", "CREATE DATABASE only_in_a;").unwrap();
-        let in_b = b
-            .psql(
-                "postgres",
-                "SELECT count(*) FROM pg_database WHERE datname = 'only_in_a';",
-            )
-            .unwrap();
+        let in_b = b.psql("postgres", "SELECT count(*) FROM pg_database WHERE datname = 'only_in_a';").unwrap();
         assert_eq!(in_b.trim(), "0");
         select_one_over_scram(a.admin_url("only_in_a")).await;
         select_one_over_scram(b.admin_url("postgres")).await;
         let roots = (a.socket_dir().to_path_buf(), b.socket_dir().to_path_buf());
-        tokio::task::spawn_blocking(move || drop((a, b)))
-            .await
-            .unwrap();
+        tokio::task::spawn_blocking(move || drop((a, b))).await.unwrap();
         assert!(!roots.0.exists() && !roots.1.exists());
     }
 
     #[test]
     fn hba_line_and_reload() {
         let cluster = TempCluster::start().unwrap();
-        cluster
-            .psql("postgres", "CREATE ROLE blocked LOGIN PASSWORD 'pw';")
-            .unwrap();
-        cluster
-            .add_hba_line_first("host all blocked 127.0.0.1/32 reject")
-            .unwrap();
+        cluster.psql("postgres", "CREATE ROLE blocked LOGIN PASSWORD 'pw';").unwrap();
+        cluster.add_hba_line_first("host all blocked 127.0.0.1/32 reject").unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let err = rt
-            .block_on(tokio_postgres::connect(
-                &cluster.url("blocked", "pw", "postgres"),
-                tokio_postgres::NoTls,
-            ))
+            .block_on(tokio_postgres::connect(&cluster.url("blocked", "pw", "postgres"), tokio_postgres::NoTls))
             .err()
             .unwrap();
-        assert_eq!(
-            err.code(),
-            Some(&tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
-            "{err:?}"
-        );
+        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION), "{err:?}");
         assert!(cluster.add_hba_line_first("a\nb").is_err());
     }
 }

@@ -87,10 +87,9 @@ pub struct RawConfig {
 
 impl RawConfig {
     pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        toml::from_str(&text)
-            .map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
     }
 
     /// Layer `over` on top of `self`: any field `over` sets wins.
@@ -163,11 +162,8 @@ impl Settings {
             Some(d) => d,
             None => database_of(&upstream)?,
         };
-        let tls_mode = raw.tls_mode.unwrap_or(if raw.tls_cert.is_some() {
-            TlsMode::Optional
-        } else {
-            TlsMode::Disabled
-        });
+        let tls_mode =
+            raw.tls_mode.unwrap_or(if raw.tls_cert.is_some() { TlsMode::Optional } else { TlsMode::Disabled });
         if tls_mode != TlsMode::Disabled && (raw.tls_cert.is_none() || raw.tls_key.is_none()) {
             return Err(ConfigError::Invalid {
                 name: "tls_mode",
@@ -209,14 +205,9 @@ impl Settings {
 }
 
 fn database_of(url: &str) -> Result<String, ConfigError> {
-    let cfg: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| ConfigError::Invalid { name: "upstream", reason: format!("{e}") })?;
-    Ok(cfg
-        .get_dbname()
-        .or(cfg.get_user())
-        .unwrap_or("postgres")
-        .to_owned())
+    let cfg: tokio_postgres::Config =
+        url.parse().map_err(|e| ConfigError::Invalid { name: "upstream", reason: format!("{e}") })?;
+    Ok(cfg.get_dbname().or(cfg.get_user()).unwrap_or("postgres").to_owned())
 }
 
 #[cfg(test)]

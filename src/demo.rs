@@ -81,9 +81,10 @@ impl Demo {
         };
         let dev_key = store::create_key(&admin, &mk(Environment::Development, "demo-dev")).await?.secret;
         let prod_key = store::create_key(&admin, &mk(Environment::Production, "demo-prod")).await?.secret;
-        let operator_key = store::create_key(&admin, &KeySpec { name: "demo-operator".into(), actor: None, expires_in: None })
-            .await?
-            .secret;
+        let operator_key =
+            store::create_key(&admin, &KeySpec { name: "demo-operator".into(), actor: None, expires_in: None })
+                .await?
+                .secret;
 
         let proxy = match RunningProxy::start(settings.clone()).await {
             Ok(p) => p,
@@ -102,7 +103,8 @@ impl Demo {
         [
             "struere-proxy demo: a throwaway PostgreSQL behind the proxy; Ctrl-C removes everything.".to_owned(),
             format!("PROXY      {addr}"),
-            format!("UPSTREAM   127.0.0.1:{} (throwaway cluster)", self.cluster.port()),
+            // The throwaway cluster's owner URL, for comparisons against direct PostgreSQL.
+            format!("UPSTREAM   {}", self.cluster.admin_url(APP_DATABASE)),
             format!("DEV_KEY    {}", self.dev_key),
             format!("PROD_KEY   {}", self.prod_key),
             format!("OPERATOR   {}", self.operator_key),

@@ -67,7 +67,11 @@ impl Proxy {
 
 /// Accept clients until `shutdown` flips to true. Each client runs on its own task; a panic or
 /// error in one never reaches another.
-pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(proxy.settings.max_clients));
     tracing::info!(addr = %listener.local_addr()?, "listening");
     loop {

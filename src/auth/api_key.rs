@@ -51,11 +51,7 @@ pub fn generate(environment: Option<Environment>) -> Result<NewKey, getrandom::E
     getrandom::fill(&mut random)?;
     let prefix = environment.map_or(OPERATOR_PREFIX, Environment::key_prefix);
     let secret = format!("{prefix}{}", hex::encode(random));
-    Ok(NewKey {
-        hash: KeyHash::of(&secret),
-        display_prefix: display_prefix(&secret),
-        secret,
-    })
+    Ok(NewKey { hash: KeyHash::of(&secret), display_prefix: display_prefix(&secret), secret })
 }
 
 /// The non-secret prefix of a presented key, safe to log: its environment marker and a few

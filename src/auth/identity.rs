@@ -39,9 +39,7 @@ impl FromStr for Environment {
         match s {
             "development" | "dev" => Ok(Environment::Development),
             "production" | "prod" => Ok(Environment::Production),
-            other => Err(format!(
-                "unknown environment {other:?} (expected development or production)"
-            )),
+            other => Err(format!("unknown environment {other:?} (expected development or production)")),
         }
     }
 }
@@ -80,9 +78,7 @@ impl FromStr for ActorType {
             "agent" => Ok(ActorType::Agent),
             "system" => Ok(ActorType::System),
             "webhook" => Ok(ActorType::Webhook),
-            other => Err(format!(
-                "unknown actor type {other:?} (expected user, agent, system or webhook)"
-            )),
+            other => Err(format!("unknown actor type {other:?} (expected user, agent, system or webhook)")),
         }
     }
 }

@@ -203,9 +203,7 @@ impl KeyStore {
         let store = Arc::clone(self);
         tokio::spawn(async move {
             if let Ok(c) = store.db.client().await {
-                let _ = c
-                    .execute("UPDATE struere.api_keys SET last_used_at = now() WHERE id = $1", &[&id])
-                    .await;
+                let _ = c.execute("UPDATE struere.api_keys SET last_used_at = now() WHERE id = $1", &[&id]).await;
             }
         });
     }
@@ -223,10 +221,7 @@ fn record_from_row(r: &tokio_postgres::Row) -> Result<KeyRecord, StoreError> {
         let bad = |what: &str| StoreError::BadRow(format!("environment key without {what}"));
         Caller::Environment(ActorContext {
             organization: org.ok_or_else(|| bad("organization"))?,
-            environment: env
-                .ok_or_else(|| bad("environment"))?
-                .parse::<Environment>()
-                .map_err(StoreError::BadRow)?,
+            environment: env.ok_or_else(|| bad("environment"))?.parse::<Environment>().map_err(StoreError::BadRow)?,
             roles: r.try_get(6)?,
             actor_type: actor_type
                 .ok_or_else(|| bad("actor type"))?

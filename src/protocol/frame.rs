@@ -34,10 +34,7 @@ pub struct Frame {
 
 /// The frontend message types a client may send after startup.
 pub fn is_frontend_tag(tag: u8) -> bool {
-    matches!(
-        tag,
-        b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' | b'X' | b'F' | b'd' | b'c' | b'f' | b'p'
-    )
+    matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' | b'X' | b'F' | b'd' | b'c' | b'f' | b'p')
 }
 
 /// The largest body a frontend message of this type may have. Messages that carry no payload

@@ -20,21 +20,14 @@ pub struct Parse<'a> {
 
 /// Read a NUL-terminated UTF-8 string from the front of `b`.
 fn cstr<'a>(msg: &'static str, b: &'a [u8]) -> Result<(&'a str, &'a [u8]), DecodeError> {
-    let nul = b
-        .iter()
-        .position(|&c| c == 0)
-        .ok_or(DecodeError::Malformed(msg, "string is not NUL-terminated"))?;
+    let nul = b.iter().position(|&c| c == 0).ok_or(DecodeError::Malformed(msg, "string is not NUL-terminated"))?;
     let (s, rest) = b.split_at(nul);
     let s = std::str::from_utf8(s).map_err(|_| DecodeError::Malformed(msg, "text is not valid UTF-8"))?;
     Ok((s, rest.get(1..).unwrap_or_default()))
 }
 
 fn expect_end(msg: &'static str, rest: &[u8]) -> Result<(), DecodeError> {
-    if rest.is_empty() {
-        Ok(())
-    } else {
-        Err(DecodeError::Malformed(msg, "trailing bytes after the message"))
-    }
+    if rest.is_empty() { Ok(()) } else { Err(DecodeError::Malformed(msg, "trailing bytes after the message")) }
 }
 
 /// Query: exactly one NUL-terminated UTF-8 string and nothing after it.
@@ -65,10 +58,7 @@ pub fn decode_parse(body: &[u8]) -> Result<Parse<'_>, DecodeError> {
     if oids.len() != count as usize * 4 {
         return Err(DecodeError::Malformed(M, "parameter types do not match the count"));
     }
-    let param_types = oids
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let param_types = oids.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect();
     Ok(Parse { name, query, param_types })
 }
 

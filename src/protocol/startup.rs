@@ -28,10 +28,7 @@ pub struct StartupMessage {
 
 impl StartupMessage {
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.params.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -99,10 +96,7 @@ fn parse_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, StartupError> 
 }
 
 fn cstr(b: &[u8]) -> Result<(&str, &[u8]), StartupError> {
-    let nul = b
-        .iter()
-        .position(|&c| c == 0)
-        .ok_or(StartupError::Malformed("unterminated string"))?;
+    let nul = b.iter().position(|&c| c == 0).ok_or(StartupError::Malformed("unterminated string"))?;
     let (s, rest) = b.split_at(nul);
     let s = std::str::from_utf8(s).map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?;
     Ok((s, rest.get(1..).unwrap_or_default()))
@@ -148,9 +142,7 @@ pub fn classify_param(name: &str, value: &str) -> ParamVerdict {
             if v == "utf8" || v == "unicode" {
                 ParamVerdict::Consume
             } else {
-                ParamVerdict::Refuse(format!(
-                    "client_encoding {value:?} is not supported: the proxy requires UTF8"
-                ))
+                ParamVerdict::Refuse(format!("client_encoding {value:?} is not supported: the proxy requires UTF8"))
             }
         }
         "options" if value.trim().is_empty() => ParamVerdict::Consume,
@@ -158,14 +150,10 @@ pub fn classify_param(name: &str, value: &str) -> ParamVerdict {
             "the startup parameter \"options\" is refused: it can set any server setting (role, search_path, ...)"
                 .to_owned(),
         ),
-        "replication" => {
-            ParamVerdict::Refuse("replication connections are not supported through the proxy".to_owned())
-        }
+        "replication" => ParamVerdict::Refuse("replication connections are not supported through the proxy".to_owned()),
         n if n.starts_with("_pq_.") => ParamVerdict::ProtocolOption,
         n if FORWARDED_PARAMS.contains(&n) => ParamVerdict::Forward,
-        _ => ParamVerdict::Refuse(format!(
-            "the startup parameter {name:?} is not allowed through the proxy"
-        )),
+        _ => ParamVerdict::Refuse(format!("the startup parameter {name:?} is not allowed through the proxy")),
     }
 }
 
@@ -189,9 +177,7 @@ mod tests {
     #[test]
     fn decodes_startup() {
         let body = startup_body(&[("user", "bob"), ("database", "app")], 0);
-        let StartupRequest::Startup(m) = parse_startup(&body).unwrap() else {
-            panic!("not a startup")
-        };
+        let StartupRequest::Startup(m) = parse_startup(&body).unwrap() else { panic!("not a startup") };
         assert_eq!((m.major, m.minor), (3, 0));
         assert_eq!(m.get("USER"), Some("bob"));
         assert_eq!(m.get("database"), Some("app"));

@@ -53,14 +53,9 @@ fn pinned_params(proxy: &Proxy) -> Vec<(String, String)> {
 /// FATAL ErrorResponse before the error is returned.
 pub async fn run(proxy: &Arc<Proxy>, mut client: ClientConn, peer: SocketAddr) -> Result<Outcome, SessionEnd> {
     match steps(proxy, &mut client, peer).await {
-        Ok(Some((upstream, caller, key_hash, key_prefix, cancel))) => Ok(Outcome::Session(Box::new(Established {
-            client,
-            upstream,
-            caller,
-            key_hash,
-            key_prefix,
-            cancel,
-        }))),
+        Ok(Some((upstream, caller, key_hash, key_prefix, cancel))) => {
+            Ok(Outcome::Session(Box::new(Established { client, upstream, caller, key_hash, key_prefix, cancel })))
+        }
         Ok(None) => Ok(Outcome::Closed),
         Err(Early::Cancel) => Ok(Outcome::CancelHandled),
         Err(Early::End(e)) => {

@@ -83,7 +83,9 @@ impl RefusalTracker {
                     return BackendAction::Forward;
                 }
                 match self.pending.iter().position(|p| fields.message.contains(&p.marker)) {
-                    Some(i) => self.pending.remove(i).map_or(BackendAction::Forward, |p| BackendAction::Replace(p.error)),
+                    Some(i) => {
+                        self.pending.remove(i).map_or(BackendAction::Forward, |p| BackendAction::Replace(p.error))
+                    }
                     None => BackendAction::Forward,
                 }
             }

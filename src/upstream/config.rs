@@ -53,17 +53,13 @@ impl UpstreamConfig {
     pub fn from_url(url: &str) -> Result<Self, UpstreamError> {
         let bad = |msg: String| UpstreamError::Config(msg);
         // tokio-postgres' parse errors name the option, never its value.
-        let cfg = tokio_postgres::Config::from_str(url)
-            .map_err(|e| bad(format!("cannot parse upstream URL: {e}")))?;
+        let cfg = tokio_postgres::Config::from_str(url).map_err(|e| bad(format!("cannot parse upstream URL: {e}")))?;
 
         let host = match (cfg.get_hostaddrs(), cfg.get_hosts()) {
             ([addr], _) => addr.to_string(),
             ([], [Host::Tcp(name)]) => name.clone(),
             ([], [Host::Unix(path)]) => {
-                return Err(bad(format!(
-                    "unix socket hosts are not supported ({})",
-                    path.display()
-                )));
+                return Err(bad(format!("unix socket hosts are not supported ({})", path.display())));
             }
             ([], []) => return Err(bad("the URL names no host".into())),
             _ => return Err(bad("only one upstream host is supported".into())),
@@ -73,10 +69,7 @@ impl UpstreamConfig {
             [port] => *port,
             _ => return Err(bad("only one upstream port is supported".into())),
         };
-        let user = cfg
-            .get_user()
-            .ok_or_else(|| bad("the URL names no user".into()))?
-            .to_owned();
+        let user = cfg.get_user().ok_or_else(|| bad("the URL names no user".into()))?.to_owned();
         let password = cfg
             .get_password()
             .map(|pw| String::from_utf8(pw.to_vec()))
@@ -98,14 +91,7 @@ impl UpstreamConfig {
         if host.is_empty() || user.is_empty() {
             return Err(bad("host and user must not be empty".into()));
         }
-        Ok(UpstreamConfig {
-            host,
-            port,
-            user,
-            password,
-            database,
-            tls,
-        })
+        Ok(UpstreamConfig { host, port, user, password, database, tls })
     }
 }
 
@@ -115,10 +101,7 @@ mod tests {
 
     #[test]
     fn parses_url_form() {
-        let cfg = UpstreamConfig::from_url(
-            "postgres://app:s%40cret@db.internal:6543/main?sslmode=require",
-        )
-        .unwrap();
+        let cfg = UpstreamConfig::from_url("postgres://app:s%40cret@db.internal:6543/main?sslmode=require").unwrap();
         assert_eq!(cfg.host, "db.internal");
         assert_eq!(cfg.port, 6543);
         assert_eq!(cfg.user, "app");
@@ -138,10 +121,8 @@ mod tests {
 
     #[test]
     fn parses_key_value_form_and_ipv6() {
-        let cfg = UpstreamConfig::from_url(
-            "host=::1 port=5433 user=app password='a b' dbname=x sslmode=disable",
-        )
-        .unwrap();
+        let cfg =
+            UpstreamConfig::from_url("host=::1 port=5433 user=app password='a b' dbname=x sslmode=disable").unwrap();
         assert_eq!(cfg.host, "::1");
         assert_eq!(cfg.port, 5433);
         assert_eq!(cfg.password.as_deref(), Some("a b"));
@@ -168,10 +149,7 @@ mod tests {
             "postgres://app@127.0.0.1/db?sslnegotiation=direct&sslmode=require",
             "not a url at all =",
         ] {
-            assert!(
-                matches!(UpstreamConfig::from_url(url), Err(UpstreamError::Config(_))),
-                "{url}"
-            );
+            assert!(matches!(UpstreamConfig::from_url(url), Err(UpstreamError::Config(_))), "{url}");
         }
     }
 

@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{
-    ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramSha256,
-};
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramSha256};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -37,9 +35,7 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<UpstreamConn, UpstreamError> {
     let startup = startup_message(&cfg.user, database, params)?;
-    tokio::time::timeout(timeout, handshake(cfg, &startup))
-        .await
-        .map_err(|_| UpstreamError::Timeout)?
+    tokio::time::timeout(timeout, handshake(cfg, &startup)).await.map_err(|_| UpstreamError::Timeout)?
 }
 
 /// Asks the server to cancel the query running in backend `pid`, on a new connection, and waits
@@ -67,26 +63,18 @@ pub async fn send_cancel(cfg: &UpstreamConfig, pid: i32, secret: i32) -> Result<
         }
         Ok(())
     };
-    tokio::time::timeout(CANCEL_TIMEOUT, cancel)
-        .await
-        .map_err(|_| UpstreamError::Timeout)?
+    tokio::time::timeout(CANCEL_TIMEOUT, cancel).await.map_err(|_| UpstreamError::Timeout)?
 }
 
 /// Encodes the StartupMessage, refusing parameters that cannot be sent safely.
-fn startup_message(
-    user: &str,
-    database: &str,
-    params: &[(String, String)],
-) -> Result<BytesMut, UpstreamError> {
+fn startup_message(user: &str, database: &str, params: &[(String, String)]) -> Result<BytesMut, UpstreamError> {
     for (name, _) in params {
         if name.is_empty() {
             // An empty name would end the parameter list early on the server.
             return Err(UpstreamError::Config("empty startup parameter name".into()));
         }
         if RESERVED_PARAMETERS.contains(&name.as_str()) {
-            return Err(UpstreamError::Config(format!(
-                "startup parameter {name:?} may not be overridden"
-            )));
+            return Err(UpstreamError::Config(format!("startup parameter {name:?} may not be overridden")));
         }
     }
     let pairs = [("user", user), ("database", database)]
@@ -100,10 +88,7 @@ fn startup_message(
 
 async fn handshake(cfg: &UpstreamConfig, startup: &[u8]) -> Result<UpstreamConn, UpstreamError> {
     let stream = open(cfg, cfg.tls).await?;
-    let mut wire = Wire {
-        stream,
-        read_buf: BytesMut::with_capacity(READ_CHUNK),
-    };
+    let mut wire = Wire { stream, read_buf: BytesMut::with_capacity(READ_CHUNK) };
     wire.send(startup).await?;
     authenticate(&mut wire, cfg).await?;
     read_session_info(wire).await
@@ -122,28 +107,16 @@ async fn open(cfg: &UpstreamConfig, tls: UpstreamTls) -> Result<UpstreamStream, 
     // Exactly one byte: anything the server sent beyond it before the TLS handshake would be
     // unauthenticated plaintext (CVE-2021-23222), so none of it may be buffered.
     match tcp.read_u8().await? {
-        b'S' => Ok(UpstreamStream::Tls(Box::new(
-            tls::handshake(tcp, &cfg.host).await?,
-        ))),
+        b'S' => Ok(UpstreamStream::Tls(Box::new(tls::handshake(tcp, &cfg.host).await?))),
         b'N' if tls == UpstreamTls::Prefer => Ok(UpstreamStream::Plain(tcp)),
-        b'N' => Err(UpstreamError::Tls(
-            "the server does not accept TLS connections (sslmode=require)".into(),
-        )),
+        b'N' => Err(UpstreamError::Tls("the server does not accept TLS connections (sslmode=require)".into())),
         b'E' => {
             // An ErrorResponse instead of an answer (a server refusing connections outright).
-            let mut wire = Wire {
-                stream: UpstreamStream::Plain(tcp),
-                read_buf: BytesMut::from(&b"E"[..]),
-            };
+            let mut wire = Wire { stream: UpstreamStream::Plain(tcp), read_buf: BytesMut::from(&b"E"[..]) };
             let frame = wire.recv().await?;
-            Err(UpstreamError::Server(wire::parse_error_response(
-                &frame.body,
-            )?))
+            Err(UpstreamError::Server(wire::parse_error_response(&frame.body)?))
         }
-        other => Err(UpstreamError::Protocol(format!(
-            "answer {} to SSLRequest",
-            wire::printable(other)
-        ))),
+        other => Err(UpstreamError::Protocol(format!("answer {} to SSLRequest", wire::printable(other)))),
     }
 }
 
@@ -156,8 +129,7 @@ async fn authenticate(wire: &mut Wire, cfg: &UpstreamConfig) -> Result<(), Upstr
                 AuthRequest::Ok => return Ok(()),
                 AuthRequest::Cleartext => {
                     let mut buf = BytesMut::new();
-                    frontend::password_message(password(cfg)?.as_bytes(), &mut buf)
-                        .map_err(unencodable)?;
+                    frontend::password_message(password(cfg)?.as_bytes(), &mut buf).map_err(unencodable)?;
                     wire.send(&buf).await?;
                 }
                 AuthRequest::Md5 { salt } => {
@@ -171,9 +143,7 @@ async fn authenticate(wire: &mut Wire, cfg: &UpstreamConfig) -> Result<(), Upstr
                     scram_exchange(wire, cfg, mechanism).await?;
                 }
                 AuthRequest::SaslContinue(_) | AuthRequest::SaslFinal(_) => {
-                    return Err(UpstreamError::Protocol(
-                        "SASL message outside a SASL exchange".into(),
-                    ));
+                    return Err(UpstreamError::Protocol("SASL message outside a SASL exchange".into()));
                 }
                 AuthRequest::Other(code) => {
                     return Err(UpstreamError::Auth(format!(
@@ -201,23 +171,16 @@ fn choose_scram(mechanisms: &[&str]) -> Result<&'static str, UpstreamError> {
         Ok(SCRAM_SHA_256)
     } else if mechanisms.contains(&SCRAM_SHA_256_PLUS) {
         Err(UpstreamError::Auth(
-            "the server only offers SCRAM-SHA-256-PLUS (channel binding), which is not supported"
-                .into(),
+            "the server only offers SCRAM-SHA-256-PLUS (channel binding), which is not supported".into(),
         ))
     } else {
-        Err(UpstreamError::Auth(format!(
-            "no supported SASL mechanism among {mechanisms:?}"
-        )))
+        Err(UpstreamError::Auth(format!("no supported SASL mechanism among {mechanisms:?}")))
     }
 }
 
 /// SASLInitialResponse → SASLContinue → SASLResponse → SASLFinal. The server's final message
 /// is verified, so a server that does not know the password cannot pretend it does.
-async fn scram_exchange(
-    wire: &mut Wire,
-    cfg: &UpstreamConfig,
-    mechanism: &str,
-) -> Result<(), UpstreamError> {
+async fn scram_exchange(wire: &mut Wire, cfg: &UpstreamConfig, mechanism: &str) -> Result<(), UpstreamError> {
     let mut scram = ScramSha256::new(password(cfg)?.as_bytes(), ChannelBinding::unsupported());
     let mut buf = BytesMut::new();
     frontend::sasl_initial_response(mechanism, scram.message(), &mut buf).map_err(unencodable)?;
@@ -225,9 +188,9 @@ async fn scram_exchange(
 
     let frame = wire.recv_auth().await?;
     match wire::parse_auth(&frame.body)? {
-        AuthRequest::SaslContinue(data) => scram
-            .update(data)
-            .map_err(|e| UpstreamError::Auth(format!("SCRAM: {e}")))?,
+        AuthRequest::SaslContinue(data) => {
+            scram.update(data).map_err(|e| UpstreamError::Auth(format!("SCRAM: {e}")))?
+        }
         _ => return Err(UpstreamError::Protocol("expected SASLContinue".into())),
     }
     buf.clear();
@@ -236,9 +199,9 @@ async fn scram_exchange(
 
     let frame = wire.recv_auth().await?;
     match wire::parse_auth(&frame.body)? {
-        AuthRequest::SaslFinal(data) => scram
-            .finish(data)
-            .map_err(|e| UpstreamError::Auth(format!("SCRAM server verification: {e}"))),
+        AuthRequest::SaslFinal(data) => {
+            scram.finish(data).map_err(|e| UpstreamError::Auth(format!("SCRAM server verification: {e}")))
+        }
         _ => Err(UpstreamError::Protocol("expected SASLFinal".into())),
     }
 }
@@ -273,9 +236,9 @@ async fn read_session_info(mut wire: Wire) -> Result<UpstreamConn, UpstreamError
 }
 
 fn password(cfg: &UpstreamConfig) -> Result<&str, UpstreamError> {
-    cfg.password.as_deref().ok_or_else(|| {
-        UpstreamError::Auth("the server asks for a password but none is configured".into())
-    })
+    cfg.password
+        .as_deref()
+        .ok_or_else(|| UpstreamError::Auth("the server asks for a password but none is configured".into()))
 }
 
 /// The frontend encoders fail only on a NUL inside a string (a password, say): a config problem.
@@ -284,16 +247,11 @@ fn unencodable(e: io::Error) -> UpstreamError {
 }
 
 fn server_error(frame: &Frame) -> Result<UpstreamError, UpstreamError> {
-    Ok(UpstreamError::Server(wire::parse_error_response(
-        &frame.body,
-    )?))
+    Ok(UpstreamError::Server(wire::parse_error_response(&frame.body)?))
 }
 
 fn unexpected(tag: u8, phase: &str) -> UpstreamError {
-    UpstreamError::Protocol(format!(
-        "unexpected message {} during {phase}",
-        wire::printable(tag)
-    ))
+    UpstreamError::Protocol(format!("unexpected message {} during {phase}", wire::printable(tag)))
 }
 
 fn auth_method_name(code: i32) -> &'static str {
@@ -353,8 +311,7 @@ mod tests {
 
     #[test]
     fn startup_message_layout() {
-        let buf =
-            startup_message("app", "db", &[("application_name".into(), "proxy".into())]).unwrap();
+        let buf = startup_message("app", "db", &[("application_name".into(), "proxy".into())]).unwrap();
         let mut expected = Vec::new();
         expected.extend_from_slice(&[0, 3, 0, 0]);
         expected.extend_from_slice(b"user\0app\0database\0db\0application_name\0proxy\0\0");
@@ -374,26 +331,14 @@ mod tests {
             ("options", "x\0y"),
         ] {
             let params = [(name.to_string(), value.to_string())];
-            assert!(
-                matches!(
-                    startup_message("app", "db", &params),
-                    Err(UpstreamError::Config(_))
-                ),
-                "{name:?}"
-            );
+            assert!(matches!(startup_message("app", "db", &params), Err(UpstreamError::Config(_))), "{name:?}");
         }
-        assert!(matches!(
-            startup_message("a\0pp", "db", &[]),
-            Err(UpstreamError::Config(_))
-        ));
+        assert!(matches!(startup_message("a\0pp", "db", &[]), Err(UpstreamError::Config(_))));
     }
 
     #[test]
     fn scram_choice() {
-        assert_eq!(
-            choose_scram(&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]).unwrap(),
-            "SCRAM-SHA-256"
-        );
+        assert_eq!(choose_scram(&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]).unwrap(), "SCRAM-SHA-256");
         let err = choose_scram(&["SCRAM-SHA-256-PLUS"]).unwrap_err();
         assert!(err.to_string().contains("SCRAM-SHA-256-PLUS"), "{err}");
         assert!(matches!(choose_scram(&[]), Err(UpstreamError::Auth(_))));

@@ -43,11 +43,7 @@ pub struct UpstreamConn {
 impl UpstreamConn {
     /// The last value the server reported for a parameter, e.g. `server_version`.
     pub fn parameter(&self, name: &str) -> Option<&str> {
-        self.parameters
-            .iter()
-            .rev()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.parameters.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 }
 

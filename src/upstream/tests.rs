@@ -15,10 +15,7 @@ use crate::cluster::TempCluster;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn start_cluster() -> TempCluster {
-    tokio::task::spawn_blocking(TempCluster::start)
-        .await
-        .unwrap()
-        .unwrap()
+    tokio::task::spawn_blocking(TempCluster::start).await.unwrap().unwrap()
 }
 
 fn config(url: &str) -> UpstreamConfig {
@@ -67,10 +64,7 @@ fn first_column(frames: &[Frame]) -> Vec<String> {
 }
 
 fn error_code(frames: &[Frame]) -> Option<String> {
-    frames
-        .iter()
-        .find(|f| f.tag == b'E')
-        .map(|f| wire::parse_error_response(&f.body).unwrap().code)
+    frames.iter().find(|f| f.tag == b'E').map(|f| wire::parse_error_response(&f.body).unwrap().code)
 }
 
 /// Waits until a backend runs `pg_sleep`, so a cancel cannot arrive before the query does.
@@ -92,11 +86,7 @@ async fn wait_for_sleeper(cluster: &TempCluster) {
 }
 
 /// Runs `SELECT pg_sleep(10)` on `conn`, cancels it with `send_cancel` and checks 57014.
-async fn cancel_sleeping_query(
-    cluster: &TempCluster,
-    cfg: &UpstreamConfig,
-    mut conn: UpstreamConn,
-) {
+async fn cancel_sleeping_query(cluster: &TempCluster, cfg: &UpstreamConfig, mut conn: UpstreamConn) {
     let (pid, secret) = (conn.backend_pid, conn.backend_secret);
     let sleeper = tokio::spawn(async move {
         let started = std::time::Instant::now();
@@ -134,10 +124,7 @@ async fn scram_login_then_query_and_cancel() {
     let sleeper = login(&cfg).await.unwrap();
     cancel_sleeping_query(&cluster, &cfg, sleeper).await;
     // The first connection is unaffected.
-    assert_eq!(
-        first_column(&simple_query(&mut conn, "SELECT 2").await),
-        ["2"]
-    );
+    assert_eq!(first_column(&simple_query(&mut conn, "SELECT 2").await), ["2"]);
 }
 
 #[tokio::test]
@@ -153,32 +140,19 @@ async fn md5_and_cleartext_logins() {
              CREATE ROLE plainuser LOGIN PASSWORD 'plain';",
         )
         .unwrap();
-    cluster
-        .add_hba_line_first("host all md5user 127.0.0.1/32 md5")
-        .unwrap();
-    cluster
-        .add_hba_line_first("host all plainuser 127.0.0.1/32 password")
-        .unwrap();
+    cluster.add_hba_line_first("host all md5user 127.0.0.1/32 md5").unwrap();
+    cluster.add_hba_line_first("host all plainuser 127.0.0.1/32 password").unwrap();
 
-    let cfg = config(&format!(
-        "{}?sslmode=disable",
-        cluster.url("md5user", "md5 p@ss", "postgres")
-    ));
+    let cfg = config(&format!("{}?sslmode=disable", cluster.url("md5user", "md5 p@ss", "postgres")));
     let mut conn = login(&cfg).await.unwrap();
-    assert_eq!(
-        first_column(&simple_query(&mut conn, "SELECT current_user").await),
-        ["md5user"]
-    );
+    assert_eq!(first_column(&simple_query(&mut conn, "SELECT current_user").await), ["md5user"]);
     let wrong = config(&cluster.url("md5user", "nope", "postgres"));
     let err = login(&wrong).await.unwrap_err();
     assert_eq!(err.sqlstate(), Some("28P01"), "{err}");
 
     let cfg = config(&cluster.url("plainuser", "plain", "postgres"));
     let mut conn = login(&cfg).await.unwrap();
-    assert_eq!(
-        first_column(&simple_query(&mut conn, "SELECT current_user").await),
-        ["plainuser"]
-    );
+    assert_eq!(first_column(&simple_query(&mut conn, "SELECT current_user").await), ["plainuser"]);
 }
 
 #[tokio::test]
@@ -200,16 +174,11 @@ async fn refusals_carry_their_cause() {
 
     let mut no_password = cfg.clone();
     no_password.password = None;
-    assert!(matches!(
-        login(&no_password).await,
-        Err(UpstreamError::Auth(_))
-    ));
+    assert!(matches!(login(&no_password).await, Err(UpstreamError::Auth(_))));
 
     // An unknown startup parameter is the server's error, not a panic or a hang.
     let params = [("no_such_setting".to_string(), "1".to_string())];
-    let err = connect(&cfg, "postgres", &params, TIMEOUT)
-        .await
-        .unwrap_err();
+    let err = connect(&cfg, "postgres", &params, TIMEOUT).await.unwrap_err();
     assert_eq!(err.sqlstate(), Some("42704"), "{err}");
 
     let port = cluster.port();
@@ -217,27 +186,17 @@ async fn refusals_carry_their_cause() {
     let gone = config(&format!("postgres://u:p@127.0.0.1:{port}/db"));
     let err = login(&gone).await.unwrap_err();
     assert!(matches!(err, UpstreamError::Io(_)), "{err:?}");
-    assert!(
-        err.to_string().starts_with("cannot reach upstream"),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with("cannot reach upstream"), "{err}");
 }
 
 #[tokio::test]
 async fn tls_required_and_cancel_over_tls() {
     let cluster = start_cluster().await;
     cluster.enable_ssl().unwrap();
-    let cfg = config(&format!(
-        "{}?sslmode=require",
-        cluster.admin_url("postgres")
-    ));
+    let cfg = config(&format!("{}?sslmode=require", cluster.admin_url("postgres")));
     let mut conn = login(&cfg).await.unwrap();
     assert!(conn.stream.is_tls());
-    let frames = simple_query(
-        &mut conn,
-        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-    )
-    .await;
+    let frames = simple_query(&mut conn, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").await;
     assert_eq!(first_column(&frames), ["t"]);
 
     // prefer picks TLS when the server offers it.
@@ -264,9 +223,7 @@ async fn fake_server(reply: Vec<u8>, close: bool) -> UpstreamConfig {
             let _ = sock.read_to_end(&mut sink).await;
         }
     });
-    config(&format!(
-        "postgres://u:pw@127.0.0.1:{port}/db?sslmode=disable"
-    ))
+    config(&format!("postgres://u:pw@127.0.0.1:{port}/db?sslmode=disable"))
 }
 
 fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -315,23 +272,13 @@ async fn fake_server_garbage_is_an_error_not_a_panic() {
         with_ok(msg(b'E', b"SFATAL")),         // unterminated error
     ];
     for reply in protocol_cases {
-        let err = login(&fake_server(reply.clone(), false).await)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, UpstreamError::Protocol(_)),
-            "{reply:?}: {err:?}"
-        );
+        let err = login(&fake_server(reply.clone(), false).await).await.unwrap_err();
+        assert!(matches!(err, UpstreamError::Protocol(_)), "{reply:?}: {err:?}");
     }
 
     let plus_only = msg(b'R', b"\0\0\0\x0aSCRAM-SHA-256-PLUS\0\0");
-    let err = login(&fake_server(plus_only, false).await)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, UpstreamError::Auth(m) if m.contains("SCRAM-SHA-256-PLUS")),
-        "{err:?}"
-    );
+    let err = login(&fake_server(plus_only, false).await).await.unwrap_err();
+    assert!(matches!(&err, UpstreamError::Auth(m) if m.contains("SCRAM-SHA-256-PLUS")), "{err:?}");
     let gssapi = msg(b'R', &[0, 0, 0, 7]);
     let err = login(&fake_server(gssapi, false).await).await.unwrap_err();
     assert!(matches!(err, UpstreamError::Auth(_)), "{err:?}");
@@ -356,9 +303,7 @@ async fn fake_server_garbage_is_an_error_not_a_panic() {
 #[tokio::test]
 async fn fake_server_silence_times_out() {
     let cfg = fake_server(Vec::new(), false).await;
-    let err = connect(&cfg, "db", &[], Duration::from_millis(200))
-        .await
-        .unwrap_err();
+    let err = connect(&cfg, "db", &[], Duration::from_millis(200)).await.unwrap_err();
     assert!(matches!(err, UpstreamError::Timeout), "{err:?}");
 }
 
@@ -368,23 +313,15 @@ async fn ssl_request_answers() {
         cfg.tls = UpstreamTls::Require;
         cfg
     };
-    let err = login(&require(fake_server(b"N".to_vec(), false).await))
-        .await
-        .unwrap_err();
+    let err = login(&require(fake_server(b"N".to_vec(), false).await)).await.unwrap_err();
     assert!(matches!(err, UpstreamError::Tls(_)), "{err:?}");
-    let err = login(&require(fake_server(b"X".to_vec(), false).await))
-        .await
-        .unwrap_err();
+    let err = login(&require(fake_server(b"X".to_vec(), false).await)).await.unwrap_err();
     assert!(matches!(err, UpstreamError::Protocol(_)), "{err:?}");
     // An ErrorResponse in place of the one-byte answer.
     let refusal = msg(b'E', b"SFATAL\0C53300\0Mfull\0\0");
-    let err = login(&require(fake_server(refusal, false).await))
-        .await
-        .unwrap_err();
+    let err = login(&require(fake_server(refusal, false).await)).await.unwrap_err();
     assert_eq!(err.sqlstate(), Some("53300"), "{err:?}");
     // 'S' then a peer that speaks no TLS: a TLS error, not a hang.
-    let err = login(&require(fake_server(b"Sgarbage".to_vec(), true).await))
-        .await
-        .unwrap_err();
+    let err = login(&require(fake_server(b"Sgarbage".to_vec(), true).await)).await.unwrap_err();
     assert!(matches!(err, UpstreamError::Tls(_)), "{err:?}");
 }

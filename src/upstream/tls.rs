@@ -39,12 +39,7 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -53,18 +48,11 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -74,18 +62,11 @@ fn client_config() -> Result<Arc<ClientConfig>, UpstreamError> {
     CONFIG
         .get_or_init(|| {
             let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let verifier = Arc::new(AcceptAnyCertificate {
-                provider: provider.clone(),
-            });
+            let verifier = Arc::new(AcceptAnyCertificate { provider: provider.clone() });
             ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map(|builder| {
-                    Arc::new(
-                        builder
-                            .dangerous()
-                            .with_custom_certificate_verifier(verifier)
-                            .with_no_client_auth(),
-                    )
+                    Arc::new(builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth())
                 })
                 .map_err(|e| e.to_string())
         })
@@ -94,15 +75,9 @@ fn client_config() -> Result<Arc<ClientConfig>, UpstreamError> {
 }
 
 /// Runs the TLS handshake over a TCP stream whose SSLRequest the server accepted.
-pub(crate) async fn handshake(
-    tcp: TcpStream,
-    host: &str,
-) -> Result<TlsStream<TcpStream>, UpstreamError> {
+pub(crate) async fn handshake(tcp: TcpStream, host: &str) -> Result<TlsStream<TcpStream>, UpstreamError> {
     // The name only feeds SNI (an IP address sends none); it is not verified.
     let name = ServerName::try_from(host.to_owned())
         .map_err(|e| UpstreamError::Tls(format!("{host:?} is not a usable server name: {e}")))?;
-    TlsConnector::from(client_config()?)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| UpstreamError::Tls(e.to_string()))
+    TlsConnector::from(client_config()?).connect(name, tcp).await.map_err(|e| UpstreamError::Tls(e.to_string()))
 }

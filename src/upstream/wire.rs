@@ -41,19 +41,12 @@ pub(crate) fn split_frame(buf: &mut BytesMut) -> Result<Option<Frame>, UpstreamE
     }
     let mut frame = buf.split_to(total);
     frame.advance(5);
-    Ok(Some(Frame {
-        tag,
-        body: frame.freeze(),
-    }))
+    Ok(Some(Frame { tag, body: frame.freeze() }))
 }
 
 /// A tag for error messages: the character if printable, else its hex value.
 pub(crate) fn printable(tag: u8) -> String {
-    if tag.is_ascii_graphic() {
-        format!("'{}'", char::from(tag))
-    } else {
-        format!("0x{tag:02x}")
-    }
+    if tag.is_ascii_graphic() { format!("'{}'", char::from(tag)) } else { format!("0x{tag:02x}") }
 }
 
 /// A bounds-checked cursor over one message body.
@@ -103,8 +96,7 @@ impl<'a> Reader<'a> {
 
     fn utf8(&mut self) -> Result<&'a str, UpstreamError> {
         let what = self.what;
-        std::str::from_utf8(self.cstr()?)
-            .map_err(|_| violation(format!("{what} holds a string that is not UTF-8")))
+        std::str::from_utf8(self.cstr()?).map_err(|_| violation(format!("{what} holds a string that is not UTF-8")))
     }
 
     fn rest(&mut self) -> &'a [u8] {
@@ -116,11 +108,7 @@ impl<'a> Reader<'a> {
         if self.rest.is_empty() {
             Ok(())
         } else {
-            Err(violation(format!(
-                "{} has {} unexpected trailing bytes",
-                self.what,
-                self.rest.len()
-            )))
+            Err(violation(format!("{} has {} unexpected trailing bytes", self.what, self.rest.len())))
         }
     }
 }
@@ -174,8 +162,7 @@ pub(crate) fn parse_auth(body: &[u8]) -> Result<AuthRequest<'_>, UpstreamError> 
 /// asks; missing ones get neutral defaults so a terse server still yields a readable error.
 pub(crate) fn parse_error_response(body: &[u8]) -> Result<ServerError, UpstreamError> {
     let mut r = Reader::new(body, "ErrorResponse");
-    let (mut localized, mut severity, mut code, mut message, mut detail) =
-        (None, None, None, None, None);
+    let (mut localized, mut severity, mut code, mut message, mut detail) = (None, None, None, None, None);
     loop {
         let field = r.u8()?;
         if field == 0 {
@@ -229,23 +216,18 @@ pub(crate) fn parse_ready_for_query(body: &[u8]) -> Result<u8, UpstreamError> {
     r.finish()?;
     match status {
         b'I' | b'T' | b'E' => Ok(status),
-        other => Err(violation(format!(
-            "ReadyForQuery has transaction status {}",
-            printable(other)
-        ))),
+        other => Err(violation(format!("ReadyForQuery has transaction status {}", printable(other)))),
     }
 }
 
 /// A NegotiateProtocolVersion ('v') body: the newest minor version the server supports and
 /// the startup options it did not recognise.
-pub(crate) fn parse_negotiate_protocol_version(
-    body: &[u8],
-) -> Result<(i32, Vec<String>), UpstreamError> {
+pub(crate) fn parse_negotiate_protocol_version(body: &[u8]) -> Result<(i32, Vec<String>), UpstreamError> {
     let mut r = Reader::new(body, "NegotiateProtocolVersion");
     let minor = r.i32()?;
     let count = r.i32()?;
-    let count = usize::try_from(count)
-        .map_err(|_| violation("NegotiateProtocolVersion has a negative option count"))?;
+    let count =
+        usize::try_from(count).map_err(|_| violation("NegotiateProtocolVersion has a negative option count"))?;
     // Each option takes at least one byte, so the count cannot exceed the body: no huge
     // allocation from a forged number.
     let mut options = Vec::with_capacity(count.min(body.len()));
@@ -299,10 +281,7 @@ mod tests {
             let mut buf = BytesMut::new();
             buf.put_u8(b'D');
             buf.put_i32(len);
-            assert!(
-                matches!(split_frame(&mut buf), Err(UpstreamError::Protocol(_))),
-                "{len}"
-            );
+            assert!(matches!(split_frame(&mut buf), Err(UpstreamError::Protocol(_))), "{len}");
         }
         // An empty body (length 4) is fine.
         let mut buf = message(b'I', b"");
@@ -313,20 +292,12 @@ mod tests {
     fn parses_auth_requests() {
         assert_eq!(parse_auth(&[0, 0, 0, 0]).unwrap(), AuthRequest::Ok);
         assert_eq!(parse_auth(&[0, 0, 0, 3]).unwrap(), AuthRequest::Cleartext);
-        assert_eq!(
-            parse_auth(&[0, 0, 0, 5, 1, 2, 3, 4]).unwrap(),
-            AuthRequest::Md5 { salt: [1, 2, 3, 4] }
-        );
+        assert_eq!(parse_auth(&[0, 0, 0, 5, 1, 2, 3, 4]).unwrap(), AuthRequest::Md5 { salt: [1, 2, 3, 4] });
         assert_eq!(
             parse_auth(b"\0\0\0\x0aSCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0").unwrap(),
-            AuthRequest::Sasl {
-                mechanisms: vec!["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
-            }
+            AuthRequest::Sasl { mechanisms: vec!["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"] }
         );
-        assert_eq!(
-            parse_auth(b"\0\0\0\x0br=abc").unwrap(),
-            AuthRequest::SaslContinue(b"r=abc")
-        );
+        assert_eq!(parse_auth(b"\0\0\0\x0br=abc").unwrap(), AuthRequest::SaslContinue(b"r=abc"));
         assert_eq!(parse_auth(&[0, 0, 0, 7]).unwrap(), AuthRequest::Other(7));
     }
 
@@ -342,19 +313,15 @@ mod tests {
             b"\0\0\0\x0aSCRAM",           // name not terminated
             b"\0\0\0\x0a\xff\0\0",        // not UTF-8
         ] {
-            assert!(
-                matches!(parse_auth(body), Err(UpstreamError::Protocol(_))),
-                "{body:?}"
-            );
+            assert!(matches!(parse_auth(body), Err(UpstreamError::Protocol(_))), "{body:?}");
         }
     }
 
     #[test]
     fn parses_error_fields() {
-        let e = parse_error_response(
-            b"SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed\0Dsome detail\0Rauth.c\0\0",
-        )
-        .unwrap();
+        let e =
+            parse_error_response(b"SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed\0Dsome detail\0Rauth.c\0\0")
+                .unwrap();
         assert_eq!(e.severity, "FATAL");
         assert_eq!(e.code, "28P01");
         assert_eq!(e.message, "password authentication failed");
@@ -375,24 +342,11 @@ mod tests {
 
     #[test]
     fn parses_small_messages() {
-        assert_eq!(
-            parse_parameter_status(b"TimeZone\0UTC\0").unwrap(),
-            ("TimeZone".into(), "UTC".into())
-        );
-        for body in [
-            &b""[..],
-            b"a\0",
-            b"a\0b",
-            b"\0b\0",
-            b"a\0b\0c",
-            b"a\0\xff\0",
-        ] {
+        assert_eq!(parse_parameter_status(b"TimeZone\0UTC\0").unwrap(), ("TimeZone".into(), "UTC".into()));
+        for body in [&b""[..], b"a\0", b"a\0b", b"\0b\0", b"a\0b\0c", b"a\0\xff\0"] {
             assert!(parse_parameter_status(body).is_err(), "{body:?}");
         }
-        assert_eq!(
-            parse_backend_key(&[0, 0, 0, 7, 0xff, 0xff, 0xff, 0xfe]).unwrap(),
-            (7, -2)
-        );
+        assert_eq!(parse_backend_key(&[0, 0, 0, 7, 0xff, 0xff, 0xff, 0xfe]).unwrap(), (7, -2));
         for len in [0, 4, 7, 9, 36] {
             assert!(parse_backend_key(&vec![1; len]).is_err(), "{len}");
         }
@@ -404,11 +358,7 @@ mod tests {
             parse_negotiate_protocol_version(b"\0\0\0\0\0\0\0\x01_pq_.x\0").unwrap(),
             (0, vec!["_pq_.x".to_string()])
         );
-        for body in [
-            &b"\0\0\0\0\xff\xff\xff\xff"[..],
-            b"\0\0\0\0\x7f\xff\xff\xff",
-            b"\0\0\0\0\0\0\0\x02a\0",
-        ] {
+        for body in [&b"\0\0\0\0\xff\xff\xff\xff"[..], b"\0\0\0\0\x7f\xff\xff\xff", b"\0\0\0\0\0\0\0\x02a\0"] {
             assert!(parse_negotiate_protocol_version(body).is_err(), "{body:?}");
         }
     }

@@ -23,7 +23,7 @@ async fn unknown_revoked_and_expired_keys_get_the_same_28p01() {
     let messages: Vec<String> = [unknown, not_a_key, expired, revoked]
         .into_iter()
         .map(|r| {
-            let e = r.err().expect("must be refused");
+            let Err(e) = r else { panic!("must be refused") };
             assert_eq!(code(&e), "28P01", "{e:?}");
             e.as_db_error().unwrap().message().to_owned()
         })
@@ -66,7 +66,8 @@ async fn expiry_while_connected_ends_the_session() {
 #[tokio::test]
 async fn database_name_must_be_the_configured_one() {
     let f = fixture();
-    let url = format!("host=127.0.0.1 port={} user=x dbname=postgres password={} sslmode=disable", f.addr.port(), f.dev_key);
+    let url =
+        format!("host=127.0.0.1 port={} user=x dbname=postgres password={} sslmode=disable", f.addr.port(), f.dev_key);
     let e = connect_to(&url).await.err().unwrap();
     assert_eq!(code(&e), "3D000");
 }
@@ -75,7 +76,8 @@ async fn database_name_must_be_the_configured_one() {
 async fn operator_keys_are_refused_when_disabled() {
     let f = fixture();
     let addr = f.extra_proxy(|s| s.operator_keys = false);
-    let url = format!("host=127.0.0.1 port={} user=x dbname=app password={} sslmode=disable", addr.port(), f.operator_key);
+    let url =
+        format!("host=127.0.0.1 port={} user=x dbname=app password={} sslmode=disable", addr.port(), f.operator_key);
     let e = connect_to(&url).await.err().unwrap();
     assert_eq!(code(&e), "28P01");
     // Environment keys still work there.
@@ -86,7 +88,8 @@ async fn operator_keys_are_refused_when_disabled() {
 #[tokio::test]
 async fn startup_parameters_are_screened() {
     let f = fixture();
-    let base = format!("host=127.0.0.1 port={} user=x dbname=app password={} sslmode=disable", f.addr.port(), f.dev_key);
+    let base =
+        format!("host=127.0.0.1 port={} user=x dbname=app password={} sslmode=disable", f.addr.port(), f.dev_key);
     let e = connect_to(&format!("{base} options='-c search_path=evil'")).await.err().unwrap();
     assert_eq!(code(&e), "42501");
     assert!(e.as_db_error().unwrap().message().contains("options"));
@@ -102,7 +105,10 @@ async fn startup_parameters_are_screened() {
         )
         .await
         .unwrap();
-    assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1), row.get::<_, String>(2)), ("public".into(), "on".into(), "UTF8".into()));
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1), row.get::<_, String>(2)),
+        ("public".into(), "on".into(), "UTF8".into())
+    );
     // RESET ALL restores them (they are startup values).
     c.batch_execute("SET application_name = 'x'; RESET ALL").await.unwrap();
     let sp: String = c.query_one("SELECT current_setting('search_path')", &[]).await.unwrap().get(0);

@@ -47,16 +47,10 @@ fn build_fixture() -> Fixture {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     }
     {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let overrides = RawConfig {
-            listen: Some("127.0.0.1:0".into()),
-            key_cache_ttl_secs: Some(1),
-            ..RawConfig::default()
-        };
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let overrides =
+            RawConfig { listen: Some("127.0.0.1:0".into()), key_cache_ttl_secs: Some(1), ..RawConfig::default() };
         let demo = runtime.block_on(Demo::start(overrides)).expect("demo starts");
         let fixture = Fixture {
             addr: demo.proxy.addr,

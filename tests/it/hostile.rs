@@ -291,7 +291,9 @@ async fn password_that_is_not_utf8() {
 #[tokio::test]
 async fn encodings_other_than_utf8_are_refused() {
     let mut s = Raw::connect().await;
-    s.write_all(&startup_packet(0, &[("user", "raw"), ("database", "app"), ("client_encoding", "SJIS")])).await.unwrap();
+    s.write_all(&startup_packet(0, &[("user", "raw"), ("database", "app"), ("client_encoding", "SJIS")]))
+        .await
+        .unwrap();
     let out = read_to_end(&mut s).await;
     assert_eq!(fatal_code(&out), "42501");
 }

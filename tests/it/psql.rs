@@ -8,10 +8,7 @@ use crate::harness::fixture;
 fn psql(key: &str, sslmode: &str, script: &str) -> (bool, String, String) {
     let f = fixture();
     let out = Command::new(&f.psql)
-        .arg(format!(
-            "host=127.0.0.1 port={} user=psql dbname=app password={key} sslmode={sslmode}",
-            f.addr.port()
-        ))
+        .arg(format!("host=127.0.0.1 port={} user=psql dbname=app password={key} sslmode={sslmode}", f.addr.port()))
         .args(["-X", "-v", "ON_ERROR_STOP=1", "-f", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

@@ -47,10 +47,7 @@ async fn extended_protocol_named_unnamed_and_binary() {
         c.execute(&insert, &[&i, &payload, &format!("{i}.5")]).await.unwrap();
     }
     // Unnamed statement via query with parameters; binary results.
-    let rows = c
-        .query(&format!("SELECT id, payload FROM {t} WHERE id >= $1 ORDER BY id"), &[&3i64])
-        .await
-        .unwrap();
+    let rows = c.query(&format!("SELECT id, payload FROM {t} WHERE id >= $1 ORDER BY id"), &[&3i64]).await.unwrap();
     assert_eq!(rows.len(), 2);
     let id: i64 = rows[0].get(0);
     let payload: Vec<u8> = rows[0].get(1);
@@ -111,11 +108,7 @@ async fn refusal_keeps_session_usable_and_reports_why() {
     let t = unique("atomic");
     let err = c.simple_query(&format!("CREATE TABLE {t} (a int); SET role = postgres")).await.unwrap_err();
     assert_eq!(code(&err), "42501");
-    let exists: bool = c
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t])
-        .await
-        .unwrap()
-        .get(0);
+    let exists: bool = c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&t]).await.unwrap().get(0);
     assert!(!exists, "the refused message must not have run its first statement");
     assert_eq!(simple_values(&c.simple_query("SELECT 'still here'").await.unwrap()), [Some("still here".into())]);
 }
@@ -177,10 +170,7 @@ async fn copy_in_and_out() {
 async fn large_result_of_100k_rows() {
     let f = fixture();
     let c = f.dev().await;
-    let rows = c
-        .query("SELECT g, repeat('x', 20) FROM generate_series(1, 100000) AS g", &[])
-        .await
-        .unwrap();
+    let rows = c.query("SELECT g, repeat('x', 20) FROM generate_series(1, 100000) AS g", &[]).await.unwrap();
     assert_eq!(rows.len(), 100_000);
     let last: i32 = rows[99_999].get(0);
     assert_eq!(last, 100_000);
@@ -238,16 +228,15 @@ async fn printer_injection_inputs_are_one_statement() {
     let t = unique("inj");
     let y = unique("victim");
     c.batch_execute(&format!("CREATE TABLE {t} (name text); CREATE TABLE {y} (a int)")).await.unwrap();
-    let msgs = c
-        .simple_query(&format!("SELECT * FROM {t} WHERE name = 'a\\''; DROP TABLE {y}; --'"))
-        .await
-        .unwrap();
+    let msgs = c.simple_query(&format!("SELECT * FROM {t} WHERE name = 'a\\''; DROP TABLE {y}; --'")).await.unwrap();
     assert_eq!(simple_values(&msgs), Vec::<Option<String>>::new());
     let still: bool = c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&y]).await.unwrap().get(0);
     assert!(still, "the victim table must survive");
     let v = simple_values(&c.simple_query("SELECT 'x''''y'").await.unwrap());
     assert_eq!(v, [Some("x''y".into())]);
-    let v = simple_values(&c.simple_query("SELECT E'it\\'s', $q$a'b$q$, \"MiXeD\" FROM (SELECT 1 AS \"MiXeD\") s").await.unwrap());
+    let v = simple_values(
+        &c.simple_query("SELECT E'it\\'s', $q$a'b$q$, \"MiXeD\" FROM (SELECT 1 AS \"MiXeD\") s").await.unwrap(),
+    );
     assert_eq!(v, [Some("it's".into())]);
 }
 
@@ -282,7 +271,9 @@ async fn lost_upstream_gives_08006_and_proxy_keeps_serving() {
     let err = c.simple_query("SELECT 1").await.unwrap_err();
     let text = format!("{err:?}");
     assert!(
-        err.code().map(|c| c.code()) == Some("57P01") || err.code().map(|c| c.code()) == Some("08006") || err.is_closed(),
+        err.code().map(|c| c.code()) == Some("57P01")
+            || err.code().map(|c| c.code()) == Some("08006")
+            || err.is_closed(),
         "{text}"
     );
     let fresh = f.dev().await;

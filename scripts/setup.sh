@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Make sure this machine can build and run struere-proxy: libclang (pg_query's build needs it)
+# and PostgreSQL's server binaries (the demo and the tests start a throwaway cluster).
+# As root, missing Debian packages are installed; otherwise the exact command is printed.
+set -euo pipefail
+
+missing=()
+
+have_libclang() {
+  ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 \
+    || ls /usr/lib/aarch64-linux-gnu/libclang*.so* >/dev/null 2>&1
+}
+have_clang_headers() {
+  ls -d /usr/lib/llvm-*/lib/clang/*/include >/dev/null 2>&1
+}
+have_postgres() {
+  [ -n "${STRUERE_PG_BIN:-}" ] && [ -x "${STRUERE_PG_BIN}/initdb" ] && return 0
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1
+}
+
+have_libclang && have_clang_headers || missing+=(libclang-dev)
+have_postgres || missing+=(postgresql)
+
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+
+if [ "$(id -u)" -eq 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq "${missing[@]}" >&2
+else
+  echo "setup: missing Debian packages: ${missing[*]}" >&2
+  echo "run:   sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
