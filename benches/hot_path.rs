@@ -1,0 +1,73 @@
+//! The per-message hot path, without a network: framing and decoding a client message, and the
+//! rewrite of a statement on a cache miss and on a cache hit.
+
+use std::hint::black_box;
+
+use bytes::BytesMut;
+use criterion::{Criterion, criterion_group, criterion_main};
+use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
+use struere_proxy::protocol::frame::split_frontend;
+use struere_proxy::protocol::frontend::{decode_parse, decode_query, encode_parse, encode_query};
+use struere_proxy::rewrite::Rewriter;
+
+const SMALL: &str = "SELECT id, name FROM users WHERE organization_id = $1 AND email = 'a@b.c'";
+const CATALOG: &str = "SELECT n.nspname as \"Schema\", c.relname as \"Name\", CASE c.relkind WHEN 'r' THEN 'table' \
+     WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view' WHEN 'i' THEN 'index' WHEN 'S' THEN 'sequence' \
+     WHEN 't' THEN 'TOAST table' WHEN 'f' THEN 'foreign table' WHEN 'p' THEN 'partitioned table' \
+     WHEN 'I' THEN 'partitioned index' END as \"Type\", pg_catalog.pg_get_userbyid(c.relowner) as \"Owner\" \
+     FROM pg_catalog.pg_class c LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     LEFT JOIN pg_catalog.pg_am am ON am.oid = c.relam WHERE c.relkind IN ('r','p','') \
+     AND n.nspname <> 'pg_catalog' AND n.nspname !~ '^pg_toast' AND n.nspname <> 'information_schema' \
+     AND pg_catalog.pg_table_is_visible(c.oid) ORDER BY 1,2";
+
+fn actor() -> ActorContext {
+    ActorContext {
+        organization: "acme".into(),
+        environment: Environment::Development,
+        roles: vec!["admin".into()],
+        actor_type: ActorType::User,
+        actor_id: "u1".into(),
+    }
+}
+
+fn framing(c: &mut Criterion) {
+    let mut q = BytesMut::new();
+    encode_query(&mut q, SMALL);
+    let mut p = BytesMut::new();
+    encode_parse(&mut p, "s1", SMALL, &[25]);
+    c.bench_function("frame+decode Query", |b| {
+        b.iter(|| {
+            let mut buf = q.clone();
+            let f = split_frontend(&mut buf, 1 << 24).ok().flatten().map(|f| f.body);
+            black_box(f.as_deref().and_then(|body| decode_query(body).ok()).map(str::len))
+        })
+    });
+    c.bench_function("frame+decode Parse", |b| {
+        b.iter(|| {
+            let mut buf = p.clone();
+            let f = split_frontend(&mut buf, 1 << 24).ok().flatten().map(|f| f.body);
+            black_box(f.as_deref().and_then(|body| decode_parse(body).ok()).map(|p| p.param_types.len()))
+        })
+    });
+}
+
+fn rewrite(c: &mut Criterion) {
+    let actor = actor();
+    for (name, sql) in [("small", SMALL), ("catalog", CATALOG)] {
+        c.bench_function(&format!("rewrite miss {name}"), |b| {
+            b.iter(|| {
+                // A fresh rewriter per iteration: always a cache miss.
+                let r = Rewriter::new(16);
+                black_box(r.rewrite(sql, &actor).map(|rw| rw.sql.len()))
+            })
+        });
+        let warm = Rewriter::new(1024);
+        let _ = warm.rewrite(sql, &actor);
+        c.bench_function(&format!("rewrite hit {name}"), |b| {
+            b.iter(|| black_box(warm.rewrite(sql, &actor).map(|rw| rw.sql.len())))
+        });
+    }
+}
+
+criterion_group!(benches, framing, rewrite);
+criterion_main!(benches);
