@@ -4,7 +4,7 @@ use std::io::Write;
 
 use crate::auth::identity::{ActorContext, ActorType, Environment};
 use crate::auth::store::{self, KeySpec};
-use crate::cli::{CreateKey, KeysCommand};
+use crate::cli::{CreateKey, KeysCommand, PolicyCommand};
 use crate::config::RawConfig;
 use crate::server::RunningProxy;
 
@@ -87,6 +87,23 @@ fn key_spec(c: CreateKey) -> AppResult<KeySpec> {
         actor: Some(ActorContext { organization: org, environment: env, roles: c.roles, actor_type, actor_id }),
         expires_in: c.expires_in,
     })
+}
+
+pub fn policy(cmd: PolicyCommand) -> AppResult<()> {
+    match cmd {
+        PolicyCommand::Check { policies } => {
+            let p = crate::policy::load_dir(&policies)?;
+            println!(
+                "ok: {} tables; development {} ({} roles); production {} ({} roles)",
+                p.development.tables.by_name.len(),
+                p.development.version,
+                p.development.roles.len(),
+                p.production.version,
+                p.production.roles.len()
+            );
+            Ok(())
+        }
+    }
 }
 
 /// `serve`: run until SIGINT/SIGTERM.

@@ -90,6 +90,19 @@ pub enum Command {
     Keys(KeysCommand),
     /// Start a throwaway PostgreSQL, create keys, and serve until Ctrl-C.
     Demo,
+    /// Work with the policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate the policy directory; every problem is printed as file:line: message.
+    Check {
+        /// Policy directory (tables.toml, development.toml, production.toml).
+        #[arg(long, default_value = "policies")]
+        policies: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -22,6 +22,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod net;
+pub mod policy;
 pub mod protocol;
 pub mod rewrite;
 pub mod server;

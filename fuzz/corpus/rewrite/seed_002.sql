@@ -1,0 +1,1 @@
+SELECT u.id, o.total FROM users u JOIN orders o ON o.user_id = u.id LEFT JOIN payments p ON p.order_id = o.id WHERE o.total > 100 ORDER BY o.total DESC LIMIT 10 OFFSET 5

@@ -1,0 +1,1 @@
+SELECT data->'a'->>'b', data #> '{x,y}', data #>> '{z}', data @> '{"k":1}'::jsonb, data ? 'k', data ?| array['a','b'] FROM docs

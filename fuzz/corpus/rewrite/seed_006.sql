@@ -1,0 +1,1 @@
+SELECT jsonb_build_object('id', id, 'tags', tags) FROM items WHERE tags && ARRAY['x']::text[]

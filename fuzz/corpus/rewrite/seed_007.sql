@@ -1,0 +1,1 @@
+INSERT INTO users (id, name) VALUES (1, 'bob') ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name RETURNING id

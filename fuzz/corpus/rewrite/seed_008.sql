@@ -1,0 +1,1 @@
+INSERT INTO events (kind, payload) VALUES ('click', '{}'::jsonb), ('view', NULL) ON CONFLICT DO NOTHING

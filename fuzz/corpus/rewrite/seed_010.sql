@@ -1,0 +1,1 @@
+UPDATE orders o SET status = 'paid', paid_at = now() FROM payments p WHERE p.order_id = o.id AND p.ok

@@ -1,0 +1,1 @@
+UPDATE t SET (a, b) = (SELECT x, y FROM s WHERE s.id = t.id) WHERE t.id IN (1,2,3)

@@ -1,0 +1,1 @@
+DELETE FROM logs WHERE created_at < now() - '30 days'::interval

@@ -1,0 +1,1 @@
+SELECT $t$ body with $$ and ' quotes $t$

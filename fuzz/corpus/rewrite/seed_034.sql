@@ -1,0 +1,1 @@
+SELECT count(*) FILTER (WHERE ok), row_number() OVER (PARTITION BY k ORDER BY v) FROM t GROUP BY k HAVING count(*) > 1

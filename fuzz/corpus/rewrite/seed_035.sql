@@ -1,0 +1,1 @@
+SELECT CASE WHEN a > 0 THEN 'pos' WHEN a < 0 THEN 'neg' ELSE 'zero' END, COALESCE(b, 0), NULLIF(c, '') FROM t

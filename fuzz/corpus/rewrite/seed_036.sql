@@ -1,0 +1,1 @@
+SELECT * FROM a WHERE EXISTS (SELECT 1 FROM b WHERE b.a_id = a.id) AND a.id = ANY($1::int[])

@@ -1,0 +1,1 @@
+SELECT * FROM generate_series(1, 10) g(i) CROSS JOIN unnest(ARRAY[1,2]) WITH ORDINALITY AS u(v, n)

@@ -1,0 +1,1 @@
+SELECT ARRAY[1,2][1], (ROW(1,2)).f1, t.*::text FROM t

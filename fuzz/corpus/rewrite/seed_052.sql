@@ -1,0 +1,1 @@
+SELECT 'x'::varchar(10), CAST(1 AS bigint), interval '1 day' + date '2020-01-01'

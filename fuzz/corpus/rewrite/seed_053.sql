@@ -1,0 +1,1 @@
+LISTEN chan; NOTIFY chan, 'payload'
