@@ -16,6 +16,7 @@
 pub mod app;
 pub mod auth;
 pub mod cancel;
+pub mod catalog;
 pub mod cli;
 pub mod cluster;
 pub mod config;
