@@ -401,14 +401,12 @@ pub fn compile_policy_file(
         }
     }
     // Relations must form no cycle, or a secure relation would reference itself forever.
-    if c.errors.is_empty() {
-        if let Some(cycle) = find_cycle(&roles) {
-            c.errors.push(PolicyError {
-                file: path.to_owned(),
-                line: 1,
-                message: format!("in_scope_of rules form a cycle: {cycle}"),
-            });
-        }
+    if let Some(cycle) = c.errors.is_empty().then(|| find_cycle(&roles)).flatten() {
+        c.errors.push(PolicyError {
+            file: path.to_owned(),
+            line: 1,
+            message: format!("in_scope_of rules form a cycle: {cycle}"),
+        });
     }
     if c.errors.is_empty() {
         Ok(roles)

@@ -1,33 +1,280 @@
-// TEMP STUB
+//! The SQL rewriter: turns the text of one simple-Query or Parse message from an
+//! environment-key caller into the exact text forwarded upstream, or refuses it.
+//!
+//! Pipeline (each step in its own file; any doubt is a refusal):
+//!
+//! 1. `cache` — (caller, SQL text) → an already verified output.
+//! 2. `classify` — PostgreSQL's parser (pg_query) splits the text into statements and names
+//!    each one's kind. It is the authority: the text is only ever cut where PostgreSQL cuts it.
+//! 3. sqlparser parses each statement on its own, with a recursion limit. A statement sqlparser
+//!    cannot parse is forwarded verbatim only when PostgreSQL says it is a kind that touches no
+//!    data (`TransactionStmt`, `VariableShowStmt`, `ConstraintsSetStmt`); otherwise refused.
+//! 4. `gate` — rules the printer's safety depends on (no changing pinned settings), on both
+//!    trees; then `policy::apply_policy` (identity for now).
+//! 5. `printer` — prints without ever letting sqlparser's `Display` write client data.
+//! 6. `verify` — PostgreSQL's parser and lexer must read the output as intended; a statement
+//!    the policy did not change must parse to exactly the tree the client's text parsed to.
+//!
+//! Depth: every recursive step is bounded. Input is at most `MAX_SQL_BYTES`. PostgreSQL's
+//! parser guards its own stack, and pg_query refuses to decode trees deeper than ~100
+//! messages. sqlparser's parser has a recursion limit (and grows its stack on demand); the one
+//! tree shape PostgreSQL keeps flat but sqlparser nests one level per operator — `AND`/`OR`
+//! chains — is bounded by `MAX_BOOLEAN_OPERATORS` before sqlparser sees it, so displaying,
+//! visiting and dropping its tree cannot exhaust the stack.
+
+mod cache;
+mod classify;
+mod gate;
+mod lexer;
+mod pgtree;
+mod policy;
+mod printer;
+mod verify;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use sqlparser::ast::Statement;
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::{Parser, ParserError};
+
 use crate::auth::identity::ActorContext;
 use crate::protocol::sqlstate::SqlState;
-pub struct Rewriter;
-impl Rewriter {
-    pub fn new(_c: usize) -> Self {
-        Rewriter
-    }
-    pub fn rewrite(&self, sql: &str, _a: &ActorContext) -> Result<std::sync::Arc<Rewritten>, Refusal> {
-        Ok(std::sync::Arc::new(Rewritten { sql: sql.to_owned(), statement_kinds: vec![] }))
-    }
-}
+
+pub use gate::PINNED_SETTINGS;
+pub use printer::quoted_ident;
+
+use classify::PgParseError;
+use verify::{Expected, PieceCheck};
+
+/// Largest SQL text the rewriter accepts (1 MiB).
+pub const MAX_SQL_BYTES: usize = 1024 * 1024;
+
+/// sqlparser's recursion limit: each nested expression, subquery, table factor or type costs
+/// one or more levels (59 nested parentheses pass). pg_query's decoder is usually the tighter
+/// bound: about 15 nested scalar subqueries or 46 chained binary operators.
+pub const SQLPARSER_RECURSION_LIMIT: usize = 64;
+
+/// Most `AND`/`OR` keywords one statement may contain (see the module docs).
+pub const MAX_BOOLEAN_OPERATORS: usize = 200;
+
+/// Statement kinds that touch no data and may be forwarded as the client wrote them when
+/// sqlparser cannot parse them.
+const DATA_FREE_KINDS: &[&str] = &["TransactionStmt", "VariableShowStmt", "ConstraintsSetStmt"];
+
+/// The message of a refusal caused by a panic inside the pipeline.
+const INTERNAL_ERROR: &str = "refused: internal error in the proxy's SQL rewriter";
+
+/// The rewritten text of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rewritten {
+    /// Verified text to send upstream. Empty if the input held no statement (the server then
+    /// answers EmptyQueryResponse).
     pub sql: String,
+    /// pg_query node name of each statement, in order, e.g. `SelectStmt`, `TransactionStmt`.
     pub statement_kinds: Vec<String>,
 }
+
+/// Why a text is not forwarded. The message is for humans (it names what was refused and why)
+/// and never contains values the proxy itself adds.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
+    /// 42601: PostgreSQL cannot parse it, or the proxy cannot parse a statement that may touch
+    /// data.
     #[error("{0}")]
     Syntax(String),
+    /// 42501: a rule refuses it.
     #[error("{0}")]
     Denied(String),
+    /// 42501: the printed text did not verify (the message says what differed).
     #[error("{0}")]
     Unverifiable(String),
+    /// 54000: too large or too deeply nested.
     #[error("{0}")]
     TooComplex(String),
 }
+
 impl Refusal {
     pub fn sqlstate(&self) -> SqlState {
-        SqlState::INSUFFICIENT_PRIVILEGE
+        match self {
+            Refusal::Syntax(_) => SqlState::SYNTAX_ERROR,
+            Refusal::Denied(_) | Refusal::Unverifiable(_) => SqlState::INSUFFICIENT_PRIVILEGE,
+            Refusal::TooComplex(_) => SqlState::PROGRAM_LIMIT_EXCEEDED,
+        }
     }
 }
+
+/// Rewrites SQL for environment-key callers. Cheap to share (`&self`, thread-safe).
+pub struct Rewriter {
+    cache: cache::RewriteCache,
+}
+
+impl Rewriter {
+    /// `cache_capacity` is the number of (caller, text) entries kept; 0 disables the cache.
+    pub fn new(cache_capacity: usize) -> Self {
+        Rewriter { cache: cache::RewriteCache::new(cache_capacity) }
+    }
+
+    /// Rewrite the text of one simple-Query message (may hold several statements) or one
+    /// Parse message for an environment-key caller. Returns the exact text to forward upstream.
+    pub fn rewrite(&self, sql: &str, actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
+        if sql.len() > MAX_SQL_BYTES {
+            return Err(Refusal::TooComplex(format!(
+                "refused: the SQL text is {} bytes; the proxy accepts at most {MAX_SQL_BYTES}",
+                sql.len()
+            )));
+        }
+        if let Some(hit) = self.cache.get(actor, sql) {
+            return Ok(hit);
+        }
+        let rewritten = Arc::new(rewrite_uncached(sql, actor)?);
+        self.cache.insert(actor, sql, Arc::clone(&rewritten));
+        Ok(rewritten)
+    }
+}
+
+fn rewrite_uncached(sql: &str, actor: &ActorContext) -> Result<Rewritten, Refusal> {
+    // Neither parser is expected to panic, but a panic here must refuse the statement rather
+    // than take the connection down with an unclear error.
+    match catch_unwind(AssertUnwindSafe(|| pipeline(sql, actor))) {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::error!(sql_len = sql.len(), "SQL rewriter panicked; statement refused");
+            Err(Refusal::Unverifiable(INTERNAL_ERROR.to_string()))
+        }
+    }
+}
+
+fn pipeline(sql: &str, actor: &ActorContext) -> Result<Rewritten, Refusal> {
+    let statements = classify::parse(sql).map_err(input_parse_refusal)?;
+    if statements.is_empty() {
+        return Ok(Rewritten { sql: String::new(), statement_kinds: Vec::new() });
+    }
+    let tokens =
+        lexer::scan(sql).map_err(|m| Refusal::Syntax(format!("refused: PostgreSQL cannot scan this SQL: {m}")))?;
+
+    let total = statements.len();
+    let mut out = String::with_capacity(sql.len() + 8 * total);
+    let mut checks = Vec::with_capacity(total);
+    let mut kinds = Vec::with_capacity(total);
+    for (i, stmt) in statements.into_iter().enumerate() {
+        let (text, expected) = rewrite_statement(sql, &tokens, &stmt, &statement_label(i, total), actor)?;
+        if !out.is_empty() {
+            out.push_str("; ");
+        }
+        let start = out.len();
+        out.push_str(&text);
+        checks.push(PieceCheck { kind: stmt.kind.clone(), range: start..out.len(), expected });
+        kinds.push(stmt.kind);
+    }
+
+    verify::verify(&out, &checks)?;
+    Ok(Rewritten { sql: out, statement_kinds: kinds })
+}
+
+/// Steps 3–5 for one statement: its text to forward, and what the verifier must find in it
+/// (`None` when the client's text is forwarded verbatim).
+fn rewrite_statement(
+    sql: &str,
+    tokens: &[lexer::Tok],
+    stmt: &classify::PgStatement,
+    label: &str,
+    actor: &ActorContext,
+) -> Result<(String, Option<Expected>), Refusal> {
+    gate::check_pg(&stmt.node)?;
+    let bool_ops = lexer::count_boolean_operators(tokens, stmt.range.clone());
+    if bool_ops > MAX_BOOLEAN_OPERATORS {
+        return Err(Refusal::TooComplex(format!(
+            "refused: {label} has {bool_ops} AND/OR operators; the proxy accepts at most \
+             {MAX_BOOLEAN_OPERATORS} per statement"
+        )));
+    }
+    let not_located = || Refusal::Unverifiable(format!("refused: the proxy could not locate {label}"));
+    let piece = sql.get(stmt.range.clone()).ok_or_else(not_located)?;
+
+    // sqlparser reads `U&"d\0061t"` as `U & "d\0061t"` (an operator between two columns),
+    // which prints and verifies consistently but is not what the client meant.
+    let parsed = if lexer::contains_unicode_identifier(tokens, stmt.range.clone()) {
+        Err(SqlParseError::Syntax("Unicode-escaped identifiers (U&\"…\") are not supported by the proxy".to_string()))
+    } else {
+        parse_one(piece)
+    };
+    match parsed {
+        Ok(mut parsed) => {
+            gate::check_sql(&parsed)?;
+            let before_policy = parsed.clone();
+            policy::apply_policy(&mut parsed, actor)?;
+            // A statement the policy left alone must mean exactly what the client wrote: the
+            // verifier compares PostgreSQL's reading of both texts.
+            let same_as = if parsed == before_policy { Some(shape_of(&stmt.node, label)?) } else { None };
+            let printed = printer::print(parsed)?;
+            Ok((printed.text, Some(Expected { emitted: printed.emitted, same_as })))
+        }
+        // PostgreSQL proved this statement touches no data, so the client's own text may go
+        // through unchanged (minus leading/trailing comments, see `trim_to_tokens`).
+        Err(_) if DATA_FREE_KINDS.contains(&stmt.kind.as_str()) => {
+            let verbatim =
+                lexer::trim_to_tokens(tokens, stmt.range.clone()).and_then(|r| sql.get(r)).ok_or_else(not_located)?;
+            Ok((verbatim.to_string(), None))
+        }
+        Err(SqlParseError::TooDeep) => Err(Refusal::TooComplex(format!(
+            "refused: {label} is nested too deeply for the proxy (recursion limit {SQLPARSER_RECURSION_LIMIT})"
+        ))),
+        Err(SqlParseError::Syntax(e)) => {
+            Err(Refusal::Syntax(format!("refused: the proxy cannot parse {label} ({}): {e}", stmt.kind)))
+        }
+        Err(SqlParseError::Count(n)) => Err(Refusal::Syntax(format!(
+            "refused: the proxy cannot parse {label} ({}): it reads {n} statements where PostgreSQL reads one",
+            stmt.kind
+        ))),
+    }
+}
+
+fn shape_of(node: &pg_query::NodeEnum, label: &str) -> Result<String, Refusal> {
+    pgtree::shape(node).ok_or_else(|| Refusal::Unverifiable(format!("refused: the proxy could not inspect {label}")))
+}
+
+fn statement_label(i: usize, total: usize) -> String {
+    if total == 1 { "the statement".to_string() } else { format!("statement {} of {total}", i + 1) }
+}
+
+fn input_parse_refusal(e: PgParseError) -> Refusal {
+    match e {
+        PgParseError::Syntax(m) => Refusal::Syntax(format!("refused: cannot parse SQL: {m}")),
+        PgParseError::TooDeep(m) => {
+            Refusal::TooComplex(format!("refused: the SQL is nested too deeply for the proxy: {m}"))
+        }
+        PgParseError::Nul => Refusal::Syntax("refused: the SQL contains a NUL character".to_string()),
+        PgParseError::Internal(m) => Refusal::Unverifiable(format!("refused: the proxy could not parse this SQL: {m}")),
+    }
+}
+
+enum SqlParseError {
+    TooDeep,
+    Syntax(String),
+    Count(usize),
+}
+
+/// Parses one statement's text with sqlparser (PostgreSQL dialect, bounded recursion).
+fn parse_one(piece: &str) -> Result<Statement, SqlParseError> {
+    let dialect = PostgreSqlDialect {};
+    let to_error = |e: ParserError| match e {
+        ParserError::RecursionLimitExceeded => SqlParseError::TooDeep,
+        other => SqlParseError::Syntax(other.to_string()),
+    };
+    let mut parser =
+        Parser::new(&dialect).with_recursion_limit(SQLPARSER_RECURSION_LIMIT).try_with_sql(piece).map_err(to_error)?;
+    let mut statements = parser.parse_statements().map_err(to_error)?;
+    match (statements.pop(), statements.len()) {
+        (Some(stmt), 0) => Ok(stmt),
+        (None, _) => Err(SqlParseError::Count(0)),
+        (Some(_), n) => Err(SqlParseError::Count(n + 1)),
+    }
+}
+
+#[cfg(test)]
+mod limits_tests;
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;

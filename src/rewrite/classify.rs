@@ -1,0 +1,138 @@
+//! Step 2: split and classify with PostgreSQL's own parser (pg_query), the authority on where
+//! statements begin and end and what kind each one is.
+
+use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use pg_query::NodeEnum;
+
+use super::pgtree;
+
+/// One top-level statement as PostgreSQL sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct PgStatement {
+    /// pg_query node name, e.g. `SelectStmt`.
+    pub kind: String,
+    /// Byte range of the statement in the parsed text: from its first token up to (not
+    /// including) the `;` that ends it, or to the end of the text for the last statement.
+    pub range: Range<usize>,
+    pub node: NodeEnum,
+}
+
+/// Why PostgreSQL's parser did not produce statements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PgParseError {
+    /// PostgreSQL rejects the text; carries its message.
+    Syntax(String),
+    /// The tree is too deep for the parser's stack guard or for pg_query's decoder.
+    TooDeep(String),
+    /// The text contains a NUL byte, which no PostgreSQL string can hold.
+    Nul,
+    /// pg_query returned something inconsistent (or panicked).
+    Internal(String),
+}
+
+/// Parses `sql` into its top-level statements. Empty statements (`;;`, comments only) produce
+/// none, exactly as in PostgreSQL.
+pub(crate) fn parse(sql: &str) -> Result<Vec<PgStatement>, PgParseError> {
+    if sql.contains('\0') {
+        return Err(PgParseError::Nul);
+    }
+    // pg_query builds a summary of the tree in Rust after parsing; that code indexes into
+    // vectors and could in principle panic on a tree shape it did not anticipate. A panic must
+    // become a refusal, not a dead connection task.
+    let parsed = match catch_unwind(AssertUnwindSafe(|| pg_query::parse(sql, 0))) {
+        Ok(Ok(parsed)) => parsed,
+        Ok(Err(pg_query::Error::Parse(msg))) if is_depth_error(&msg) => {
+            return Err(PgParseError::TooDeep(msg));
+        }
+        Ok(Err(pg_query::Error::Parse(msg))) => return Err(PgParseError::Syntax(msg)),
+        // prost refuses to decode messages nested deeper than its recursion limit (100). Its
+        // message spells out the whole path, so it is replaced by a short one.
+        Ok(Err(pg_query::Error::Decode(_))) => {
+            return Err(PgParseError::TooDeep(
+                "the parse tree is deeper than the 100 levels pg_query can decode".to_string(),
+            ));
+        }
+        Ok(Err(pg_query::Error::Conversion(_))) => return Err(PgParseError::Nul),
+        Ok(Err(other)) => return Err(PgParseError::Internal(other.to_string())),
+        Err(_) => return Err(PgParseError::Internal("pg_query panicked".to_string())),
+    };
+
+    let mut out = Vec::with_capacity(parsed.protobuf.stmts.len());
+    for raw in &parsed.protobuf.stmts {
+        let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else {
+            return Err(PgParseError::Internal("statement without a node".to_string()));
+        };
+        let start = usize::try_from(raw.stmt_location)
+            .map_err(|_| PgParseError::Internal("negative statement location".to_string()))?;
+        let len = usize::try_from(raw.stmt_len)
+            .map_err(|_| PgParseError::Internal("negative statement length".to_string()))?;
+        // PostgreSQL reports length 0 for "up to the end of the string".
+        let end = if len == 0 { sql.len() } else { start.saturating_add(len) };
+        if sql.get(start..end).is_none() {
+            return Err(PgParseError::Internal("statement range outside the text".to_string()));
+        }
+        out.push(PgStatement { kind: pgtree::node_kind(node), range: start..end, node: node.clone() });
+    }
+    Ok(out)
+}
+
+fn is_depth_error(msg: &str) -> bool {
+    // "stack depth limit exceeded" comes from check_stack_depth(); bison reports "memory
+    // exhausted" when its own parser stack overflows; libpg_query's protobuf encoder has a
+    // depth cap of its own ("parse tree is nested too deeply to serialize to protobuf").
+    msg.contains("stack depth limit exceeded") || msg.contains("memory exhausted") || msg.contains("nested too deeply")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds_and_texts(sql: &str) -> Vec<(String, String)> {
+        parse(sql).unwrap().into_iter().map(|s| (s.kind, sql[s.range].to_string())).collect()
+    }
+
+    #[test]
+    fn splits_like_postgres() {
+        assert_eq!(
+            kinds_and_texts("  /* c */ SELECT 1 ; ; -- x\n BEGIN -- tail"),
+            [
+                ("SelectStmt".to_string(), "SELECT 1 ".to_string()),
+                ("TransactionStmt".to_string(), "BEGIN -- tail".to_string())
+            ]
+        );
+        assert_eq!(kinds_and_texts("SELECT 1;"), [("SelectStmt".to_string(), "SELECT 1".to_string())]);
+        assert_eq!(
+            kinds_and_texts("SELECT ';' ; SHOW x"),
+            [
+                ("SelectStmt".to_string(), "SELECT ';' ".to_string()),
+                ("VariableShowStmt".to_string(), "SHOW x".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_inputs_have_no_statements() {
+        for sql in ["", " ", ";", " ;; ", "-- only\n", "/* c */ ; -- x"] {
+            assert!(parse(sql).unwrap().is_empty(), "{sql:?}");
+        }
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        assert!(matches!(parse("SELEKT 1"), Err(PgParseError::Syntax(m)) if m.contains("syntax error")));
+        assert_eq!(parse("SELECT '\0'").unwrap_err(), PgParseError::Nul);
+        let deep = format!("SELECT {}1{}", "(SELECT ".repeat(200), ")".repeat(200));
+        let r = parse(&deep);
+        assert!(matches!(r, Err(PgParseError::TooDeep(_))), "{r:?}");
+    }
+
+    #[test]
+    fn multibyte_ranges_are_char_boundaries() {
+        let sql = "SELECT 'é'; SELECT 'ü'";
+        let stmts = parse(sql).unwrap();
+        assert_eq!(stmts.len(), 2);
+        assert_eq!(&sql[stmts[1].range.clone()], "SELECT 'ü'");
+    }
+}

@@ -1,0 +1,526 @@
+//! A complete walk over PostgreSQL parse trees (pg_query's protobuf types).
+//!
+//! pg_query's own `nodes()` iterator deliberately skips node types it does not care about, so a
+//! rule built on it could miss a function call hidden in an unusual position. Every protobuf
+//! type pg_query generates derives `serde::Serialize`, which visits *every* field; a tiny
+//! serializer that only records where it is gives us an exhaustive walk without a hand-written
+//! visitor for the ~270 node types.
+//!
+//! The same walk also renders a position-free canonical form of a tree (`shape`), which is how
+//! the verifier checks that a re-printed statement still means what the client wrote.
+//!
+//! Depth: the walk recurses once per protobuf message level. pg_query refuses to decode trees
+//! deeper than prost's recursion limit (100 messages), so the recursion here is bounded too.
+
+use std::fmt::{self, Write as _};
+
+use pg_query::NodeEnum;
+use serde::Serialize;
+use serde::ser::{self, Impossible};
+
+/// One step of the path to a string: the protobuf message (Rust struct) name and the field
+/// being serialized in it, e.g. `("FuncCall", "funcname")`, `("String", "sval")`.
+pub(crate) type Frame = (&'static str, &'static str);
+
+/// The node name of a tree node, e.g. `SelectStmt`, `TransactionStmt` (pg_query's variant name).
+pub(crate) fn node_kind(node: &NodeEnum) -> String {
+    match node.serialize(KindCatcher) {
+        Ok(kind) => kind.to_string(),
+        // Every NodeEnum value is a newtype variant, so this is unreachable in practice; an
+        // unknown kind never matches an expected kind, so verification fails closed.
+        Err(_) => "Unknown".to_string(),
+    }
+}
+
+/// The callback of `walk_strings`: the path to a string and the string.
+pub(crate) type OnStr<'a, E> = dyn FnMut(&[Frame], &str) -> Result<(), E> + 'a;
+
+/// Why a walk ended early.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum WalkError<E> {
+    /// The callback returned this error.
+    Stopped(E),
+    /// serde reported a failure that did not come from the callback. Not expected for these
+    /// types; callers must treat it as a failed check (fail closed), never as a clean walk.
+    Serializer,
+}
+
+/// Calls `on_str(path, value)` for every string anywhere in the tree, in tree order. The walk
+/// stops at the first `Err`, which is returned.
+pub(crate) fn walk_strings<E>(node: &NodeEnum, on_str: &mut OnStr<'_, E>) -> Result<(), WalkError<E>> {
+    let mut walker = Walker { path: Vec::with_capacity(32), on_str: Some(on_str), stopped: None, shape: None };
+    match node.serialize(&mut walker) {
+        Ok(()) => Ok(()),
+        Err(WalkStop) => Err(walker.stopped.map_or(WalkError::Serializer, WalkError::Stopped)),
+    }
+}
+
+/// A canonical rendering of the whole tree — every node, field, list and value, but no byte
+/// offsets — so that two statements PostgreSQL reads identically have equal shapes however
+/// they were spelled (`E'it\'s'` and `'it''s'`, `x::int` and `x::INT`, extra spaces…).
+/// `None` only if serde fails, which these types never do.
+pub(crate) fn shape(node: &NodeEnum) -> Option<String> {
+    let mut walker: Walker<'_, ()> =
+        Walker { path: Vec::with_capacity(32), on_str: None, stopped: None, shape: Some(String::with_capacity(1024)) };
+    node.serialize(&mut walker).ok()?;
+    walker.shape
+}
+
+#[derive(Debug)]
+pub(crate) struct WalkStop;
+
+impl fmt::Display for WalkStop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("walk stopped")
+    }
+}
+
+impl std::error::Error for WalkStop {}
+
+impl ser::Error for WalkStop {
+    fn custom<T: fmt::Display>(_msg: T) -> Self {
+        WalkStop
+    }
+}
+
+struct Walker<'a, E> {
+    path: Vec<Frame>,
+    on_str: Option<&'a mut OnStr<'a, E>>,
+    stopped: Option<E>,
+    /// When set, a canonical rendering of the whole tree is appended here (see `shape`).
+    shape: Option<String>,
+}
+
+/// Fields that record byte offsets into the parsed text (`location`, `name_location`,
+/// `list_start`, …); they differ between two spellings of the same statement, so `shape`
+/// leaves them out.
+fn is_position_field(key: &str) -> bool {
+    key == "location"
+        || key.ends_with("_location")
+        || matches!(key, "stmt_len" | "list_start" | "list_end" | "rexpr_list_start" | "rexpr_list_end")
+}
+
+impl<E> Walker<'_, E> {
+    fn string(&mut self, v: &str) -> Result<(), WalkStop> {
+        if let Some(shape) = &mut self.shape {
+            // Debug-quoted so that string contents cannot imitate structure.
+            write!(shape, "{v:?} ").map_err(|_| WalkStop)?;
+        }
+        let Some(on_str) = &mut self.on_str else { return Ok(()) };
+        match on_str(&self.path, v) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.stopped = Some(e);
+                Err(WalkStop)
+            }
+        }
+    }
+
+    fn record(&mut self, token: impl fmt::Display) -> Result<(), WalkStop> {
+        if let Some(shape) = &mut self.shape {
+            write!(shape, "{token} ").map_err(|_| WalkStop)?;
+        }
+        Ok(())
+    }
+
+    fn field<T: ?Sized + Serialize>(&mut self, key: &'static str, value: &T) -> Result<(), WalkStop> {
+        if self.shape.is_some() && is_position_field(key) {
+            return Ok(());
+        }
+        if let Some(top) = self.path.last_mut() {
+            top.1 = key;
+        }
+        self.record(key)?;
+        value.serialize(self)
+    }
+
+    fn close(&mut self, token: &str) -> Result<(), WalkStop> {
+        self.record(token)
+    }
+}
+
+impl<E> ser::Serializer for &mut Walker<'_, E> {
+    type Ok = ();
+    type Error = WalkStop;
+    type SerializeSeq = Self;
+    type SerializeTuple = Self;
+    type SerializeTupleStruct = Self;
+    type SerializeTupleVariant = Self;
+    type SerializeMap = Self;
+    type SerializeStruct = Self;
+    type SerializeStructVariant = Self;
+
+    fn serialize_bool(self, v: bool) -> Result<(), WalkStop> {
+        self.record(v)
+    }
+    fn serialize_i8(self, v: i8) -> Result<(), WalkStop> {
+        self.record(v)
+    }
+    fn serialize_i16(self, v: i16) -> Result<(), WalkStop> {
+        self.record(v)
+    }
+    fn serialize_i32(self, v: i32) -> Result<(), WalkStop> {
+        self.record(v)
+    }
+    fn serialize_i64(self, v: i64) -> Result<(), WalkStop> {
+        self.record(v)
+    }
+    fn serialize_u8(self, v: u8) -> Result<(), WalkStop> {
+        self.record(v)
+    }
+    fn serialize_u16(self, v: u16) -> Result<(), WalkStop> {
+        self.record(v)
+    }
+    fn serialize_u32(self, v: u32) -> Result<(), WalkStop> {
+        self.record(v)
+    }
+    fn serialize_u64(self, v: u64) -> Result<(), WalkStop> {
+        self.record(v)
+    }
+    fn serialize_f32(self, v: f32) -> Result<(), WalkStop> {
+        self.record(v)
+    }
+    fn serialize_f64(self, v: f64) -> Result<(), WalkStop> {
+        self.record(v)
+    }
+    fn serialize_char(self, v: char) -> Result<(), WalkStop> {
+        self.string(v.encode_utf8(&mut [0u8; 4]))
+    }
+    fn serialize_str(self, v: &str) -> Result<(), WalkStop> {
+        self.string(v)
+    }
+    fn serialize_bytes(self, v: &[u8]) -> Result<(), WalkStop> {
+        self.record(format_args!("{v:?}"))
+    }
+    fn serialize_none(self) -> Result<(), WalkStop> {
+        self.record("None")
+    }
+    fn serialize_some<T: ?Sized + Serialize>(self, value: &T) -> Result<(), WalkStop> {
+        self.record("Some")?;
+        value.serialize(self)
+    }
+    fn serialize_unit(self) -> Result<(), WalkStop> {
+        self.record("()")
+    }
+    fn serialize_unit_struct(self, name: &'static str) -> Result<(), WalkStop> {
+        self.record(name)
+    }
+    fn serialize_unit_variant(self, _: &'static str, _: u32, variant: &'static str) -> Result<(), WalkStop> {
+        self.record(variant)
+    }
+    fn serialize_newtype_struct<T: ?Sized + Serialize>(self, name: &'static str, value: &T) -> Result<(), WalkStop> {
+        self.record(name)?;
+        value.serialize(self)
+    }
+    fn serialize_newtype_variant<T: ?Sized + Serialize>(
+        self,
+        _: &'static str,
+        _: u32,
+        variant: &'static str,
+        value: &T,
+    ) -> Result<(), WalkStop> {
+        self.record(variant)?;
+        value.serialize(self)
+    }
+    fn serialize_seq(self, _: Option<usize>) -> Result<Self, WalkStop> {
+        self.record("[")?;
+        Ok(self)
+    }
+    fn serialize_tuple(self, _: usize) -> Result<Self, WalkStop> {
+        self.record("(")?;
+        Ok(self)
+    }
+    fn serialize_tuple_struct(self, name: &'static str, _: usize) -> Result<Self, WalkStop> {
+        self.record(format_args!("{name}("))?;
+        Ok(self)
+    }
+    fn serialize_tuple_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        variant: &'static str,
+        _: usize,
+    ) -> Result<Self, WalkStop> {
+        self.record(format_args!("{variant}("))?;
+        Ok(self)
+    }
+    fn serialize_map(self, _: Option<usize>) -> Result<Self, WalkStop> {
+        self.record("{")?;
+        Ok(self)
+    }
+    fn serialize_struct(self, name: &'static str, _: usize) -> Result<Self, WalkStop> {
+        self.path.push((name, ""));
+        self.record(format_args!("{name}{{"))?;
+        Ok(self)
+    }
+    fn serialize_struct_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        variant: &'static str,
+        _: usize,
+    ) -> Result<Self, WalkStop> {
+        self.path.push((variant, ""));
+        self.record(format_args!("{variant}{{"))?;
+        Ok(self)
+    }
+}
+
+impl<E> ser::SerializeSeq for &mut Walker<'_, E> {
+    type Ok = ();
+    type Error = WalkStop;
+    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), WalkStop> {
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), WalkStop> {
+        self.close("]")
+    }
+}
+
+impl<E> ser::SerializeTuple for &mut Walker<'_, E> {
+    type Ok = ();
+    type Error = WalkStop;
+    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), WalkStop> {
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), WalkStop> {
+        self.close(")")
+    }
+}
+
+impl<E> ser::SerializeTupleStruct for &mut Walker<'_, E> {
+    type Ok = ();
+    type Error = WalkStop;
+    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), WalkStop> {
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), WalkStop> {
+        self.close(")")
+    }
+}
+
+impl<E> ser::SerializeTupleVariant for &mut Walker<'_, E> {
+    type Ok = ();
+    type Error = WalkStop;
+    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), WalkStop> {
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), WalkStop> {
+        self.close(")")
+    }
+}
+
+impl<E> ser::SerializeMap for &mut Walker<'_, E> {
+    type Ok = ();
+    type Error = WalkStop;
+    fn serialize_key<T: ?Sized + Serialize>(&mut self, key: &T) -> Result<(), WalkStop> {
+        key.serialize(&mut **self)
+    }
+    fn serialize_value<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), WalkStop> {
+        value.serialize(&mut **self)
+    }
+    fn end(self) -> Result<(), WalkStop> {
+        self.close("}")
+    }
+}
+
+impl<E> ser::SerializeStruct for &mut Walker<'_, E> {
+    type Ok = ();
+    type Error = WalkStop;
+    fn serialize_field<T: ?Sized + Serialize>(&mut self, key: &'static str, value: &T) -> Result<(), WalkStop> {
+        self.field(key, value)
+    }
+    fn end(self) -> Result<(), WalkStop> {
+        self.path.pop();
+        self.close("}")
+    }
+}
+
+impl<E> ser::SerializeStructVariant for &mut Walker<'_, E> {
+    type Ok = ();
+    type Error = WalkStop;
+    fn serialize_field<T: ?Sized + Serialize>(&mut self, key: &'static str, value: &T) -> Result<(), WalkStop> {
+        self.field(key, value)
+    }
+    fn end(self) -> Result<(), WalkStop> {
+        self.path.pop();
+        self.close("}")
+    }
+}
+
+/// Serializer that succeeds only for a newtype variant and returns its name: `NodeEnum` is a
+/// oneof whose variants are all newtypes (`SelectStmt(Box<SelectStmt>)`, …).
+struct KindCatcher;
+
+impl ser::Serializer for KindCatcher {
+    type Ok = &'static str;
+    type Error = WalkStop;
+    type SerializeSeq = Impossible<&'static str, WalkStop>;
+    type SerializeTuple = Impossible<&'static str, WalkStop>;
+    type SerializeTupleStruct = Impossible<&'static str, WalkStop>;
+    type SerializeTupleVariant = Impossible<&'static str, WalkStop>;
+    type SerializeMap = Impossible<&'static str, WalkStop>;
+    type SerializeStruct = Impossible<&'static str, WalkStop>;
+    type SerializeStructVariant = Impossible<&'static str, WalkStop>;
+
+    fn serialize_newtype_variant<T: ?Sized + Serialize>(
+        self,
+        _: &'static str,
+        _: u32,
+        variant: &'static str,
+        _: &T,
+    ) -> Result<&'static str, WalkStop> {
+        Ok(variant)
+    }
+
+    fn serialize_bool(self, _: bool) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_i8(self, _: i8) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_i16(self, _: i16) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_i32(self, _: i32) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_i64(self, _: i64) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_u8(self, _: u8) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_u16(self, _: u16) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_u32(self, _: u32) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_u64(self, _: u64) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_f32(self, _: f32) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_f64(self, _: f64) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_char(self, _: char) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_str(self, _: &str) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_bytes(self, _: &[u8]) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_none(self) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_some<T: ?Sized + Serialize>(self, _: &T) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_unit(self) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_unit_struct(self, _: &'static str) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_unit_variant(self, _: &'static str, _: u32, _: &'static str) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_newtype_struct<T: ?Sized + Serialize>(self, _: &'static str, _: &T) -> Result<&'static str, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeTupleStruct, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_tuple_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: usize,
+    ) -> Result<Self::SerializeTupleVariant, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeStruct, WalkStop> {
+        Err(WalkStop)
+    }
+    fn serialize_struct_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: usize,
+    ) -> Result<Self::SerializeStructVariant, WalkStop> {
+        Err(WalkStop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first_stmt(sql: &str) -> NodeEnum {
+        let parsed = pg_query::parse(sql, 0).unwrap();
+        parsed.protobuf.stmts[0].stmt.as_ref().unwrap().node.clone().unwrap()
+    }
+
+    fn strings(sql: &str) -> Vec<(Vec<Frame>, String)> {
+        let mut out = Vec::new();
+        walk_strings::<()>(&first_stmt(sql), &mut |path, s| {
+            out.push((path.to_vec(), s.to_string()));
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn kinds_are_variant_names() {
+        assert_eq!(node_kind(&first_stmt("SELECT 1")), "SelectStmt");
+        assert_eq!(node_kind(&first_stmt("BEGIN")), "TransactionStmt");
+        assert_eq!(node_kind(&first_stmt("SET x = 1")), "VariableSetStmt");
+        assert_eq!(node_kind(&first_stmt("INSERT INTO t VALUES (1)")), "InsertStmt");
+    }
+
+    #[test]
+    fn walk_sees_function_names_and_constants_with_their_paths() {
+        let all = strings("SELECT pg_catalog.set_config('a', 'b', false) FROM t");
+        let func: Vec<_> =
+            all.iter().filter(|(p, _)| p.contains(&("FuncCall", "funcname"))).map(|(_, s)| s.as_str()).collect();
+        assert_eq!(func, ["pg_catalog", "set_config"]);
+        let consts: Vec<_> =
+            all.iter().filter(|(p, _)| p.iter().any(|f| f.0 == "AConst")).map(|(_, s)| s.as_str()).collect();
+        assert_eq!(consts, ["a", "b"]);
+        assert!(all.iter().any(|(p, s)| s == "t" && p.last() == Some(&("RangeVar", "relname"))));
+    }
+
+    #[test]
+    fn walk_reaches_nested_variable_set_statements() {
+        let all = strings("ALTER ROLE r SET search_path = a");
+        assert!(all.iter().any(|(p, s)| s == "search_path" && p.last() == Some(&("VariableSetStmt", "name"))));
+    }
+
+    #[test]
+    fn walk_stops_at_first_error() {
+        let mut seen = 0;
+        let r = walk_strings(&first_stmt("SELECT a, b, c FROM t"), &mut |_, s| {
+            seen += 1;
+            if s == "b" { Err(s.to_string()) } else { Ok(()) }
+        });
+        assert_eq!(r, Err(WalkError::Stopped("b".to_string())));
+        assert!(seen >= 2);
+    }
+}

@@ -1,0 +1,271 @@
+//! Step 6: before any text goes upstream, PostgreSQL's own parser and lexer must read it the
+//! way the proxy meant it:
+//!
+//! * it parses, into the same number of statements, of the same kinds, in the same order, with
+//!   each statement exactly where the proxy put it;
+//! * the gate's PostgreSQL-side rules pass on what will actually run;
+//! * in every printed (not verbatim) statement, the string constants (`SCONST`, and any
+//!   `USCONST`/`BCONST`/`XCONST`) and quoted identifiers, in text order, are exactly the ones
+//!   the printer wrote, with the same values; and there is no comment (the printer never writes
+//!   one, so a comment would mean text was swallowed).
+//!
+//! Statements forwarded verbatim are the client's own data-free text (see `mod.rs`); only
+//! their kind, position and the gate are checked.
+
+use std::ops::Range;
+
+use pg_query::protobuf::Token;
+
+use super::Refusal;
+use super::classify::{self, PgParseError};
+use super::gate;
+use super::lexer::{self, Tok};
+use super::pgtree;
+use super::printer::Emitted;
+
+/// What the proxy expects PostgreSQL to find in one statement of the text it built.
+#[derive(Debug, Clone)]
+pub(crate) struct PieceCheck {
+    pub kind: String,
+    /// Byte range of the statement in the built text.
+    pub range: Range<usize>,
+    /// `None` for a statement forwarded verbatim.
+    pub expected: Option<Expected>,
+}
+
+/// What a printed statement must contain.
+#[derive(Debug, Clone)]
+pub(crate) struct Expected {
+    /// The printer's strings and quoted identifiers, in print order.
+    pub emitted: Vec<Emitted>,
+    /// When set, PostgreSQL's tree of the printed statement must have exactly this shape
+    /// (`pgtree::shape`): the shape of the client's statement, which the policy left alone.
+    pub same_as: Option<String>,
+}
+
+fn unverifiable(what: impl std::fmt::Display) -> Refusal {
+    Refusal::Unverifiable(format!("refused: the rewritten SQL did not verify: {what}"))
+}
+
+pub(crate) fn verify(text: &str, pieces: &[PieceCheck]) -> Result<(), Refusal> {
+    let statements = classify::parse(text).map_err(|e| match e {
+        PgParseError::Syntax(m) | PgParseError::TooDeep(m) | PgParseError::Internal(m) => {
+            unverifiable(format!("PostgreSQL cannot parse it: {m}"))
+        }
+        PgParseError::Nul => unverifiable("it contains a NUL byte"),
+    })?;
+    if statements.len() != pieces.len() {
+        return Err(unverifiable(format!(
+            "PostgreSQL reads {} statement(s) where the proxy wrote {}",
+            statements.len(),
+            pieces.len()
+        )));
+    }
+    for (i, (stmt, piece)) in statements.iter().zip(pieces).enumerate() {
+        let n = i + 1;
+        if stmt.kind != piece.kind {
+            return Err(unverifiable(format!(
+                "statement {n} is a {} to PostgreSQL but was a {}",
+                stmt.kind, piece.kind
+            )));
+        }
+        if stmt.range != piece.range {
+            return Err(unverifiable(format!("statement {n} does not start and end where the proxy put it")));
+        }
+        gate::check_pg(&stmt.node)?;
+        if let Some(same_as) = piece.expected.as_ref().and_then(|e| e.same_as.as_ref())
+            && pgtree::shape(&stmt.node).as_ref() != Some(same_as)
+        {
+            return Err(unverifiable(format!(
+                "PostgreSQL reads statement {n} differently from what the client sent \
+                 (the proxy's re-printed text changed its meaning)"
+            )));
+        }
+    }
+    let tokens = lexer::scan(text).map_err(|m| unverifiable(format!("PostgreSQL cannot scan it: {m}")))?;
+    check_tokens(text, &tokens, pieces)
+}
+
+fn check_tokens(text: &str, tokens: &[Tok], pieces: &[PieceCheck]) -> Result<(), Refusal> {
+    let mut next_piece = 0usize;
+    let mut idx = 0usize;
+    while let Some(tok) = tokens.get(idx) {
+        let piece = pieces.get(next_piece);
+        match piece {
+            Some(p) if tok.start >= p.range.start => {
+                let inside = lexer::tokens_in(tokens, p.range.clone());
+                if inside.is_empty() {
+                    return Err(unverifiable(format!("statement {} has no tokens", next_piece + 1)));
+                }
+                if inside.last().is_some_and(|t| t.end > p.range.end) {
+                    return Err(unverifiable(format!("a token runs past the end of statement {}", next_piece + 1)));
+                }
+                if let Some(expected) = &p.expected {
+                    check_printed(text, inside, &expected.emitted, next_piece + 1)?;
+                }
+                idx += inside.len();
+                next_piece += 1;
+            }
+            // Between statements the only token allowed is the separator the proxy wrote.
+            _ if tok.token == Some(Token::Ascii59) => idx += 1,
+            _ => return Err(unverifiable("text outside the statements the proxy wrote")),
+        }
+    }
+    if next_piece != pieces.len() {
+        return Err(unverifiable("a statement has no tokens"));
+    }
+    Ok(())
+}
+
+fn check_printed(text: &str, tokens: &[Tok], expected: &[Emitted], n: usize) -> Result<(), Refusal> {
+    let mut want = expected.iter();
+    let mut count = 0usize;
+    let mut prev: Option<&Tok> = None;
+    for tok in tokens {
+        let Some(kind) = tok.token else {
+            return Err(unverifiable(format!("statement {n} contains a token the proxy does not know")));
+        };
+        let raw = text.get(tok.start..tok.end).unwrap_or_default();
+        let found = match kind {
+            Token::SqlComment | Token::CComment => {
+                return Err(unverifiable(format!("statement {n} contains a comment")));
+            }
+            Token::Usconst | Token::Uident => {
+                return Err(unverifiable(format!("statement {n} contains a Unicode-escape token")));
+            }
+            Token::Sconst => {
+                let nchar_before = prev.is_some_and(|p| p.token == Some(Token::Nchar) && p.end == tok.start);
+                lexer::decode_standard_string(raw)
+                    .map(|v| if nchar_before { Emitted::National(v) } else { Emitted::Str(v) })
+            }
+            Token::Bconst => lexer::decode_prefixed(raw, 'B').map(Emitted::Bit),
+            Token::Xconst => lexer::decode_prefixed(raw, 'X').map(Emitted::Hex),
+            Token::Ident if raw.starts_with('"') => lexer::decode_quoted_ident(raw).map(Emitted::QuotedIdent),
+            _ => {
+                prev = Some(tok);
+                continue;
+            }
+        };
+        count += 1;
+        let Some(found) = found else {
+            return Err(unverifiable(format!(
+                "string or identifier {count} of statement {n} is not in the form the proxy prints"
+            )));
+        };
+        match want.next() {
+            Some(w) if *w == found => {}
+            Some(_) => {
+                return Err(unverifiable(format!(
+                    "string or identifier {count} of statement {n} differs from what the proxy printed"
+                )));
+            }
+            None => {
+                return Err(unverifiable(format!(
+                    "statement {n} contains more strings or quoted identifiers than the proxy printed"
+                )));
+            }
+        }
+        prev = Some(tok);
+    }
+    if want.next().is_some() {
+        return Err(unverifiable(format!(
+            "statement {n} contains fewer strings or quoted identifiers than the proxy printed"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn printed(kind: &str, range: Range<usize>, emitted: Vec<Emitted>) -> PieceCheck {
+        PieceCheck { kind: kind.into(), range, expected: Some(Expected { emitted, same_as: None }) }
+    }
+
+    fn shape_of(sql: &str) -> String {
+        let stmts = classify::parse(sql).unwrap();
+        pgtree::shape(&stmts[0].node).unwrap()
+    }
+
+    fn s(v: &str) -> Emitted {
+        Emitted::Str(v.into())
+    }
+
+    #[test]
+    fn accepts_what_was_printed() {
+        let text = "SELECT 'a''b', \"X\" FROM t; BEGIN /* c */ READ ONLY";
+        let pieces = [
+            printed("SelectStmt", 0..25, vec![s("a'b"), Emitted::QuotedIdent("X".into())]),
+            PieceCheck { kind: "TransactionStmt".into(), range: 27..text.len(), expected: None },
+        ];
+        verify(text, &pieces).unwrap();
+    }
+
+    #[test]
+    fn refuses_statement_count_kind_and_position_changes() {
+        let two = "SELECT 'a\\'; DROP TABLE y; --'";
+        let err = verify(two, &[printed("SelectStmt", 0..two.len(), vec![s("a\\'; DROP TABLE y; --")])]);
+        assert!(matches!(&err, Err(Refusal::Unverifiable(m)) if m.contains("2 statement")), "{err:?}");
+        let err = verify("BEGIN", &[printed("SelectStmt", 0..5, vec![])]);
+        assert!(matches!(err, Err(Refusal::Unverifiable(m)) if m.contains("TransactionStmt")));
+        let err = verify(" SELECT 1", &[printed("SelectStmt", 0..9, vec![])]);
+        assert!(matches!(err, Err(Refusal::Unverifiable(_))));
+    }
+
+    #[test]
+    fn refuses_literal_differences() {
+        let cases: &[(&str, Vec<Emitted>)] = &[
+            ("SELECT 'x''y'", vec![s("x''y")]),
+            ("SELECT 'a', 'b'", vec![s("b"), s("a")]),
+            ("SELECT 'a', 'b'", vec![s("a")]),
+            ("SELECT 'a'", vec![s("a"), s("b")]),
+            ("SELECT E'a'", vec![s("a")]),
+            ("SELECT $$a$$", vec![s("a")]),
+            ("SELECT U&'a'", vec![s("a")]),
+            ("SELECT N'a'", vec![s("a")]),
+            ("SELECT 'a'", vec![Emitted::National("a".into())]),
+            ("SELECT B'01'", vec![Emitted::Hex("01".into())]),
+            ("SELECT \"a\"", vec![Emitted::QuotedIdent("b".into())]),
+            ("SELECT a", vec![Emitted::QuotedIdent("a".into())]),
+            ("SELECT U&\"a\"", vec![Emitted::QuotedIdent("a".into())]),
+            ("SELECT 1 -- c", vec![]),
+            ("SELECT /* c */ 1", vec![]),
+        ];
+        for (text, emitted) in cases {
+            let r = verify(text, &[printed("SelectStmt", 0..text.len(), emitted.clone())]);
+            assert!(matches!(r, Err(Refusal::Unverifiable(_))), "{text}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn accepts_national_bit_and_hex() {
+        let text = "SELECT N'a''b', B'01', X'fF'";
+        let emitted = vec![Emitted::National("a'b".into()), Emitted::Bit("01".into()), Emitted::Hex("fF".into())];
+        verify(text, &[printed("SelectStmt", 0..text.len(), emitted)]).unwrap();
+    }
+
+    #[test]
+    fn compares_meaning_with_the_clients_statement() {
+        let client = shape_of("select  E'it\\'s'::int, \"A\", b FROM t -- c");
+        let text = "SELECT 'it''s'::INT, \"A\", b FROM t";
+        let emitted = vec![s("it's"), Emitted::QuotedIdent("A".into())];
+        let piece = |same_as: String| PieceCheck {
+            kind: "SelectStmt".into(),
+            range: 0..text.len(),
+            expected: Some(Expected { emitted: emitted.clone(), same_as: Some(same_as) }),
+        };
+        verify(text, &[piece(client)]).unwrap();
+        for other in ["SELECT 'it''s'::int, \"a\", b FROM t", "SELECT 'it''s'::int, \"A\", b FROM t LIMIT ALL"] {
+            let r = verify(text, &[piece(shape_of(other))]);
+            assert!(matches!(&r, Err(Refusal::Unverifiable(m)) if m.contains("differently")), "{other}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn runs_the_gate_on_the_output() {
+        let text = "SELECT set_config('a', 'b', false)";
+        let r = verify(text, &[printed("SelectStmt", 0..text.len(), vec![s("a"), s("b")])]);
+        assert!(matches!(r, Err(Refusal::Denied(_))), "{r:?}");
+    }
+}
