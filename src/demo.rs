@@ -15,6 +15,9 @@ use crate::server::RunningProxy;
 pub const APP_ROLE: &str = "struere_app";
 pub const APP_DATABASE: &str = "app";
 
+/// The demo domain's tables (owned by the owner role; client traffic gets DML only).
+pub const DEMO_SCHEMA: &str = include_str!("../policies/schema.sql");
+
 /// A running demo: keep it alive to keep everything up; drop it to remove everything.
 pub struct Demo {
     pub proxy: RunningProxy,
@@ -43,7 +46,14 @@ pub fn provision(cluster: &TempCluster) -> AppResult<String> {
              CREATE DATABASE {APP_DATABASE};"
         ),
     )?;
-    cluster.psql(APP_DATABASE, &format!("GRANT USAGE, CREATE ON SCHEMA public TO {APP_ROLE};"))?;
+    cluster.psql(APP_DATABASE, DEMO_SCHEMA)?;
+    cluster.psql(
+        APP_DATABASE,
+        &format!(
+            "GRANT USAGE, CREATE ON SCHEMA public TO {APP_ROLE}; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {APP_ROLE};"
+        ),
+    )?;
     Ok(app_password)
 }
 

@@ -78,8 +78,8 @@ pub struct CatalogSnapshot {
     pub relations: BTreeMap<(String, String), Relation>,
     /// Functions by name (overloads share a name; a name is leakproof only if every overload is).
     pub functions: BTreeMap<String, Vec<Function>>,
-    /// Operators by symbol, with the leakproofness of their implementing functions.
-    pub operators: BTreeMap<String, Vec<bool>>,
+    /// Operators by (symbol, left type oid, right type oid): is the implementing function leakproof.
+    pub operators: BTreeMap<(String, u32, u32), bool>,
 }
 
 impl CatalogSnapshot {
@@ -94,9 +94,9 @@ impl CatalogSnapshot {
             .is_some_and(|fs| !fs.is_empty() && fs.iter().all(|f| f.schema == "pg_catalog" && f.leakproof))
     }
 
-    /// True when every implementation of the operator `symbol` is leakproof.
-    pub fn operator_is_leakproof(&self, symbol: &str) -> bool {
-        self.operators.get(symbol).is_some_and(|v| !v.is_empty() && v.iter().all(|&l| l))
+    /// True when the operator `symbol` for these operand types exists and is leakproof.
+    pub fn operator_is_leakproof(&self, symbol: &str, left: u32, right: u32) -> bool {
+        self.operators.get(&(symbol.to_owned(), left, right)).copied().unwrap_or(false)
     }
 }
 
@@ -122,7 +122,7 @@ FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
 WHERE n.nspname NOT IN ('information_schema') AND n.nspname NOT LIKE 'pg_temp%'";
 
 const OPERATORS_SQL: &str = "\
-SELECT o.oprname, p.proleakproof FROM pg_operator o JOIN pg_proc p ON p.oid = o.oprcode";
+SELECT o.oprname, o.oprleft, o.oprright, p.proleakproof FROM pg_operator o JOIN pg_proc p ON p.oid = o.oprcode";
 
 /// Read the catalog through an owner connection.
 pub async fn load(client: &tokio_postgres::Client) -> Result<CatalogSnapshot, tokio_postgres::Error> {
@@ -159,7 +159,7 @@ pub async fn load(client: &tokio_postgres::Client) -> Result<CatalogSnapshot, to
         snap.functions.entry(f.name.clone()).or_default().push(f);
     }
     for row in client.query(OPERATORS_SQL, &[]).await? {
-        snap.operators.entry(row.try_get(0)?).or_default().push(row.try_get(1)?);
+        snap.operators.insert((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?), row.try_get(3)?);
     }
     Ok(snap)
 }
@@ -252,12 +252,13 @@ mod tests {
         let f = |leakproof| Function { schema: "pg_catalog".into(), name: "int4eq".into(), leakproof, volatility: 'i' };
         cat.functions.insert("int4eq".into(), vec![f(true)]);
         cat.functions.insert("mixed".into(), vec![f(true), f(false)]);
-        cat.operators.insert("=".into(), vec![true, true]);
-        cat.operators.insert("~".into(), vec![true, false]);
+        cat.operators.insert(("=".into(), 23, 23), true);
+        cat.operators.insert(("~".into(), 25, 25), false);
         assert!(cat.function_is_leakproof("int4eq"));
         assert!(!cat.function_is_leakproof("mixed"));
         assert!(!cat.function_is_leakproof("missing"));
-        assert!(cat.operator_is_leakproof("="));
-        assert!(!cat.operator_is_leakproof("~"));
+        assert!(cat.operator_is_leakproof("=", 23, 23));
+        assert!(!cat.operator_is_leakproof("=", 23, 20));
+        assert!(!cat.operator_is_leakproof("~", 25, 25));
     }
 }

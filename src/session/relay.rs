@@ -143,7 +143,7 @@ impl ClientToUpstream<'_> {
                         out.extend_from_slice(&frame.raw);
                     }
                     Caller::Environment(actor) => match self.rewrite(sql, actor) {
-                        Ok(text) => encode_query(out, &text),
+                        Ok((text, _)) => encode_query(out, &text),
                         Err(refusal) => {
                             let injected = self.refuse(&refusal);
                             encode_query(out, &injected);
@@ -158,7 +158,7 @@ impl ClientToUpstream<'_> {
                         audit_operator(parse.query);
                         out.extend_from_slice(&frame.raw);
                     }
-                    Caller::Environment(actor) => match self.rewrite(parse.query, actor) {
+                    Caller::Environment(actor) => match self.rewrite_one(parse.query, actor) {
                         Ok(text) => encode_parse(out, parse.name, &text, &parse.param_types),
                         Err(refusal) => {
                             let injected = self.refuse(&refusal);
@@ -194,7 +194,8 @@ impl ClientToUpstream<'_> {
         Ok(())
     }
 
-    fn rewrite(&self, sql: &str, actor: &ActorContext) -> Result<String, Refusal> {
+    /// Rewrite a text; returns it with its statement count.
+    fn rewrite(&self, sql: &str, actor: &ActorContext) -> Result<(String, usize), Refusal> {
         let span = tracing::debug_span!("statement", bytes = sql.len());
         let _g = span.enter();
         let r = self.proxy.rewriter.rewrite(sql, actor);
@@ -202,7 +203,20 @@ impl ClientToUpstream<'_> {
             Ok(rw) => tracing::debug!(kinds = ?rw.statement_kinds, "rewritten"),
             Err(refusal) => tracing::info!(code = refusal.sqlstate().code(), reason = %refusal, "refused"),
         }
-        r.map(|rw| rw.sql.clone())
+        r.map(|rw| (rw.sql.clone(), rw.statement_kinds.len()))
+    }
+
+    /// A Parse message holds at most one statement, as the server requires.
+    fn rewrite_one(&self, sql: &str, actor: &ActorContext) -> Result<String, Refusal> {
+        self.rewrite(sql, actor)
+            .and_then(|text| {
+                if text.1 > 1 {
+                    Err(Refusal::Syntax("cannot insert multiple commands into a prepared statement".to_owned()))
+                } else {
+                    Ok(text)
+                }
+            })
+            .map(|(sql, _)| sql)
     }
 
     /// Build the client-facing error and return the SQL to forward in the refused one's place.

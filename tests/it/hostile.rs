@@ -297,3 +297,14 @@ async fn encodings_other_than_utf8_are_refused() {
     let out = read_to_end(&mut s).await;
     assert_eq!(fatal_code(&out), "42501");
 }
+
+#[tokio::test]
+async fn parse_with_two_statements_is_refused() {
+    let mut raw = Raw::session().await;
+    let mut batch = msg(b'P', &[cstr(""), cstr("SELECT 1; SELECT 2"), vec![0, 0]].concat());
+    batch.extend(msg(b'S', b""));
+    raw.send(&batch).await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(msgs[0].0, b'E');
+    assert_eq!(sqlstate(&msgs[0].1), "42601");
+}

@@ -3,6 +3,7 @@
 //! raw sockets) talking to it.
 
 mod auth;
+mod catalog;
 mod harness;
 mod hostile;
 mod psql;
