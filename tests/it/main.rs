@@ -4,6 +4,7 @@
 
 mod auth;
 mod catalog;
+mod cli;
 mod harness;
 mod hostile;
 mod psql;

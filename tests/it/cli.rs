@@ -1,0 +1,140 @@
+//! The binary itself: `init`, `keys create|list|revoke`, `policy check` and `demo`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::{code, fixture};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_struere-proxy"));
+    c.env_remove("STRUERE_CONFIG").env("STRUERE_LOG", "warn");
+    c
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let f = fixture();
+    let out = bin().env("STRUERE_ADMIN_UPSTREAM", &f.admin_url).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn keys_lifecycle_through_the_cli() {
+    let f = fixture();
+    let (ok, _, err) = run(&["init"]);
+    assert!(ok, "init is idempotent: {err}");
+    let (ok, out, err) = run(&[
+        "keys",
+        "create",
+        "--org",
+        "globex",
+        "--env",
+        "production",
+        "--role",
+        "admin",
+        "--role",
+        "agent",
+        "--actor-type",
+        "agent",
+        "--actor-id",
+        "agent-7",
+        "--name",
+        "cli-bot",
+        "--expires-in",
+        "1h",
+    ]);
+    assert!(ok, "{err}");
+    let key = out.trim().to_owned();
+    assert_eq!(out.lines().count(), 1, "the key alone on stdout: {out:?}");
+    assert!(key.starts_with("sk_prod_") && key.len() == "sk_prod_".len() + 64, "{key}");
+    let c = f.connect(&key).await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+
+    let (ok, out, _) = run(&["keys", "list"]);
+    assert!(ok);
+    let line = out.lines().find(|l| l.contains("cli-bot")).expect("listed");
+    assert!(
+        line.contains("globex")
+            && line.contains("production")
+            && line.contains("admin,agent")
+            && line.contains("active")
+    );
+    assert!(line.contains("agent:agent-7"), "{line}");
+    assert!(!out.contains(&key), "never the secret");
+
+    let (ok, _, err) = run(&["keys", "revoke", "cli-bot"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["keys", "revoke", "cli-bot"]);
+    assert!(!ok && err.contains("no active key"), "{err}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let e = f.connect(&key).await.err().expect("revoked");
+    assert_eq!(code(&e), "28P01");
+}
+
+#[test]
+fn operator_keys_need_no_scope() {
+    let (ok, out, err) = run(&["keys", "create", "--operator", "--name", "cli-dba"]);
+    assert!(ok, "{err}");
+    assert!(out.trim().starts_with("sk_op_"));
+    let (ok, _, err) = run(&["keys", "create", "--operator", "--org", "acme", "--name", "x"]);
+    assert!(!ok, "operator keys take no org: {err}");
+    let (ok, _, err) = run(&["keys", "create", "--org", "acme", "--env", "staging", "--name", "x"]);
+    assert!(!ok && err.contains("unknown environment"), "{err}");
+}
+
+#[test]
+fn policy_check_reports_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    for f in ["tables.toml", "development.toml", "production.toml"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let out = bin().args(["policy", "check", "--policies"]).arg(dir.path()).output().unwrap();
+    assert!(out.status.success());
+    let prod = dir.path().join("production.toml");
+    let text = std::fs::read_to_string(&prod).unwrap().replacen("allow = [\"select\"]", "allow = [\"selct\"]", 1);
+    std::fs::write(&prod, text).unwrap();
+    let out = bin().args(["policy", "check", "--policies"]).arg(dir.path()).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("production.toml:") && err.contains("unknown action \"selct\""), "{err}");
+}
+
+#[test]
+fn demo_prints_keys_serves_and_cleans_up() {
+    let mut child =
+        bin().args(["demo", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut banner = std::collections::HashMap::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some((k, v)) = line.split_once(char::is_whitespace) {
+            banner.insert(k.to_owned(), v.trim().to_owned());
+        }
+        if line.starts_with("OPS") {
+            break;
+        }
+    }
+    let dev = banner["DEV"].clone();
+    // "<psql path> "<url>"": run exactly what the banner says to paste, with a query.
+    let (psql, url) = dev.split_once(' ').unwrap();
+    let out =
+        Command::new(psql).arg(url.trim_matches('"')).args(["-X", "-A", "-t", "-c", "SELECT 40 + 2"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "{}", String::from_utf8_lossy(&out.stderr));
+    let upstream_port: u16 = banner["UPSTREAM"].rsplit(':').next().unwrap().split('/').next().unwrap().parse().unwrap();
+    // Ctrl-C: everything it created goes away, the cluster included.
+    send_sigint(child.id());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", upstream_port)).is_err(), "the throwaway cluster is stopped");
+}
+
+fn send_sigint(pid: u32) {
+    let status = Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
+    assert!(status.success());
+}
