@@ -71,7 +71,7 @@ async fn keys_lifecycle_through_the_cli() {
     let (ok, _, err) = run(&["keys", "revoke", "cli-bot"]);
     assert!(!ok && err.contains("no active key"), "{err}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let e = f.connect(&key).await.err().expect("revoked");
+    let Err(e) = f.connect(&key).await else { panic!("revoked key connected") };
     assert_eq!(code(&e), "28P01");
 }
 
