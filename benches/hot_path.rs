@@ -5,10 +5,14 @@ use std::hint::black_box;
 
 use bytes::BytesMut;
 use criterion::{Criterion, criterion_group, criterion_main};
+use std::sync::Arc;
 use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
 use struere_proxy::protocol::frame::split_frontend;
 use struere_proxy::protocol::frontend::{decode_parse, decode_query, encode_parse, encode_query};
+
+use struere_proxy::catalog::{CatalogSnapshot, Column, Function, RelKind, Relation};
 use struere_proxy::rewrite::Rewriter;
+use struere_proxy::rewrite::engine::PolicyEngine;
 
 const SMALL: &str = "SELECT id, name FROM users WHERE organization_id = $1 AND email = 'a@b.c'";
 const CATALOG: &str = "SELECT n.nspname as \"Schema\", c.relname as \"Name\", CASE c.relkind WHEN 'r' THEN 'table' \
@@ -28,6 +32,43 @@ fn actor() -> ActorContext {
         actor_type: ActorType::User,
         actor_id: "u1".into(),
     }
+}
+
+/// The shipped policies over a catalog holding what the two statements touch.
+fn engine() -> Arc<PolicyEngine> {
+    let mut catalog = CatalogSnapshot::default();
+    let cols = ["id", "organization_id", "email", "name", "phone"]
+        .iter()
+        .map(|c| Column { name: (*c).into(), type_name: "text".into(), type_oid: 25, not_null: false })
+        .collect();
+    let users = Relation {
+        schema: "public".into(),
+        name: "users".into(),
+        kind: RelKind::Table,
+        columns: cols,
+        primary_key: vec!["id".into()],
+        is_child: false,
+    };
+    catalog.relations.insert(("public".into(), "users".into()), users);
+    for f in ["pg_get_userbyid", "pg_table_is_visible"] {
+        catalog.functions.insert(
+            f.into(),
+            vec![Function { schema: "pg_catalog".into(), name: f.into(), leakproof: false, volatility: 's' }],
+        );
+    }
+    for r in ["pg_class", "pg_namespace", "pg_am"] {
+        let rel = Relation {
+            schema: "pg_catalog".into(),
+            name: r.into(),
+            kind: RelKind::Table,
+            columns: vec![],
+            primary_key: vec![],
+            is_child: false,
+        };
+        catalog.relations.insert(("pg_catalog".into(), r.into()), rel);
+    }
+    let policies = struere_proxy::policy::shipped().expect("shipped policies compile");
+    Arc::new(PolicyEngine { policies, catalog: Arc::new(catalog), allow_functions: Default::default() })
 }
 
 fn framing(c: &mut Criterion) {
@@ -53,15 +94,16 @@ fn framing(c: &mut Criterion) {
 
 fn rewrite(c: &mut Criterion) {
     let actor = actor();
+    let engine = engine();
     for (name, sql) in [("small", SMALL), ("catalog", CATALOG)] {
         c.bench_function(&format!("rewrite miss {name}"), |b| {
             b.iter(|| {
                 // A fresh rewriter per iteration: always a cache miss.
-                let r = Rewriter::new(16);
+                let r = Rewriter::new(16, engine.clone());
                 black_box(r.rewrite(sql, &actor).map(|rw| rw.sql.len()))
             })
         });
-        let warm = Rewriter::new(1024);
+        let warm = Rewriter::new(1024, engine.clone());
         let _ = warm.rewrite(sql, &actor);
         c.bench_function(&format!("rewrite hit {name}"), |b| {
             b.iter(|| black_box(warm.rewrite(sql, &actor).map(|rw| rw.sql.len())))

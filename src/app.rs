@@ -89,10 +89,11 @@ fn key_spec(c: CreateKey) -> AppResult<KeySpec> {
     })
 }
 
-pub fn policy(cmd: PolicyCommand) -> AppResult<()> {
+pub fn policy(raw: &RawConfig, cmd: PolicyCommand) -> AppResult<()> {
     match cmd {
-        PolicyCommand::Check { policies } => {
-            let p = crate::policy::load_dir(&policies)?;
+        PolicyCommand::Check => {
+            let dir = raw.policies.clone().unwrap_or_else(|| std::path::PathBuf::from("policies"));
+            let p = crate::policy::load_dir(&dir)?;
             println!(
                 "ok: {} tables; development {} ({} roles); production {} ({} roles)",
                 p.development.tables.by_name.len(),

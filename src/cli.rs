@@ -58,6 +58,9 @@ pub struct Overrides {
     /// Accept operator (break-glass) keys.
     #[arg(long, global = true, env = "STRUERE_OPERATOR_KEYS")]
     pub operator_keys: Option<bool>,
+    /// Policy directory (default: the shipped example set).
+    #[arg(long, global = true, env = "STRUERE_POLICIES")]
+    pub policies: Option<PathBuf>,
 }
 
 impl Overrides {
@@ -74,6 +77,7 @@ impl Overrides {
             max_message_size: self.max_message_size,
             log_format: self.log_format,
             operator_keys: self.operator_keys,
+            policies: self.policies.clone(),
             ..RawConfig::default()
         }
     }
@@ -98,11 +102,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Validate the policy directory; every problem is printed as file:line: message.
-    Check {
-        /// Policy directory (tables.toml, development.toml, production.toml).
-        #[arg(long, default_value = "policies")]
-        policies: PathBuf,
-    },
+    Check,
 }
 
 #[derive(Debug, Subcommand)]

@@ -83,6 +83,10 @@ pub struct RawConfig {
     pub max_clients: Option<usize>,
     pub rewrite_cache_capacity: Option<usize>,
     pub connect_timeout_secs: Option<u64>,
+    /// Policy directory (tables.toml, development.toml, production.toml); default: the shipped example set.
+    pub policies: Option<PathBuf>,
+    /// Functions allowed beyond the built-in allowlist (e.g. `pg_sleep`, advisory locks).
+    pub allow_functions: Option<Vec<String>>,
 }
 
 impl RawConfig {
@@ -110,6 +114,8 @@ impl RawConfig {
             max_clients: over.max_clients.or(self.max_clients),
             rewrite_cache_capacity: over.rewrite_cache_capacity.or(self.rewrite_cache_capacity),
             connect_timeout_secs: over.connect_timeout_secs.or(self.connect_timeout_secs),
+            policies: over.policies.or(self.policies),
+            allow_functions: over.allow_functions.or(self.allow_functions),
         }
     }
 }
@@ -135,6 +141,8 @@ pub struct Settings {
     pub max_clients: usize,
     pub rewrite_cache_capacity: usize,
     pub connect_timeout: Duration,
+    pub policies: Option<PathBuf>,
+    pub allow_functions: Vec<String>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -200,6 +208,8 @@ impl Settings {
             max_clients: raw.max_clients.unwrap_or(1000).max(1),
             rewrite_cache_capacity: raw.rewrite_cache_capacity.unwrap_or(10_000),
             connect_timeout: Duration::from_secs(raw.connect_timeout_secs.unwrap_or(10).max(1)),
+            policies: raw.policies,
+            allow_functions: raw.allow_functions.unwrap_or_default(),
         })
     }
 }

@@ -42,7 +42,7 @@ async fn main() -> std::process::ExitCode {
         Command::Init => app::init(&raw).await,
         Command::Keys(k) => app::keys(&raw, k).await,
         Command::Demo => demo::run(raw).await,
-        Command::Policy(p) => app::policy(p),
+        Command::Policy(p) => app::policy(&raw, p),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

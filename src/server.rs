@@ -13,6 +13,7 @@ use crate::config::Settings;
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::sqlstate::SqlState;
 use crate::rewrite::Rewriter;
+use crate::rewrite::engine::PolicyEngine;
 use crate::upstream::UpstreamConfig;
 
 /// Everything sessions share. Cheap to reach from any task through an `Arc`.
@@ -37,10 +38,39 @@ pub enum StartError {
     Tls(#[from] crate::net::tls::TlsError),
     #[error("cannot generate randomness: {0}")]
     Random(String),
+    #[error("invalid policies:\n{0}")]
+    Policy(#[from] crate::policy::PolicyErrors),
+    #[error("cannot read the upstream catalog: {0}")]
+    Catalog(#[from] tokio_postgres::Error),
+    #[error("the policies do not match the database:\n{}", .0.join("\n"))]
+    Mismatch(Vec<String>),
+}
+
+/// Policies (from the configured directory, else the shipped set) checked against the catalog.
+pub async fn load_engine(settings: &Settings) -> Result<Arc<PolicyEngine>, StartError> {
+    let policies = match &settings.policies {
+        Some(dir) => crate::policy::load_dir(dir)?,
+        None => crate::policy::shipped()?,
+    };
+    let admin = crate::auth::store::connect_admin(&settings.admin_upstream).await?;
+    let catalog = crate::catalog::load(&admin).await?;
+    crate::catalog::check_policy(&catalog, &policies.development.tables).map_err(StartError::Mismatch)?;
+    Ok(Arc::new(PolicyEngine {
+        policies,
+        catalog: Arc::new(catalog),
+        allow_functions: settings.allow_functions.iter().cloned().collect(),
+    }))
 }
 
 impl Proxy {
-    pub fn new(settings: Settings) -> Result<Proxy, StartError> {
+    /// Load the policies and the catalog, check one against the other, and build the proxy.
+    /// Refuses to start when a policy names a missing table or column.
+    pub async fn load(settings: Settings) -> Result<Proxy, StartError> {
+        let engine = load_engine(&settings).await?;
+        Proxy::new(settings, engine)
+    }
+
+    pub fn new(settings: Settings, engine: Arc<PolicyEngine>) -> Result<Proxy, StartError> {
         let upstream = UpstreamConfig::from_url(&settings.upstream).map_err(|e| StartError::Upstream(e.to_string()))?;
         let admin_upstream =
             UpstreamConfig::from_url(&settings.admin_upstream).map_err(|e| StartError::Upstream(e.to_string()))?;
@@ -54,7 +84,7 @@ impl Proxy {
         Ok(Proxy {
             keys: Arc::new(KeyStore::new(settings.admin_upstream.clone(), settings.key_cache_ttl)),
             throttle: AuthThrottle::new(),
-            rewriter: Rewriter::new(settings.rewrite_cache_capacity),
+            rewriter: Rewriter::new(settings.rewrite_cache_capacity, engine),
             cancels: Arc::new(CancelRegistry::default()),
             upstream: Arc::new(upstream),
             admin_upstream: Arc::new(admin_upstream),
@@ -126,15 +156,15 @@ impl RunningProxy {
         let listener = TcpListener::bind(&settings.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
-        Self::start_on(settings, listener)
+        Self::start_on(settings, listener).await
     }
 
-    pub fn start_on(
+    pub async fn start_on(
         settings: Settings,
         listener: TcpListener,
     ) -> Result<RunningProxy, Box<dyn std::error::Error + Send + Sync>> {
         let addr = listener.local_addr()?;
-        let proxy = Arc::new(Proxy::new(settings)?);
+        let proxy = Arc::new(Proxy::load(settings).await?);
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(serve(Arc::clone(&proxy), listener, rx));
         Ok(RunningProxy { addr, proxy, shutdown: tx, task })

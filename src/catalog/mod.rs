@@ -112,7 +112,7 @@ SELECT n.nspname, c.relname, c.relkind, \
        c.relispartition OR EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = c.oid) \
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND NOT a.attisdropped \
-WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') AND n.nspname NOT LIKE 'pg_temp%' \
+WHERE n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg_temp%' \
   AND n.nspname NOT LIKE 'pg_toast_temp%' AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') \
 GROUP BY n.nspname, c.relname, c.relkind, c.oid, c.relispartition";
 

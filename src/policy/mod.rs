@@ -43,26 +43,52 @@ fn read(path: &Path) -> Result<String, PolicyErrors> {
 pub fn load_dir(dir: &Path) -> Result<Policies, PolicyErrors> {
     let tables_path = dir.join("tables.toml");
     let tables_text = read(&tables_path)?;
-    let tables = Arc::new(compile::compile_tables(&tables_path, &tables_text)?);
+    let mut texts = Vec::new();
     let mut errors = Vec::new();
-    let mut sets = Vec::new();
     for env in [Environment::Development, Environment::Production] {
         let path = dir.join(format!("{}.toml", env.as_str()));
-        let text = match read(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                errors.extend(e.0);
-                continue;
-            }
-        };
-        match compile::compile_policy_file(&path, &text, env, &tables) {
+        match read(&path) {
+            Ok(t) => texts.push((path, t)),
+            Err(e) => errors.extend(e.0),
+        }
+    }
+    match (errors.is_empty(), texts.pop(), texts.pop()) {
+        (true, Some((prod_path, prod)), Some((dev_path, dev))) => {
+            compile_all((&tables_path, &tables_text), (&dev_path, &dev), (&prod_path, &prod))
+        }
+        _ => Err(PolicyErrors(errors)),
+    }
+}
+
+/// The example policy set shipped with the proxy (the demo domain), compiled from the copies
+/// embedded at build time.
+pub fn shipped() -> Result<Policies, PolicyErrors> {
+    compile_all(
+        (Path::new("policies/tables.toml"), include_str!("../../policies/tables.toml")),
+        (Path::new("policies/development.toml"), include_str!("../../policies/development.toml")),
+        (Path::new("policies/production.toml"), include_str!("../../policies/production.toml")),
+    )
+}
+
+/// Compile the three files; every problem in every file is reported.
+pub fn compile_all(tables: (&Path, &str), dev: (&Path, &str), prod: (&Path, &str)) -> Result<Policies, PolicyErrors> {
+    let compiled_tables = Arc::new(compile::compile_tables(tables.0, tables.1)?);
+    let mut errors = Vec::new();
+    let mut sets = Vec::new();
+    for (env, (path, text)) in [(Environment::Development, dev), (Environment::Production, prod)] {
+        match compile::compile_policy_file(path, text, env, &compiled_tables) {
             Ok(roles) => {
                 let mut h = Sha256::new();
-                h.update(tables_text.as_bytes());
+                h.update(tables.1.as_bytes());
                 h.update([0]);
                 h.update(text.as_bytes());
                 let version = hex::encode(&h.finalize()[..8]);
-                sets.push(Arc::new(PolicySet { environment: env, tables: Arc::clone(&tables), roles, version }));
+                sets.push(Arc::new(PolicySet {
+                    environment: env,
+                    tables: Arc::clone(&compiled_tables),
+                    roles,
+                    version,
+                }));
             }
             Err(e) => errors.extend(e.0),
         }

@@ -53,6 +53,10 @@ impl RewriteCache {
         self.map.insert(OwnedKey { actor: actor.clone(), sql: sql.into() }, value);
     }
 
+    pub(crate) fn clear(&self) {
+        self.map.clear();
+    }
+
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.map.len()

@@ -10,7 +10,7 @@
 //!    cannot parse is forwarded verbatim only when PostgreSQL says it is a kind that touches no
 //!    data (`TransactionStmt`, `VariableShowStmt`, `ConstraintsSetStmt`); otherwise refused.
 //! 4. `gate` — rules the printer's safety depends on (no changing pinned settings), on both
-//!    trees; then `policy::apply_policy` (identity for now).
+//!    trees; then the `StatementPolicy` (the policy engine, `engine/`).
 //! 5. `printer` — prints without ever letting sqlparser's `Display` write client data.
 //! 6. `verify` — PostgreSQL's parser and lexer must read the output as intended; a statement
 //!    the policy did not change must parse to exactly the tree the client's text parsed to.
@@ -24,6 +24,7 @@
 
 mod cache;
 mod classify;
+pub mod engine;
 mod gate;
 mod lexer;
 mod pgtree;
@@ -42,6 +43,7 @@ use crate::auth::identity::ActorContext;
 use crate::protocol::sqlstate::SqlState;
 
 pub use gate::PINNED_SETTINGS;
+pub use policy::StatementPolicy;
 pub use printer::quoted_ident;
 
 use classify::PgParseError;
@@ -107,12 +109,24 @@ impl Refusal {
 /// Rewrites SQL for environment-key callers. Cheap to share (`&self`, thread-safe).
 pub struct Rewriter {
     cache: cache::RewriteCache,
+    policy: std::sync::RwLock<Arc<dyn StatementPolicy>>,
 }
 
 impl Rewriter {
     /// `cache_capacity` is the number of (caller, text) entries kept; 0 disables the cache.
-    pub fn new(cache_capacity: usize) -> Self {
-        Rewriter { cache: cache::RewriteCache::new(cache_capacity) }
+    pub fn new(cache_capacity: usize, policy: Arc<dyn StatementPolicy>) -> Self {
+        Rewriter { cache: cache::RewriteCache::new(cache_capacity), policy: std::sync::RwLock::new(policy) }
+    }
+
+    /// Swap in a new policy (a reloaded policy set or catalog). Cached rewrites made under the
+    /// old one are dropped.
+    pub fn set_policy(&self, policy: Arc<dyn StatementPolicy>) {
+        *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = policy;
+        self.cache.clear();
+    }
+
+    fn current_policy(&self) -> Arc<dyn StatementPolicy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// Rewrite the text of one simple-Query message (may hold several statements) or one
@@ -127,16 +141,17 @@ impl Rewriter {
         if let Some(hit) = self.cache.get(actor, sql) {
             return Ok(hit);
         }
-        let rewritten = Arc::new(rewrite_uncached(sql, actor)?);
+        let policy = self.current_policy();
+        let rewritten = Arc::new(rewrite_uncached(sql, actor, policy.as_ref())?);
         self.cache.insert(actor, sql, Arc::clone(&rewritten));
         Ok(rewritten)
     }
 }
 
-fn rewrite_uncached(sql: &str, actor: &ActorContext) -> Result<Rewritten, Refusal> {
+fn rewrite_uncached(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Result<Rewritten, Refusal> {
     // Neither parser is expected to panic, but a panic here must refuse the statement rather
     // than take the connection down with an unclear error.
-    match catch_unwind(AssertUnwindSafe(|| pipeline(sql, actor))) {
+    match catch_unwind(AssertUnwindSafe(|| pipeline(sql, actor, policy))) {
         Ok(result) => result,
         Err(_) => {
             tracing::error!(sql_len = sql.len(), "SQL rewriter panicked; statement refused");
@@ -145,7 +160,7 @@ fn rewrite_uncached(sql: &str, actor: &ActorContext) -> Result<Rewritten, Refusa
     }
 }
 
-fn pipeline(sql: &str, actor: &ActorContext) -> Result<Rewritten, Refusal> {
+fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Result<Rewritten, Refusal> {
     let statements = classify::parse(sql).map_err(input_parse_refusal)?;
     if statements.is_empty() {
         return Ok(Rewritten { sql: String::new(), statement_kinds: Vec::new() });
@@ -158,7 +173,7 @@ fn pipeline(sql: &str, actor: &ActorContext) -> Result<Rewritten, Refusal> {
     let mut checks = Vec::with_capacity(total);
     let mut kinds = Vec::with_capacity(total);
     for (i, stmt) in statements.into_iter().enumerate() {
-        let (text, expected) = rewrite_statement(sql, &tokens, &stmt, &statement_label(i, total), actor)?;
+        let (text, expected) = rewrite_statement(sql, &tokens, &stmt, &statement_label(i, total), actor, policy)?;
         if !out.is_empty() {
             out.push_str("; ");
         }
@@ -180,6 +195,7 @@ fn rewrite_statement(
     stmt: &classify::PgStatement,
     label: &str,
     actor: &ActorContext,
+    policy: &dyn StatementPolicy,
 ) -> Result<(String, Option<Expected>), Refusal> {
     gate::check_pg(&stmt.node)?;
     let bool_ops = lexer::count_boolean_operators(tokens, stmt.range.clone());
@@ -203,7 +219,7 @@ fn rewrite_statement(
         Ok(mut parsed) => {
             gate::check_sql(&parsed)?;
             let before_policy = parsed.clone();
-            policy::apply_policy(&mut parsed, actor)?;
+            policy.apply(&mut parsed, actor)?;
             // A statement the policy left alone must mean exactly what the client wrote: the
             // verifier compares PostgreSQL's reading of both texts.
             let same_as = if parsed == before_policy { Some(shape_of(&stmt.node, label)?) } else { None };

@@ -1,17 +1,28 @@
 //! The policy hook between the gate and the printer.
+//!
+//! The pipeline (parse → gate → policy → print → verify) is independent of what the policy
+//! does; the policy engine (`engine/`) is the production implementation. Whatever a policy adds
+//! is printed and verified like client text. Identifiers it introduces must be quoted after
+//! folding (`printer::quoted_ident`).
 
 use sqlparser::ast::Statement;
 
 use super::Refusal;
 use crate::auth::identity::ActorContext;
 
-/// Applies the caller's policy to one statement, in place, or refuses it.
-///
-/// The policy engine plugs in here: it will add tenant/environment predicates, rewrite table
-/// references and refuse what the caller's roles do not allow. It runs after the gate and
-/// before the printer, so whatever it adds is printed and verified like client text.
-/// Identifiers it introduces must come from `printer::quoted_ident`, which folds and quotes
-/// them. Today it is the identity.
-pub(crate) fn apply_policy(_stmt: &mut Statement, _actor: &ActorContext) -> Result<(), Refusal> {
-    Ok(())
+/// Rewrites one parsed statement for a caller, in place, or refuses it.
+pub trait StatementPolicy: Send + Sync {
+    fn apply(&self, stmt: &mut Statement, actor: &ActorContext) -> Result<(), Refusal>;
+}
+
+/// Test-only: leaves every statement as it is, so the pipeline's own properties (printing,
+/// verification, limits) can be tested without a policy set.
+#[cfg(test)]
+pub(crate) struct PassThrough;
+
+#[cfg(test)]
+impl StatementPolicy for PassThrough {
+    fn apply(&self, _stmt: &mut Statement, _actor: &ActorContext) -> Result<(), Refusal> {
+        Ok(())
+    }
 }

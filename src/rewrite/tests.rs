@@ -14,7 +14,7 @@ pub(super) fn actor() -> ActorContext {
 }
 
 pub(super) fn rewrite(sql: &str) -> Result<Arc<Rewritten>, Refusal> {
-    Rewriter::new(16).rewrite(sql, &actor())
+    Rewriter::new(16, pass()).rewrite(sql, &actor())
 }
 
 /// PostgreSQL's statement kinds of `sql`.
@@ -309,7 +309,7 @@ fn oversized_input_is_too_complex() {
 
 #[test]
 fn cache_reuses_verified_text_per_actor() {
-    let rewriter = Rewriter::new(8);
+    let rewriter = Rewriter::new(8, pass());
     let a = actor();
     let first = rewriter.rewrite("SELECT 'a'", &a).unwrap();
     let second = rewriter.rewrite("SELECT 'a'", &a).unwrap();
@@ -388,7 +388,7 @@ fn timing() {
     let small = "SELECT id, name FROM users WHERE id = $1";
     let a = actor();
     for (name, sql, iters) in [("40-byte SELECT", small, 20_000u32), ("1.5 KB catalog query", CATALOG_QUERY, 2_000)] {
-        let uncached = Rewriter::new(0);
+        let uncached = Rewriter::new(0, pass());
         uncached.rewrite(sql, &a).unwrap();
         let start = Instant::now();
         for _ in 0..iters {
@@ -396,7 +396,7 @@ fn timing() {
         }
         let miss = start.elapsed() / iters;
 
-        let cached = Rewriter::new(1024);
+        let cached = Rewriter::new(1024, pass());
         cached.rewrite(sql, &a).unwrap();
         let start = Instant::now();
         for _ in 0..iters * 10 {
@@ -558,3 +558,7 @@ const CORPUS: &[&str] = &[
     "SELECT typname, oid FROM pg_type WHERE oid = $1",
     "SELECT t.typname, t.typtype, t.typelem, r.rngsubtype, t.typbasetype, n.nspname, t.typrelid FROM pg_catalog.pg_type t LEFT OUTER JOIN pg_catalog.pg_range r ON r.rngtypid = t.oid INNER JOIN pg_catalog.pg_namespace n ON t.typnamespace = n.oid WHERE t.oid = $1",
 ];
+
+fn pass() -> std::sync::Arc<dyn super::StatementPolicy> {
+    std::sync::Arc::new(super::policy::PassThrough)
+}

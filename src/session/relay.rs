@@ -55,9 +55,14 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         tracker: Arc::clone(&tracker),
         discard_until_sync: false,
     };
+    let notify_prefix = match &caller {
+        Caller::Environment(actor) => Some(crate::rewrite::engine::notify_prefix(actor)),
+        Caller::Operator => None,
+    };
     let mut outbound = UpstreamToClient {
         proxy,
         is_operator: caller.is_operator(),
+        notify_prefix,
         key_hash,
         reader: up_r,
         buf: upstream.read_buf,
@@ -234,6 +239,8 @@ fn audit_operator(sql: &str) {
 struct UpstreamToClient<'a> {
     proxy: &'a Arc<Proxy>,
     is_operator: bool,
+    /// Environment sessions: channels are namespaced per organization and environment.
+    notify_prefix: Option<String>,
     key_hash: KeyHash,
     reader: ReadHalf<UpstreamStream>,
     buf: BytesMut,
@@ -280,6 +287,14 @@ impl UpstreamToClient<'_> {
                 }
             };
             match frame.tag {
+                b'A' if self.notify_prefix.is_some() => {
+                    let prefix = self.notify_prefix.as_deref().unwrap_or_default();
+                    // Another tenant's channel (or a malformed message) never reaches this client.
+                    if let Some(own) = strip_channel_prefix(&frame.body, prefix) {
+                        out.extend_from_slice(&own);
+                    }
+                    continue;
+                }
                 b'S' if !self.is_operator => check_parameter(&frame.body)?,
                 b'E' | b'Z' => {}
                 _ => {
@@ -321,6 +336,24 @@ async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> std::
     r.read_buf(buf).await
 }
 
+/// A NotificationResponse body (pid, channel, payload) on one of this tenant's channels,
+/// re-encoded with the prefix removed; `None` for any other channel.
+fn strip_channel_prefix(body: &[u8], prefix: &str) -> Option<BytesMut> {
+    let pid = body.get(..4)?;
+    let rest = body.get(4..)?;
+    let nul = rest.iter().position(|&c| c == 0)?;
+    let channel = rest.get(..nul)?.strip_prefix(prefix.as_bytes())?;
+    let payload = rest.get(nul + 1..)?;
+    let mut out = BytesMut::with_capacity(body.len() + 5);
+    out.extend_from_slice(b"A");
+    out.extend_from_slice(&((4 + pid.len() + channel.len() + 1 + payload.len()) as i32).to_be_bytes());
+    out.extend_from_slice(pid);
+    out.extend_from_slice(channel);
+    out.extend_from_slice(b"\0");
+    out.extend_from_slice(payload);
+    Some(out)
+}
+
 /// The printer's safety rests on these settings; a session where they changed is ended.
 fn check_parameter(body: &Bytes) -> Result<(), SessionEnd> {
     let Some((name, value)) = parse_parameter_status(body) else {
@@ -338,5 +371,33 @@ fn check_parameter(body: &Bytes) -> Result<(), SessionEnd> {
             SqlState::PROTOCOL_VIOLATION,
             format!("terminating connection: {name} changed to {value:?}, which the proxy cannot parse safely"),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notification(channel: &str, payload: &str) -> Vec<u8> {
+        let mut b = 42i32.to_be_bytes().to_vec();
+        b.extend_from_slice(channel.as_bytes());
+        b.push(0);
+        b.extend_from_slice(payload.as_bytes());
+        b.push(0);
+        b
+    }
+
+    #[test]
+    fn notifications_are_filtered_by_tenant_prefix() {
+        let out = strip_channel_prefix(&notification("tabc_jobs", "hi"), "tabc_").unwrap();
+        let mut expected = b"A".to_vec();
+        let body = notification("jobs", "hi");
+        expected.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        expected.extend_from_slice(&body);
+        assert_eq!(&out[..], &expected[..]);
+        assert!(strip_channel_prefix(&notification("tzzz_jobs", "hi"), "tabc_").is_none());
+        assert!(strip_channel_prefix(&notification("jobs", "hi"), "tabc_").is_none());
+        assert!(strip_channel_prefix(b"\0\0", "tabc_").is_none());
+        assert!(strip_channel_prefix(b"\0\0\0\0tabc_x", "tabc_").is_none());
     }
 }

@@ -49,8 +49,13 @@ fn build_fixture() -> Fixture {
     {
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-        let overrides =
-            RawConfig { listen: Some("127.0.0.1:0".into()), key_cache_ttl_secs: Some(1), ..RawConfig::default() };
+        let overrides = RawConfig {
+            listen: Some("127.0.0.1:0".into()),
+            key_cache_ttl_secs: Some(1),
+            // The cancel tests need something slow to cancel.
+            allow_functions: Some(vec!["pg_sleep".into()]),
+            ..RawConfig::default()
+        };
         let demo = runtime.block_on(Demo::start(overrides)).expect("demo starts");
         let fixture = Fixture {
             addr: demo.proxy.addr,

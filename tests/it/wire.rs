@@ -279,3 +279,28 @@ async fn lost_upstream_gives_08006_and_proxy_keeps_serving() {
     let fresh = f.dev().await;
     assert_eq!(simple_values(&fresh.simple_query("SELECT 'ok'").await.unwrap()), [Some("ok".into())]);
 }
+
+#[tokio::test]
+async fn tenants_never_hear_each_other() {
+    let f = fixture();
+    let (client, mut conn) = tokio_postgres::connect(&f.url(&f.dev_key), tokio_postgres::NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+    tokio::spawn(async move {
+        pin_mut!(stream);
+        while let Some(Ok(m)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
+            }
+        }
+    });
+    client.batch_execute("LISTEN jobs").await.unwrap();
+    // The production key of the same organization, and the operator on the raw channel name.
+    f.connect(&f.prod_key).await.unwrap().batch_execute("NOTIFY jobs, 'from production'").await.unwrap();
+    f.operator().await.batch_execute("NOTIFY jobs, 'raw'").await.unwrap();
+    f.dev().await.batch_execute("NOTIFY jobs, 'from development'").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+    assert_eq!(got, ("jobs".to_owned(), "from development".to_owned()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rx.try_recv().is_err(), "nothing from other environments or raw channels");
+}

@@ -1,0 +1,352 @@
+//! The policy engine: decides, statement by statement, what an environment key may run, and
+//! rewrites what it may into what it may see.
+//!
+//! - `access.rs`: roles → which rows and fields of a table, for an action.
+//! - `secure.rs`: the secure relation (tenant + scope + masks) as SQL.
+//! - `walk.rs`: name resolution (CTE scopes, pinned search_path) and the tree walk.
+//! - `functions.rs`: the function allowlist.
+//!
+//! Status: reads of managed tables go through secure relations; writes to managed tables are
+//! refused until `WITH CHECK` enforcement lands; statements not listed below are refused.
+
+pub mod access;
+pub mod functions;
+pub mod secure;
+pub mod walk;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use sqlparser::ast::{
+    CopySource, CopyTarget, CreateTable, FromTable, ObjectName, Reset, ResetStatement, Set, Statement, TableFactor,
+    TableObject, TableWithJoins,
+};
+
+use super::{Refusal, StatementPolicy};
+use crate::auth::identity::{ActorContext, Environment};
+use crate::catalog::CatalogSnapshot;
+use crate::policy::Policies;
+use secure::Ctx;
+use walk::{Resolved, Walker, name_parts};
+
+/// Settings an environment key may SET, SHOW or RESET.
+pub const ALLOWED_SETTINGS: &[&str] = &[
+    "application_name",
+    "timezone",
+    "time zone",
+    "datestyle",
+    "intervalstyle",
+    "extra_float_digits",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "idle_session_timeout",
+    "jit",
+    "bytea_output",
+    "client_min_messages",
+    "default_transaction_isolation",
+    "default_transaction_read_only",
+    "transaction_isolation",
+    "work_mem",
+    "geqo",
+    "enable_seqscan",
+    "random_page_cost",
+    "search_path_warning",
+    "lc_messages",
+    "lc_monetary",
+    "lc_numeric",
+    "lc_time",
+    "xmloption",
+    "default_text_search_config",
+];
+
+/// The policies of both environments and the catalog they are checked against.
+pub struct PolicyEngine {
+    pub policies: Policies,
+    pub catalog: Arc<CatalogSnapshot>,
+    /// Functions the configuration allows beyond the built-in allowlist (e.g. `pg_sleep`).
+    pub allow_functions: BTreeSet<String>,
+}
+
+fn denied(msg: impl Into<String>) -> Refusal {
+    Refusal::Denied(format!("refused: {}", msg.into()))
+}
+
+impl StatementPolicy for PolicyEngine {
+    fn apply(&self, stmt: &mut Statement, actor: &ActorContext) -> Result<(), Refusal> {
+        let set = self.policies.for_env(actor.environment);
+        let ctx = Ctx::new(actor, set, &self.catalog);
+        let mut walker = Walker::new(&ctx, &self.allow_functions);
+        self.statement(stmt, &mut walker)
+    }
+}
+
+impl PolicyEngine {
+    fn statement(&self, stmt: &mut Statement, w: &mut Walker) -> Result<(), Refusal> {
+        match stmt {
+            Statement::Query(q) => w.run(q.as_mut()).map_err(denied),
+            Statement::Insert(ins) => {
+                let TableObject::TableName(name) = &ins.table else {
+                    return Err(denied("INSERT INTO a table function is not supported"));
+                };
+                let name = name.clone();
+                self.unmanaged_write_target(w, &name, "insert into")?;
+                self.walk_write(w, stmt)
+            }
+            Statement::Update(u) => {
+                let target =
+                    table_with_joins_name(&u.table).ok_or_else(|| denied("UPDATE of this target is not supported"))?;
+                self.unmanaged_write_target(w, &target, "update")?;
+                self.walk_write(w, stmt)
+            }
+            Statement::Delete(d) => {
+                let tables = match &d.from {
+                    FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
+                };
+                for t in tables {
+                    let name =
+                        table_with_joins_name(t).ok_or_else(|| denied("DELETE from this target is not supported"))?;
+                    self.unmanaged_write_target(w, &name, "delete from")?;
+                }
+                self.walk_write(w, stmt)
+            }
+            Statement::Truncate(t) => {
+                for target in &t.table_names {
+                    self.unmanaged_write_target(w, &target.name, "truncate")?;
+                }
+                Ok(())
+            }
+            Statement::CreateTable(ct) => self.create_table(w, ct),
+            Statement::CreateIndex(ci) => {
+                let name = ci.table_name.clone();
+                self.ddl_target(w, &name, "create an index on")?;
+                self.walk_write(w, stmt)
+            }
+            Statement::AlterTable(at) => {
+                let name = at.name.clone();
+                self.ddl_target(w, &name, "alter")?;
+                self.walk_write(w, stmt)
+            }
+            Statement::Drop { names, object_type, .. } => {
+                use sqlparser::ast::ObjectType;
+                if !matches!(object_type, ObjectType::Table | ObjectType::Index | ObjectType::Sequence) {
+                    return Err(denied(format!("DROP {object_type} is not allowed through an environment key")));
+                }
+                for n in names.clone() {
+                    self.ddl_target(w, &n, "drop")?;
+                }
+                Ok(())
+            }
+            Statement::Copy { source, to, target, .. } => self.copy(w, source, *to, target),
+            Statement::LISTEN { channel } | Statement::UNLISTEN { channel } => namespace_channel(channel, w.ctx.actor),
+            Statement::NOTIFY { channel, .. } => namespace_channel(channel, w.ctx.actor),
+            Statement::Set(s) => self.set(s),
+            Statement::ShowVariable { .. } | Statement::Discard { .. } => Ok(()),
+            Statement::Reset(ResetStatement { reset }) => match reset {
+                Reset::ALL => Ok(()),
+                Reset::SessionAuthorization => Err(denied("RESET SESSION AUTHORIZATION is not allowed")),
+                Reset::ConfigurationParameter(n) => self.setting_allowed(n),
+            },
+            Statement::StartTransaction { .. }
+            | Statement::Commit { .. }
+            | Statement::Rollback { .. }
+            | Statement::Savepoint { .. }
+            | Statement::ReleaseSavepoint { .. } => Ok(()),
+            Statement::Explain { analyze, statement, .. } => {
+                if *analyze {
+                    return Err(denied(
+                        "EXPLAIN ANALYZE is not allowed: its row counts reveal rows outside the caller's scope",
+                    ));
+                }
+                self.statement(statement, w)
+            }
+            Statement::Prepare { statement, .. } => self.statement(statement, w),
+            Statement::Execute { .. } | Statement::Deallocate { .. } => w.run(stmt).map_err(denied),
+            Statement::Declare { .. } | Statement::Fetch { .. } | Statement::Close { .. } => {
+                w.run(stmt).map_err(denied)
+            }
+            other => Err(denied(format!("{} is not allowed through an environment key", statement_name(other)))),
+        }
+    }
+
+    /// Walk a statement that writes to an unmanaged object: reading managed tables into it
+    /// would persist one tenant's rows where every development key can read them.
+    fn walk_write(&self, w: &mut Walker, stmt: &mut Statement) -> Result<(), Refusal> {
+        w.run(stmt).map_err(denied)?;
+        if w.read_managed {
+            return Err(denied(
+                "a statement that writes to an unmanaged table may not read managed tables (their rows would leave the tenant's scope)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes to managed tables are refused until WITH CHECK enforcement lands; unmanaged
+    /// targets need the unmanaged-tables grant.
+    fn unmanaged_write_target(&self, w: &Walker, name: &ObjectName, verb: &str) -> Result<(), Refusal> {
+        let (schema, table) = self.resolve_target(w, name)?;
+        if w.ctx.set.tables.table(&schema, &table).is_some() {
+            return Err(denied(format!(
+                "{verb} the managed table {table} is not supported through the proxy yet (writes to managed tables are refused until WITH CHECK enforcement lands)"
+            )));
+        }
+        w.check_plain_relation(&schema, &table).map_err(denied)?;
+        if schema == "pg_catalog" || schema == "information_schema" {
+            return Err(denied(format!("cannot {verb} the catalog relation {schema}.{table}")));
+        }
+        Ok(())
+    }
+
+    /// DDL: only on unmanaged tables, only in development, only with the grant.
+    fn ddl_target(&self, w: &Walker, name: &ObjectName, verb: &str) -> Result<(), Refusal> {
+        let (schema, table) = self.resolve_target(w, name)?;
+        if w.ctx.set.tables.table(&schema, &table).is_some() {
+            return Err(denied(format!(
+                "cannot {verb} the managed table {table}: both environments share managed tables, so DDL on them is never allowed through an environment key"
+            )));
+        }
+        if w.ctx.actor.environment == Environment::Production {
+            return Err(denied("DDL is not allowed in production"));
+        }
+        if !w.unmanaged_allowed() {
+            return Err(denied("DDL needs a development role granted unmanaged_tables"));
+        }
+        if matches!(schema.as_str(), "pg_catalog" | "information_schema" | crate::auth::store::PROXY_SCHEMA) {
+            return Err(denied(format!("cannot {verb} {schema}.{table}")));
+        }
+        Ok(())
+    }
+
+    fn resolve_target(&self, w: &Walker, name: &ObjectName) -> Result<(String, String), Refusal> {
+        let parts = name_parts(name).ok_or_else(|| denied(format!("relation name {name} is not supported")))?;
+        match w.resolve(&parts).map_err(denied)? {
+            Resolved::Cte => Err(denied(format!("{name} names a CTE, which cannot be the target here"))),
+            Resolved::Relation { schema, name } => Ok((schema, name)),
+        }
+    }
+
+    fn create_table(&self, w: &mut Walker, ct: &mut CreateTable) -> Result<(), Refusal> {
+        let (schema, table) = self.resolve_target(w, &ct.name)?;
+        // A temporary table may not shadow a managed one, even though the proxy always names
+        // managed tables schema-qualified.
+        if ct.temporary && w.ctx.set.tables.by_name.contains_key(&table) {
+            return Err(denied(format!("a temporary table may not be named like the managed table {table}")));
+        }
+        self.ddl_target(w, &ct.name, "create")?;
+        let _ = schema;
+        w.run(ct).map_err(denied)?;
+        if w.read_managed {
+            return Err(denied(
+                "CREATE TABLE … AS may not read managed tables (their rows would leave the tenant's scope)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// COPY: only to the client or from it. A managed table copied out becomes a copy of its
+    /// secure relation; copying into a managed table is refused until WITH CHECK lands.
+    fn copy(&self, w: &mut Walker, source: &mut CopySource, to: bool, target: &CopyTarget) -> Result<(), Refusal> {
+        if !matches!(target, CopyTarget::Stdin | CopyTarget::Stdout) {
+            return Err(denied("COPY to or from a server file or program is not allowed"));
+        }
+        match source {
+            CopySource::Query(q) => w.run(q.as_mut()).map_err(denied),
+            CopySource::Table { table_name, columns } => {
+                let (schema, table) = self.resolve_target(w, table_name)?;
+                if w.ctx.set.tables.table(&schema, &table).is_none() {
+                    if !to {
+                        return self.unmanaged_write_target(w, &table_name.clone(), "copy into");
+                    }
+                    return w.check_plain_relation(&schema, &table).map_err(denied);
+                }
+                if !to {
+                    return self.unmanaged_write_target(w, &table_name.clone(), "copy into");
+                }
+                // COPY t (cols) TO STDOUT  →  COPY (SELECT cols FROM t) TO STDOUT, then secured.
+                let cols = if columns.is_empty() {
+                    "*".to_owned()
+                } else {
+                    columns.iter().map(|c| secure::ident(&walk::fold(c))).collect::<Vec<_>>().join(", ")
+                };
+                let sql = format!("SELECT {cols} FROM {}.{}", secure::ident(&schema), secure::ident(&table));
+                let mut q = walk::parse_query(&sql).map_err(|e| denied(format!("internal error: {e}")))?;
+                w.run(q.as_mut()).map_err(denied)?;
+                *source = CopySource::Query(q);
+                Ok(())
+            }
+        }
+    }
+
+    fn set(&self, s: &Set) -> Result<(), Refusal> {
+        match s {
+            Set::SingleAssignment { variable, .. } => self.setting_allowed(variable),
+            Set::ParenthesizedAssignments { variables, .. } => {
+                variables.iter().try_for_each(|v| self.setting_allowed(v))
+            }
+            Set::MultipleAssignments { assignments } => {
+                assignments.iter().try_for_each(|a| self.setting_allowed(&a.name))
+            }
+            Set::SetTimeZone { .. } | Set::SetTransaction { .. } => Ok(()),
+            Set::SetRole { .. } => Err(denied("SET ROLE is not allowed through the proxy")),
+            Set::SetSessionAuthorization(_) => {
+                Err(denied("SET SESSION AUTHORIZATION is not allowed through the proxy"))
+            }
+            other => Err(denied(format!("{other} is not allowed through the proxy"))),
+        }
+    }
+
+    fn setting_allowed(&self, name: &ObjectName) -> Result<(), Refusal> {
+        let parts = name_parts(name).unwrap_or_default();
+        let setting = parts.join(".");
+        if ALLOWED_SETTINGS.contains(&setting.as_str()) {
+            Ok(())
+        } else {
+            Err(denied(format!("the setting {setting} may not be changed through an environment key")))
+        }
+    }
+}
+
+/// The channel prefix of one organization and environment: tenants never hear each other.
+/// NotificationResponses are filtered and un-prefixed on the way back (session relay).
+pub fn notify_prefix(actor: &ActorContext) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(actor.organization.as_bytes());
+    h.update([0]);
+    h.update(actor.environment.as_str().as_bytes());
+    format!("t{}_", hex::encode(&h.finalize()[..5]))
+}
+
+/// PostgreSQL channel names are identifiers: at most 63 bytes.
+const MAX_CHANNEL_BYTES: usize = 63;
+
+fn namespace_channel(channel: &mut sqlparser::ast::Ident, actor: &ActorContext) -> Result<(), Refusal> {
+    // `UNLISTEN *` stays as it is: it only affects this session's own channels.
+    if channel.value == "*" && channel.quote_style.is_none() {
+        return Ok(());
+    }
+    let name = format!("{}{}", notify_prefix(actor), walk::fold(channel));
+    if name.len() > MAX_CHANNEL_BYTES {
+        return Err(denied(format!("channel name {} is too long", walk::fold(channel))));
+    }
+    *channel = sqlparser::ast::Ident::with_quote('"', name);
+    Ok(())
+}
+
+fn table_with_joins_name(t: &TableWithJoins) -> Option<ObjectName> {
+    match &t.relation {
+        TableFactor::Table { name, .. } => Some(name.clone()),
+        _ => None,
+    }
+}
+
+/// A short human name for a statement kind, for refusals.
+fn statement_name(s: &Statement) -> String {
+    let text = s.to_string();
+    let words: Vec<&str> = text.split_whitespace().take(2).collect();
+    let head = words.join(" ").to_uppercase();
+    head.chars().filter(|c| c.is_ascii_alphabetic() || *c == ' ').collect::<String>().trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests;
