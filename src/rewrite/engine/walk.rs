@@ -142,10 +142,10 @@ impl<'c, 'a> Walker<'c, 'a> {
 
     /// Whether a read of this relation is allowed as it is (catalogs, unmanaged scratch tables).
     pub fn check_plain_relation(&self, schema: &str, name: &str) -> Result<(), String> {
-        // Hidden catalog relations are refused under any schema the name might resolve to.
-        if HIDDEN_CATALOG_RELATIONS.contains(&name)
-            && !self.ctx.catalog.relation("public", name).is_some_and(|_| schema == "public")
-        {
+        // Hidden catalog relations are refused under any schema the name might resolve to
+        // (except a real table of the same name in public).
+        let own_public_table = schema == "public" && self.ctx.catalog.relation("public", name).is_some();
+        if HIDDEN_CATALOG_RELATIONS.contains(&name) && !own_public_table {
             return Err(format!("{name} exposes other tenants' data or queries"));
         }
         if schema == PROXY_SCHEMA {
