@@ -17,6 +17,8 @@ pub const APP_DATABASE: &str = "app";
 
 /// The demo domain's tables (owned by the owner role; client traffic gets DML only).
 pub const DEMO_SCHEMA: &str = include_str!("../policies/schema.sql");
+/// Two organizations × two environments of demo rows.
+pub const DEMO_SEED: &str = include_str!("../policies/seed.sql");
 
 /// A running demo: keep it alive to keep everything up; drop it to remove everything.
 pub struct Demo {
@@ -47,6 +49,7 @@ pub fn provision(cluster: &TempCluster) -> AppResult<String> {
         ),
     )?;
     cluster.psql(APP_DATABASE, DEMO_SCHEMA)?;
+    cluster.psql(APP_DATABASE, DEMO_SEED)?;
     cluster.psql(
         APP_DATABASE,
         &format!(

@@ -100,21 +100,40 @@ impl Fixture {
         connect_to(&self.admin_url).await.expect("admin connects directly")
     }
 
-    /// Create a key with the owner connection (as `keys create` does).
+    /// Create an acme admin key with the owner connection (as `keys create` does).
     pub async fn create_key(&self, name: &str, env: Environment, expires_in: Option<std::time::Duration>) -> String {
-        let admin = self.admin().await;
-        let spec = KeySpec {
-            name: name.to_owned(),
-            actor: Some(ActorContext {
-                organization: "acme".into(),
-                environment: env,
-                roles: vec!["admin".into()],
-                actor_type: ActorType::User,
-                actor_id: name.to_owned(),
-            }),
-            expires_in,
+        let actor = ActorContext {
+            organization: "acme".into(),
+            environment: env,
+            roles: vec!["admin".into()],
+            actor_type: ActorType::User,
+            actor_id: name.to_owned(),
         };
+        self.create_key_for(name, actor, expires_in).await
+    }
+
+    pub async fn create_key_for(
+        &self,
+        name: &str,
+        actor: ActorContext,
+        expires_in: Option<std::time::Duration>,
+    ) -> String {
+        let admin = self.admin().await;
+        let spec = KeySpec { name: name.to_owned(), actor: Some(actor), expires_in };
         store::create_key(&admin, &spec).await.expect("create key").secret
+    }
+
+    /// A connection for an actor of the demo domain.
+    pub async fn as_actor(&self, org: &str, env: Environment, role: &str, actor_type: ActorType, id: &str) -> Client {
+        let actor = ActorContext {
+            organization: org.into(),
+            environment: env,
+            roles: vec![role.into()],
+            actor_type,
+            actor_id: id.into(),
+        };
+        let key = self.create_key_for(&crate::harness::unique(role), actor, None).await;
+        self.connect(&key).await.expect("actor key connects")
     }
 
     /// Start one more proxy (same cluster) with changed settings, on the fixture's runtime.

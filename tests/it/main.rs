@@ -7,5 +7,6 @@ mod catalog;
 mod cli;
 mod harness;
 mod hostile;
+mod isolation;
 mod psql;
 mod wire;

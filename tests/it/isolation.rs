@@ -1,0 +1,170 @@
+//! Environment and tenant isolation through the proxy, on the seeded demo domain (acme and
+//! globex, development and production): whatever SQL is sent, nothing of another environment or
+//! organization, and nothing a mask hides, comes back.
+
+use struere_proxy::auth::identity::{ActorType, Environment};
+use tokio_postgres::Client;
+
+use crate::harness::{code, fixture};
+
+async fn strings(c: &Client, sql: &str) -> Vec<String> {
+    c.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")).iter().map(|r| r.get::<_, String>(0)).collect()
+}
+
+async fn count(c: &Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")).get(0)
+}
+
+/// Everything a query returns, as text, so a leaked marker is found wherever it hides.
+async fn dump(c: &Client, sql: &str) -> String {
+    let msgs = c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    let mut out = String::new();
+    for m in msgs {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            for i in 0..r.len() {
+                out.push_str(r.get(i).unwrap_or("NULL"));
+                out.push('|');
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_development_key_sees_only_development_rows_of_its_organization() {
+    let f = fixture();
+    let dev = f.dev().await;
+    for sql in [
+        "SELECT DISTINCT organization_id || '/' || environment FROM entities",
+        "SELECT DISTINCT organization_id || '/' || environment FROM entities WHERE true OR 1 = 1",
+        "SELECT DISTINCT e.organization_id || '/' || e.environment FROM public.entities AS e, \"entities\" e2 WHERE e.id = e2.id OR true",
+        "SELECT DISTINCT organization_id || '/' || environment FROM (SELECT * FROM entities UNION ALL SELECT * FROM entities) s",
+        "WITH x AS (SELECT * FROM messages) SELECT DISTINCT organization_id || '/' || environment FROM x",
+        "SELECT DISTINCT organization_id || '/' || environment FROM threads t WHERE EXISTS (SELECT 1 FROM messages m WHERE m.thread_id = t.id)",
+    ] {
+        assert_eq!(strings(&dev, sql).await, ["acme/development"], "{sql}");
+    }
+    let prod = f.connect(&f.prod_key).await.unwrap();
+    assert_eq!(
+        strings(&prod, "SELECT DISTINCT organization_id || '/' || environment FROM entities").await,
+        ["acme/production"]
+    );
+    assert_eq!(strings(&dev, "SELECT id FROM organizations").await, ["acme"]);
+    // Shared tables: no environment filter, organization boundary kept.
+    assert_eq!(count(&dev, "SELECT count(*) FROM agents").await, 2);
+    assert_eq!(count(&dev, "SELECT count(*) FROM users WHERE organization_id <> 'acme'").await, 0);
+}
+
+#[tokio::test]
+async fn whole_rows_aggregates_and_json_never_leak_other_tenants() {
+    let f = fixture();
+    let dev = f.dev().await;
+    let all = dump(&dev, "SELECT to_jsonb(e), e::text, row_to_json(e.*) FROM entities e").await;
+    for marker in ["globex", "production"] {
+        assert!(!all.contains(marker), "{marker} leaked: {all}");
+    }
+    let agg = dump(&dev, "SELECT string_agg(data::text, ',' ORDER BY id), count(*) FROM entities").await;
+    assert!(!agg.contains("globex") && !agg.contains("production"), "{agg}");
+}
+
+#[tokio::test]
+async fn an_erroring_cast_on_other_tenants_values_reveals_nothing() {
+    let f = fixture();
+    let dev = f.dev().await;
+    // Every paymentAmount is text like PAYMENT-globex-production-1: the cast fails on the first
+    // row it meets. Whatever the plan, that row must be one of the caller's own.
+    let err = dev
+        .query("SELECT id FROM entities WHERE entity_type = 'session' AND (data->>'paymentAmount')::int > 0", &[])
+        .await
+        .unwrap_err();
+    let msg = err.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+    assert!(msg.contains("PAYMENT-acme-development"), "the error may only show the caller's own value: {msg}");
+}
+
+#[tokio::test]
+async fn teachers_see_their_sessions_without_hidden_fields() {
+    let f = fixture();
+    let t = f.as_actor("acme", Environment::Development, "teacher", ActorType::User, "acme-teacher-1").await;
+    let ids = strings(&t, "SELECT id FROM entities ORDER BY id").await;
+    assert_eq!(ids, ["acme-development-session-2", "acme-development-session-4"]);
+    let out = dump(&t, "SELECT data, to_jsonb(e) FROM entities e").await;
+    for hidden in ["PAYMENT", "SESSION-PHONE", "NOTES"] {
+        assert!(!out.contains(hidden), "{hidden} leaked: {out}");
+    }
+    assert!(out.contains("studentId"));
+    // A condition on a hidden field sees the masked value (NULL), not the real one.
+    assert_eq!(count(&t, "SELECT count(*) FROM entities WHERE data->>'paymentAmount' LIKE 'PAYMENT%'").await, 0);
+    // Other resources are refused, with the reason.
+    let e = t.simple_query("SELECT * FROM threads").await.unwrap_err();
+    assert_eq!(code(&e), "42501");
+    assert!(e.as_db_error().unwrap().message().contains("role \"teacher\" may not select threads"));
+}
+
+#[tokio::test]
+async fn guardians_see_linked_students_and_their_sessions() {
+    let f = fixture();
+    let g = f.as_actor("acme", Environment::Production, "guardian", ActorType::User, "acme-guardian-1").await;
+    let ids = strings(&g, "SELECT id FROM entities ORDER BY id").await;
+    assert_eq!(
+        ids,
+        ["acme-production-session-2", "acme-production-session-4", "acme-production-student-1"],
+        "student-1 is linked; sessions 2 and 4 are hers"
+    );
+    let out = dump(&g, "SELECT data FROM entities").await;
+    assert!(!out.contains("NOTES"), "{out}");
+    assert!(out.contains("PAYMENT-acme-production"), "guardians may see payments: {out}");
+}
+
+#[tokio::test]
+async fn agents_see_partially_masked_users_and_only_their_threads() {
+    let f = fixture();
+    let a = f.as_actor("acme", Environment::Development, "agent", ActorType::Agent, "acme-agent-1").await;
+    let emails = strings(&a, "SELECT email FROM users ORDER BY id").await;
+    assert_eq!(emails.len(), 3);
+    assert!(emails.iter().all(|e| e.starts_with('*') && !e.contains('@') && e.ends_with("test")), "{emails:?}");
+    assert!(emails.iter().all(|e| !e.contains("ada@")), "{emails:?}");
+    assert_eq!(strings(&a, "SELECT id FROM threads").await, ["acme-agent-1-development-thread-1"]);
+    assert_eq!(count(&a, "SELECT count(*) FROM messages").await, 2);
+    let students = dump(&a, "SELECT data FROM entities WHERE entity_type = 'student'").await;
+    assert!(!students.contains("GUARDIAN-PHONE"), "{students}");
+}
+
+#[tokio::test]
+async fn managed_tables_refuse_ddl_and_writes_for_now() {
+    let f = fixture();
+    let dev = f.dev().await;
+    for sql in [
+        "ALTER TABLE entities ADD COLUMN x int",
+        "DROP TABLE entities",
+        "TRUNCATE entities",
+        "DELETE FROM entities",
+        "UPDATE entities SET data = '{}'",
+        "INSERT INTO entities (organization_id, environment, entity_type) VALUES ('globex', 'production', 'x')",
+        "SELECT * FROM struere.api_keys",
+        "EXPLAIN ANALYZE SELECT * FROM entities",
+        "DO $$ BEGIN END $$",
+        "SET ROLE postgres",
+        "SELECT pg_read_file('/etc/passwd')",
+    ] {
+        let e = dev.simple_query(sql).await.unwrap_err();
+        let c = code(&e);
+        assert!(c == "42501" || c == "42601", "{sql}: {e:?}");
+    }
+    let n: i64 = f.admin().await.query_one("SELECT count(*) FROM entities", &[]).await.unwrap().get(0);
+    assert_eq!(n, 24, "nothing was changed");
+}
+
+#[tokio::test]
+async fn explain_and_copy_go_through_secure_relations() {
+    let f = fixture();
+    let dev = f.dev().await;
+    let plan = dump(&dev, "EXPLAIN SELECT * FROM entities").await;
+    assert!(plan.contains("'development'"), "the plan shows the tenant filter: {plan}");
+    let stream = dev.copy_out("COPY entities TO STDOUT").await.unwrap();
+    use futures_util::TryStreamExt;
+    let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
+    let text: String = chunks.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
+    assert_eq!(text.lines().count(), 6);
+    assert!(!text.contains("globex") && !text.contains("production"), "{text}");
+}
