@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run the whole test suite: unit tests (pure parts) and integration tests (a throwaway
-# PostgreSQL cluster, the proxy, real clients).
+# Run the whole test suite: unit tests (pure parts), integration tests (a throwaway PostgreSQL
+# cluster, the proxy, real clients), and the benches once each as smoke tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec cargo test --all-targets "$@"
+cargo test --benches "$@"
+cargo test --lib --bins --tests "$@"
