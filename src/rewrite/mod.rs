@@ -198,6 +198,7 @@ fn rewrite_statement(
     policy: &dyn StatementPolicy,
 ) -> Result<(String, Option<Expected>), Refusal> {
     gate::check_pg(&stmt.node)?;
+    policy.check_pg(&stmt.node, actor)?;
     let bool_ops = lexer::count_boolean_operators(tokens, stmt.range.clone());
     if bool_ops > MAX_BOOLEAN_OPERATORS {
         return Err(Refusal::TooComplex(format!(

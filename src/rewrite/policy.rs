@@ -12,6 +12,11 @@ use crate::auth::identity::ActorContext;
 
 /// Rewrites one parsed statement for a caller, in place, or refuses it.
 pub trait StatementPolicy: Send + Sync {
+    /// Checks PostgreSQL's own reading of the statement, before anything else; this is the only
+    /// check a statement forwarded verbatim (sqlparser could not parse it, pg_query proved it
+    /// data-free) gets.
+    fn check_pg(&self, node: &pg_query::NodeEnum, actor: &ActorContext) -> Result<(), Refusal>;
+
     fn apply(&self, stmt: &mut Statement, actor: &ActorContext) -> Result<(), Refusal>;
 }
 
@@ -22,6 +27,10 @@ pub(crate) struct PassThrough;
 
 #[cfg(test)]
 impl StatementPolicy for PassThrough {
+    fn check_pg(&self, _node: &pg_query::NodeEnum, _actor: &ActorContext) -> Result<(), Refusal> {
+        Ok(())
+    }
+
     fn apply(&self, _stmt: &mut Statement, _actor: &ActorContext) -> Result<(), Refusal> {
         Ok(())
     }

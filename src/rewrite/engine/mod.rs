@@ -73,6 +73,23 @@ fn denied(msg: impl Into<String>) -> Refusal {
 }
 
 impl StatementPolicy for PolicyEngine {
+    fn check_pg(&self, node: &pg_query::NodeEnum, _actor: &ActorContext) -> Result<(), Refusal> {
+        use pg_query::protobuf::TransactionStmtKind as K;
+        if let pg_query::NodeEnum::TransactionStmt(t) = node
+            && matches!(
+                K::try_from(t.kind),
+                Ok(K::TransStmtPrepare | K::TransStmtCommitPrepared | K::TransStmtRollbackPrepared)
+            )
+        {
+            // Every environment key runs as the same upstream role, which may finish any
+            // prepared transaction of that role: another tenant's included.
+            return Err(denied(
+                "two-phase commit (PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED) is not allowed through an environment key",
+            ));
+        }
+        Ok(())
+    }
+
     fn apply(&self, stmt: &mut Statement, actor: &ActorContext) -> Result<(), Refusal> {
         let set = self.policies.for_env(actor.environment);
         let ctx = Ctx::new(actor, set, &self.catalog);

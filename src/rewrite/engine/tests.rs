@@ -212,6 +212,10 @@ fn refusals_name_the_construct() {
     assert!(e.to_string().contains("work_mem_x"), "{e}");
     let e = run(&admin_dev(), "COPY threads FROM STDIN").unwrap_err();
     assert!(e.to_string().contains("managed table threads"), "{e}");
+    for sql in ["PREPARE TRANSACTION 'g1'", "COMMIT PREPARED 'g1'", "ROLLBACK PREPARED 'g1'"] {
+        let e = run(&admin_dev(), sql).unwrap_err();
+        assert!(e.to_string().contains("two-phase commit"), "{sql}: {e}");
+    }
     let e = run(&actor(Environment::Development, &["teacher"], "t"), "SELECT * FROM scratch").unwrap_err();
     assert!(e.to_string().contains("not managed by the policy"), "{e}");
 }
