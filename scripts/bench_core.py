@@ -46,6 +46,9 @@ def pgbench(pgbench_bin, conn, protocol, seconds, script):
         capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
+    failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
+    if failed and int(failed.group(1)) > 0:
+        raise RuntimeError(f"pgbench reported failed transactions: {out.stdout}")
     lat = float(re.search(r"latency average = ([\d.]+) ms", out.stdout).group(1))
     return lat * 1000.0  # microseconds
 
