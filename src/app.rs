@@ -4,7 +4,7 @@ use std::io::Write;
 
 use crate::auth::identity::{ActorContext, ActorType, Environment};
 use crate::auth::store::{self, KeySpec};
-use crate::cli::{CreateKey, KeysCommand, PolicyCommand};
+use crate::cli::{CreateKey, ExplainArgs, KeysCommand, PolicyCommand};
 use crate::config::RawConfig;
 use crate::server::RunningProxy;
 
@@ -103,6 +103,51 @@ pub fn policy(raw: &RawConfig, cmd: PolicyCommand) -> AppResult<()> {
                 p.production.roles.len()
             );
             Ok(())
+        }
+    }
+}
+
+/// `explain`: the rewritten SQL on stdout (exit 0), or the refusal on stderr (exit 1).
+pub async fn explain(raw: &RawConfig, args: ExplainArgs) -> AppResult<bool> {
+    let mut settings_raw = raw.clone();
+    settings_raw.admin_upstream = Some(admin_url(raw)?);
+    if settings_raw.upstream.is_none() {
+        settings_raw.upstream = settings_raw.admin_upstream.clone();
+    }
+    let settings = crate::config::Settings::from_raw(settings_raw)?;
+    let engine = crate::server::load_engine(&settings).await?;
+    let actor = match &args.key {
+        Some(key) => {
+            let store = crate::auth::store::KeyStore::new(settings.admin_upstream.clone(), settings.key_cache_ttl);
+            match store.lookup(&crate::auth::api_key::KeyHash::of(key)).await? {
+                crate::auth::store::KeyStatus::Valid(r) => match &r.caller {
+                    crate::auth::identity::Caller::Environment(a) => a.clone(),
+                    crate::auth::identity::Caller::Operator => {
+                        println!("{}", args.sql);
+                        eprintln!("operator key: statements are forwarded as sent");
+                        return Ok(true);
+                    }
+                },
+                other => return Err(format!("the key is not usable: {}", other.reason()).into()),
+            }
+        }
+        None => ActorContext {
+            organization: args.org.clone().ok_or("--org is required")?,
+            environment: args.env.clone().ok_or("--env is required")?.parse()?,
+            roles: args.roles.clone(),
+            actor_type: args.actor_type.parse()?,
+            actor_id: args.actor_id.clone(),
+        },
+    };
+    let rewriter = crate::rewrite::Rewriter::new(0, engine);
+    match rewriter.rewrite(&args.sql, &actor) {
+        Ok(r) => {
+            println!("{}", r.sql);
+            Ok(true)
+        }
+        Err(refusal) => {
+            eprintln!("{}: {refusal}", refusal.sqlstate().code());
+            Ok(false)
         }
     }
 }

@@ -97,6 +97,28 @@ pub enum Command {
     /// Work with the policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Show what the proxy would forward for a statement (or why it would refuse it).
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// Take the identity from an existing key instead of the flags below.
+    #[arg(long, conflicts_with_all = ["env", "org", "roles", "actor_id"])]
+    pub key: Option<String>,
+    /// development | production
+    #[arg(long, required_unless_present = "key")]
+    pub env: Option<String>,
+    #[arg(long, required_unless_present = "key")]
+    pub org: Option<String>,
+    #[arg(long = "role")]
+    pub roles: Vec<String>,
+    #[arg(long, default_value = "user")]
+    pub actor_type: String,
+    #[arg(long, default_value = "explain")]
+    pub actor_id: String,
+    /// The SQL text (one message: may hold several statements).
+    pub sql: String,
 }
 
 #[derive(Debug, Subcommand)]

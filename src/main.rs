@@ -43,6 +43,11 @@ async fn main() -> std::process::ExitCode {
         Command::Keys(k) => app::keys(&raw, k).await,
         Command::Demo => demo::run(raw).await,
         Command::Policy(p) => app::policy(&raw, p),
+        Command::Explain(args) => match app::explain(&raw, args).await {
+            Ok(true) => Ok(()),
+            Ok(false) => return std::process::ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -138,3 +138,29 @@ fn send_sigint(pid: u32) {
     let status = Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn explain_prints_the_rewrite_or_the_refusal() {
+    let (ok, out, err) = run(&[
+        "explain",
+        "--env",
+        "development",
+        "--org",
+        "acme",
+        "--role",
+        "teacher",
+        "--actor-id",
+        "acme-teacher-1",
+        "SELECT id FROM entities",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("'acme'") && out.contains("'development'") && out.contains("'acme-teacher-1'"), "{out}");
+    let (ok, out, err) =
+        run(&["explain", "--env", "production", "--org", "acme", "--role", "teacher", "SELECT * FROM threads"]);
+    assert!(!ok && out.is_empty());
+    assert!(err.contains("42501: refused: role \"teacher\" may not select threads"), "{err}");
+    let f = fixture();
+    let (ok, out, err) = run(&["explain", "--key", &f.prod_key, "SELECT 1 FROM messages"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("'production'"), "{out}");
+}
