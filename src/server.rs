@@ -28,7 +28,17 @@ pub struct Proxy {
     pub tls: Option<TlsAcceptor>,
     /// Random per process: makes the marker of an injected refusal unguessable.
     pub refusal_nonce: String,
+    /// The engine the rewriter uses now (policies + catalog), to tell whether a reload changed it.
+    engine: std::sync::Mutex<Arc<PolicyEngine>>,
+    /// A catalog refresh is already scheduled.
+    refresh_pending: std::sync::atomic::AtomicBool,
 }
+
+/// How long after a forwarded DDL statement the catalog is re-read (the statement has usually
+/// committed by then; the periodic refresh catches the rest).
+const DDL_REFRESH_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
+/// Policies and catalog are re-read this often, whatever happens.
+pub const PERIODIC_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -84,7 +94,9 @@ impl Proxy {
         Ok(Proxy {
             keys: Arc::new(KeyStore::new(settings.admin_upstream.clone(), settings.key_cache_ttl)),
             throttle: AuthThrottle::new(),
-            rewriter: Rewriter::new(settings.rewrite_cache_capacity, engine),
+            rewriter: Rewriter::new(settings.rewrite_cache_capacity, Arc::clone(&engine) as _),
+            engine: std::sync::Mutex::new(engine),
+            refresh_pending: std::sync::atomic::AtomicBool::new(false),
             cancels: Arc::new(CancelRegistry::default()),
             upstream: Arc::new(upstream),
             admin_upstream: Arc::new(admin_upstream),
@@ -92,6 +104,56 @@ impl Proxy {
             refusal_nonce: hex::encode(nonce),
             settings,
         })
+    }
+
+    /// Re-read the policies and the catalog. An invalid policy set, or one that no longer
+    /// matches the database, is reported and the last good engine stays in force.
+    pub async fn refresh_engine(&self) -> Result<bool, StartError> {
+        let fresh = load_engine(&self.settings).await?;
+        let mut current = self.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let same = current.policies == fresh.policies && current.catalog == fresh.catalog;
+        if !same {
+            *current = Arc::clone(&fresh);
+            self.rewriter.set_policy(fresh);
+            tracing::info!(
+                development = %current.policies.development.version,
+                production = %current.policies.production.version,
+                "policies or catalog changed: new rewrites use them"
+            );
+        }
+        Ok(!same)
+    }
+
+    /// Schedule a refresh soon (after DDL went through); several requests coalesce into one.
+    pub fn request_refresh(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.refresh_pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let proxy = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(DDL_REFRESH_DELAY).await;
+            proxy.refresh_pending.store(false, Ordering::Release);
+            if let Err(e) = proxy.refresh_engine().await {
+                tracing::error!(error = %e, "policy/catalog refresh failed; keeping the last good set");
+            }
+        });
+    }
+}
+
+/// Refresh policies and catalog periodically until the proxy stops.
+async fn refresh_periodically(proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(PERIODIC_REFRESH);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = proxy.refresh_engine().await {
+                    tracing::error!(error = %e, "policy/catalog refresh failed; keeping the last good set");
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
     }
 }
 
@@ -166,6 +228,7 @@ impl RunningProxy {
         let addr = listener.local_addr()?;
         let proxy = Arc::new(Proxy::load(settings).await?);
         let (tx, rx) = watch::channel(false);
+        tokio::spawn(refresh_periodically(Arc::clone(&proxy), rx.clone()));
         let task = tokio::spawn(serve(Arc::clone(&proxy), listener, rx));
         Ok(RunningProxy { addr, proxy, shutdown: tx, task })
     }

@@ -145,10 +145,18 @@ impl ClientToUpstream<'_> {
                 match self.caller {
                     Caller::Operator => {
                         audit_operator(sql);
+                        if looks_like_ddl(sql) {
+                            self.proxy.request_refresh();
+                        }
                         out.extend_from_slice(&frame.raw);
                     }
                     Caller::Environment(actor) => match self.rewrite(sql, actor) {
-                        Ok((text, _)) => encode_query(out, &text),
+                        Ok((text, _)) => {
+                            if looks_like_ddl(&text) {
+                                self.proxy.request_refresh();
+                            }
+                            encode_query(out, &text)
+                        }
                         Err(refusal) => {
                             let injected = self.refuse(&refusal);
                             encode_query(out, &injected);
@@ -161,10 +169,18 @@ impl ClientToUpstream<'_> {
                 match self.caller {
                     Caller::Operator => {
                         audit_operator(parse.query);
+                        if looks_like_ddl(parse.query) {
+                            self.proxy.request_refresh();
+                        }
                         out.extend_from_slice(&frame.raw);
                     }
                     Caller::Environment(actor) => match self.rewrite_one(parse.query, actor) {
-                        Ok(text) => encode_parse(out, parse.name, &text, &parse.param_types),
+                        Ok(text) => {
+                            if looks_like_ddl(&text) {
+                                self.proxy.request_refresh();
+                            }
+                            encode_parse(out, parse.name, &text, &parse.param_types)
+                        }
                         Err(refusal) => {
                             let injected = self.refuse(&refusal);
                             encode_parse(out, "", &injected, &[]);
@@ -230,6 +246,17 @@ impl ClientToUpstream<'_> {
         backend::error_response(&mut err, Severity::Error, refusal.sqlstate(), &refusal.to_string(), None);
         lock(&self.tracker).inject(err.freeze())
     }
+}
+
+/// A cheap test for statements that may change the catalog; a false positive only costs a
+/// catalog re-read.
+fn looks_like_ddl(sql: &str) -> bool {
+    sql.split(';').any(|piece| {
+        let head = piece.trim_start();
+        ["create", "alter", "drop", "comment"]
+            .iter()
+            .any(|k| head.get(..k.len()).is_some_and(|h| h.eq_ignore_ascii_case(k)))
+    })
 }
 
 fn audit_operator(sql: &str) {
@@ -385,6 +412,16 @@ mod tests {
         b.extend_from_slice(payload.as_bytes());
         b.push(0);
         b
+    }
+
+    #[test]
+    fn ddl_detection() {
+        assert!(looks_like_ddl("CREATE TABLE x (a int)"));
+        assert!(looks_like_ddl("  alter table x add b int"));
+        assert!(looks_like_ddl("SELECT 1; DROP TABLE x"));
+        assert!(!looks_like_ddl("SELECT 'create'"));
+        assert!(!looks_like_ddl("INSERT INTO t VALUES (1)"));
+        assert!(!looks_like_ddl(""));
     }
 
     #[test]

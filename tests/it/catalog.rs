@@ -29,3 +29,22 @@ async fn shipped_policies_match_the_demo_schema() {
     // The proxy schema is visible to the owner's catalog read.
     assert!(cat.relation("struere", "api_keys").is_some());
 }
+
+#[tokio::test]
+async fn ddl_by_an_operator_refreshes_the_catalog() {
+    let f = fixture();
+    let op = f.operator().await;
+    // A new column on a managed table becomes visible through the secure relation once the
+    // proxy has re-read the catalog (it does so right after DDL it forwards).
+    op.batch_execute("ALTER TABLE trigger_runs ADD COLUMN IF NOT EXISTS note text DEFAULT 'fresh'").await.unwrap();
+    let dev = f.dev().await;
+    let mut seen = None;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if let Ok(rows) = dev.query("SELECT note FROM trigger_runs", &[]).await {
+            seen = rows.first().map(|r| r.get::<_, String>(0));
+            break;
+        }
+    }
+    assert_eq!(seen.as_deref(), Some("fresh"));
+}
