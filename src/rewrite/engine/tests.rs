@@ -212,6 +212,15 @@ fn refusals_name_the_construct() {
     assert!(e.to_string().contains("work_mem_x"), "{e}");
     let e = run(&admin_dev(), "COPY threads FROM STDIN").unwrap_err();
     assert!(e.to_string().contains("managed table threads"), "{e}");
+    for sql in [
+        "WITH x AS (INSERT INTO entities (id) VALUES ('x') RETURNING *) SELECT * FROM x",
+        "WITH x AS (DELETE FROM scratch RETURNING *) SELECT * FROM x",
+        "WITH x AS (UPDATE entities SET data = '{}' RETURNING *) SELECT 1",
+        "SELECT * INTO stolen FROM entities",
+    ] {
+        let e = run(&admin_dev(), sql).unwrap_err();
+        assert!(e.to_string().contains("not supported yet") || e.to_string().contains("INTO"), "{sql}: {e}");
+    }
     for sql in ["PREPARE TRANSACTION 'g1'", "COMMIT PREPARED 'g1'", "ROLLBACK PREPARED 'g1'"] {
         let e = run(&admin_dev(), sql).unwrap_err();
         assert!(e.to_string().contains("two-phase commit"), "{sql}: {e}");

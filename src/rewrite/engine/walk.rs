@@ -94,11 +94,13 @@ pub struct Walker<'c, 'a> {
     pub error: Option<String>,
     /// A managed table was read somewhere in the statement.
     pub read_managed: bool,
+    /// Statements entered so far (the walked statement itself is the first).
+    statements: usize,
 }
 
 impl<'c, 'a> Walker<'c, 'a> {
     pub fn new(ctx: &'c Ctx<'a>, allow_functions: &'c std::collections::BTreeSet<String>) -> Self {
-        Walker { ctx, allow_functions, frames: Vec::new(), error: None, read_managed: false }
+        Walker { ctx, allow_functions, frames: Vec::new(), error: None, read_managed: false, statements: 0 }
     }
 
     /// Walk a statement (or any node), rewriting in place.
@@ -261,6 +263,28 @@ impl VisitorMut for Walker<'_, '_> {
         {
             top.current = None;
             top.done = i + 1;
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_statement(&mut self, stmt: &mut sqlparser::ast::Statement) -> ControlFlow<()> {
+        use sqlparser::ast::Statement as S;
+        self.statements += 1;
+        // Data-modifying statements inside a query (writable CTEs) bypass the statement-level
+        // write rules: refused until writes to managed tables are rewritten.
+        let nested = self.statements > 1 || !self.frames.is_empty();
+        if nested && matches!(stmt, S::Insert(_) | S::Update(_) | S::Delete(_) | S::Merge(_)) {
+            return self.fail(
+                "data-modifying statements inside a query (WITH … INSERT/UPDATE/DELETE) are not supported yet"
+                    .to_owned(),
+            );
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, select: &mut sqlparser::ast::Select) -> ControlFlow<()> {
+        if select.into.is_some() {
+            return self.fail("SELECT … INTO is not allowed: use CREATE TABLE (unmanaged tables only)".to_owned());
         }
         ControlFlow::Continue(())
     }
