@@ -10,7 +10,7 @@ use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
 use struere_proxy::protocol::frame::split_frontend;
 use struere_proxy::protocol::frontend::{decode_parse, decode_query, encode_parse, encode_query};
 
-use struere_proxy::catalog::{CatalogSnapshot, Column, Function, RelKind, Relation};
+use struere_proxy::catalog::{CatalogSnapshot, Function, Relation};
 use struere_proxy::rewrite::Rewriter;
 use struere_proxy::rewrite::engine::PolicyEngine;
 
@@ -37,18 +37,8 @@ fn actor() -> ActorContext {
 /// The shipped policies over a catalog holding what the two statements touch.
 fn engine() -> Arc<PolicyEngine> {
     let mut catalog = CatalogSnapshot::default();
-    let cols = ["id", "organization_id", "email", "name", "phone"]
-        .iter()
-        .map(|c| Column { name: (*c).into(), type_name: "text".into(), type_oid: 25, not_null: false })
-        .collect();
-    let users = Relation {
-        schema: "public".into(),
-        name: "users".into(),
-        kind: RelKind::Table,
-        columns: cols,
-        primary_key: vec!["id".into()],
-        is_child: false,
-    };
+    let cols = [("id", "text"), ("organization_id", "text"), ("email", "text"), ("name", "text"), ("phone", "text")];
+    let users = Relation::plain_table("public", "users", &cols);
     catalog.relations.insert(("public".into(), "users".into()), users);
     for f in ["pg_get_userbyid", "pg_table_is_visible"] {
         catalog.functions.insert(
@@ -57,15 +47,7 @@ fn engine() -> Arc<PolicyEngine> {
         );
     }
     for r in ["pg_class", "pg_namespace", "pg_am"] {
-        let rel = Relation {
-            schema: "pg_catalog".into(),
-            name: r.into(),
-            kind: RelKind::Table,
-            columns: vec![],
-            primary_key: vec![],
-            is_child: false,
-        };
-        catalog.relations.insert(("pg_catalog".into(), r.into()), rel);
+        catalog.relations.insert(("pg_catalog".into(), r.into()), Relation::plain_table("pg_catalog", r, &[]));
     }
     let policies = struere_proxy::policy::shipped().expect("shipped policies compile");
     Arc::new(PolicyEngine { policies, catalog: Arc::new(catalog), allow_functions: Default::default() })

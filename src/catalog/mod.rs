@@ -57,6 +57,22 @@ pub struct Relation {
 }
 
 impl Relation {
+    /// A plain table with primary key `id` and the given (name, type) columns: for tests,
+    /// benches and fuzz targets that need a catalog without a server.
+    pub fn plain_table(schema: &str, name: &str, columns: &[(&str, &str)]) -> Relation {
+        Relation {
+            schema: schema.into(),
+            name: name.into(),
+            kind: RelKind::Table,
+            columns: columns
+                .iter()
+                .map(|(n, t)| Column { name: (*n).into(), type_name: (*t).into(), type_oid: 0, not_null: false })
+                .collect(),
+            primary_key: vec!["id".into()],
+            is_child: false,
+        }
+    }
+
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns.iter().find(|c| c.name == name)
     }
@@ -205,17 +221,8 @@ mod tests {
     use crate::policy::TableSpec;
 
     fn rel(name: &str, cols: &[&str]) -> Relation {
-        Relation {
-            schema: "public".into(),
-            name: name.into(),
-            kind: RelKind::Table,
-            columns: cols
-                .iter()
-                .map(|c| Column { name: (*c).into(), type_name: "text".into(), type_oid: 25, not_null: false })
-                .collect(),
-            primary_key: vec!["id".into()],
-            is_child: false,
-        }
+        let typed: Vec<(&str, &str)> = cols.iter().map(|c| (*c, "text")).collect();
+        Relation::plain_table("public", name, &typed)
     }
 
     fn spec(name: &str, scope: TableScope) -> TableSpec {

@@ -240,11 +240,12 @@ async fn printer_injection_inputs_are_one_statement() {
     assert_eq!(v, [Some("it's".into())]);
 }
 
-#[tokio::test]
-async fn notifications_are_relayed() {
-    let f = fixture();
-    let (client, mut conn) = tokio_postgres::connect(&f.url(&f.dev_key), tokio_postgres::NoTls).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+type Notifications = tokio::sync::mpsc::UnboundedReceiver<(String, String)>;
+
+/// A connection whose notifications (channel, payload) arrive on a channel.
+async fn listener(key: &str) -> (tokio_postgres::Client, Notifications) {
+    let (client, mut conn) = tokio_postgres::connect(&fixture().url(key), tokio_postgres::NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
     tokio::spawn(async move {
         pin_mut!(stream);
@@ -254,6 +255,13 @@ async fn notifications_are_relayed() {
             }
         }
     });
+    (client, rx)
+}
+
+#[tokio::test]
+async fn notifications_are_relayed() {
+    let f = fixture();
+    let (client, mut rx) = listener(&f.dev_key).await;
     client.batch_execute("LISTEN struere_test").await.unwrap();
     let other = f.dev().await;
     other.batch_execute("NOTIFY struere_test, 'hello'").await.unwrap();
@@ -283,17 +291,7 @@ async fn lost_upstream_gives_08006_and_proxy_keeps_serving() {
 #[tokio::test]
 async fn tenants_never_hear_each_other() {
     let f = fixture();
-    let (client, mut conn) = tokio_postgres::connect(&f.url(&f.dev_key), tokio_postgres::NoTls).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-    tokio::spawn(async move {
-        pin_mut!(stream);
-        while let Some(Ok(m)) = stream.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = m {
-                let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
-            }
-        }
-    });
+    let (client, mut rx) = listener(&f.dev_key).await;
     client.batch_execute("LISTEN jobs").await.unwrap();
     // The production key of the same organization, and the operator on the raw channel name.
     f.connect(&f.prod_key).await.unwrap().batch_execute("NOTIFY jobs, 'from production'").await.unwrap();

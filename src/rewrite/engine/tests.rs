@@ -7,21 +7,11 @@ use std::sync::Arc;
 
 use super::PolicyEngine;
 use crate::auth::identity::{ActorContext, ActorType, Environment};
-use crate::catalog::{CatalogSnapshot, Column, Function, RelKind, Relation};
+use crate::catalog::{CatalogSnapshot, Function, Relation};
 use crate::rewrite::{Refusal, Rewriter};
 
 fn table(name: &str, cols: &[(&str, &str)]) -> Relation {
-    Relation {
-        schema: "public".into(),
-        name: name.into(),
-        kind: RelKind::Table,
-        columns: cols
-            .iter()
-            .map(|(n, t)| Column { name: (*n).into(), type_name: (*t).into(), type_oid: 0, not_null: false })
-            .collect(),
-        primary_key: vec!["id".into()],
-        is_child: false,
-    }
+    Relation::plain_table("public", name, cols)
 }
 
 pub(crate) fn demo_catalog() -> CatalogSnapshot {
