@@ -182,6 +182,8 @@ fn refusals_name_the_construct() {
     assert!(e.to_string().contains("managed table entities"), "{e}");
     let e = run(&admin_dev(), "SELECT * FROM struere.api_keys").unwrap_err();
     assert!(e.to_string().contains("proxy's own schema"), "{e}");
+    let e = run(&admin_dev(), "SELECT * FROM pg_catalog.pg_stat_user_tables").unwrap_err();
+    assert!(e.to_string().contains("pg_stat_user_tables"), "{e}");
     let e = run(&admin_dev(), "SELECT * FROM pg_stats").unwrap_err();
     assert!(e.to_string().contains("pg_stats"), "{e}");
     let e = run(&admin_dev(), "SELECT pg_sleep(1)").unwrap_err();

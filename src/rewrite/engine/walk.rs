@@ -147,7 +147,9 @@ impl<'c, 'a> Walker<'c, 'a> {
         // Hidden catalog relations are refused under any schema the name might resolve to
         // (except a real table of the same name in public).
         let own_public_table = schema == "public" && self.ctx.catalog.relation("public", name).is_some();
-        if HIDDEN_CATALOG_RELATIONS.contains(&name) && !own_public_table {
+        // Statistics views count and time every tenant's rows and statements.
+        let statistics = name.starts_with("pg_stat") && schema == "pg_catalog";
+        if (HIDDEN_CATALOG_RELATIONS.contains(&name) || statistics) && !own_public_table {
             return Err(format!("{name} exposes other tenants' data or queries"));
         }
         if schema == PROXY_SCHEMA {
