@@ -183,7 +183,7 @@ fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Re
         kinds.push(stmt.kind);
     }
 
-    verify::verify(&out, &checks)?;
+    verify::verify(&out, &checks, policy, actor)?;
     Ok(Rewritten { sql: out, statement_kinds: kinds })
 }
 

@@ -18,6 +18,10 @@ pub trait StatementPolicy: Send + Sync {
     fn check_pg(&self, node: &pg_query::NodeEnum, actor: &ActorContext) -> Result<(), Refusal>;
 
     fn apply(&self, stmt: &mut Statement, actor: &ActorContext) -> Result<(), Refusal>;
+
+    /// Checks PostgreSQL's reading of the text about to be forwarded (defence in depth against
+    /// anything the sqlparser tree represented differently).
+    fn check_output(&self, node: &pg_query::NodeEnum, actor: &ActorContext) -> Result<(), Refusal>;
 }
 
 /// Test-only: leaves every statement as it is, so the pipeline's own properties (printing,
@@ -32,6 +36,10 @@ impl StatementPolicy for PassThrough {
     }
 
     fn apply(&self, _stmt: &mut Statement, _actor: &ActorContext) -> Result<(), Refusal> {
+        Ok(())
+    }
+
+    fn check_output(&self, _node: &pg_query::NodeEnum, _actor: &ActorContext) -> Result<(), Refusal> {
         Ok(())
     }
 }

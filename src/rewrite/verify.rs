@@ -47,7 +47,12 @@ fn unverifiable(what: impl std::fmt::Display) -> Refusal {
     Refusal::Unverifiable(format!("refused: the rewritten SQL did not verify: {what}"))
 }
 
-pub(crate) fn verify(text: &str, pieces: &[PieceCheck]) -> Result<(), Refusal> {
+pub(crate) fn verify(
+    text: &str,
+    pieces: &[PieceCheck],
+    policy: &dyn super::StatementPolicy,
+    actor: &crate::auth::identity::ActorContext,
+) -> Result<(), Refusal> {
     let statements = classify::parse(text).map_err(|e| match e {
         PgParseError::Syntax(m) | PgParseError::TooDeep(m) | PgParseError::Internal(m) => {
             unverifiable(format!("PostgreSQL cannot parse it: {m}"))
@@ -73,6 +78,7 @@ pub(crate) fn verify(text: &str, pieces: &[PieceCheck]) -> Result<(), Refusal> {
             return Err(unverifiable(format!("statement {n} does not start and end where the proxy put it")));
         }
         gate::check_pg(&stmt.node)?;
+        policy.check_output(&stmt.node, actor)?;
         if let Some(same_as) = piece.expected.as_ref().and_then(|e| e.same_as.as_ref())
             && pgtree::shape(&stmt.node).as_ref() != Some(same_as)
         {
@@ -179,6 +185,17 @@ fn check_printed(text: &str, tokens: &[Tok], expected: &[Emitted], n: usize) -> 
 mod tests {
     use super::*;
 
+    fn check(text: &str, pieces: &[PieceCheck]) -> Result<(), Refusal> {
+        let actor = crate::auth::identity::ActorContext {
+            organization: "o".into(),
+            environment: crate::auth::identity::Environment::Development,
+            roles: vec![],
+            actor_type: crate::auth::identity::ActorType::User,
+            actor_id: "a".into(),
+        };
+        verify(text, pieces, &crate::rewrite::policy::PassThrough, &actor)
+    }
+
     fn printed(kind: &str, range: Range<usize>, emitted: Vec<Emitted>) -> PieceCheck {
         PieceCheck { kind: kind.into(), range, expected: Some(Expected { emitted, same_as: None }) }
     }
@@ -199,17 +216,17 @@ mod tests {
             printed("SelectStmt", 0..25, vec![s("a'b"), Emitted::QuotedIdent("X".into())]),
             PieceCheck { kind: "TransactionStmt".into(), range: 27..text.len(), expected: None },
         ];
-        verify(text, &pieces).unwrap();
+        check(text, &pieces).unwrap();
     }
 
     #[test]
     fn refuses_statement_count_kind_and_position_changes() {
         let two = "SELECT 'a\\'; DROP TABLE y; --'";
-        let err = verify(two, &[printed("SelectStmt", 0..two.len(), vec![s("a\\'; DROP TABLE y; --")])]);
+        let err = check(two, &[printed("SelectStmt", 0..two.len(), vec![s("a\\'; DROP TABLE y; --")])]);
         assert!(matches!(&err, Err(Refusal::Unverifiable(m)) if m.contains("2 statement")), "{err:?}");
-        let err = verify("BEGIN", &[printed("SelectStmt", 0..5, vec![])]);
+        let err = check("BEGIN", &[printed("SelectStmt", 0..5, vec![])]);
         assert!(matches!(err, Err(Refusal::Unverifiable(m)) if m.contains("TransactionStmt")));
-        let err = verify(" SELECT 1", &[printed("SelectStmt", 0..9, vec![])]);
+        let err = check(" SELECT 1", &[printed("SelectStmt", 0..9, vec![])]);
         assert!(matches!(err, Err(Refusal::Unverifiable(_))));
     }
 
@@ -233,7 +250,7 @@ mod tests {
             ("SELECT /* c */ 1", vec![]),
         ];
         for (text, emitted) in cases {
-            let r = verify(text, &[printed("SelectStmt", 0..text.len(), emitted.clone())]);
+            let r = check(text, &[printed("SelectStmt", 0..text.len(), emitted.clone())]);
             assert!(matches!(r, Err(Refusal::Unverifiable(_))), "{text}: {r:?}");
         }
     }
@@ -242,7 +259,7 @@ mod tests {
     fn accepts_national_bit_and_hex() {
         let text = "SELECT N'a''b', B'01', X'fF'";
         let emitted = vec![Emitted::National("a'b".into()), Emitted::Bit("01".into()), Emitted::Hex("fF".into())];
-        verify(text, &[printed("SelectStmt", 0..text.len(), emitted)]).unwrap();
+        check(text, &[printed("SelectStmt", 0..text.len(), emitted)]).unwrap();
     }
 
     #[test]
@@ -255,9 +272,9 @@ mod tests {
             range: 0..text.len(),
             expected: Some(Expected { emitted: emitted.clone(), same_as: Some(same_as) }),
         };
-        verify(text, &[piece(client)]).unwrap();
+        check(text, &[piece(client)]).unwrap();
         for other in ["SELECT 'it''s'::int, \"a\", b FROM t", "SELECT 'it''s'::int, \"A\", b FROM t LIMIT ALL"] {
-            let r = verify(text, &[piece(shape_of(other))]);
+            let r = check(text, &[piece(shape_of(other))]);
             assert!(matches!(&r, Err(Refusal::Unverifiable(m)) if m.contains("differently")), "{other}: {r:?}");
         }
     }
@@ -265,7 +282,7 @@ mod tests {
     #[test]
     fn runs_the_gate_on_the_output() {
         let text = "SELECT set_config('a', 'b', false)";
-        let r = verify(text, &[printed("SelectStmt", 0..text.len(), vec![s("a"), s("b")])]);
+        let r = check(text, &[printed("SelectStmt", 0..text.len(), vec![s("a"), s("b")])]);
         assert!(matches!(r, Err(Refusal::Denied(_))), "{r:?}");
     }
 }

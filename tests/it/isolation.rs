@@ -146,6 +146,13 @@ async fn managed_tables_refuse_ddl_and_writes_for_now() {
         "WITH x AS (DELETE FROM entities RETURNING id) SELECT count(*) FROM x",
         "SELECT * INTO stolen FROM entities",
         "PREPARE TRANSACTION 'other-tenants-gid'",
+        // Found by red-teaming: `TABLE t` and LATERAL function calls, which sqlparser reads as
+        // constructs the tree walk did not inspect; caught on PostgreSQL's own tree now.
+        "SELECT id FROM (TABLE entities) t WHERE organization_id = 'globex'",
+        "SELECT x FROM LATERAL query_to_xml('select count(*) from public.users', true, true, '') x",
+        "SELECT * FROM (SELECT 1) a, LATERAL pg_notify('tabc_alerts', 'forged') n",
+        "SELECT * FROM pg_stat_ssl s, LATERAL pg_terminate_backend(s.pid) t",
+        "SELECT relname, n_live_tup FROM pg_stat_user_tables",
         "EXPLAIN ANALYZE SELECT * FROM entities",
         "DO $$ BEGIN END $$",
         "SET ROLE postgres",

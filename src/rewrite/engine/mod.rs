@@ -87,6 +87,43 @@ impl StatementPolicy for PolicyEngine {
                 "two-phase commit (PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED) is not allowed through an environment key",
             ));
         }
+        // Every function call PostgreSQL sees, whatever syntax sqlparser read it as
+        // (`LATERAL f()`, `ROWS FROM`, `EXTRACT`, …), must be on the allowlist.
+        for (n, ..) in node.nodes() {
+            if let pg_query::NodeRef::FuncCall(f) = n {
+                let parts = string_list(&f.funcname);
+                functions::check(&self.catalog, &parts, &self.allow_functions).map_err(denied)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_output(&self, node: &pg_query::NodeEnum, actor: &ActorContext) -> Result<(), Refusal> {
+        // Every reference PostgreSQL will resolve to a managed table must be the proxy's own,
+        // inside a secure relation (aliased `__struere_N`): a reference the tree walk missed
+        // (sqlparser represented it as something else) is refused here.
+        let set = self.policies.for_env(actor.environment);
+        for (n, ..) in node.nodes() {
+            let pg_query::NodeRef::RangeVar(rv) = n else { continue };
+            let schema = if !rv.schemaname.is_empty() {
+                rv.schemaname.clone()
+            } else if self.catalog.relation("pg_catalog", &rv.relname).is_some() {
+                "pg_catalog".to_owned()
+            } else {
+                "public".to_owned()
+            };
+            if set.tables.table(&schema, &rv.relname).is_none() {
+                continue;
+            }
+            let ours = rv.alias.as_ref().is_some_and(|a| a.aliasname.starts_with(walk::RESERVED_PREFIX));
+            if !ours {
+                return Err(Refusal::Unverifiable(format!(
+                    "refused: a reference to the managed table {} would reach the server outside its secure relation \
+                     (a CTE or construct named like a managed table is not supported)",
+                    rv.relname
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -246,11 +283,10 @@ impl PolicyEngine {
         let (schema, table) = self.resolve_target(w, &ct.name)?;
         // A temporary table may not shadow a managed one, even though the proxy always names
         // managed tables schema-qualified.
-        if ct.temporary && w.ctx.set.tables.by_name.contains_key(&table) {
+        if (ct.temporary || schema.starts_with("pg_temp")) && w.ctx.set.tables.by_name.contains_key(&table) {
             return Err(denied(format!("a temporary table may not be named like the managed table {table}")));
         }
         self.ddl_target(w, &ct.name, "create")?;
-        let _ = schema;
         w.run(ct).map_err(denied)?;
         if w.read_managed {
             return Err(denied(
@@ -321,6 +357,17 @@ impl PolicyEngine {
             Err(denied(format!("the setting {setting} may not be changed through an environment key")))
         }
     }
+}
+
+/// The strings of a list of `String` nodes (a qualified name in PostgreSQL's tree).
+fn string_list(nodes: &[pg_query::protobuf::Node]) -> Vec<String> {
+    nodes
+        .iter()
+        .filter_map(|n| match &n.node {
+            Some(pg_query::NodeEnum::String(s)) => Some(s.sval.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The channel prefix of one organization and environment: tenants never hear each other.

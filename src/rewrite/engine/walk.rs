@@ -148,7 +148,8 @@ impl<'c, 'a> Walker<'c, 'a> {
         // (except a real table of the same name in public).
         let own_public_table = schema == "public" && self.ctx.catalog.relation("public", name).is_some();
         // Statistics views count and time every tenant's rows and statements.
-        let statistics = name.starts_with("pg_stat") && schema == "pg_catalog";
+        // (pg_statistic_ext holds only statistics definitions, which psql's \d reads.)
+        let statistics = (name.starts_with("pg_stat_") || name.starts_with("pg_statio_")) && schema == "pg_catalog";
         if (HIDDEN_CATALOG_RELATIONS.contains(&name) || statistics) && !own_public_table {
             return Err(format!("{name} exposes other tenants' data or queries"));
         }
