@@ -20,6 +20,16 @@ pub const DEMO_SCHEMA: &str = include_str!("../policies/schema.sql");
 /// Two organizations × two environments of demo rows.
 pub const DEMO_SEED: &str = include_str!("../policies/seed.sql");
 
+/// Defence in depth under the proxy's own function allowlist: the least-privilege role cannot
+/// call what could reach other sessions even if a call slipped through.
+pub const HARDENING_SQL: &str = "\
+REVOKE EXECUTE ON FUNCTION pg_catalog.pg_terminate_backend(integer, bigint) FROM PUBLIC; \
+REVOKE EXECUTE ON FUNCTION pg_catalog.pg_cancel_backend(integer) FROM PUBLIC; \
+REVOKE EXECUTE ON FUNCTION pg_catalog.pg_notify(text, text) FROM PUBLIC; \
+REVOKE EXECUTE ON FUNCTION pg_catalog.query_to_xml(text, boolean, boolean, text) FROM PUBLIC; \
+REVOKE EXECUTE ON FUNCTION pg_catalog.query_to_xmlschema(text, boolean, boolean, text) FROM PUBLIC; \
+REVOKE EXECUTE ON FUNCTION pg_catalog.query_to_xml_and_xmlschema(text, boolean, boolean, text) FROM PUBLIC;";
+
 /// A running demo: keep it alive to keep everything up; drop it to remove everything.
 pub struct Demo {
     pub proxy: RunningProxy,
@@ -50,6 +60,7 @@ pub fn provision(cluster: &TempCluster) -> AppResult<String> {
     )?;
     cluster.psql(APP_DATABASE, DEMO_SCHEMA)?;
     cluster.psql(APP_DATABASE, DEMO_SEED)?;
+    cluster.psql(APP_DATABASE, HARDENING_SQL)?;
     cluster.psql(
         APP_DATABASE,
         &format!(
