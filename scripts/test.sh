@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-cargo test --benches "$@"
+cargo test --bench hot_path "$@"
 cargo test --lib --bins --tests "$@"
