@@ -32,6 +32,8 @@ pub struct Proxy {
     engine: std::sync::Mutex<Arc<PolicyEngine>>,
     /// A catalog refresh is already scheduled.
     refresh_pending: std::sync::atomic::AtomicBool,
+    /// Scratch schemas known to exist.
+    scratch_schemas: dashmap::DashSet<String>,
 }
 
 /// How long after a forwarded DDL statement the catalog is re-read (the statement has usually
@@ -97,6 +99,7 @@ impl Proxy {
             rewriter: Rewriter::new(settings.rewrite_cache_capacity, Arc::clone(&engine) as _),
             engine: std::sync::Mutex::new(engine),
             refresh_pending: std::sync::atomic::AtomicBool::new(false),
+            scratch_schemas: dashmap::DashSet::new(),
             cancels: Arc::new(CancelRegistry::default()),
             upstream: Arc::new(upstream),
             admin_upstream: Arc::new(admin_upstream),
@@ -122,6 +125,28 @@ impl Proxy {
             );
         }
         Ok(!same)
+    }
+
+    /// Create the caller's scratch schema (owned by the least-privilege role) if needed. Best
+    /// effort: without it, unqualified DDL fails with PostgreSQL's "no schema has been selected".
+    pub async fn ensure_scratch_schema(&self, actor: &crate::auth::identity::ActorContext) {
+        let schema = crate::rewrite::engine::scratch_schema(actor);
+        if self.scratch_schemas.contains(&schema) {
+            return;
+        }
+        let sql = format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{schema}\" AUTHORIZATION \"{}\"",
+            self.upstream.user.replace('"', "\"\"")
+        );
+        match self.keys.admin().client().await {
+            Ok(c) => match c.batch_execute(&sql).await {
+                Ok(()) => {
+                    self.scratch_schemas.insert(schema);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot create the scratch schema"),
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot create the scratch schema"),
+        }
     }
 
     /// Schedule a refresh soon (after DDL went through); several requests coalesce into one.

@@ -41,9 +41,17 @@ pub enum Outcome {
 
 /// Settings the proxy pins in the upstream startup packet. Because they are startup values,
 /// `RESET ALL` and `DISCARD ALL` restore them.
-fn pinned_params(proxy: &Proxy) -> Vec<(String, String)> {
+fn pinned_params(proxy: &Proxy, caller: &Caller) -> Vec<(String, String)> {
+    let search_path = match caller {
+        // The tenant's scratch schema first: unqualified DDL lands there, never in a schema
+        // other tenants share. Managed tables are always printed schema-qualified.
+        Caller::Environment(actor) => {
+            format!("\"{}\", {}", crate::rewrite::engine::scratch_schema(actor), proxy.settings.search_path)
+        }
+        Caller::Operator => proxy.settings.search_path.clone(),
+    };
     vec![
-        ("search_path".to_owned(), proxy.settings.search_path.clone()),
+        ("search_path".to_owned(), search_path),
         ("standard_conforming_strings".to_owned(), "on".to_owned()),
         ("client_encoding".to_owned(), "UTF8".to_owned()),
     ]
@@ -168,7 +176,10 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
     // 5. Upstream: environment keys use the least-privilege role, operator keys the owner role.
     let target = if caller.is_operator() { &proxy.admin_upstream } else { &proxy.upstream };
     let mut params = forwarded;
-    params.extend(pinned_params(proxy));
+    params.extend(pinned_params(proxy, &caller));
+    if let Caller::Environment(actor) = &caller {
+        proxy.ensure_scratch_schema(actor).await;
+    }
     let upstream = upstream::connect(target, &database, &params, proxy.settings.connect_timeout)
         .await
         .map_err(upstream_failure)?;

@@ -179,3 +179,32 @@ async fn explain_and_copy_go_through_secure_relations() {
     assert_eq!(text.lines().count(), 6);
     assert!(!text.contains("globex") && !text.contains("production"), "{text}");
 }
+
+#[tokio::test]
+async fn scratch_tables_are_private_to_their_organization_and_environment() {
+    let f = fixture();
+    let acme = f.dev().await;
+    acme.batch_execute(
+        "CREATE TABLE IF NOT EXISTS acme_notes (note text); INSERT INTO acme_notes VALUES ('ACME-SCRATCH')",
+    )
+    .await
+    .unwrap();
+    let schema: String = acme
+        .query_one("SELECT table_schema::text FROM information_schema.tables WHERE table_name = 'acme_notes'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(schema.starts_with("scratch_"), "{schema}");
+    let globex = f.as_actor("globex", Environment::Development, "admin", ActorType::User, "globex-admin").await;
+    let e = globex.simple_query("SELECT * FROM acme_notes").await.unwrap_err();
+    assert_eq!(code(&e), "42P01", "not on the other tenant's search_path: {:?}", e.as_db_error().map(|d| d.message()));
+    let e = globex.simple_query(&format!("SELECT * FROM \"{schema}\".acme_notes")).await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e:?}");
+    let e = globex.simple_query(&format!("DROP TABLE \"{schema}\".acme_notes")).await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e:?}");
+    let e = acme.simple_query("CREATE TABLE public.shared_by_everyone (a int)").await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e:?}");
+    // The production key of the same organization may not use unmanaged tables at all.
+    let prod = f.connect(&f.prod_key).await.unwrap();
+    assert_eq!(code(&prod.simple_query("SELECT * FROM acme_notes").await.unwrap_err()), "42501");
+}

@@ -74,7 +74,7 @@ async fn pipelined_batch_with_an_error_in_the_middle() {
     assert_eq!(a.unwrap().get::<_, i32>(0), 1);
     assert_eq!(code(&b.unwrap_err()), "22012");
     assert_eq!(d.unwrap().get::<_, i32>(0), 3);
-    assert_eq!(e.unwrap().get::<_, String>(0), "public");
+    assert!(e.unwrap().get::<_, String>(0).ends_with(", public"));
 }
 
 #[tokio::test]

@@ -251,9 +251,16 @@ impl PolicyEngine {
         Ok(())
     }
 
-    /// DDL: only on unmanaged tables, only in development, only with the grant.
+    /// DDL: only on unmanaged tables, only in development, only with the grant, only in the
+    /// tenant's own scratch schema (unqualified names land there through the pinned search_path).
     fn ddl_target(&self, w: &Walker, name: &ObjectName, verb: &str) -> Result<(), Refusal> {
         let (schema, table) = self.resolve_target(w, name)?;
+        let qualified = name.0.len() > 1;
+        if qualified && schema != scratch_schema(w.ctx.actor) && w.ctx.set.tables.table(&schema, &table).is_none() {
+            return Err(denied(format!(
+                "cannot {verb} {schema}.{table}: unmanaged objects live in the tenant's own scratch schema (use an unqualified name)"
+            )));
+        }
         if w.ctx.set.tables.table(&schema, &table).is_some() {
             return Err(denied(format!(
                 "cannot {verb} the managed table {table}: both environments share managed tables, so DDL on them is never allowed through an environment key"
@@ -373,12 +380,26 @@ fn string_list(nodes: &[pg_query::protobuf::Node]) -> Vec<String> {
 /// The channel prefix of one organization and environment: tenants never hear each other.
 /// NotificationResponses are filtered and un-prefixed on the way back (session relay).
 pub fn notify_prefix(actor: &ActorContext) -> String {
+    format!("t{}_", tenant_hash(actor))
+}
+
+/// The schema holding one organization's and environment's unmanaged (scratch) objects. It is
+/// first on the session's pinned search_path, so unqualified DDL lands there; references to
+/// another tenant's scratch schema are refused.
+pub fn scratch_schema(actor: &ActorContext) -> String {
+    format!("{SCRATCH_PREFIX}{}", tenant_hash(actor))
+}
+
+pub const SCRATCH_PREFIX: &str = "scratch_";
+
+/// 40 bits of SHA-256 over (organization, environment): short enough for identifiers.
+fn tenant_hash(actor: &ActorContext) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(actor.organization.as_bytes());
     h.update([0]);
     h.update(actor.environment.as_str().as_bytes());
-    format!("t{}_", hex::encode(&h.finalize()[..5]))
+    hex::encode(&h.finalize()[..5])
 }
 
 /// PostgreSQL channel names are identifiers: at most 63 bytes.

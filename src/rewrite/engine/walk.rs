@@ -164,6 +164,9 @@ impl<'c, 'a> Walker<'c, 'a> {
             }
             return Ok(());
         }
+        if schema.starts_with(super::SCRATCH_PREFIX) && schema != super::scratch_schema(self.ctx.actor) {
+            return Err(format!("relation {schema}.{name} belongs to another tenant's scratch schema"));
+        }
         if schema.starts_with("pg_temp") || schema.starts_with("pg_toast") {
             return Err(format!("relation {schema}.{name} is not allowed"));
         }
