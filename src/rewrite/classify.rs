@@ -82,12 +82,27 @@ fn is_depth_error(msg: &str) -> bool {
     // "stack depth limit exceeded" comes from check_stack_depth(); bison reports "memory
     // exhausted" when its own parser stack overflows; libpg_query's protobuf encoder has a
     // depth cap of its own ("parse tree is nested too deeply to serialize to protobuf").
-    msg.contains("stack depth limit exceeded") || msg.contains("memory exhausted") || msg.contains("nested too deeply")
+    // Only PostgreSQL's own words count: the part after "at or near" quotes the client's SQL
+    // (found by fuzzing: `SELECT 'stack depth limit exceeded` is a syntax error, not depth).
+    let own = msg.split(" at or near ").next().unwrap_or(msg);
+    own.starts_with("stack depth limit exceeded")
+        || own.starts_with("memory exhausted")
+        || own.contains("nested too deeply to serialize")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn depth_errors_are_recognised_only_in_postgresqls_own_words() {
+        assert!(is_depth_error("stack depth limit exceeded"));
+        assert!(is_depth_error("memory exhausted at or near \"(\""));
+        assert!(is_depth_error("parse tree is nested too deeply to serialize to protobuf"));
+        assert!(!is_depth_error("unterminated quoted string at or near \"'stack depth limit exceeded\""));
+        assert!(!is_depth_error("syntax error at or near \"memory exhausted\""));
+        assert!(matches!(parse("SELECT 'stack depth limit exceeded"), Err(PgParseError::Syntax(_))));
+    }
 
     fn kinds_and_texts(sql: &str) -> Vec<(String, String)> {
         parse(sql).unwrap().into_iter().map(|s| (s.kind, sql[s.range].to_string())).collect()

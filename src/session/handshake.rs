@@ -21,6 +21,10 @@ use crate::server::Proxy;
 use crate::session::io::ClientConn;
 use crate::upstream::{self, UpstreamConn, UpstreamError};
 
+/// Largest password message accepted before authentication (PostgreSQL's limit for
+/// authentication messages).
+const MAX_AUTH_MESSAGE: usize = 65_535;
+
 /// A session that passed the startup phase.
 pub struct Established {
     pub client: ClientConn,
@@ -125,10 +129,7 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
     // 3. The API key, as a cleartext password (the connection is expected to be TLS).
     backend::auth_cleartext_request(&mut out);
     client.send(&out).await?;
-    let frame = client.read_frame().await?;
-    if frame.tag != b'p' {
-        return Err(SessionEnd::fatal(SqlState::PROTOCOL_VIOLATION, "expected a password message").into());
-    }
+    let frame = client.read_expected(b'p', MAX_AUTH_MESSAGE, "a password message").await?;
     let presented = decode_password(&frame.body)?;
     let key_hash = KeyHash::of(presented);
     let key_prefix = display_prefix(presented);

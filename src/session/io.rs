@@ -31,6 +31,27 @@ impl ClientConn {
         }
     }
 
+    /// Read one message that must have type `tag` and at most `max_body` bytes: used before
+    /// authentication, so an unauthenticated client can make the proxy hold at most that much
+    /// (PostgreSQL allows 64 KiB for an authentication message) and a wrong type is refused on
+    /// its first byte.
+    pub async fn read_expected(&mut self, tag: u8, max_body: usize, what: &str) -> Result<Frame, SessionEnd> {
+        loop {
+            if let Some(&first) = self.buf.first()
+                && first != tag
+            {
+                return Err(SessionEnd::fatal(
+                    crate::protocol::sqlstate::SqlState::PROTOCOL_VIOLATION,
+                    format!("protocol violation: expected {what}"),
+                ));
+            }
+            if let Some(f) = frame::split_frontend(&mut self.buf, max_body)? {
+                return Ok(f);
+            }
+            self.fill_or_closed().await?;
+        }
+    }
+
     /// The next complete frame already buffered, without reading.
     pub fn buffered_frame(&mut self) -> Result<Option<Frame>, SessionEnd> {
         Ok(frame::split_frontend(&mut self.buf, self.max_message)?)

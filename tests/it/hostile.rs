@@ -308,3 +308,20 @@ async fn parse_with_two_statements_is_refused() {
     assert_eq!(msgs[0].0, b'E');
     assert_eq!(sqlstate(&msgs[0].1), "42601");
 }
+
+#[tokio::test]
+async fn oversized_or_wrong_message_before_authentication() {
+    // Found by fuzzing: a 5-byte header must not make the proxy wait for (and reserve) 16 MiB
+    // from a client that has not authenticated.
+    let mut s = Raw::connect().await;
+    s.write_all(&startup_packet(0, &[("user", "raw"), ("database", "app")])).await.unwrap();
+    s.write_all(&[b'p', 0x00, 0xff, 0xff, 0xff]).await.unwrap();
+    let out = read_to_end(&mut s).await;
+    assert_eq!(fatal_code(&out), "54000");
+    let mut s = Raw::connect().await;
+    s.write_all(&startup_packet(0, &[("user", "raw"), ("database", "app")])).await.unwrap();
+    s.write_all(&[b'Q', 0x00, 0x00, 0x10, 0x00]).await.unwrap();
+    let out = read_to_end(&mut s).await;
+    assert_eq!(fatal_code(&out), "08P01");
+    proxy_still_serves().await;
+}
