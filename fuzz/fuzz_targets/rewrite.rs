@@ -1,18 +1,49 @@
-//! Fuzz the statement rewriter: `Rewriter::new(1000).rewrite(sql, &actor)`.
+//! Fuzz the statement rewriter: `Rewriter::new(1000, policy).rewrite(sql, &actor)`.
 //!
-//! The input is the SQL text (non-UTF-8 inputs and inputs containing NUL are skipped: the frame
-//! decoders refuse those before the rewriter ever sees them).
+//! The input is the SQL text. Inputs that are not UTF-8, or that contain NUL, are skipped: the frame decoders refuse
+//! them before the rewriter sees them.
 //!
-//! Invariants checked:
-//! - no panic (and, run with `-timeout=10`, no pathological running time), for any text;
-//! - if the rewrite succeeds, its output contains no NUL (it goes straight into a Query message);
-//! - idempotence: rewriting the output again succeeds and yields the same text and the same
-//!   `statement_kinds`.
+//! Each input goes through two rewriters, both with a fixed development/admin actor:
+//! 1. `PassThrough`, a policy that changes nothing. This covers the pipeline itself (classify → parse → gate → print →
+//!    verify). Invariants:
+//!    - no panic, and no pathological running time under `-timeout=10`;
+//!    - the output has no NUL;
+//!    - idempotence: a fresh rewriter, given the output, accepts it and returns the same text and the same
+//!      `statement_kinds`;
+//!    - rewriting the same text again on the same (caching) rewriter gives the same answer.
+//! 2. The production `PolicyEngine`, over the shipped policies (`policy::shipped()`) and a catalog of the demo schema.
+//!    Invariants: no panic, and the output has no NUL.
+//!
+//! libfuzzer-sys installs a panic hook that aborts. A panic that the rewriter's own `catch_unwind` would turn into a
+//! "refused: internal error" is therefore still reported as a crash.
 #![no_main]
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, OnceLock};
+
 use libfuzzer_sys::fuzz_target;
+use sqlparser::ast::Statement;
 use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
-use struere_proxy::rewrite::Rewriter;
+use struere_proxy::catalog::{CatalogSnapshot, Column, Function, RelKind, Relation};
+use struere_proxy::rewrite::engine::PolicyEngine;
+use struere_proxy::rewrite::{Refusal, Rewriter, StatementPolicy};
+
+/// Changes nothing: the pipeline's own properties are fuzzed without a policy set.
+struct PassThrough;
+
+impl StatementPolicy for PassThrough {
+    fn check_pg(&self, _node: &pg_query::NodeEnum, _actor: &ActorContext) -> Result<(), Refusal> {
+        Ok(())
+    }
+
+    fn apply(&self, _stmt: &mut Statement, _actor: &ActorContext) -> Result<(), Refusal> {
+        Ok(())
+    }
+
+    fn check_output(&self, _node: &pg_query::NodeEnum, _actor: &ActorContext) -> Result<(), Refusal> {
+        Ok(())
+    }
+}
 
 fn actor() -> ActorContext {
     ActorContext {
@@ -24,6 +55,76 @@ fn actor() -> ActorContext {
     }
 }
 
+fn table(name: &str, cols: &[(&str, &str)]) -> Relation {
+    Relation {
+        schema: "public".into(),
+        name: name.into(),
+        kind: RelKind::Table,
+        columns: cols
+            .iter()
+            .map(|(n, t)| Column { name: (*n).into(), type_name: (*t).into(), type_oid: 0, not_null: false })
+            .collect(),
+        primary_key: vec!["id".into()],
+        is_child: false,
+    }
+}
+
+/// The demo schema (`policies/schema.sql`), as in the engine's own tests.
+fn demo_catalog() -> CatalogSnapshot {
+    let mut c = CatalogSnapshot::default();
+    let env = [("id", "text"), ("organization_id", "text"), ("environment", "text")];
+    let with = |extra: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
+        env.iter().copied().chain(extra.iter().copied()).collect()
+    };
+    let ts = "timestamp with time zone";
+    let rels = vec![
+        table("organizations", &[("id", "text"), ("name", "text")]),
+        table("users", &[("id", "text"), ("organization_id", "text"), ("email", "text"), ("name", "text"), ("phone", "text")]),
+        table("agents", &[("id", "text"), ("organization_id", "text"), ("slug", "text"), ("name", "text"), ("description", "text")]),
+        table("tool_permissions", &[("id", "text"), ("organization_id", "text"), ("agent_id", "text"), ("tool", "text"), ("allowed", "boolean")]),
+        table("entity_types", &with(&[("slug", "text"), ("schema", "jsonb")])),
+        table("entities", &with(&[("entity_type", "text"), ("data", "jsonb"), ("created_at", ts), ("updated_at", ts)])),
+        table("entity_relations", &with(&[("from_id", "text"), ("to_id", "text"), ("relation_type", "text")])),
+        table("agent_configs", &with(&[("agent_id", "text"), ("system_prompt", "text"), ("model", "text"), ("tools", "jsonb")])),
+        table("threads", &with(&[("agent_id", "text"), ("user_id", "text"), ("created_at", ts)])),
+        table("messages", &with(&[("thread_id", "text"), ("role", "text"), ("content", "text"), ("created_at", ts)])),
+        table("trigger_runs", &with(&[("trigger", "text"), ("status", "text"), ("started_at", ts)])),
+    ];
+    for r in rels {
+        c.relations.insert((r.schema.clone(), r.name.clone()), r);
+    }
+    let mut pg_class = table("pg_class", &[("oid", "oid"), ("relname", "name")]);
+    pg_class.schema = "pg_catalog".into();
+    c.relations.insert(("pg_catalog".into(), "pg_class".into()), pg_class);
+    for (name, vol) in [("lower", 'i'), ("count", 'i'), ("now", 's'), ("pg_sleep", 'v'), ("jsonb_build_object", 's'), ("to_jsonb", 's')] {
+        c.functions.insert(
+            name.into(),
+            vec![Function { schema: "pg_catalog".into(), name: name.into(), leakproof: false, volatility: vol }],
+        );
+    }
+    c
+}
+
+fn engine() -> Arc<PolicyEngine> {
+    static ENGINE: OnceLock<Arc<PolicyEngine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let policies = struere_proxy::policy::shipped().expect("shipped policies compile");
+            Arc::new(PolicyEngine { policies, catalog: Arc::new(demo_catalog()), allow_functions: BTreeSet::new() })
+        })
+        .clone()
+}
+
+/// `STRUERE_FUZZ_VERBOSE=1` prints each input's outcome (for triage and corpus statistics).
+fn verbose() -> bool {
+    static VERBOSE: OnceLock<bool> = OnceLock::new();
+    *VERBOSE.get_or_init(|| std::env::var_os("STRUERE_FUZZ_VERBOSE").is_some())
+}
+
+fn pass() -> Arc<dyn StatementPolicy> {
+    Arc::new(PassThrough)
+}
+
 fuzz_target!(|data: &[u8]| {
     let Ok(sql) = std::str::from_utf8(data) else {
         return;
@@ -32,16 +133,38 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let actor = actor();
-    let rewriter = Rewriter::new(1000);
-    let Ok(rw) = rewriter.rewrite(sql, &actor) else {
-        return;
-    };
-    assert!(!rw.sql.contains('\0'), "rewritten SQL contains NUL: {:?}", rw.sql);
-    // A fresh rewriter, so a cache cannot answer for the second pass.
-    let again = match Rewriter::new(1000).rewrite(&rw.sql, &actor) {
-        Ok(again) => again,
-        Err(e) => panic!("rewrite is not idempotent: {sql:?}\n  -> {:?}\n  -> refused: {e}", rw.sql),
-    };
-    assert_eq!(again.sql, rw.sql, "rewrite is not idempotent for {sql:?}");
-    assert_eq!(again.statement_kinds, rw.statement_kinds, "statement kinds changed for {sql:?}");
+
+    // 1. The pipeline alone: no panic, no NUL, idempotent.
+    let rewriter = Rewriter::new(1000, pass());
+    let first = rewriter.rewrite(sql, &actor);
+    if let Ok(rw) = &first {
+        assert!(!rw.sql.contains('\0'), "rewritten SQL contains NUL: {:?}", rw.sql);
+        // A fresh rewriter, so no cache can answer for the second pass.
+        let again = match Rewriter::new(1000, pass()).rewrite(&rw.sql, &actor) {
+            Ok(again) => again,
+            Err(e) => panic!("rewrite is not idempotent: {sql:?}\n  -> {:?}\n  -> refused: {e}", rw.sql),
+        };
+        assert_eq!(again.sql, rw.sql, "rewrite is not idempotent for {sql:?}");
+        assert_eq!(again.statement_kinds, rw.statement_kinds, "statement kinds changed for {sql:?}");
+    }
+    if verbose() {
+        match &first {
+            Ok(rw) => eprintln!("PASS OK {:?} -> {:?} {:?}", sql, rw.sql, rw.statement_kinds),
+            Err(e) => eprintln!("PASS REFUSED {:?}: {e}", sql),
+        }
+    }
+    // The cache answers what the pipeline answered.
+    assert_eq!(rewriter.rewrite(sql, &actor), first, "cached answer differs for {sql:?}");
+
+    // 2. The production policy engine: no panic, no NUL.
+    let by_engine = Rewriter::new(0, engine()).rewrite(sql, &actor);
+    if let Ok(rw) = &by_engine {
+        assert!(!rw.sql.contains('\0'), "engine output contains NUL: {:?}", rw.sql);
+    }
+    if verbose() {
+        match &by_engine {
+            Ok(rw) => eprintln!("ENGINE OK {:?} -> {:?}", sql, rw.sql),
+            Err(e) => eprintln!("ENGINE REFUSED {:?}: {e}", sql),
+        }
+    }
 });

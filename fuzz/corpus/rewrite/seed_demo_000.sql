@@ -1,0 +1,1 @@
+SELECT id, name, email FROM users WHERE organization_id = 'acme' ORDER BY name

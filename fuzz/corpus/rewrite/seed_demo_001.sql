@@ -1,0 +1,1 @@
+SELECT e.id, e.data->>'name' AS name, e.data #>> '{grade}' FROM entities e WHERE e.entity_type = 'student' AND e.data @> '{"status":"active"}'

@@ -1,0 +1,1 @@
+SELECT t.id, count(m.id) FROM threads t LEFT JOIN messages m ON m.thread_id = t.id GROUP BY t.id HAVING count(m.id) > 0

@@ -1,0 +1,1 @@
+WITH s AS (SELECT id FROM entities WHERE entity_type = 'student') SELECT r.* FROM entity_relations r JOIN s ON s.id = r.from_id

@@ -1,0 +1,1 @@
+SELECT a.slug, c.model FROM agents a JOIN agent_configs c ON c.agent_id = a.id

@@ -1,0 +1,1 @@
+SELECT * FROM trigger_runs WHERE status = 'failed' AND started_at > now() - interval '1 hour'

@@ -1,0 +1,1 @@
+INSERT INTO entities (id, entity_type, data) VALUES ('e1', 'student', '{"name":"a''b"}') ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data

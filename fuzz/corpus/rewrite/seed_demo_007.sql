@@ -1,0 +1,1 @@
+UPDATE entities SET data = jsonb_set(data, '{status}', '"done"') FROM entity_types t WHERE t.slug = entities.entity_type

@@ -1,0 +1,1 @@
+DELETE FROM messages m USING threads t WHERE m.thread_id = t.id AND t.user_id = 'u1'

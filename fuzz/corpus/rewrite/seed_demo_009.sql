@@ -1,0 +1,1 @@
+SELECT lower(name), to_jsonb(u) FROM users u

@@ -1,0 +1,1 @@
+SELECT jsonb_build_object('id', id) FROM organizations

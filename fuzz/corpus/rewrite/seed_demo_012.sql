@@ -1,0 +1,1 @@
+SELECT * FROM tool_permissions WHERE allowed

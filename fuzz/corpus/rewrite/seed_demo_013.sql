@@ -1,0 +1,1 @@
+COPY (SELECT id FROM users) TO STDOUT WITH (FORMAT csv)

@@ -1,0 +1,1 @@
+SET application_name = 'x'; SHOW timezone; RESET statement_timeout

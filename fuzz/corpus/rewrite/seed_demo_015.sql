@@ -1,0 +1,1 @@
+SELECT E'a\'b', $q$it's$q$, U&'\0041' FROM users WHERE name = 'a''b' OR "name" = $$x$$
