@@ -109,24 +109,27 @@ impl Refusal {
 /// Rewrites SQL for environment-key callers. Cheap to share (`&self`, thread-safe).
 pub struct Rewriter {
     cache: cache::RewriteCache,
-    policy: std::sync::RwLock<Arc<dyn StatementPolicy>>,
+    /// The policy in force and its generation (bumped on every swap).
+    policy: std::sync::RwLock<(Arc<dyn StatementPolicy>, u64)>,
 }
 
 impl Rewriter {
     /// `cache_capacity` is the number of (caller, text) entries kept; 0 disables the cache.
     pub fn new(cache_capacity: usize, policy: Arc<dyn StatementPolicy>) -> Self {
-        Rewriter { cache: cache::RewriteCache::new(cache_capacity), policy: std::sync::RwLock::new(policy) }
+        Rewriter { cache: cache::RewriteCache::new(cache_capacity), policy: std::sync::RwLock::new((policy, 0)) }
     }
 
     /// Swap in a new policy (a reloaded policy set or catalog). Cached rewrites made under the
     /// old one are dropped.
     pub fn set_policy(&self, policy: Arc<dyn StatementPolicy>) {
-        *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = policy;
+        let mut current = self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *current = (policy, current.1.wrapping_add(1));
         self.cache.clear();
     }
 
-    fn current_policy(&self) -> Arc<dyn StatementPolicy> {
-        Arc::clone(&self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    fn current_policy(&self) -> (Arc<dyn StatementPolicy>, u64) {
+        let current = self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (Arc::clone(&current.0), current.1)
     }
 
     /// Rewrite the text of one simple-Query message (may hold several statements) or one
@@ -141,9 +144,15 @@ impl Rewriter {
         if let Some(hit) = self.cache.get(actor, sql) {
             return Ok(hit);
         }
-        let policy = self.current_policy();
+        let (policy, generation) = self.current_policy();
         let rewritten = Arc::new(rewrite_uncached(sql, actor, policy.as_ref())?);
-        self.cache.insert(actor, sql, Arc::clone(&rewritten));
+        // A rewrite made under a policy that was swapped out meanwhile is used once but never
+        // cached, or it would outlive the swap's cache clear. The read lock is held across the
+        // check and the insert, so a swap (write lock, then clear) cannot fall in between.
+        let current = self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.1 == generation {
+            self.cache.insert(actor, sql, Arc::clone(&rewritten));
+        }
         Ok(rewritten)
     }
 }
