@@ -24,7 +24,7 @@ use crate::protocol::backend::{self, Severity, parse_parameter_status};
 use crate::protocol::frame::{self, Frame};
 use crate::protocol::frontend::{decode_parse, decode_query, encode_parse, encode_query};
 use crate::protocol::sqlstate::SqlState;
-use crate::rewrite::Refusal;
+use crate::rewrite::{Refusal, Rewritten};
 use crate::server::Proxy;
 use crate::session::handshake::Established;
 use crate::session::refusal::{BackendAction, RefusalTracker};
@@ -144,19 +144,11 @@ impl ClientToUpstream<'_> {
                 lock(&self.tracker).boundary_sent();
                 match self.caller {
                     Caller::Operator => {
-                        audit_operator(sql);
-                        if looks_like_ddl(sql) {
-                            self.proxy.request_refresh();
-                        }
+                        self.operator_statement(sql);
                         out.extend_from_slice(&frame.raw);
                     }
                     Caller::Environment(actor) => match self.rewrite(sql, actor) {
-                        Ok((text, _)) => {
-                            if looks_like_ddl(&text) {
-                                self.proxy.request_refresh();
-                            }
-                            encode_query(out, &text)
-                        }
+                        Ok(rw) => encode_query(out, &rw.sql),
                         Err(refusal) => {
                             let injected = self.refuse(&refusal);
                             encode_query(out, &injected);
@@ -168,19 +160,11 @@ impl ClientToUpstream<'_> {
                 let parse = decode_parse(&frame.body)?;
                 match self.caller {
                     Caller::Operator => {
-                        audit_operator(parse.query);
-                        if looks_like_ddl(parse.query) {
-                            self.proxy.request_refresh();
-                        }
+                        self.operator_statement(parse.query);
                         out.extend_from_slice(&frame.raw);
                     }
                     Caller::Environment(actor) => match self.rewrite_one(parse.query, actor) {
-                        Ok(text) => {
-                            if looks_like_ddl(&text) {
-                                self.proxy.request_refresh();
-                            }
-                            encode_parse(out, parse.name, &text, &parse.param_types)
-                        }
+                        Ok(rw) => encode_parse(out, parse.name, &rw.sql, &parse.param_types),
                         Err(refusal) => {
                             let injected = self.refuse(&refusal);
                             encode_parse(out, "", &injected, &[]);
@@ -215,29 +199,38 @@ impl ClientToUpstream<'_> {
         Ok(())
     }
 
-    /// Rewrite a text; returns it with its statement count.
-    fn rewrite(&self, sql: &str, actor: &ActorContext) -> Result<(String, usize), Refusal> {
+    /// Rewrite a text for an environment key; DDL that went through schedules a catalog re-read.
+    fn rewrite(&self, sql: &str, actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
         let span = tracing::debug_span!("statement", bytes = sql.len());
         let _g = span.enter();
         let r = self.proxy.rewriter.rewrite(sql, actor);
         match &r {
-            Ok(rw) => tracing::debug!(kinds = ?rw.statement_kinds, "rewritten"),
+            Ok(rw) => {
+                tracing::debug!(kinds = ?rw.statement_kinds, "rewritten");
+                if rw.statement_kinds.iter().any(|k| DDL_KINDS.contains(&k.as_str())) {
+                    self.proxy.request_refresh();
+                }
+            }
             Err(refusal) => tracing::info!(code = refusal.sqlstate().code(), reason = %refusal, "refused"),
         }
-        r.map(|rw| (rw.sql.clone(), rw.statement_kinds.len()))
+        r
     }
 
     /// A Parse message holds at most one statement, as the server requires.
-    fn rewrite_one(&self, sql: &str, actor: &ActorContext) -> Result<String, Refusal> {
-        self.rewrite(sql, actor)
-            .and_then(|text| {
-                if text.1 > 1 {
-                    Err(Refusal::Syntax("cannot insert multiple commands into a prepared statement".to_owned()))
-                } else {
-                    Ok(text)
-                }
-            })
-            .map(|(sql, _)| sql)
+    fn rewrite_one(&self, sql: &str, actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
+        let rw = self.rewrite(sql, actor)?;
+        if rw.statement_kinds.len() > 1 {
+            return Err(Refusal::Syntax("cannot insert multiple commands into a prepared statement".to_owned()));
+        }
+        Ok(rw)
+    }
+
+    /// An operator statement is forwarded as sent: audit it, and re-read the catalog after DDL.
+    fn operator_statement(&self, sql: &str) {
+        audit_operator(sql);
+        if looks_like_ddl(sql) {
+            self.proxy.request_refresh();
+        }
     }
 
     /// Build the client-facing error and return the SQL to forward in the refused one's place.
@@ -248,8 +241,20 @@ impl ClientToUpstream<'_> {
     }
 }
 
-/// A cheap test for statements that may change the catalog; a false positive only costs a
-/// catalog re-read.
+/// pg_query statement kinds that change the catalog.
+const DDL_KINDS: &[&str] = &[
+    "CreateStmt",
+    "CreateTableAsStmt",
+    "AlterTableStmt",
+    "DropStmt",
+    "IndexStmt",
+    "RenameStmt",
+    "ViewStmt",
+    "CommentStmt",
+];
+
+/// A cheap test for operator statements (which are not parsed) that may change the catalog; a
+/// false positive only costs a catalog re-read.
 fn looks_like_ddl(sql: &str) -> bool {
     sql.split(';').any(|piece| {
         let head = piece.trim_start();

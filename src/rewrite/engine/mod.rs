@@ -312,15 +312,12 @@ impl PolicyEngine {
         match source {
             CopySource::Query(q) => w.run(q.as_mut()).map_err(denied),
             CopySource::Table { table_name, columns } => {
+                if !to {
+                    return self.unmanaged_write_target(w, table_name, "copy into");
+                }
                 let (schema, table) = self.resolve_target(w, table_name)?;
                 if w.ctx.set.tables.table(&schema, &table).is_none() {
-                    if !to {
-                        return self.unmanaged_write_target(w, &table_name.clone(), "copy into");
-                    }
                     return w.check_plain_relation(&schema, &table).map_err(denied);
-                }
-                if !to {
-                    return self.unmanaged_write_target(w, &table_name.clone(), "copy into");
                 }
                 // COPY t (cols) TO STDOUT  →  COPY (SELECT cols FROM t) TO STDOUT, then secured.
                 let cols = if columns.is_empty() {
