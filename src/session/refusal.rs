@@ -18,6 +18,8 @@ use crate::protocol::backend::parse_error_fields;
 
 /// SQLSTATE `undefined_function`, what the server answers for the marker call.
 const UNDEFINED_FUNCTION: &str = "42883";
+/// SQLSTATE `invalid_text_representation`, what a failed write check raises.
+const INVALID_TEXT_REPRESENTATION: &str = "22P02";
 
 struct Pending {
     marker: String,
@@ -77,8 +79,26 @@ impl RefusalTracker {
                 self.pending.retain(|p| p.closes_at > seen);
                 BackendAction::Forward
             }
-            b'E' if !self.pending.is_empty() => {
+            b'E' => {
                 let fields = parse_error_fields(body);
+                // A write's WITH CHECK failed (see rewrite::engine::writes): the server's error
+                // carries the proxy's refusal message.
+                if fields.code == INVALID_TEXT_REPRESENTATION
+                    && let Some(message) = crate::rewrite::engine::writes::decode_check_failure(&fields.message)
+                {
+                    let mut out = bytes::BytesMut::new();
+                    crate::protocol::backend::error_response(
+                        &mut out,
+                        crate::protocol::backend::Severity::Error,
+                        crate::protocol::sqlstate::SqlState::INSUFFICIENT_PRIVILEGE,
+                        &message,
+                        None,
+                    );
+                    return BackendAction::Replace(out.freeze());
+                }
+                if self.pending.is_empty() {
+                    return BackendAction::Forward;
+                }
                 if fields.code != UNDEFINED_FUNCTION {
                     return BackendAction::Forward;
                 }

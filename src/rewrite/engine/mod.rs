@@ -13,14 +13,12 @@ pub mod access;
 pub mod functions;
 pub mod secure;
 pub mod walk;
+pub mod writes;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use sqlparser::ast::{
-    CopySource, CopyTarget, CreateTable, FromTable, ObjectName, Reset, ResetStatement, Set, Statement, TableFactor,
-    TableObject, TableWithJoins,
-};
+use sqlparser::ast::{CopySource, CopyTarget, CreateTable, ObjectName, Reset, ResetStatement, Set, Statement};
 
 use super::{Refusal, StatementPolicy};
 use crate::auth::identity::{ActorContext, Environment};
@@ -138,35 +136,14 @@ impl StatementPolicy for PolicyEngine {
 impl PolicyEngine {
     fn statement(&self, stmt: &mut Statement, w: &mut Walker) -> Result<(), Refusal> {
         match stmt {
-            Statement::Query(q) => w.run(q.as_mut()).map_err(denied),
-            Statement::Insert(ins) => {
-                let TableObject::TableName(name) = &ins.table else {
-                    return Err(denied("INSERT INTO a table function is not supported"));
-                };
-                let name = name.clone();
-                self.unmanaged_write_target(w, &name, "insert into")?;
-                self.walk_write(w, stmt)
-            }
-            Statement::Update(u) => {
-                let target =
-                    table_with_joins_name(&u.table).ok_or_else(|| denied("UPDATE of this target is not supported"))?;
-                self.unmanaged_write_target(w, &target, "update")?;
-                self.walk_write(w, stmt)
-            }
-            Statement::Delete(d) => {
-                let tables = match &d.from {
-                    FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
-                };
-                for t in tables {
-                    let name =
-                        table_with_joins_name(t).ok_or_else(|| denied("DELETE from this target is not supported"))?;
-                    self.unmanaged_write_target(w, &name, "delete from")?;
-                }
-                self.walk_write(w, stmt)
-            }
+            // A query may hold writes (WITH … AS (INSERT/UPDATE/DELETE …)).
+            Statement::Query(_) => self.walk_write(w, stmt),
+            Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => self.walk_write(w, stmt),
             Statement::Truncate(t) => {
                 for target in &t.table_names {
-                    self.unmanaged_write_target(w, &target.name, "truncate")?;
+                    if w.write_target(&target.name, "truncate").map_err(denied)?.is_some() {
+                        return Err(denied(format!("TRUNCATE of the managed table {} is not allowed", target.name)));
+                    }
                 }
                 Ok(())
             }
@@ -223,30 +200,15 @@ impl PolicyEngine {
         }
     }
 
-    /// Walk a statement that writes to an unmanaged object: reading managed tables into it
+    /// Walk a statement that writes. Writes to managed tables are rewritten by the walk
+    /// (writes.rs); a statement writing an unmanaged object may not read managed tables: it
     /// would persist one tenant's rows where every development key can read them.
     fn walk_write(&self, w: &mut Walker, stmt: &mut Statement) -> Result<(), Refusal> {
         w.run(stmt).map_err(denied)?;
-        if w.read_managed {
+        if w.read_managed && w.writes_unmanaged {
             return Err(denied(
                 "a statement that writes to an unmanaged table may not read managed tables (their rows would leave the tenant's scope)",
             ));
-        }
-        Ok(())
-    }
-
-    /// Writes to managed tables are refused until WITH CHECK enforcement lands; unmanaged
-    /// targets need the unmanaged-tables grant.
-    fn unmanaged_write_target(&self, w: &Walker, name: &ObjectName, verb: &str) -> Result<(), Refusal> {
-        let (schema, table) = self.resolve_target(w, name)?;
-        if w.ctx.set.tables.table(&schema, &table).is_some() {
-            return Err(denied(format!(
-                "{verb} the managed table {table} is not supported through the proxy yet (writes to managed tables are refused until WITH CHECK enforcement lands)"
-            )));
-        }
-        w.check_plain_relation(&schema, &table).map_err(denied)?;
-        if schema == "pg_catalog" || schema == "information_schema" {
-            return Err(denied(format!("cannot {verb} the catalog relation {schema}.{table}")));
         }
         Ok(())
     }
@@ -313,7 +275,13 @@ impl PolicyEngine {
             CopySource::Query(q) => w.run(q.as_mut()).map_err(denied),
             CopySource::Table { table_name, columns } => {
                 if !to {
-                    return self.unmanaged_write_target(w, table_name, "copy into");
+                    if w.write_target(table_name, "copy into").map_err(denied)?.is_some() {
+                        return Err(denied(format!(
+                            "COPY … FROM STDIN into the managed table {table_name} is not supported: use INSERT \
+                             (the proxy sets environment and organization and checks each row there)"
+                        )));
+                    }
+                    return Ok(());
                 }
                 let (schema, table) = self.resolve_target(w, table_name)?;
                 if w.ctx.set.tables.table(&schema, &table).is_none() {
@@ -413,13 +381,6 @@ fn namespace_channel(channel: &mut sqlparser::ast::Ident, actor: &ActorContext) 
     }
     *channel = sqlparser::ast::Ident::with_quote('"', name);
     Ok(())
-}
-
-fn table_with_joins_name(t: &TableWithJoins) -> Option<ObjectName> {
-    match &t.relation {
-        TableFactor::Table { name, .. } => Some(name.clone()),
-        _ => None,
-    }
 }
 
 /// A short human name for a statement kind, for refusals.

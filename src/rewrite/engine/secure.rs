@@ -39,6 +39,36 @@ fn literal_of(l: &Literal) -> String {
     }
 }
 
+/// Whose columns a generated predicate reads: a table alias, or (for a row being written) the
+/// expressions that will become its columns.
+pub enum RowRef<'r> {
+    Alias(&'r str),
+    /// Columns listed in `values` read those expressions; the rest read `fallback`'s columns, or
+    /// are an error naming the column when there is no fallback (an INSERT that leaves a column
+    /// its row scope checks to its default).
+    Values {
+        values: &'r std::collections::BTreeMap<String, String>,
+        fallback: Option<&'r str>,
+        /// Columns whose new value the proxy cannot know (set to DEFAULT): an error if read.
+        unknown: &'r std::collections::BTreeSet<String>,
+    },
+}
+
+impl RowRef<'_> {
+    pub fn col(&self, name: &str) -> Result<String, String> {
+        match self {
+            RowRef::Alias(a) => Ok(format!("{}.{}", ident(a), ident(name))),
+            RowRef::Values { values, fallback, unknown } => match (values.get(name), fallback) {
+                (Some(v), _) => Ok(format!("({v})")),
+                (None, Some(a)) if !unknown.contains(name) => Ok(format!("{}.{}", ident(a), ident(name))),
+                _ => Err(format!(
+                    "the statement must set column {name} to a value (not its default): the row scope checks it"
+                )),
+            },
+        }
+    }
+}
+
 /// Everything a secure relation depends on.
 pub struct Ctx<'a> {
     pub actor: &'a ActorContext,
@@ -74,7 +104,7 @@ impl<'a> Ctx<'a> {
         table_access(&self.roles, &self.actor.roles, table, action)
     }
 
-    fn columns(&self, table: &TableSpec) -> Result<&'a [Column], String> {
+    pub(super) fn columns(&self, table: &TableSpec) -> Result<&'a [Column], String> {
         self.catalog
             .relation(&table.schema, &table.name)
             .map(|r| r.columns.as_slice())
@@ -87,26 +117,47 @@ impl<'a> Ctx<'a> {
 
     /// The environment and organization predicate every reference to a managed table carries.
     pub fn tenant_predicate(&self, table: &TableSpec, alias: &str) -> Vec<String> {
-        let mut preds = Vec::new();
+        self.tenant_values(table)
+            .into_iter()
+            .map(|(col, value)| format!("{}.{} = {value}", ident(alias), ident(col)))
+            .collect()
+    }
+
+    /// The environment and organization columns of `table` and the caller's values for them.
+    pub fn tenant_values<'t>(&self, table: &'t TableSpec) -> Vec<(&'t str, String)> {
+        let mut values = Vec::new();
         if let Some(env) = &table.environment_column {
-            preds.push(format!("{}.{} = {}", ident(alias), ident(env), literal(self.actor.environment.as_str())));
+            values.push((env.as_str(), literal(self.actor.environment.as_str())));
         }
         if let Some(org) = &table.organization_column {
-            preds.push(format!("{}.{} = {}", ident(alias), ident(org), literal(&self.actor.organization)));
+            values.push((org.as_str(), literal(&self.actor.organization)));
         }
-        preds
+        values
     }
 
     /// The full row predicate of `table` for `action` on alias `alias`: tenant, types, scope rules.
     pub fn row_predicate(&self, table: &TableSpec, alias: &str, access: &TableAccess) -> Result<String, String> {
         let mut preds = self.tenant_predicate(table, alias);
+        preds.extend(self.scope_predicate(table, &RowRef::Alias(alias), access)?);
+        Ok(preds.join(" AND "))
+    }
+
+    /// The row predicate without the tenant: resource types and scope rules, over any row
+    /// (`None` when every row of the tenant qualifies). What a write's new row must satisfy.
+    pub fn scope_predicate(
+        &self,
+        table: &TableSpec,
+        row: &RowRef,
+        access: &TableAccess,
+    ) -> Result<Option<String>, String> {
+        let mut preds = Vec::new();
         if let (Some(tc), false) = (&table.type_column, access.denied_kinds.is_empty()) {
             let denied: Vec<String> = access.denied_kinds.iter().map(|k| literal(k)).collect();
-            preds.push(format!("{}.{} NOT IN ({})", ident(alias), ident(tc), denied.join(", ")));
+            preds.push(format!("{} NOT IN ({})", row.col(tc)?, denied.join(", ")));
         }
         let mut alternatives = Vec::new();
         for part in &access.parts {
-            match self.part_predicate(table, alias, part)? {
+            match self.part_predicate(table, row, part)? {
                 None => {
                     alternatives.clear();
                     break;
@@ -117,35 +168,36 @@ impl<'a> Ctx<'a> {
         if !alternatives.is_empty() {
             preds.push(format!("({})", alternatives.join(" OR ")));
         }
-        Ok(preds.join(" AND "))
+        Ok(if preds.is_empty() { None } else { Some(preds.join(" AND ")) })
     }
 
     /// `None` when the part covers every row (no type restriction, no rules).
-    fn part_predicate(&self, table: &TableSpec, alias: &str, part: &Part) -> Result<Option<String>, String> {
+    fn part_predicate(&self, table: &TableSpec, row: &RowRef, part: &Part) -> Result<Option<String>, String> {
         let mut conj = Vec::new();
         if let (Some(kind), Some(tc)) = (&part.kind, &table.type_column) {
-            conj.push(format!("{}.{} = {}", ident(alias), ident(tc), literal(kind)));
+            conj.push(format!("{} = {}", row.col(tc)?, literal(kind)));
         }
         if let Some(rules) = &part.rules {
-            let ors = rules.iter().map(|r| self.rule(table, alias, r)).collect::<Result<Vec<_>, _>>()?;
+            let ors = rules.iter().map(|r| self.rule(table, row, r)).collect::<Result<Vec<_>, _>>()?;
             conj.push(format!("({})", ors.join(" OR ")));
         }
         Ok(if conj.is_empty() { None } else { Some(format!("({})", conj.join(" AND "))) })
     }
 
-    fn field(&self, alias: &str, f: &FieldRef) -> String {
-        if f.path.is_empty() {
-            format!("{}.{}", ident(alias), ident(&f.column))
+    fn field(&self, row: &RowRef, f: &FieldRef) -> Result<String, String> {
+        let col = row.col(&f.column)?;
+        Ok(if f.path.is_empty() {
+            col
         } else {
             let path: Vec<String> = f.path.iter().map(|p| literal(p)).collect();
-            format!("({}.{} #>> ARRAY[{}])", ident(alias), ident(&f.column), path.join(", "))
-        }
+            format!("({col} #>> ARRAY[{}])", path.join(", "))
+        })
     }
 
-    fn rule(&self, table: &TableSpec, alias: &str, rule: &ScopeRule) -> Result<String, String> {
+    fn rule(&self, table: &TableSpec, row: &RowRef, rule: &ScopeRule) -> Result<String, String> {
         match rule {
             ScopeRule::Match { field, op, value } => {
-                let lhs = self.field(alias, field);
+                let lhs = self.field(row, field)?;
                 let rhs = match value {
                     ScopeValue::Actor(a) => self.actor_value(*a),
                     ScopeValue::Literal(l) => literal_of(l),
@@ -155,7 +207,7 @@ impl<'a> Ctx<'a> {
                     // `<>` is NULL for a NULL field: such rows stay out of scope (fail safe).
                     ScopeOp::Neq => format!("{lhs} <> {rhs}"),
                     ScopeOp::In => format!("{lhs} IN ({rhs})"),
-                    ScopeOp::Contains => self.contains(table, alias, field, &rhs)?,
+                    ScopeOp::Contains => self.contains(table, row, field, &rhs)?,
                 })
             }
             ScopeRule::InScopeOf { field, resource, target } => {
@@ -175,8 +227,8 @@ impl<'a> Ctx<'a> {
                 let pred = self.row_predicate(other, &inner, &access)?;
                 Ok(format!(
                     "{} IN (SELECT {} FROM {}.{} AS {} WHERE {pred})",
-                    self.field(alias, field),
-                    self.field(&inner, target),
+                    self.field(row, field)?,
+                    self.field(&RowRef::Alias(&inner), target)?,
                     ident(&other.schema),
                     ident(&other.name),
                     ident(&inner)
@@ -197,7 +249,7 @@ impl<'a> Ctx<'a> {
                 }
                 Ok(format!(
                     "{} IN (SELECT {}.{} FROM {}.{} AS {} WHERE {})",
-                    self.field(alias, field),
+                    self.field(row, field)?,
                     ident(&inner),
                     ident(&link.column),
                     ident(&spec.schema),
@@ -209,22 +261,17 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn contains(&self, table: &TableSpec, alias: &str, field: &FieldRef, rhs: &str) -> Result<String, String> {
+    fn contains(&self, table: &TableSpec, row: &RowRef, field: &FieldRef, rhs: &str) -> Result<String, String> {
         if !field.path.is_empty() {
             let path: Vec<String> = field.path.iter().map(|p| literal(p)).collect();
-            return Ok(format!(
-                "({}.{} #> ARRAY[{}]) @> to_jsonb({rhs}::text)",
-                ident(alias),
-                ident(&field.column),
-                path.join(", ")
-            ));
+            return Ok(format!("({} #> ARRAY[{}]) @> to_jsonb({rhs}::text)", row.col(&field.column)?, path.join(", ")));
         }
         let col = self
             .columns(table)?
             .iter()
             .find(|c| c.name == field.column)
             .ok_or_else(|| format!("{}.{} has no column {}", table.schema, table.name, field.column))?;
-        let f = self.field(alias, field);
+        let f = self.field(row, field)?;
         Ok(if col.type_name.ends_with("[]") {
             format!("{rhs} = ANY ({f})")
         } else if col.type_name == "jsonb" {
@@ -236,9 +283,21 @@ impl<'a> Ctx<'a> {
 
     /// The secure relation for reading `table` under `action`'s rules (select for reads).
     pub fn relation_sql(&self, table: &TableSpec, action: Action) -> Result<String, String> {
+        self.relation_sql_also(table, action, None)
+    }
+
+    /// The secure relation a write reads its target through: the rows the caller may both see
+    /// (`action`, select) and change (`also`: update or delete), with the select masks.
+    pub fn relation_sql_also(&self, table: &TableSpec, action: Action, also: Option<Action>) -> Result<String, String> {
         let access = self.access(table, action)?;
         let alias = self.alias();
-        let pred = self.row_predicate(table, &alias, &access)?;
+        let mut pred = self.row_predicate(table, &alias, &access)?;
+        if let Some(also) = also {
+            let extra = self.access(table, also)?;
+            if let Some(p) = self.scope_predicate(table, &RowRef::Alias(&alias), &extra)? {
+                pred = format!("{pred} AND {p}");
+            }
+        }
         let mut cols = Vec::new();
         for col in self.columns(table)? {
             cols.push(format!("{} AS {}", self.column_value(table, &alias, col, &access)?, ident(&col.name)));
@@ -256,7 +315,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// What the caller sees of one column: per part, then combined.
-    fn column_value(
+    pub(super) fn column_value(
         &self,
         table: &TableSpec,
         alias: &str,
@@ -273,7 +332,7 @@ impl<'a> Ctx<'a> {
         }
         let mut case = String::from("CASE");
         for (part, expr) in access.parts.iter().zip(&exprs) {
-            let cond = self.part_predicate(table, alias, part)?.unwrap_or_else(|| "true".to_owned());
+            let cond = self.part_predicate(table, &RowRef::Alias(alias), part)?.unwrap_or_else(|| "true".to_owned());
             case.push_str(&format!(" WHEN {cond} THEN {expr}"));
         }
         case.push_str(" END");

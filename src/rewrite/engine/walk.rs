@@ -4,12 +4,15 @@
 
 use std::ops::ControlFlow;
 
-use sqlparser::ast::{Expr, Ident, ObjectName, ObjectNamePart, Query, TableAlias, TableFactor, VisitMut, VisitorMut};
+use sqlparser::ast::{
+    Expr, Ident, ObjectName, ObjectNamePart, Query, TableAlias, TableFactor, TableWithJoins, VisitMut, VisitorMut,
+};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use super::functions;
 use super::secure::Ctx;
+use super::writes;
 use crate::auth::identity::Environment;
 use crate::auth::store::PROXY_SCHEMA;
 use crate::policy::Action;
@@ -87,6 +90,14 @@ impl Frame {
     }
 }
 
+/// A write statement being walked whose target is a managed table.
+struct PendingWrite<'a> {
+    spec: &'a crate::policy::TableSpec,
+    action: Action,
+    /// The target's table factor (UPDATE, DELETE): secured for the write rather than for reading.
+    target: *const TableFactor,
+}
+
 pub struct Walker<'c, 'a> {
     pub ctx: &'c Ctx<'a>,
     pub allow_functions: &'c std::collections::BTreeSet<String>,
@@ -94,13 +105,23 @@ pub struct Walker<'c, 'a> {
     pub error: Option<String>,
     /// A managed table was read somewhere in the statement.
     pub read_managed: bool,
-    /// Statements entered so far (the walked statement itself is the first).
-    statements: usize,
+    /// An unmanaged table is written somewhere in the statement.
+    pub writes_unmanaged: bool,
+    /// Write statements entered and not yet left (`None`: an unmanaged target).
+    writes: Vec<Option<PendingWrite<'a>>>,
 }
 
 impl<'c, 'a> Walker<'c, 'a> {
     pub fn new(ctx: &'c Ctx<'a>, allow_functions: &'c std::collections::BTreeSet<String>) -> Self {
-        Walker { ctx, allow_functions, frames: Vec::new(), error: None, read_managed: false, statements: 0 }
+        Walker {
+            ctx,
+            allow_functions,
+            frames: Vec::new(),
+            error: None,
+            read_managed: false,
+            writes_unmanaged: false,
+            writes: Vec::new(),
+        }
     }
 
     /// Walk a statement (or any node), rewriting in place.
@@ -142,6 +163,33 @@ impl<'c, 'a> Walker<'c, 'a> {
         }
     }
 
+    /// Resolve the target of a write: CTE names never apply to it (as in PostgreSQL).
+    pub fn resolve_table(&self, name: &ObjectName) -> Result<(String, String), String> {
+        let parts = name_parts(name).ok_or_else(|| format!("relation name {name} is not supported"))?;
+        match parts.as_slice() {
+            [name] => {
+                let schema =
+                    if self.ctx.catalog.relation("pg_catalog", name).is_some() { "pg_catalog" } else { "public" };
+                Ok((schema.to_owned(), name.clone()))
+            }
+            [schema, name] => Ok((schema.clone(), name.clone())),
+            _ => Err(format!("relation name {} is not supported (use schema.table)", parts.join("."))),
+        }
+    }
+
+    /// The managed table a write targets (`None`: an unmanaged table the caller may write).
+    pub fn write_target(&self, name: &ObjectName, verb: &str) -> Result<Option<&'a crate::policy::TableSpec>, String> {
+        let (schema, table) = self.resolve_table(name)?;
+        if let Some(spec) = self.ctx.set.tables.table(&schema, &table) {
+            return Ok(Some(spec));
+        }
+        self.check_plain_relation(&schema, &table)?;
+        if schema == "pg_catalog" || schema == "information_schema" {
+            return Err(format!("cannot {verb} the catalog relation {schema}.{table}"));
+        }
+        Ok(None)
+    }
+
     /// Whether a read of this relation is allowed as it is (catalogs, unmanaged scratch tables).
     pub fn check_plain_relation(&self, schema: &str, name: &str) -> Result<(), String> {
         // Hidden catalog relations are refused under any schema the name might resolve to
@@ -179,7 +227,8 @@ impl<'c, 'a> Walker<'c, 'a> {
     }
 
     fn secure(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
-        let TableFactor::Table { name, alias, args, .. } = tf else {
+        let tf_ptr = tf as *const TableFactor;
+        let TableFactor::Table { name, args, .. } = tf else {
             return match tf {
                 TableFactor::Derived { .. }
                 | TableFactor::NestedJoin { .. }
@@ -192,6 +241,17 @@ impl<'c, 'a> Walker<'c, 'a> {
         let Some(parts) = name_parts(name) else {
             return self.fail(format!("relation name {name} is not supported"));
         };
+        // The target of a write to a managed table: the rows the caller may see and change.
+        if let Some(Some(w)) = self.writes.last()
+            && std::ptr::eq(w.target, tf_ptr)
+        {
+            let (spec, action) = (w.spec, w.action);
+            let sql = match self.ctx.relation_sql_also(spec, Action::Select, Some(action)) {
+                Ok(s) => s,
+                Err(e) => return self.fail(format!("{e} ({action} reads the rows it changes)")),
+            };
+            return self.replace_with(tf, &sql, &spec.name);
+        }
         if args.is_some() {
             // `FROM f(...)`: a set-returning function call.
             return match functions::check(self.ctx.catalog, &parts, self.allow_functions) {
@@ -214,13 +274,22 @@ impl<'c, 'a> Walker<'c, 'a> {
             Ok(s) => s,
             Err(e) => return self.fail(e),
         };
-        let subquery = match parse_query(&sql) {
+        self.replace_with(tf, &sql, &table)
+    }
+
+    /// Swap a table factor for the secure relation `sql`, keeping the client's alias (or the
+    /// table's name) as its name.
+    fn replace_with(&mut self, tf: &mut TableFactor, sql: &str, table: &str) -> ControlFlow<()> {
+        let TableFactor::Table { alias, .. } = tf else {
+            return self.fail("internal error: only a table can be secured".to_owned());
+        };
+        let subquery = match parse_query(sql) {
             Ok(q) => q,
             Err(e) => return self.fail(format!("internal error building the secure relation for {table}: {e}")),
         };
         let alias = alias.take().unwrap_or_else(|| TableAlias {
             explicit: true,
-            name: Ident::with_quote('"', table.clone()),
+            name: Ident::with_quote('"', table.to_owned()),
             columns: vec![],
             at: None,
         });
@@ -274,16 +343,63 @@ impl VisitorMut for Walker<'_, '_> {
     }
 
     fn pre_visit_statement(&mut self, stmt: &mut sqlparser::ast::Statement) -> ControlFlow<()> {
+        use sqlparser::ast::{FromTable, Statement as S, TableObject};
+        let (name, action, target, verb) = match stmt {
+            S::Insert(ins) => match &ins.table {
+                TableObject::TableName(n) => (n.clone(), Action::Insert, std::ptr::null(), "insert into"),
+                _ => return self.fail("INSERT INTO a table function is not supported".to_owned()),
+            },
+            S::Update(u) => match &u.table.relation {
+                TableFactor::Table { name, .. } => {
+                    (name.clone(), Action::Update, &u.table.relation as *const TableFactor, "update")
+                }
+                other => return self.fail(format!("UPDATE of {other} is not supported")),
+            },
+            S::Delete(d) => match &d.from {
+                FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => match t.as_slice() {
+                    [TableWithJoins { relation: tf @ TableFactor::Table { name, .. }, .. }] => {
+                        (name.clone(), Action::Delete, tf as *const TableFactor, "delete from")
+                    }
+                    _ => return self.fail("DELETE from this target is not supported".to_owned()),
+                },
+            },
+            S::Merge(_) => {
+                return self.fail(
+                    "MERGE is not supported through the proxy; use INSERT … ON CONFLICT, UPDATE and DELETE".to_owned(),
+                );
+            }
+            _ => return ControlFlow::Continue(()),
+        };
+        match self.write_target(&name, verb) {
+            Ok(Some(spec)) => self.writes.push(Some(PendingWrite { spec, action, target })),
+            Ok(None) => {
+                self.writes_unmanaged = true;
+                self.writes.push(None);
+            }
+            Err(e) => return self.fail(e),
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_statement(&mut self, stmt: &mut sqlparser::ast::Statement) -> ControlFlow<()> {
         use sqlparser::ast::Statement as S;
-        self.statements += 1;
-        // Data-modifying statements inside a query (writable CTEs) bypass the statement-level
-        // write rules: refused until writes to managed tables are rewritten.
-        let nested = self.statements > 1 || !self.frames.is_empty();
-        if nested && matches!(stmt, S::Insert(_) | S::Update(_) | S::Delete(_) | S::Merge(_)) {
-            return self.fail(
-                "data-modifying statements inside a query (WITH … INSERT/UPDATE/DELETE) are not supported yet"
-                    .to_owned(),
-            );
+        if !matches!(stmt, S::Insert(_) | S::Update(_) | S::Delete(_)) {
+            return ControlFlow::Continue(());
+        }
+        let Some(Some(pending)) = self.writes.pop() else { return ControlFlow::Continue(()) };
+        let target = match writes::Target::new(self.ctx, pending.spec) {
+            Ok(t) => t,
+            Err(e) => return self.fail(e),
+        };
+        let rewritten = match stmt {
+            S::Insert(ins) => writes::insert(&target, ins),
+            S::Update(u) => writes::update(&target, u),
+            S::Delete(d) => writes::delete(&target, d),
+            _ => return ControlFlow::Continue(()),
+        };
+        match rewritten {
+            Ok(new) => *stmt = new,
+            Err(e) => return self.fail(e),
         }
         ControlFlow::Continue(())
     }
