@@ -131,19 +131,16 @@ async fn agents_see_partially_masked_users_and_only_their_threads() {
 }
 
 #[tokio::test]
-async fn managed_tables_refuse_ddl_and_writes_for_now() {
+async fn managed_tables_refuse_ddl_and_forbidden_statements() {
     let f = fixture();
     let dev = f.dev().await;
     for sql in [
         "ALTER TABLE entities ADD COLUMN x int",
         "DROP TABLE entities",
         "TRUNCATE entities",
-        "DELETE FROM entities",
-        "UPDATE entities SET data = '{}'",
         "INSERT INTO entities (organization_id, environment, entity_type) VALUES ('globex', 'production', 'x')",
         "SELECT * FROM struere.api_keys",
         "WITH x AS (INSERT INTO entities (organization_id, environment, entity_type) VALUES ('globex', 'production', 'x') RETURNING id) SELECT * FROM x",
-        "WITH x AS (DELETE FROM entities RETURNING id) SELECT count(*) FROM x",
         "SELECT * INTO stolen FROM entities",
         "PREPARE TRANSACTION 'other-tenants-gid'",
         // Found by red-teaming: `TABLE t` and LATERAL function calls, which sqlparser reads as
@@ -162,7 +159,13 @@ async fn managed_tables_refuse_ddl_and_writes_for_now() {
         let c = code(&e);
         assert!(c == "42501" || c == "42601", "{sql}: {e:?}");
     }
-    let n: i64 = f.admin().await.query_one("SELECT count(*) FROM entities", &[]).await.unwrap().get(0);
+    let n: i64 = f
+        .admin()
+        .await
+        .query_one("SELECT count(*) FROM entities WHERE organization_id IN ('acme', 'globex')", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 24, "nothing was changed");
 }
 

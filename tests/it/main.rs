@@ -10,3 +10,4 @@ mod hostile;
 mod isolation;
 mod psql;
 mod wire;
+mod writes;

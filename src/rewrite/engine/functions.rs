@@ -27,8 +27,9 @@ const SAFE_VOLATILE: &[&str] = &[
     "pg_current_xact_id",
 ];
 
-/// Constructs sqlparser represents as function calls although they are syntax.
-const SYNTAX_CALLS: &[&str] = &["array"];
+/// Constructs sqlparser represents as function calls although PostgreSQL's grammar reads them
+/// as expressions (keywords, so no function of that name can be reached unqualified).
+const SYNTAX_CALLS: &[&str] = &["array", "coalesce", "nullif", "greatest", "least", "grouping"];
 
 /// Stable or immutable functions that still must not be reachable (prefix match).
 const DENIED_PREFIXES: &[&str] = &[
@@ -91,7 +92,7 @@ pub fn check(catalog: &CatalogSnapshot, parts: &[String], configured: &BTreeSet<
     if configured.contains(name) && schema.is_none_or(|s| s == "pg_catalog") {
         return Ok(());
     }
-    // Syntax sqlparser reads as a call: `ARRAY(SELECT …)`.
+    // Syntax sqlparser reads as a call: `ARRAY(SELECT …)`, `COALESCE(…)`.
     if schema.is_none() && SYNTAX_CALLS.contains(&name) {
         return Ok(());
     }

@@ -416,3 +416,11 @@ fn check_failures_decode_only_with_this_process_marker() {
     let forged = "invalid input syntax for type boolean: \"struere_check_0000000000000000_6869_0.1\"";
     assert_eq!(super::writes::decode_check_failure(forged), None);
 }
+
+#[test]
+fn keyword_expressions_sqlparser_reads_as_calls_are_allowed_only_unqualified() {
+    run(&admin_dev(), "SELECT coalesce(data, '{}'), nullif(id, ''), greatest(1, 2), least(1, 2) FROM entities")
+        .unwrap();
+    let e = run(&admin_dev(), "SELECT public.coalesce(id) FROM entities").unwrap_err();
+    assert!(e.to_string().contains("public.coalesce"), "{e}");
+}
