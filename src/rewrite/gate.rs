@@ -69,6 +69,9 @@ pub(crate) fn check_pg(node: &NodeEnum) -> Result<(), Refusal> {
         };
         return Err(pinned_refusal(verb, &set.name));
     }
+    // `set_config('<harmless setting>', …)` (asyncpg sends `set_config('jit', 'off', false)`)
+    // is the one accepted use of the name; every other occurrence is refused.
+    let mut harmless_calls = harmless_set_config_calls_pg(node);
     let result = pgtree::walk_strings(node, &mut |path, value| {
         let Some(&(message, field)) = path.last() else {
             return Ok(());
@@ -82,7 +85,10 @@ pub(crate) fn check_pg(node: &NodeEnum) -> Result<(), Refusal> {
         if message == "String" && field == "sval" && value.eq_ignore_ascii_case(SET_CONFIG) {
             let inside_constant = path.iter().any(|(m, _)| *m == "AConst");
             if !inside_constant {
-                return Err(set_config_refusal());
+                if harmless_calls == 0 {
+                    return Err(set_config_refusal());
+                }
+                harmless_calls -= 1;
             }
         }
         Ok(())
@@ -96,14 +102,45 @@ pub(crate) fn check_pg(node: &NodeEnum) -> Result<(), Refusal> {
     }
 }
 
+/// Settings a `set_config` call may name: the ones an environment key may SET.
+fn settable(name: &str) -> bool {
+    super::engine::ALLOWED_SETTINGS.iter().any(|s| s.eq_ignore_ascii_case(name)) && !is_pinned(name)
+}
+
+/// The number of `set_config` calls in PostgreSQL's tree that name, as a constant, a setting an
+/// environment key may change (each accounts for one occurrence of the name).
+fn harmless_set_config_calls_pg(node: &NodeEnum) -> usize {
+    node.nodes()
+        .into_iter()
+        .filter(|(n, ..)| {
+            let pg_query::NodeRef::FuncCall(f) = n else { return false };
+            let name: Vec<&str> = f
+                .funcname
+                .iter()
+                .filter_map(|n| match &n.node {
+                    Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let named = matches!(name.as_slice(), [SET_CONFIG] | ["pg_catalog", SET_CONFIG]);
+            let first = f.args.first().and_then(|a| match &a.node {
+                Some(NodeEnum::AConst(c)) => match &c.val {
+                    Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.as_str()),
+                    _ => None,
+                },
+                _ => None,
+            });
+            named && f.args.len() == 3 && first.is_some_and(settable)
+        })
+        .count()
+}
+
 /// Checks one statement of sqlparser's tree (the tree that will be printed).
 pub(crate) fn check_sql(stmt: &Statement) -> Result<(), Refusal> {
     check_statement_form(stmt)?;
-    let mut finder = SetConfigFinder;
-    match stmt.visit(&mut finder) {
-        ControlFlow::Continue(()) => Ok(()),
-        ControlFlow::Break(()) => Err(set_config_refusal()),
-    }
+    let mut finder = SetConfigFinder { harmless: 0, names: 0 };
+    let _ = stmt.visit(&mut finder);
+    if finder.names > finder.harmless { Err(set_config_refusal()) } else { Ok(()) }
 }
 
 fn check_statement_form(stmt: &Statement) -> Result<(), Refusal> {
@@ -148,14 +185,45 @@ fn check_name(verb: &str, name: &ObjectName) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Finds any identifier spelled set_config (function name, any qualification, any case).
-struct SetConfigFinder;
+/// Counts identifiers spelled set_config (function name, any qualification, any case) and the
+/// harmless calls (`set_config('<settable>', …, …)`, unquoted name) that account for them.
+struct SetConfigFinder {
+    harmless: usize,
+    names: usize,
+}
 
 impl Visitor for SetConfigFinder {
     type Break = ();
 
+    fn pre_visit_expr(&mut self, e: &sqlparser::ast::Expr) -> ControlFlow<()> {
+        use sqlparser::ast::{Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Value};
+        let Expr::Function(f) = e else { return ControlFlow::Continue(()) };
+        let name: Vec<&Ident> = f.name.0.iter().filter_map(|p| p.as_ident()).collect();
+        let plain = |i: &Ident, v: &str| i.quote_style.is_none() && i.value.eq_ignore_ascii_case(v);
+        let named = match name.as_slice() {
+            [n] => plain(n, SET_CONFIG),
+            [s, n] => plain(s, "pg_catalog") && plain(n, SET_CONFIG),
+            _ => false,
+        };
+        let FunctionArguments::List(list) = &f.args else { return ControlFlow::Continue(()) };
+        let first = match list.args.first() {
+            Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))) => match &v.value {
+                Value::SingleQuotedString(s) => Some(s.as_str()),
+                _ => None,
+            },
+            _ => None,
+        };
+        if named && list.args.len() == 3 && list.clauses.is_empty() && first.is_some_and(settable) {
+            self.harmless += 1;
+        }
+        ControlFlow::Continue(())
+    }
+
     fn pre_visit_ident(&mut self, ident: &Ident) -> ControlFlow<()> {
-        if ident.value.eq_ignore_ascii_case(SET_CONFIG) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        if ident.value.eq_ignore_ascii_case(SET_CONFIG) {
+            self.names += 1;
+        }
+        ControlFlow::Continue(())
     }
 }
 
@@ -191,6 +259,11 @@ mod tests {
             "ALTER ROLE r RESET search_path",
             "SELECT set_config('a', 'b', false)",
             "SELECT x.SET_CONFIG('a', 'b', false)",
+            "SELECT set_config('search_path', 'evil', false)",
+            "SELECT set_config('jit', 'off', false), set_config('role', 'x', false)",
+            "SELECT set_config('jit', set_config('role', 'x', false), false)",
+            "SELECT set_config(name, 'off', false) FROM (SELECT 'jit' AS name) s",
+            "SELECT x.set_config('jit', 'off', false)",
             "SELECT * FROM t WHERE a IN (SELECT set_config('a', 'b', false))",
         ] {
             assert!(matches!(pg(sql), Err(Refusal::Denied(_))), "pg tree: {sql}");
@@ -200,7 +273,14 @@ mod tests {
 
     #[test]
     fn both_trees_allow_restoring_and_unrelated_settings() {
-        for sql in ["RESET ALL", "SET statement_timeout = 5", "SET x.search_path = 1", "SELECT 'set_config'"] {
+        for sql in [
+            "RESET ALL",
+            "SET statement_timeout = 5",
+            "SET x.search_path = 1",
+            "SELECT 'set_config'",
+            "SELECT set_config('jit', 'off', false)",
+            "SELECT pg_catalog.set_config('statement_timeout', $1, true)",
+        ] {
             assert_eq!(pg(sql), Ok(()), "pg tree: {sql}");
             assert_eq!(sp(sql), Ok(()), "sqlparser tree: {sql}");
         }

@@ -211,3 +211,22 @@ async fn scratch_tables_are_private_to_their_organization_and_environment() {
     let prod = f.connect(&f.prod_key).await.unwrap();
     assert_eq!(code(&prod.simple_query("SELECT * FROM acme_notes").await.unwrap_err()), "42501");
 }
+
+#[tokio::test]
+async fn set_config_works_for_harmless_settings_only() {
+    let f = fixture();
+    let dev = f.dev().await;
+    // asyncpg sends this on connect.
+    let v: String = dev.query_one("SELECT set_config('jit', 'off', false)", &[]).await.unwrap().get(0);
+    assert_eq!(v, "off");
+    let v: String = dev.query_one("SHOW jit", &[]).await.unwrap().get(0);
+    assert_eq!(v, "off");
+    for sql in [
+        "SELECT set_config('search_path', 'public', false)",
+        "SELECT set_config('role', 'postgres', false)",
+        "SELECT set_config(s, 'x', false) FROM (SELECT 'jit' AS s) t",
+    ] {
+        let e = dev.simple_query(sql).await.unwrap_err();
+        assert_eq!(code(&e), "42501", "{sql}");
+    }
+}
