@@ -117,7 +117,7 @@ impl StatementPolicy for PolicyEngine {
             if !ours {
                 return Err(Refusal::Unverifiable(format!(
                     "refused: a reference to the managed table {} would reach the server outside its secure relation \
-                     (a CTE or construct named like a managed table is not supported)",
+                     (a construct the proxy could not resolve names it)",
                     rv.relname
                 )));
             }

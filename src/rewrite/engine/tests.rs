@@ -230,10 +230,10 @@ fn refusals_name_the_construct() {
 
 #[test]
 fn cte_names_resolve_in_their_scope() {
-    // A CTE named like a managed table would shadow it where PostgreSQL says it does; the
-    // output check cannot tell the two apart, so such CTEs are refused.
-    let e = run(&admin_dev(), "WITH threads AS (SELECT 1 AS id) SELECT id FROM threads").unwrap_err();
-    assert!(e.to_string().contains("outside its secure relation"), "{e}");
+    // A CTE named like a managed table shadows it where PostgreSQL says it does (renamed in the
+    // output, so the output check can tell the two apart).
+    let out = run(&admin_dev(), "WITH threads AS (SELECT 1 AS id) SELECT id FROM threads").unwrap();
+    assert!(out.contains("\"__struere_cte_threads\"") && !out.contains("\"public\""), "{out}");
     let out = run(&admin_dev(), "WITH t AS (SELECT 1 AS id) SELECT id FROM t").unwrap();
     assert!(!out.contains("__struere"), "the CTE is not a table: {out}");
     // Non-recursive: a CTE body cannot see a later sibling, so `b` here is the real table name b…
@@ -423,4 +423,23 @@ fn keyword_expressions_sqlparser_reads_as_calls_are_allowed_only_unqualified() {
         .unwrap();
     let e = run(&admin_dev(), "SELECT public.coalesce(id) FROM entities").unwrap_err();
     assert!(e.to_string().contains("public.coalesce"), "{e}");
+}
+
+#[test]
+fn a_cte_named_like_a_managed_table_is_a_cte() {
+    let out = run(&admin_dev(), "WITH entities AS (SELECT 1 AS id) SELECT entities.id FROM entities").unwrap();
+    assert_eq!(
+        out,
+        "WITH \"__struere_cte_entities\" AS (SELECT 1 AS id) SELECT entities.id FROM \"__struere_cte_entities\" AS \"entities\""
+    );
+    // Inside its own body (not recursive) the name is still the table.
+    let out = run(&admin_dev(), "WITH entities AS (SELECT id FROM entities) SELECT count(*) FROM entities e").unwrap();
+    assert!(out.contains("FROM \"public\".\"entities\" AS \"__struere_1\""), "{out}");
+    assert!(out.ends_with("FROM \"__struere_cte_entities\" e"), "{out}");
+    let out = run(
+        &admin_dev(),
+        "WITH RECURSIVE threads(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM threads WHERE n < 3) SELECT * FROM threads",
+    )
+    .unwrap();
+    assert!(!out.contains("\"public\".\"threads\""), "{out}");
 }

@@ -260,7 +260,21 @@ impl<'c, 'a> Walker<'c, 'a> {
             };
         }
         let (schema, table) = match self.resolve(&parts) {
-            Ok(Resolved::Cte) => return ControlFlow::Continue(()),
+            Ok(Resolved::Cte) => {
+                // A CTE named like a managed table is renamed (here and in its WITH clause, see
+                // post_visit_query), so the output check never mistakes it for the table.
+                if let [cte] = parts.as_slice()
+                    && self.ctx.set.tables.by_name.contains_key(cte)
+                    && let TableFactor::Table { name, alias, .. } = tf
+                {
+                    let original = Ident::with_quote('"', cte.clone());
+                    *name = ObjectName::from(vec![Ident::with_quote('"', cte_name(cte))]);
+                    if alias.is_none() {
+                        *alias = Some(TableAlias { explicit: true, name: original, columns: vec![], at: None });
+                    }
+                }
+                return ControlFlow::Continue(());
+            }
             Ok(Resolved::Relation { schema, name }) => (schema, name),
             Err(e) => return self.fail(e),
         };
@@ -299,6 +313,11 @@ impl<'c, 'a> Walker<'c, 'a> {
     }
 }
 
+/// The name a CTE named like a managed table is given in the forwarded SQL.
+fn cte_name(name: &str) -> String {
+    format!("{RESERVED_PREFIX}_cte_{name}")
+}
+
 /// Parse SQL the engine generated into a query.
 pub fn parse_query(sql: &str) -> Result<Box<Query>, String> {
     let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| e.to_string())?;
@@ -332,6 +351,14 @@ impl VisitorMut for Walker<'_, '_> {
 
     fn post_visit_query(&mut self, q: &mut Query) -> ControlFlow<()> {
         self.frames.pop();
+        if let Some(with) = q.with.as_mut() {
+            for cte in &mut with.cte_tables {
+                let folded = fold(&cte.alias.name);
+                if self.ctx.set.tables.by_name.contains_key(&folded) {
+                    cte.alias.name = Ident::with_quote('"', cte_name(&folded));
+                }
+            }
+        }
         let ptr = q as *const Query;
         if let Some(top) = self.frames.last_mut()
             && let Some(i) = top.cte_ptrs.iter().position(|p| *p == ptr)
