@@ -62,7 +62,7 @@ pub const MAX_BOOLEAN_OPERATORS: usize = 200;
 
 /// Statement kinds that touch no data and may be forwarded as the client wrote them when
 /// sqlparser cannot parse them.
-const DATA_FREE_KINDS: &[&str] = &["TransactionStmt", "VariableShowStmt", "ConstraintsSetStmt"];
+const DATA_FREE_KINDS: &[&str] = &["TransactionStmt", "VariableShowStmt", "ConstraintsSetStmt", "FetchStmt"];
 
 /// The message of a refusal caused by a panic inside the pipeline.
 const INTERNAL_ERROR: &str = "refused: internal error in the proxy's SQL rewriter";
@@ -246,9 +246,13 @@ fn rewrite_statement(
         Err(SqlParseError::TooDeep) => Err(Refusal::TooComplex(format!(
             "refused: {label} is nested too deeply for the proxy (recursion limit {SQLPARSER_RECURSION_LIMIT})"
         ))),
-        Err(SqlParseError::Syntax(e)) => {
-            Err(Refusal::Syntax(format!("refused: the proxy cannot parse {label} ({}): {e}", stmt.kind)))
-        }
+        Err(SqlParseError::Syntax(e)) => match pgtree::unsupported_construct(&stmt.node) {
+            // PostgreSQL's tree names what the proxy's parser could not read.
+            Some(construct) => {
+                Err(Refusal::Syntax(format!("refused: {label} uses {construct}, which the proxy does not support yet")))
+            }
+            None => Err(Refusal::Syntax(format!("refused: the proxy cannot parse {label} ({}): {e}", stmt.kind))),
+        },
         Err(SqlParseError::Count(n)) => Err(Refusal::Syntax(format!(
             "refused: the proxy cannot parse {label} ({}): it reads {n} statements where PostgreSQL reads one",
             stmt.kind

@@ -59,6 +59,43 @@ pub(crate) fn walk_strings<E>(node: &NodeEnum, on_str: &mut OnStr<'_, E>) -> Res
 /// offsets — so that two statements PostgreSQL reads identically have equal shapes however
 /// they were spelled (`E'it\'s'` and `'it''s'`, `x::int` and `x::INT`, extra spaces…).
 /// `None` only if serde fails, which these types never do.
+/// A construct of PostgreSQL's tree that the proxy's SQL parser is known not to read, named for
+/// a refusal (locking strengths other than FOR UPDATE/FOR SHARE, locking several tables,
+/// assignments to an array element or a field).
+pub(crate) fn unsupported_construct(node: &NodeEnum) -> Option<&'static str> {
+    use pg_query::protobuf::LockClauseStrength as S;
+    for (n, ..) in node.nodes() {
+        match n {
+            pg_query::NodeRef::SelectStmt(sel) => {
+                for l in sel.locking_clause.iter().filter_map(|n| match &n.node {
+                    Some(NodeEnum::LockingClause(l)) => Some(l),
+                    _ => None,
+                }) {
+                    match S::try_from(l.strength) {
+                        Ok(S::LcsFornokeyupdate) => return Some("FOR NO KEY UPDATE"),
+                        Ok(S::LcsForkeyshare) => return Some("FOR KEY SHARE"),
+                        _ if l.locked_rels.len() > 1 => {
+                            return Some("a locking clause naming several tables (FOR … OF a, b)");
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            pg_query::NodeRef::UpdateStmt(u) => {
+                let indirect = u.target_list.iter().any(|t| match &t.node {
+                    Some(NodeEnum::ResTarget(r)) => !r.indirection.is_empty(),
+                    _ => false,
+                });
+                if indirect {
+                    return Some("an assignment to an array element or a field (SET col[i] = …)");
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 pub(crate) fn shape(node: &NodeEnum) -> Option<String> {
     let mut walker: Walker<'_, ()> =
         Walker { path: Vec::with_capacity(32), on_str: None, stopped: None, shape: Some(String::with_capacity(1024)) };

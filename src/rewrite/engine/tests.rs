@@ -443,3 +443,17 @@ fn a_cte_named_like_a_managed_table_is_a_cte() {
     .unwrap();
     assert!(!out.contains("\"public\".\"threads\""), "{out}");
 }
+
+#[test]
+fn constructs_the_parser_cannot_read_are_named_and_cursor_moves_pass() {
+    for (sql, construct) in [
+        ("SELECT id FROM entities FOR NO KEY UPDATE", "FOR NO KEY UPDATE"),
+        ("SELECT id FROM entities FOR KEY SHARE", "FOR KEY SHARE"),
+        ("SELECT e.id FROM entities e, threads t FOR UPDATE OF e, t", "several tables"),
+        ("UPDATE agent_configs SET tools[1] = '1'", "array element"),
+    ] {
+        let e = run(&admin_dev(), sql).unwrap_err();
+        assert!(e.to_string().contains(construct), "{sql}: {e}");
+    }
+    assert_eq!(run(&admin_dev(), "MOVE NEXT IN c").unwrap(), "MOVE NEXT IN c");
+}
