@@ -24,14 +24,22 @@ const CATALOG: &str = "SELECT n.nspname as \"Schema\", c.relname as \"Name\", CA
      AND n.nspname <> 'pg_catalog' AND n.nspname !~ '^pg_toast' AND n.nspname <> 'information_schema' \
      AND pg_catalog.pg_table_is_visible(c.oid) ORDER BY 1,2";
 
-fn actor() -> ActorContext {
+/// Writes by a scoped role: secure relation, WITH CHECK over the new row, hidden JSON keys merged.
+const UPDATE: &str = "UPDATE entities SET data = jsonb_set(data, '{status}', '\"done\"') WHERE id = $1 RETURNING id";
+const INSERT: &str = "INSERT INTO entities (id, entity_type, data) VALUES ($1, 'session', $2)";
+
+fn actor_with(role: &str) -> ActorContext {
     ActorContext {
         organization: "acme".into(),
         environment: Environment::Development,
-        roles: vec!["admin".into()],
+        roles: vec![role.into()],
         actor_type: ActorType::User,
         actor_id: "u1".into(),
     }
+}
+
+fn actor() -> ActorContext {
+    actor_with("admin")
 }
 
 /// The shipped policies over a catalog holding what the two statements touch.
@@ -40,7 +48,17 @@ fn engine() -> Arc<PolicyEngine> {
     let cols = [("id", "text"), ("organization_id", "text"), ("email", "text"), ("name", "text"), ("phone", "text")];
     let users = Relation::plain_table("public", "users", &cols);
     catalog.relations.insert(("public".into(), "users".into()), users);
-    for f in ["pg_get_userbyid", "pg_table_is_visible"] {
+    let cols = [
+        ("id", "text"),
+        ("organization_id", "text"),
+        ("environment", "text"),
+        ("entity_type", "text"),
+        ("data", "jsonb"),
+        ("created_at", "timestamp with time zone"),
+        ("updated_at", "timestamp with time zone"),
+    ];
+    catalog.relations.insert(("public".into(), "entities".into()), Relation::plain_table("public", "entities", &cols));
+    for f in ["pg_get_userbyid", "pg_table_is_visible", "jsonb_set"] {
         catalog.functions.insert(
             f.into(),
             vec![Function { schema: "pg_catalog".into(), name: f.into(), leakproof: false, volatility: 's' }],
@@ -75,9 +93,13 @@ fn framing(c: &mut Criterion) {
 }
 
 fn rewrite(c: &mut Criterion) {
-    let actor = actor();
     let engine = engine();
-    for (name, sql) in [("small", SMALL), ("catalog", CATALOG)] {
+    for (name, sql, actor) in [
+        ("small", SMALL, actor()),
+        ("catalog", CATALOG, actor()),
+        ("update (teacher)", UPDATE, actor_with("teacher")),
+        ("insert (teacher)", INSERT, actor_with("teacher")),
+    ] {
         c.bench_function(&format!("rewrite miss {name}"), |b| {
             b.iter(|| {
                 // A fresh rewriter per iteration: always a cache miss.
