@@ -355,6 +355,87 @@ fn mask(mode: &MaskMode, text_expr: &str) -> String {
     }
 }
 
+/// What of a jsonb value is visible: everything (`all`, minus deeper masks), or only the
+/// listed keys; a key may be masked or have its own object rules.
+#[derive(Debug, Default)]
+struct JsonView {
+    all: bool,
+    keys: std::collections::BTreeMap<String, JsonKey>,
+}
+
+#[derive(Debug)]
+enum JsonKey {
+    Masked(MaskMode),
+    Object(JsonView),
+}
+
+impl JsonView {
+    fn insert(&mut self, path: &[String], leaf: Option<&MaskMode>) {
+        let Some((first, rest)) = path.split_first() else { return };
+        if rest.is_empty() {
+            let key = match leaf {
+                Some(mode) => JsonKey::Masked(mode.clone()),
+                None => match self.keys.remove(first) {
+                    // A key made visible whole keeps the masks already set below it.
+                    Some(JsonKey::Object(mut v)) => {
+                        v.all = true;
+                        JsonKey::Object(v)
+                    }
+                    Some(masked @ JsonKey::Masked(_)) => masked,
+                    None => JsonKey::Object(JsonView { all: true, keys: Default::default() }),
+                },
+            };
+            self.keys.insert(first.clone(), key);
+            return;
+        }
+        // Under a fully visible level, an intermediate key is fully visible too (but for what is
+        // masked deeper); under a listed level, only what is listed below it.
+        let all = self.all;
+        let child = self
+            .keys
+            .entry(first.clone())
+            .or_insert_with(|| JsonKey::Object(JsonView { all, keys: Default::default() }));
+        if let JsonKey::Object(v) = child {
+            v.insert(rest, leaf);
+        }
+    }
+
+    /// SQL for the visible part of the jsonb `expr`. `depth` keeps the aliases of nested
+    /// levels apart.
+    fn render(&self, expr: &str, depth: usize) -> String {
+        if self.all && self.keys.is_empty() {
+            return expr.to_owned();
+        }
+        let k = if depth == 0 { "e".to_owned() } else { format!("e{depth}") };
+        let mut value = String::new();
+        for (key, rule) in &self.keys {
+            let inner = match rule {
+                JsonKey::Masked(mode) => {
+                    format!("to_jsonb({})", mask(mode, &format!("({k}.value #>> ARRAY[]::text[])")))
+                }
+                JsonKey::Object(v) if v.all && v.keys.is_empty() => continue,
+                JsonKey::Object(v) => v.render(&format!("{k}.value"), depth + 1),
+            };
+            value.push_str(&format!(" WHEN {} THEN {inner}", literal(key)));
+        }
+        let value =
+            if value.is_empty() { format!("{k}.value") } else { format!("CASE {k}.key{value} ELSE {k}.value END") };
+        let filter = if self.all {
+            "true".to_owned()
+        } else {
+            let allowed: Vec<String> = self.keys.keys().map(|key| literal(key)).collect();
+            format!("{k}.key IN ({})", allowed.join(", "))
+        };
+        // A value that is not an object: shown as it is where everything is visible (nested
+        // levels), hidden where only listed keys are.
+        let otherwise = if self.all && depth > 0 { format!(" ELSE {expr}") } else { String::new() };
+        format!(
+            "CASE WHEN jsonb_typeof({expr}) = 'object' THEN (SELECT coalesce(jsonb_object_agg({k}.key, {value}), '{{}}'::jsonb) \
+             FROM jsonb_each({expr}) AS {k} WHERE {filter}){otherwise} END"
+        )
+    }
+}
+
 /// One part's view of one column.
 fn projection(alias: &str, col: &Column, fields: &FieldAccess) -> Result<String, String> {
     let raw = format!("{}.{}", ident(alias), ident(&col.name));
@@ -363,50 +444,74 @@ fn projection(alias: &str, col: &Column, fields: &FieldAccess) -> Result<String,
         return Ok(mask(mode, &format!("{raw}::text")));
     }
     let whole_visible = fields.all || fields.visible.iter().any(|f| f.column == col.name && f.path.is_empty());
-    let keys: Vec<&FieldRef> = fields.visible.iter().filter(|f| f.column == col.name && !f.path.is_empty()).collect();
-    let masked_keys: Vec<&(FieldRef, MaskMode)> =
-        fields.masked.iter().filter(|(f, _)| f.column == col.name && !f.path.is_empty()).collect();
-    if whole_visible && masked_keys.is_empty() {
+    let mut view = JsonView { all: whole_visible, keys: Default::default() };
+    for f in fields.visible.iter().filter(|f| f.column == col.name && !f.path.is_empty()) {
+        view.insert(&f.path, None);
+    }
+    for (f, mode) in fields.masked.iter().filter(|(f, _)| f.column == col.name && !f.path.is_empty()) {
+        view.insert(&f.path, Some(mode));
+    }
+    if whole_visible && view.keys.values().all(|k| matches!(k, JsonKey::Object(v) if v.all && v.keys.is_empty())) {
         return Ok(raw);
     }
-    if !whole_visible && keys.is_empty() && masked_keys.is_empty() {
+    if !whole_visible && view.keys.is_empty() {
         return Ok(null_of(col));
     }
     if col.type_name != "jsonb" {
         return Err(format!("field masks with paths need a jsonb column; {} is {}", col.name, col.type_name));
     }
-    if keys.iter().any(|f| f.path.len() > 1) || masked_keys.iter().any(|(f, _)| f.path.len() > 1) {
-        return Err(format!("nested JSON paths in field masks are not supported yet (column {})", col.name));
+    Ok(view.render(&raw, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(name: &str, ty: &str) -> Column {
+        Column { name: name.into(), type_name: ty.into(), type_oid: 0, not_null: false }
     }
-    // Rebuild the object from its allowed keys; masked keys pass through their mask.
-    let value = if masked_keys.is_empty() {
-        "e.value".to_owned()
-    } else {
-        let mut v = String::from("CASE e.key");
-        for (f, mode) in &masked_keys {
-            let key = f.path.first().map(String::as_str).unwrap_or_default();
-            v.push_str(&format!(
-                " WHEN {} THEN to_jsonb({})",
-                literal(key),
-                mask(mode, "(e.value #>> ARRAY[]::text[])")
-            ));
-        }
-        v.push_str(" ELSE e.value END");
-        v
-    };
-    let filter = if whole_visible {
-        "true".to_owned()
-    } else {
-        let allowed: Vec<String> = keys
-            .iter()
-            .map(|f| f.path[0].as_str())
-            .chain(masked_keys.iter().map(|(f, _)| f.path[0].as_str()))
-            .map(literal)
-            .collect();
-        format!("e.key IN ({})", allowed.join(", "))
-    };
-    Ok(format!(
-        "CASE WHEN jsonb_typeof({raw}) = 'object' THEN (SELECT coalesce(jsonb_object_agg(e.key, {value}), '{{}}'::jsonb) \
-         FROM jsonb_each({raw}) AS e WHERE {filter}) END"
-    ))
+
+    fn path(p: &str) -> FieldRef {
+        let mut parts = p.split('.').map(str::to_owned);
+        FieldRef { column: parts.next().unwrap_or_default(), path: parts.collect() }
+    }
+
+    #[test]
+    fn nested_json_paths_are_rebuilt_level_by_level() {
+        let fields = FieldAccess {
+            all: false,
+            visible: vec![path("data.name"), path("data.address.city")],
+            masked: vec![(path("data.address.phone"), MaskMode::Partial(4))],
+        };
+        let sql = projection("t", &col("data", "jsonb"), &fields).unwrap();
+        // Top level: only name and address; inside address: only city and the masked phone.
+        assert!(sql.contains("e.key IN ('address', 'name')"), "{sql}");
+        assert!(sql.contains("WHEN 'address' THEN CASE WHEN jsonb_typeof(e.value) = 'object'"), "{sql}");
+        assert!(sql.contains("e1.key IN ('city', 'phone')"), "{sql}");
+        assert!(sql.contains("WHEN 'phone' THEN to_jsonb(CASE WHEN (e1.value #>> ARRAY[]::text[]) IS NULL"), "{sql}");
+        // Everything visible except one nested field.
+        let fields =
+            FieldAccess { all: true, visible: vec![], masked: vec![(path("data.address.phone"), MaskMode::Hide)] };
+        let sql = projection("t", &col("data", "jsonb"), &fields).unwrap();
+        assert!(sql.contains("WHERE true"), "{sql}");
+        assert!(sql.contains("e1.key WHEN 'phone' THEN to_jsonb(NULL::text) ELSE e1.value END"), "{sql}");
+        assert!(sql.contains("WHERE true) ELSE e.value END ELSE e.value END"), "a non-object address is kept: {sql}");
+        // A whole key made visible after a deeper mask keeps the mask.
+        let fields = FieldAccess {
+            all: false,
+            visible: vec![path("data.address")],
+            masked: vec![(path("data.address.phone"), MaskMode::Hash)],
+        };
+        let sql = projection("t", &col("data", "jsonb"), &fields).unwrap();
+        assert!(sql.contains("sha256") && sql.contains("e.key IN ('address')"), "{sql}");
+        // Paths on a non-jsonb column are refused.
+        assert!(
+            projection(
+                "t",
+                &col("name", "text"),
+                &FieldAccess { all: false, visible: vec![path("name.x")], masked: vec![] }
+            )
+            .is_err()
+        );
+    }
 }
