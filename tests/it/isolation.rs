@@ -230,3 +230,42 @@ async fn set_config_works_for_harmless_settings_only() {
         assert_eq!(code(&e), "42501", "{sql}");
     }
 }
+
+#[tokio::test]
+async fn prepared_statements_cursors_and_multi_statement_messages_are_confined() {
+    let f = fixture();
+    let dev = f.dev().await;
+    let tenants = "organization_id || '/' || environment";
+    dev.batch_execute(&format!(
+        "PREPARE every_tenant(int) AS SELECT DISTINCT {tenants} FROM entities WHERE true OR $1 = 1"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(dump(&dev, "EXECUTE every_tenant(1)").await, "acme/development|\n");
+    dev.batch_execute("DEALLOCATE every_tenant").await.unwrap();
+    let out = dump(
+        &dev,
+        &format!(
+            "BEGIN; DECLARE c CURSOR FOR SELECT {tenants} FROM entities ORDER BY id; MOVE 1 IN c; FETCH ALL FROM c; COMMIT"
+        ),
+    )
+    .await;
+    assert_eq!(out.lines().count(), 5, "six rows, one skipped by MOVE: {out}");
+    assert!(out.lines().all(|l| l == "acme/development|"), "{out}");
+    let out =
+        dump(&dev, "SELECT count(*) FROM entities; SELECT count(*) FROM entities WHERE organization_id = 'globex'")
+            .await;
+    assert_eq!(out, "6|\n0|\n");
+    // One refused statement refuses the whole message: nothing of it runs.
+    let e = dev
+        .simple_query("CREATE TABLE IF NOT EXISTS multi_probe (a int); SELECT * FROM struere.api_keys")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "42501");
+    let n: i64 = dev
+        .query_one("SELECT count(*) FROM information_schema.tables WHERE table_name = 'multi_probe'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}

@@ -296,9 +296,19 @@ async fn tenants_never_hear_each_other() {
     // The production key of the same organization, and the operator on the raw channel name.
     f.connect(&f.prod_key).await.unwrap().batch_execute("NOTIFY jobs, 'from production'").await.unwrap();
     f.operator().await.batch_execute("NOTIFY jobs, 'raw'").await.unwrap();
+    f.connect(&f.prod_key)
+        .await
+        .unwrap()
+        .batch_execute("SELECT pg_notify('jobs', 'pg_notify from production')")
+        .await
+        .unwrap();
     f.dev().await.batch_execute("NOTIFY jobs, 'from development'").await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
     assert_eq!(got, ("jobs".to_owned(), "from development".to_owned()));
+    // pg_notify is namespaced like NOTIFY.
+    f.dev().await.batch_execute("SELECT pg_notify('jobs', 'via pg_notify')").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+    assert_eq!(got, ("jobs".to_owned(), "via pg_notify".to_owned()));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(rx.try_recv().is_err(), "nothing from other environments or raw channels");
 }

@@ -90,6 +90,11 @@ impl StatementPolicy for PolicyEngine {
         for (n, ..) in node.nodes() {
             if let pg_query::NodeRef::FuncCall(f) = n {
                 let parts = string_list(&f.funcname);
+                // pg_notify with a constant channel is namespaced by the tree walk (in FROM it
+                // stays refused there); any other form is refused by the walk too.
+                if walk::is_pg_notify(&parts) && f.args.len() == 2 {
+                    continue;
+                }
                 functions::check(&self.catalog, &parts, &self.allow_functions).map_err(denied)?;
             }
         }
@@ -101,7 +106,27 @@ impl StatementPolicy for PolicyEngine {
         // inside a secure relation (aliased `__struere_N`): a reference the tree walk missed
         // (sqlparser represented it as something else) is refused here.
         let set = self.policies.for_env(actor.environment);
+        let prefix = notify_prefix(actor);
         for (n, ..) in node.nodes() {
+            // Every pg_notify that reaches the server sends on the caller's own namespace.
+            if let pg_query::NodeRef::FuncCall(f) = n
+                && walk::is_pg_notify(&string_list(&f.funcname))
+            {
+                let channel = f.args.first().and_then(|a| match &a.node {
+                    Some(pg_query::NodeEnum::AConst(c)) => match &c.val {
+                        Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.as_str()),
+                        _ => None,
+                    },
+                    _ => None,
+                });
+                if !channel.is_some_and(|c| c.starts_with(&prefix)) {
+                    return Err(Refusal::Unverifiable(
+                        "refused: a pg_notify call would reach the server outside the caller's channel namespace"
+                            .to_owned(),
+                    ));
+                }
+                continue;
+            }
             let pg_query::NodeRef::RangeVar(rv) = n else { continue };
             let schema = if !rv.schemaname.is_empty() {
                 rv.schemaname.clone()

@@ -457,3 +457,18 @@ fn constructs_the_parser_cannot_read_are_named_and_cursor_moves_pass() {
     }
     assert_eq!(run(&admin_dev(), "MOVE NEXT IN c").unwrap(), "MOVE NEXT IN c");
 }
+
+#[test]
+fn pg_notify_is_namespaced_like_notify() {
+    let out = run(&admin_dev(), "SELECT pg_notify('jobs', 'payload')").unwrap();
+    let prefix = super::notify_prefix(&admin_dev());
+    assert_eq!(out, format!("SELECT pg_notify('{prefix}jobs', 'payload')"));
+    for sql in [
+        "SELECT pg_notify(name, 'x') FROM (SELECT 'jobs' AS name) s",
+        "SELECT * FROM pg_notify('jobs', 'x')",
+        "SELECT * FROM ROWS FROM (pg_notify('jobs', 'x'))",
+        "SELECT * FROM (SELECT 1) a, LATERAL pg_notify('jobs', 'x') n",
+    ] {
+        assert!(run(&admin_dev(), sql).is_err(), "{sql}");
+    }
+}

@@ -313,6 +313,33 @@ impl<'c, 'a> Walker<'c, 'a> {
     }
 }
 
+/// `pg_notify` or `pg_catalog.pg_notify`.
+pub fn is_pg_notify(parts: &[String]) -> bool {
+    matches!(parts, [n] if n == "pg_notify") || matches!(parts, [s, n] if s == "pg_catalog" && n == "pg_notify")
+}
+
+/// `pg_notify('<channel>', payload)` → `pg_notify('<tenant prefix><channel>', payload)`, as NOTIFY
+/// is namespaced; a channel that is not a constant cannot be namespaced and is refused.
+fn namespace_pg_notify(f: &mut sqlparser::ast::Function, prefix: &str) -> Result<(), String> {
+    use sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments, Value};
+    let refused =
+        || "pg_notify needs a constant channel name (it is namespaced per organization and environment)".to_owned();
+    let FunctionArguments::List(list) = &mut f.args else { return Err(refused()) };
+    if list.args.len() != 2 || !list.clauses.is_empty() || list.duplicate_treatment.is_some() {
+        return Err(refused());
+    }
+    let Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))) = list.args.first_mut() else {
+        return Err(refused());
+    };
+    let Value::SingleQuotedString(channel) = &mut v.value else { return Err(refused()) };
+    let namespaced = format!("{prefix}{channel}");
+    if namespaced.len() > 63 {
+        return Err(format!("channel name {channel} is too long"));
+    }
+    *channel = namespaced;
+    Ok(())
+}
+
 /// The name a CTE named like a managed table is given in the forwarded SQL.
 fn cte_name(name: &str) -> String {
     format!("{RESERVED_PREFIX}_cte_{name}")
@@ -454,6 +481,12 @@ impl VisitorMut for Walker<'_, '_> {
             let Some(parts) = name_parts(&f.name) else {
                 return self.fail(format!("function name {} is not supported", f.name));
             };
+            if is_pg_notify(&parts) {
+                return match namespace_pg_notify(f, &super::notify_prefix(self.ctx.actor)) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => self.fail(e),
+                };
+            }
             if let Err(msg) = functions::check(self.ctx.catalog, &parts, self.allow_functions) {
                 return self.fail(msg);
             }
