@@ -3,6 +3,7 @@
 //!
 //! - `access.rs`: roles → which rows and fields of a table, for an action.
 //! - `secure.rs`: the secure relation (tenant + scope + masks) as SQL.
+//! - `guard.rs`: guarded relations (unfenced, for index plans) and the conditions that may read them raw.
 //! - `walk.rs`: name resolution (CTE scopes, pinned search_path) and the tree walk.
 //! - `functions.rs`: the function allowlist.
 //!
@@ -11,6 +12,7 @@
 
 pub mod access;
 pub mod functions;
+pub mod guard;
 pub mod secure;
 pub mod walk;
 

@@ -9,10 +9,10 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use super::functions;
+use super::guard::Tracker;
 use super::secure::Ctx;
 use crate::auth::identity::Environment;
 use crate::auth::store::PROXY_SCHEMA;
-use crate::policy::Action;
 
 /// Internal names start with this; client text may not use it.
 pub const RESERVED_PREFIX: &str = "__struere";
@@ -96,11 +96,21 @@ pub struct Walker<'c, 'a> {
     pub read_managed: bool,
     /// Statements entered so far (the walked statement itself is the first).
     statements: usize,
+    /// Which Selects hold guarded relations (guard.rs).
+    guard: Tracker<'a>,
 }
 
 impl<'c, 'a> Walker<'c, 'a> {
     pub fn new(ctx: &'c Ctx<'a>, allow_functions: &'c std::collections::BTreeSet<String>) -> Self {
-        Walker { ctx, allow_functions, frames: Vec::new(), error: None, read_managed: false, statements: 0 }
+        Walker {
+            ctx,
+            allow_functions,
+            frames: Vec::new(),
+            error: None,
+            read_managed: false,
+            statements: 0,
+            guard: Tracker::default(),
+        }
     }
 
     /// Walk a statement (or any node), rewriting in place.
@@ -210,20 +220,17 @@ impl<'c, 'a> Walker<'c, 'a> {
                 Err(e) => self.fail(e),
             };
         };
-        let sql = match self.ctx.relation_sql(spec, Action::Select) {
-            Ok(s) => s,
-            Err(e) => return self.fail(e),
-        };
-        let subquery = match parse_query(&sql) {
-            Ok(q) => q,
-            Err(e) => return self.fail(format!("internal error building the secure relation for {table}: {e}")),
-        };
         let alias = alias.take().unwrap_or_else(|| TableAlias {
             explicit: true,
             name: Ident::with_quote('"', table.clone()),
             columns: vec![],
             at: None,
         });
+        // Guarded in a Select that may hold guarded relations, fenced elsewhere.
+        let subquery = match self.guard.secure_relation(self.ctx, spec, &alias) {
+            Ok(q) => q,
+            Err(e) => return self.fail(e),
+        };
         self.read_managed = true;
         *tf = TableFactor::Derived { lateral: false, subquery, alias: Some(alias), sample: None };
         ControlFlow::Continue(())
@@ -258,6 +265,7 @@ impl VisitorMut for Walker<'_, '_> {
             None => (Vec::new(), false, Vec::new()),
         };
         self.frames.push(Frame { names, recursive, cte_ptrs, current: None, done: 0 });
+        self.guard.enter_query(q, self.statements > 0);
         ControlFlow::Continue(())
     }
 
@@ -269,6 +277,9 @@ impl VisitorMut for Walker<'_, '_> {
         {
             top.current = None;
             top.done = i + 1;
+        }
+        if let Err(e) = self.guard.leave_query(q, self.ctx) {
+            return self.fail(e);
         }
         ControlFlow::Continue(())
     }
@@ -292,6 +303,17 @@ impl VisitorMut for Walker<'_, '_> {
         if select.into.is_some() {
             return self.fail("SELECT … INTO is not allowed: use CREATE TABLE (unmanaged tables only)".to_owned());
         }
+        self.guard.enter_select(select);
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_select(&mut self, _select: &mut sqlparser::ast::Select) -> ControlFlow<()> {
+        self.guard.leave_select();
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+        self.guard.note_expr(e);
         ControlFlow::Continue(())
     }
 
