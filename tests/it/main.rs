@@ -8,5 +8,6 @@ mod cli;
 mod harness;
 mod hostile;
 mod isolation;
+mod plans;
 mod psql;
 mod wire;
