@@ -9,8 +9,12 @@
 //! - every output column is guarded: `CASE WHEN <row predicate> THEN <masked value> END`, so an
 //!   expression that PostgreSQL evaluates on a row before the predicate has filtered it only ever
 //!   sees NULL;
-//! - every column the caller sees unmasked is also exposed raw, as `__struere_raw_<col>`, and the
-//!   predicate itself as `__struere_in_scope`. Client text may not name either (reserved prefix).
+//! - every column the caller sees unmasked may also be exposed raw, as `__struere_raw_<col>`, and
+//!   the predicate itself as `__struere_in_scope` (in the forwarded text: only those the rewritten
+//!   conditions read). Client text may not name either (reserved prefix).
+//!
+//! While a Select is walked its managed tables are placeholders; once its conditions are
+//! analysed (`Tracker::decide`) each becomes the guarded or the fenced relation.
 //!
 //! After a Select's FROM items are secured, its WHERE and JOIN … ON conjuncts are sorted:
 //!
@@ -73,9 +77,36 @@ pub fn raw_name(column: &str) -> String {
 }
 
 impl Ctx<'_> {
+    /// Every column of `table`, and those the caller sees unmasked under `action` (which the
+    /// guarded form exposes raw).
+    pub fn guard_columns(&self, table: &TableSpec, action: Action) -> Result<(Vec<Column>, BTreeSet<String>), String> {
+        let access = self.access(table, action)?;
+        let alias = "t";
+        let mut raw = BTreeSet::new();
+        let columns = self.columns(table)?;
+        for col in columns {
+            let plain = format!("{}.{}", ident(alias), ident(&col.name));
+            if self.column_value(table, alias, col, &access)? == plain && raw_name(&col.name).len() <= MAX_IDENT_BYTES {
+                raw.insert(col.name.clone());
+            }
+        }
+        Ok((columns.to_vec(), raw))
+    }
+
     /// The guarded secure relation for reading `table` under `action`'s rules: unfenced, every
     /// column guarded by the row predicate, unmasked columns also exposed raw.
     pub fn guarded_relation_sql(&self, table: &TableSpec, action: Action) -> Result<GuardedRelation, String> {
+        self.guarded_relation(table, action, None)
+    }
+
+    /// As `guarded_relation_sql`; with `used`, only the raw columns (and the in-scope flag) the
+    /// rewritten conditions read are exposed, which keeps the forwarded text short.
+    fn guarded_relation(
+        &self,
+        table: &TableSpec,
+        action: Action,
+        used: Option<&Used>,
+    ) -> Result<GuardedRelation, String> {
         let access = self.access(table, action)?;
         let alias = self.alias();
         let pred = self.row_predicate(table, &alias, &access)?;
@@ -92,14 +123,17 @@ impl Ctx<'_> {
             guarded.push(format!("CASE WHEN ({pred}) THEN {value} END AS {}", ident(&col.name)));
             let plain = format!("{}.{}", ident(&alias), ident(&col.name));
             let exposed = raw_name(&col.name);
-            if value == plain && exposed.len() <= MAX_IDENT_BYTES {
+            let wanted = used.is_none_or(|u| u.raw.contains(&col.name));
+            if value == plain && exposed.len() <= MAX_IDENT_BYTES && wanted {
                 raw_items.push(format!("{plain} AS {}", ident(&exposed)));
                 raw.insert(col.name.clone());
             }
         }
         let mut items = guarded;
         items.extend(raw_items);
-        items.push(format!("({pred}) AS {}", ident(IN_SCOPE)));
+        if used.is_none_or(|u| u.in_scope) {
+            items.push(format!("({pred}) AS {}", ident(IN_SCOPE)));
+        }
         let sql = format!(
             "SELECT {} FROM {}.{} AS {} WHERE {pred}",
             items.join(", "),
@@ -109,6 +143,13 @@ impl Ctx<'_> {
         );
         Ok(GuardedRelation { sql, raw, columns: columns.to_vec() })
     }
+}
+
+/// What the rewritten conditions read of one guarded relation.
+#[derive(Debug, Default)]
+struct Used {
+    raw: BTreeSet<String>,
+    in_scope: bool,
 }
 
 /// One managed-table reference secured in the guarded form, awaiting its Select's decision.
@@ -190,9 +231,9 @@ impl<'a> Tracker<'a> {
     }
 
     pub fn enter_select(&mut self, s: &Select) {
-        // Without a WHERE or an ON there is no condition to read raw columns: fenced at once.
-        let mut conditions = s.selection.is_some();
-        for_each_clause(s, &mut |kind, _| conditions |= kind == ClauseKind::On);
+        // Without a condition shaped like a raw one, no reference is worth a candidate.
+        let mut conditions = false;
+        for_each_clause(s, &mut |_, clause| for_each_conjunct(clause, &mut |c| conditions |= raw_shaped(c)));
         let root = conditions && self.queries.last().and_then(|f| f.root_select) == Some(s as *const Select);
         self.selects.push(SelectFrame { root, candidates: Vec::new() });
     }
@@ -216,8 +257,10 @@ impl<'a> Tracker<'a> {
         self.decide(ctx, q, frame.pending, frame.top_level)
     }
 
-    /// The secure relation standing in for one reference to a managed table: guarded when it is
-    /// a FROM item of a root Select, fenced otherwise.
+    /// The secure relation standing in for one reference to a managed table: fenced, unless it
+    /// is a FROM item of a root Select. Then it is a candidate: a placeholder until the Select's
+    /// conditions have been analysed, replaced by the guarded or the fenced form (`decide`). A
+    /// placeholder left behind by a bug fails at PostgreSQL (an undefined function), never reads.
     pub fn secure_relation(
         &mut self,
         ctx: &Ctx<'a>,
@@ -225,24 +268,24 @@ impl<'a> Tracker<'a> {
         alias: &TableAlias,
     ) -> Result<Box<Query>, String> {
         let root = self.selects.last().is_some_and(|s| s.root);
-        if root && alias.columns.is_empty() {
-            let rel = ctx.guarded_relation_sql(spec, Action::Select)?;
-            let q = parse_ours(&rel.sql, spec)?;
-            let ptr = &*q as *const Query;
-            self.ours.insert(ptr);
-            if let Some(frame) = self.selects.last_mut() {
-                frame.candidates.push(Candidate {
-                    alias: alias.name.clone(),
-                    name: fold(&alias.name),
-                    spec,
-                    columns: rel.columns,
-                    raw: rel.raw,
-                    subquery: ptr,
-                });
-            }
-            return Ok(q);
+        if !root || !alias.columns.is_empty() {
+            return self.fenced(ctx, spec);
         }
-        self.fenced(ctx, spec)
+        let (columns, raw) = ctx.guard_columns(spec, Action::Select)?;
+        let q = parse_ours(PLACEHOLDER, spec)?;
+        let ptr = &*q as *const Query;
+        self.ours.insert(ptr);
+        if let Some(frame) = self.selects.last_mut() {
+            frame.candidates.push(Candidate {
+                alias: alias.name.clone(),
+                name: fold(&alias.name),
+                spec,
+                columns,
+                raw,
+                subquery: ptr,
+            });
+        }
+        Ok(q)
     }
 
     fn fenced(&mut self, ctx: &Ctx<'a>, spec: &TableSpec) -> Result<Box<Query>, String> {
@@ -256,7 +299,7 @@ impl<'a> Tracker<'a> {
         &mut self,
         ctx: &Ctx<'a>,
         q: &mut Query,
-        cands: Vec<Candidate<'a>>,
+        mut cands: Vec<Candidate<'a>>,
         top_level: bool,
     ) -> Result<(), String> {
         let (live, decisions) = match q.body.as_ref() {
@@ -271,12 +314,41 @@ impl<'a> Tracker<'a> {
         let SetExpr::Select(select) = q.body.as_mut() else {
             return Err("internal error: a guarded relation outside a Select".to_owned());
         };
-        for (c, _) in cands.iter().zip(&live).filter(|(_, l)| !**l) {
-            let mut fenced = Some(self.fenced(ctx, c.spec)?);
-            if !replace_subquery(&mut select.from, c.subquery, &mut fenced) {
-                return Err("internal error: a guarded relation went missing".to_owned());
+        let mut used: Vec<Used> = cands.iter().map(|_| Used::default()).collect();
+        for d in &decisions {
+            match d {
+                Decision::Raw(e) => {
+                    let mut v = RawRefs(Vec::new());
+                    let _ = e.visit(&mut v);
+                    for (alias, col) in v.0 {
+                        if let Some(u) = cands.iter().position(|c| c.name == alias).and_then(|i| used.get_mut(i)) {
+                            u.raw.insert(col);
+                        }
+                    }
+                }
+                Decision::Wrap(who) => {
+                    for i in who {
+                        if let Some(u) = used.get_mut(*i) {
+                            u.in_scope = true;
+                        }
+                    }
+                }
+                Decision::Leave | Decision::Fallback(_) => {}
+            }
+        }
+        for ((c, live), used) in cands.iter_mut().zip(&live).zip(&used) {
+            let q = if *live {
+                parse_ours(&ctx.guarded_relation(c.spec, Action::Select, Some(used))?.sql, c.spec)?
+            } else {
+                self.fenced(ctx, c.spec)?
+            };
+            let ptr = &*q as *const Query;
+            if !replace_subquery(&mut select.from, c.subquery, &mut Some(q)) {
+                return Err("internal error: a secure relation went missing".to_owned());
             }
             self.ours.remove(&c.subquery);
+            self.ours.insert(ptr);
+            c.subquery = ptr;
         }
         if !live.iter().any(|l| *l) {
             return Ok(());
@@ -306,6 +378,9 @@ impl<'a> Tracker<'a> {
         Ok(())
     }
 }
+
+/// What stands in for a candidate until its Select is decided.
+const PLACEHOLDER: &str = "SELECT \"__struere_undecided\"()";
 
 fn parse_ours(sql: &str, spec: &TableSpec) -> Result<Box<Query>, String> {
     parse_query(sql).map_err(|e| format!("internal error building the secure relation for {}: {e}", spec.name))
@@ -815,6 +890,32 @@ impl<'s, 'a> Analysis<'s, 'a> {
     }
 }
 
+/// Could this conjunct be a raw condition (ignoring names and types)?
+fn raw_shaped(e: &Expr) -> bool {
+    let column = |e: &Expr| {
+        let mut e = e;
+        while let Expr::Nested(inner) = e {
+            e = inner;
+        }
+        matches!(e, Expr::Identifier(_)) || matches!(e, Expr::CompoundIdentifier(p) if p.len() == 2)
+    };
+    let operand = |e: &Expr| column(e) || constant_kind(e).is_some();
+    match e {
+        Expr::Nested(inner) => raw_shaped(inner),
+        Expr::BinaryOp { left, op, right } => {
+            comparison(op).is_some() && operand(left) && operand(right) && (column(left) || column(right))
+        }
+        Expr::In { expr, target: InTarget::List(items), .. } => {
+            column(expr) && items.iter().all(|i| constant_kind(i).is_some())
+        }
+        Expr::Between { expr, low, high, .. } => {
+            column(expr) && constant_kind(low).is_some() && constant_kind(high).is_some()
+        }
+        Expr::IsNull(inner) | Expr::IsNotNull(inner) => column(inner),
+        _ => false,
+    }
+}
+
 fn pair(a: usize, b: usize) -> (usize, usize) {
     (a.min(b), a.max(b))
 }
@@ -1321,6 +1422,23 @@ impl Visitor for Census<'_> {
             && let Some(t) = self.total.get_mut(i)
         {
             *t += 1;
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// The raw columns a rewritten condition reads, as (alias, column).
+struct RawRefs(Vec<(String, String)>);
+
+impl Visitor for RawRefs {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if let Expr::CompoundIdentifier(parts) = e
+            && let [q, c] = parts.as_slice()
+            && let Some(col) = c.value.strip_prefix(RAW_PREFIX)
+        {
+            self.0.push((fold(q), col.to_owned()));
         }
         ControlFlow::Continue(())
     }
