@@ -53,6 +53,8 @@ CREATE TABLE IF NOT EXISTS entities (
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS entities_scope ON entities (organization_id, environment, entity_type);
+-- Time-range reads within a tenant (guarded relations let the range reach the index).
+CREATE INDEX IF NOT EXISTS entities_created ON entities (organization_id, environment, created_at);
 
 CREATE TABLE IF NOT EXISTS entity_relations (
     id              text PRIMARY KEY DEFAULT gen_random_uuid()::text,

@@ -8,6 +8,7 @@ mod cli;
 mod harness;
 mod hostile;
 mod isolation;
+mod plans;
 mod psql;
 mod wire;
 mod writes;

@@ -3,6 +3,7 @@
 //!
 //! - `access.rs`: roles → which rows and fields of a table, for an action.
 //! - `secure.rs`: the secure relation (tenant + scope + masks) as SQL.
+//! - `guard.rs`: guarded relations (unfenced, for index plans) and the conditions that may read them raw.
 //! - `walk.rs`: name resolution (CTE scopes, pinned search_path) and the tree walk.
 //! - `functions.rs`: the function allowlist.
 //!
@@ -11,6 +12,7 @@
 
 pub mod access;
 pub mod functions;
+pub mod guard;
 pub mod secure;
 pub mod walk;
 pub mod writes;
@@ -229,7 +231,11 @@ impl PolicyEngine {
     /// (writes.rs); a statement writing an unmanaged object may not read managed tables: it
     /// would persist one tenant's rows where every development key can read them.
     fn walk_write(&self, w: &mut Walker, stmt: &mut Statement) -> Result<(), Refusal> {
-        w.run(stmt).map_err(denied)?;
+        match stmt {
+            // A query is walked on its own: its Select is the statement's own (guard.rs).
+            Statement::Query(q) => w.run(q.as_mut()).map_err(denied)?,
+            other => w.run(other).map_err(denied)?,
+        }
         if w.read_managed && w.writes_unmanaged {
             return Err(denied(
                 "a statement that writes to an unmanaged table may not read managed tables (their rows would leave the tenant's scope)",

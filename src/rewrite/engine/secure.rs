@@ -3,10 +3,20 @@
 //! exact quoting (every identifier quoted, every literal a standard string with `'` doubled) and
 //! then parsed back into the tree like client SQL, so it is printed and verified the same way.
 //!
-//! Evaluation order: the relation ends in `OFFSET 0`, which PostgreSQL never flattens into the
-//! outer query and never pushes outer conditions into, so no expression of the client's ever
-//! sees a row (or a value) before the security predicate and the masks have been applied — the
-//! guarantee `security_barrier` gives.
+//! Evaluation order. Two forms, chosen per reference by the tree walk (guard.rs):
+//!
+//! - fenced (`relation_sql`): the relation ends in `OFFSET 0`, which PostgreSQL never flattens into
+//!   the outer query and never pushes outer conditions into, so no expression of the client's ever
+//!   sees a row (or a value) before the security predicate and the masks have been applied — the
+//!   guarantee `security_barrier` gives — and no client condition can use an index.
+//! - guarded (`guarded_relation_sql`, guard.rs): unfenced, so PostgreSQL flattens it and client
+//!   conditions reach the table's indexes. Every column is `CASE WHEN <row predicate> THEN <masked
+//!   value> END`, so whatever order PostgreSQL evaluates quals in, a client expression only ever
+//!   sees NULL for an out-of-scope row; unmasked columns are also exposed raw, and the predicate as
+//!   `__struere_in_scope`, for the proxy's own rewrites only: leakproof comparisons with constants
+//!   (index conditions) read the raw columns, every other condition PostgreSQL could evaluate at the
+//!   scan is wrapped in `CASE WHEN __struere_in_scope …` so it never runs for an out-of-scope row.
+//!   What the analysis cannot prove safe falls back to the fenced form.
 
 use std::cell::Cell;
 
@@ -86,7 +96,7 @@ impl<'a> Ctx<'a> {
 
     /// A fresh internal alias. Client text may not use the `__struere` prefix (see walk.rs), so
     /// these never collide with the client's names.
-    fn alias(&self) -> String {
+    pub(super) fn alias(&self) -> String {
         let n = self.aliases.get() + 1;
         self.aliases.set(n);
         format!("__struere_{n}")

@@ -11,6 +11,7 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use super::functions;
+use super::guard::Tracker;
 use super::secure::Ctx;
 use super::writes;
 use crate::auth::identity::Environment;
@@ -109,6 +110,10 @@ pub struct Walker<'c, 'a> {
     pub writes_unmanaged: bool,
     /// Write statements entered and not yet left (`None`: an unmanaged target).
     writes: Vec<Option<PendingWrite<'a>>>,
+    /// Statements entered so far (a query walked on its own is not one).
+    statements: usize,
+    /// Which Selects hold guarded relations (guard.rs).
+    guard: Tracker<'a>,
 }
 
 impl<'c, 'a> Walker<'c, 'a> {
@@ -121,6 +126,8 @@ impl<'c, 'a> Walker<'c, 'a> {
             read_managed: false,
             writes_unmanaged: false,
             writes: Vec::new(),
+            statements: 0,
+            guard: Tracker::default(),
         }
     }
 
@@ -250,7 +257,16 @@ impl<'c, 'a> Walker<'c, 'a> {
                 Ok(s) => s,
                 Err(e) => return self.fail(format!("{e} ({action} reads the rows it changes)")),
             };
-            return self.replace_with(tf, &sql, &spec.name);
+            let subquery = match parse_query(&sql) {
+                Ok(q) => q,
+                Err(e) => {
+                    return self.fail(format!("internal error building the secure relation for {}: {e}", spec.name));
+                }
+            };
+            let alias = take_alias(tf, &spec.name);
+            self.read_managed = true;
+            *tf = TableFactor::Derived { lateral: false, subquery, alias: Some(alias), sample: None };
+            return ControlFlow::Continue(());
         }
         if args.is_some() {
             // `FROM f(...)`: a set-returning function call.
@@ -284,33 +300,30 @@ impl<'c, 'a> Walker<'c, 'a> {
                 Err(e) => self.fail(e),
             };
         };
-        let sql = match self.ctx.relation_sql(spec, Action::Select) {
-            Ok(s) => s,
+        let alias = take_alias(tf, &table);
+        // Guarded in a Select that may hold guarded relations, fenced elsewhere.
+        let subquery = match self.guard.secure_relation(self.ctx, spec, &alias) {
+            Ok(q) => q,
             Err(e) => return self.fail(e),
         };
-        self.replace_with(tf, &sql, &table)
-    }
-
-    /// Swap a table factor for the secure relation `sql`, keeping the client's alias (or the
-    /// table's name) as its name.
-    fn replace_with(&mut self, tf: &mut TableFactor, sql: &str, table: &str) -> ControlFlow<()> {
-        let TableFactor::Table { alias, .. } = tf else {
-            return self.fail("internal error: only a table can be secured".to_owned());
-        };
-        let subquery = match parse_query(sql) {
-            Ok(q) => q,
-            Err(e) => return self.fail(format!("internal error building the secure relation for {table}: {e}")),
-        };
-        let alias = alias.take().unwrap_or_else(|| TableAlias {
-            explicit: true,
-            name: Ident::with_quote('"', table.to_owned()),
-            columns: vec![],
-            at: None,
-        });
         self.read_managed = true;
         *tf = TableFactor::Derived { lateral: false, subquery, alias: Some(alias), sample: None };
         ControlFlow::Continue(())
     }
+}
+
+/// The client's alias of a table factor about to be secured, or the table's name as one.
+fn take_alias(tf: &mut TableFactor, table: &str) -> TableAlias {
+    let given = match tf {
+        TableFactor::Table { alias, .. } => alias.take(),
+        _ => None,
+    };
+    given.unwrap_or_else(|| TableAlias {
+        explicit: true,
+        name: Ident::with_quote('"', table.to_owned()),
+        columns: vec![],
+        at: None,
+    })
 }
 
 /// `pg_notify` or `pg_catalog.pg_notify`.
@@ -373,6 +386,7 @@ impl VisitorMut for Walker<'_, '_> {
             None => (Vec::new(), false, Vec::new()),
         };
         self.frames.push(Frame { names, recursive, cte_ptrs, current: None, done: 0 });
+        self.guard.enter_query(q, self.statements > 0);
         ControlFlow::Continue(())
     }
 
@@ -393,11 +407,15 @@ impl VisitorMut for Walker<'_, '_> {
             top.current = None;
             top.done = i + 1;
         }
+        if let Err(e) = self.guard.leave_query(q, self.ctx) {
+            return self.fail(e);
+        }
         ControlFlow::Continue(())
     }
 
     fn pre_visit_statement(&mut self, stmt: &mut sqlparser::ast::Statement) -> ControlFlow<()> {
         use sqlparser::ast::{FromTable, Statement as S, TableObject};
+        self.statements += 1;
         let (name, action, target, verb) = match stmt {
             S::Insert(ins) => match &ins.table {
                 TableObject::TableName(n) => (n.clone(), Action::Insert, std::ptr::null(), "insert into"),
@@ -462,6 +480,17 @@ impl VisitorMut for Walker<'_, '_> {
         if select.into.is_some() {
             return self.fail("SELECT … INTO is not allowed: use CREATE TABLE (unmanaged tables only)".to_owned());
         }
+        self.guard.enter_select(select);
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_select(&mut self, _select: &mut sqlparser::ast::Select) -> ControlFlow<()> {
+        self.guard.leave_select();
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+        self.guard.note_expr(e);
         ControlFlow::Continue(())
     }
 
