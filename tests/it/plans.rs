@@ -316,3 +316,24 @@ async fn an_erroring_cast_reports_only_the_callers_values() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_write_by_primary_key_finds_its_row_through_the_index() {
+    let c = tenant().await;
+    for sql in [
+        "UPDATE entities SET data = data WHERE id = 'bulk-a-development-e-7000'",
+        "DELETE FROM entities WHERE id = 'bulk-a-development-e-7001' RETURNING id",
+    ] {
+        let p = plan(&c, sql).await;
+        assert!(p.contains("Index Scan using entities_pkey on entities"), "{sql}: {p}");
+        assert!(!p.contains("Seq Scan") && !p.contains("Subquery Scan") && !p.contains("Bitmap"), "{sql}: {p}");
+    }
+    // And it changes exactly that row, and nothing of another tenant with the same key shape.
+    let n = c
+        .execute("UPDATE entities SET data = data || '{\"touched\": 1}' WHERE id = $1", &[&"bulk-a-development-e-7000"])
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let n = c.execute("UPDATE entities SET data = data WHERE id = $1", &[&"bulk-b-development-e-7000"]).await.unwrap();
+    assert_eq!(n, 0);
+}

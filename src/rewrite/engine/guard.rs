@@ -96,20 +96,32 @@ impl Ctx<'_> {
     /// The guarded secure relation for reading `table` under `action`'s rules: unfenced, every
     /// column guarded by the row predicate, unmasked columns also exposed raw.
     pub fn guarded_relation_sql(&self, table: &TableSpec, action: Action) -> Result<GuardedRelation, String> {
-        self.guarded_relation(table, action, None)
+        self.guarded_relation(table, action, None, None)
     }
 
     /// As `guarded_relation_sql`; with `used`, only the raw columns (and the in-scope flag) the
     /// rewritten conditions read are exposed, which keeps the forwarded text short.
+    /// `also`: a write's action, whose scope rules the rows must satisfy too (see
+    /// `relation_sql_also`).
     fn guarded_relation(
         &self,
         table: &TableSpec,
         action: Action,
+        also: Option<Action>,
         used: Option<&Used>,
     ) -> Result<GuardedRelation, String> {
         let access = self.access(table, action)?;
         let alias = self.alias();
-        let pred = self.row_predicate(table, &alias, &access)?;
+        let mut pred = self.row_predicate(table, &alias, &access)?;
+        if let Some(also) = also {
+            let extra = self.access(table, also)?;
+            // (Often the same rules as select's: then once is enough.)
+            if let Some(p) = self.scope_predicate(table, &super::secure::RowRef::Alias(&alias), &extra)?
+                && !pred.contains(&p)
+            {
+                pred = if pred.is_empty() { p } else { format!("{pred} AND {p}") };
+            }
+        }
         let pred = if pred.is_empty() { "true".to_owned() } else { pred };
         let columns = self.columns(table)?;
         if columns.is_empty() {
@@ -163,6 +175,8 @@ struct Candidate<'a> {
     raw: BTreeSet<String>,
     /// The guarded subquery in the tree (its box's address).
     subquery: *const Query,
+    /// The target of a write: its rows must also be in this action's scope.
+    also: Option<Action>,
 }
 
 struct QueryFrame<'a> {
@@ -283,16 +297,59 @@ impl<'a> Tracker<'a> {
                 columns,
                 raw,
                 subquery: ptr,
+                also: None,
             });
         }
         Ok(q)
     }
 
     fn fenced(&mut self, ctx: &Ctx<'a>, spec: &TableSpec) -> Result<Box<Query>, String> {
-        let sql = ctx.relation_sql(spec, Action::Select)?;
+        self.fenced_also(ctx, spec, None)
+    }
+
+    /// The fenced relation; for a write's target (`also`), only rows the write may change.
+    pub fn fenced_also(&mut self, ctx: &Ctx<'a>, spec: &TableSpec, also: Option<Action>) -> Result<Box<Query>, String> {
+        let sql = ctx.relation_sql_also(spec, Action::Select, also)?;
         let q = parse_ours(&sql, spec)?;
         self.ours.insert(&*q as *const Query);
         Ok(q)
+    }
+
+    /// A write's row-finding query (writes.rs: the target's secure relation, fenced, first in
+    /// its FROM, joined with the client's FROM/USING items under the client's WHERE): the target
+    /// becomes guarded when that WHERE allows, so `UPDATE … WHERE id = $1` is an index lookup.
+    /// Nothing of the client's is evaluated outside this query but SET values and RETURNING,
+    /// which run only on rows that passed every condition.
+    pub fn guard_write(
+        &mut self,
+        ctx: &Ctx<'a>,
+        q: &mut Query,
+        spec: &'a TableSpec,
+        also: Action,
+    ) -> Result<(), String> {
+        let SetExpr::Select(select) = q.body.as_ref() else { return Ok(()) };
+        let mut conditions = false;
+        for_each_clause(select, &mut |_, clause| for_each_conjunct(clause, &mut |c| conditions |= raw_shaped(c)));
+        let Some(TableWithJoins { relation: TableFactor::Derived { subquery, alias: Some(alias), .. }, .. }) =
+            select.from.first()
+        else {
+            return Ok(());
+        };
+        if !conditions || !alias.columns.is_empty() {
+            return Ok(());
+        }
+        let (columns, raw) = ctx.guard_columns(spec, Action::Select)?;
+        let cand = Candidate {
+            alias: alias.name.clone(),
+            name: fold(&alias.name),
+            spec,
+            columns,
+            raw,
+            subquery: &**subquery as *const Query,
+            also: Some(also),
+        };
+        self.ours.insert(cand.subquery);
+        self.decide(ctx, q, vec![cand], true)
     }
 
     fn decide(
@@ -338,9 +395,9 @@ impl<'a> Tracker<'a> {
         }
         for ((c, live), used) in cands.iter_mut().zip(&live).zip(&used) {
             let q = if *live {
-                parse_ours(&ctx.guarded_relation(c.spec, Action::Select, Some(used))?.sql, c.spec)?
+                parse_ours(&ctx.guarded_relation(c.spec, Action::Select, c.also, Some(used))?.sql, c.spec)?
             } else {
-                self.fenced(ctx, c.spec)?
+                self.fenced_also(ctx, c.spec, c.also)?
             };
             let ptr = &*q as *const Query;
             if !replace_subquery(&mut select.from, c.subquery, &mut Some(q)) {

@@ -304,7 +304,10 @@ impl<'a> Ctx<'a> {
         let mut pred = self.row_predicate(table, &alias, &access)?;
         if let Some(also) = also {
             let extra = self.access(table, also)?;
-            if let Some(p) = self.scope_predicate(table, &RowRef::Alias(&alias), &extra)? {
+            // (Often the same rules as select's: then once is enough.)
+            if let Some(p) = self.scope_predicate(table, &RowRef::Alias(&alias), &extra)?
+                && !pred.contains(&p)
+            {
                 pred = format!("{pred} AND {p}");
             }
         }

@@ -319,7 +319,8 @@ fn update_reads_through_the_secure_relation_and_checks_the_new_row() {
     assert!(out.starts_with("UPDATE \"public\".\"entities\" AS \"__struere_t\" SET \"data\" = CASE WHEN"), "{out}");
     // The client's expressions run inside __struere_w, over the secure relation named "entities".
     assert!(out.contains("FROM (SELECT \"entities\".\"id\" AS \"__struere_pk0\", CAST(jsonb_set("), "{out}");
-    assert!(out.contains("WHERE id = 'e1') AS \"__struere_w\""), "{out}");
+    // The target is guarded: the key lookup reads the raw id (an index condition).
+    assert!(out.contains("WHERE \"entities\".\"__struere_raw_id\" = 'e1') AS \"__struere_w\""), "{out}");
     // The real target is confined to the tenant and the update scope.
     assert!(
         out.contains(

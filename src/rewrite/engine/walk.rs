@@ -253,15 +253,9 @@ impl<'c, 'a> Walker<'c, 'a> {
             && std::ptr::eq(w.target, tf_ptr)
         {
             let (spec, action) = (w.spec, w.action);
-            let sql = match self.ctx.relation_sql_also(spec, Action::Select, Some(action)) {
-                Ok(s) => s,
-                Err(e) => return self.fail(format!("{e} ({action} reads the rows it changes)")),
-            };
-            let subquery = match parse_query(&sql) {
+            let subquery = match self.guard.fenced_also(self.ctx, spec, Some(action)) {
                 Ok(q) => q,
-                Err(e) => {
-                    return self.fail(format!("internal error building the secure relation for {}: {e}", spec.name));
-                }
+                Err(e) => return self.fail(format!("{e} ({action} reads the rows it changes)")),
             };
             let alias = take_alias(tf, &spec.name);
             self.read_managed = true;
@@ -465,8 +459,8 @@ impl VisitorMut for Walker<'_, '_> {
         };
         let rewritten = match stmt {
             S::Insert(ins) => writes::insert(&target, ins),
-            S::Update(u) => writes::update(&target, u),
-            S::Delete(d) => writes::delete(&target, d),
+            S::Update(u) => writes::update(&target, u, &mut self.guard),
+            S::Delete(d) => writes::delete(&target, d, &mut self.guard),
             _ => return ControlFlow::Continue(()),
         };
         match rewritten {

@@ -41,6 +41,7 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use super::access::TableAccess;
+use super::guard::Tracker;
 use super::secure::{Ctx, RowRef, ident, literal};
 use super::walk::fold;
 use crate::catalog::Column;
@@ -462,7 +463,7 @@ fn refuse_hidden(t: &Target, select: &TableAccess, exprs: &[&Expr]) -> Result<()
     }
 }
 
-pub fn update(t: &Target, u: &mut Update) -> Result<Statement, String> {
+pub fn update<'a>(t: &Target<'_, 'a>, u: &mut Update, guard: &mut Tracker<'a>) -> Result<Statement, String> {
     let select = t.access(Action::Select, "UPDATE reads the rows it changes")?;
     let access = t.access(Action::Update, "UPDATE")?;
     let key = t.key(&select)?;
@@ -516,10 +517,24 @@ pub fn update(t: &Target, u: &mut Update) -> Result<Statement, String> {
     );
     let mut from = vec![u.table.clone()];
     from.extend(from_items);
-    fill(&sql, slots, Some(from), None)
+    let mut stmt = fill(&sql, slots, Some(from), None)?;
+    if let Statement::Update(Update { from: Some(UpdateTableFromKind::AfterSet(items)), .. }) = &mut stmt
+        && let Some(q) = work_query(items)
+    {
+        guard.guard_write(t.ctx, q, t.spec, Action::Update)?;
+    }
+    Ok(stmt)
 }
 
-pub fn delete(t: &Target, d: &mut Delete) -> Result<Statement, String> {
+/// The row-finding subquery (`__struere_w`) of a rewritten UPDATE or DELETE.
+fn work_query(items: &mut [TableWithJoins]) -> Option<&mut sqlparser::ast::Query> {
+    match items.first_mut().map(|t| &mut t.relation) {
+        Some(TableFactor::Derived { subquery, alias: Some(a), .. }) if a.name.value == WORK => Some(subquery),
+        _ => None,
+    }
+}
+
+pub fn delete<'a>(t: &Target<'_, 'a>, d: &mut Delete, guard: &mut Tracker<'a>) -> Result<Statement, String> {
     let select = t.access(Action::Select, "DELETE reads the rows it removes")?;
     let access = t.access(Action::Delete, "DELETE")?;
     let key = t.key(&select)?;
@@ -556,7 +571,13 @@ pub fn delete(t: &Target, d: &mut Delete) -> Result<Statement, String> {
     );
     let mut from = vec![target];
     from.extend(using);
-    fill(&sql, slots, Some(from), None)
+    let mut stmt = fill(&sql, slots, Some(from), None)?;
+    if let Statement::Delete(Delete { using: Some(items), .. }) = &mut stmt
+        && let Some(q) = work_query(items)
+    {
+        guard.guard_write(t.ctx, q, t.spec, Action::Delete)?;
+    }
+    Ok(stmt)
 }
 
 fn key_join(key: &[String]) -> String {
