@@ -109,6 +109,9 @@ impl StatementPolicy for PolicyEngine {
         // (sqlparser represented it as something else) is refused here.
         let set = self.policies.for_env(actor.environment);
         let prefix = notify_prefix(actor);
+        if let pg_query::NodeEnum::ExplainStmt(e) = node {
+            explain_output_ok(e)?;
+        }
         for (n, ..) in node.nodes() {
             // Every pg_notify that reaches the server sends on the caller's own namespace.
             if let pg_query::NodeRef::FuncCall(f) = n
@@ -210,12 +213,13 @@ impl PolicyEngine {
             | Statement::Rollback { .. }
             | Statement::Savepoint { .. }
             | Statement::ReleaseSavepoint { .. } => Ok(()),
-            Statement::Explain { analyze, statement, .. } => {
-                if *analyze {
+            Statement::Explain { analyze, statement, options, estimate, query_plan, .. } => {
+                if *analyze || *estimate || *query_plan {
                     return Err(denied(
                         "EXPLAIN ANALYZE is not allowed: its row counts reveal rows outside the caller's scope",
                     ));
                 }
+                explain_options(options)?;
                 self.statement(statement, w)
             }
             Statement::Prepare { statement, .. } => self.statement(statement, w),
@@ -359,6 +363,80 @@ impl PolicyEngine {
         } else {
             Err(denied(format!("the setting {setting} may not be changed through an environment key")))
         }
+    }
+}
+
+/// EXPLAIN options: nothing that executes the statement (ANALYZE and what needs it), and no cost
+/// estimates — they come from statistics over every tenant's rows (the reason `pg_stats` is
+/// hidden), e.g. a row estimate for `email = 'someone@else'` tells whether that value is common.
+/// `COSTS OFF` is added unless the client wrote it.
+fn explain_options(options: &mut Option<Vec<sqlparser::ast::UtilityOption>>) -> Result<(), Refusal> {
+    use sqlparser::ast::{Expr, Ident, UtilityOption, Value};
+    let list = options.get_or_insert_with(Vec::new);
+    let mut costs_off = false;
+    for o in list.iter() {
+        let name = o.name.value.to_ascii_lowercase();
+        let off = match &o.arg {
+            None => false,
+            Some(Expr::Value(v)) => match &v.value {
+                Value::Boolean(b) => !*b,
+                Value::Number(n, _) => n == "0",
+                Value::SingleQuotedString(t) => matches!(t.to_ascii_lowercase().as_str(), "off" | "false" | "0" | "no"),
+                _ => false,
+            },
+            Some(Expr::Identifier(i)) => matches!(i.value.to_ascii_lowercase().as_str(), "off" | "false" | "no"),
+            Some(_) => false,
+        };
+        match name.as_str() {
+            "format" | "verbose" | "settings" | "summary" | "generic_plan" | "memory" => {}
+            "costs" if off => costs_off = true,
+            "costs" => {
+                return Err(denied(
+                    "EXPLAIN with costs is not allowed: estimates come from statistics over every tenant's rows (use COSTS OFF)",
+                ));
+            }
+            "analyze" | "buffers" | "timing" | "wal" | "serialize" if off => {}
+            _ => {
+                return Err(denied(format!(
+                    "EXPLAIN option {} is not allowed: EXPLAIN ANALYZE's row counts reveal rows outside the caller's scope",
+                    o.name.value
+                )));
+            }
+        }
+    }
+    if !costs_off {
+        list.push(UtilityOption { name: Ident::new("COSTS"), arg: Some(Expr::Identifier(Ident::new("OFF"))) });
+    }
+    Ok(())
+}
+
+/// What reaches the server as EXPLAIN executes nothing and shows no estimates.
+fn explain_output_ok(e: &pg_query::protobuf::ExplainStmt) -> Result<(), Refusal> {
+    use pg_query::NodeEnum as N;
+    let mut costs_off = false;
+    for o in &e.options {
+        let Some(N::DefElem(d)) = &o.node else { continue };
+        let off = match d.arg.as_deref().and_then(|a| a.node.as_ref()) {
+            Some(N::String(s)) => matches!(s.sval.to_ascii_lowercase().as_str(), "off" | "false" | "0" | "no"),
+            Some(N::Boolean(b)) => !b.boolval,
+            Some(N::Integer(i)) => i.ival == 0,
+            _ => false,
+        };
+        match d.defname.to_ascii_lowercase().as_str() {
+            "costs" if off => costs_off = true,
+            "analyze" | "buffers" | "timing" | "wal" | "serialize" | "costs" if !off => {
+                return Err(Refusal::Unverifiable(format!(
+                    "refused: the EXPLAIN reaching the server would show {} (checked on PostgreSQL's tree)",
+                    d.defname
+                )));
+            }
+            _ => {}
+        }
+    }
+    if costs_off {
+        Ok(())
+    } else {
+        Err(Refusal::Unverifiable("refused: the EXPLAIN reaching the server would show cost estimates".to_owned()))
     }
 }
 

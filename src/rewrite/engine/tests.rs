@@ -499,3 +499,25 @@ fn pg_notify_is_namespaced_like_notify() {
         assert!(run(&admin_dev(), sql).is_err(), "{sql}");
     }
 }
+
+#[test]
+fn explain_options_cannot_analyze_and_never_show_estimates() {
+    for sql in [
+        "EXPLAIN (ANALYZE) SELECT * FROM threads",
+        "EXPLAIN (ANALYZE true, FORMAT JSON) SELECT * FROM threads",
+        "EXPLAIN (analyze on) SELECT 1",
+        "EXPLAIN (COSTS) SELECT * FROM threads",
+        "EXPLAIN (COSTS true) SELECT * FROM threads",
+        "EXPLAIN (BUFFERS, TIMING) SELECT * FROM threads",
+    ] {
+        let e = run(&admin_dev(), sql).unwrap_err();
+        assert!(e.to_string().contains("EXPLAIN"), "{sql}: {e}");
+    }
+    // Estimates come from statistics over every tenant's rows: forced off.
+    let out = run(&admin_dev(), "EXPLAIN SELECT * FROM threads").unwrap();
+    assert!(out.starts_with("EXPLAIN (COSTS OFF) SELECT"), "{out}");
+    let out = run(&admin_dev(), "EXPLAIN (FORMAT JSON, VERBOSE) SELECT * FROM threads").unwrap();
+    assert!(out.starts_with("EXPLAIN (FORMAT JSON, VERBOSE, COSTS OFF) SELECT"), "{out}");
+    let out = run(&admin_dev(), "EXPLAIN (COSTS false) SELECT 1").unwrap();
+    assert!(out.starts_with("EXPLAIN (COSTS false) SELECT"), "{out}");
+}
