@@ -27,6 +27,8 @@ const CATALOG: &str = "SELECT n.nspname as \"Schema\", c.relname as \"Name\", CA
 /// Writes by a scoped role: secure relation, WITH CHECK over the new row, hidden JSON keys merged.
 const UPDATE: &str = "UPDATE entities SET data = jsonb_set(data, '{status}', '\"done\"') WHERE id = $1 RETURNING id";
 const INSERT: &str = "INSERT INTO entities (id, entity_type, data) VALUES ($1, 'session', $2)";
+/// A key lookup: the secure relation is guarded (index-preserving).
+const LOOKUP: &str = "SELECT * FROM entities WHERE id = $1";
 
 fn actor_with(role: &str) -> ActorContext {
     ActorContext {
@@ -57,7 +59,19 @@ fn engine() -> Arc<PolicyEngine> {
         ("created_at", "timestamp with time zone"),
         ("updated_at", "timestamp with time zone"),
     ];
-    catalog.relations.insert(("public".into(), "entities".into()), Relation::plain_table("public", "entities", &cols));
+    let mut entities = Relation::plain_table("public", "entities", &cols);
+    for col in &mut entities.columns {
+        col.type_oid = match col.type_name.as_str() {
+            "text" => 25,
+            "jsonb" => 3802,
+            _ => 1184,
+        };
+    }
+    catalog.relations.insert(("public".into(), "entities".into()), entities);
+    // text comparisons are leakproof (as PostgreSQL marks them): key lookups get guarded relations.
+    for op in ["=", "<>", "<", "<=", ">", ">="] {
+        catalog.operators.insert((op.into(), 25, 25), true);
+    }
     for f in ["pg_get_userbyid", "pg_table_is_visible", "jsonb_set"] {
         catalog.functions.insert(
             f.into(),
@@ -97,6 +111,7 @@ fn rewrite(c: &mut Criterion) {
     for (name, sql, actor) in [
         ("small", SMALL, actor()),
         ("catalog", CATALOG, actor()),
+        ("lookup (teacher)", LOOKUP, actor_with("teacher")),
         ("update (teacher)", UPDATE, actor_with("teacher")),
         ("insert (teacher)", INSERT, actor_with("teacher")),
     ] {

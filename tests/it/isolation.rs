@@ -270,3 +270,36 @@ async fn prepared_statements_cursors_and_multi_statement_messages_are_confined()
         .get(0);
     assert_eq!(n, 0);
 }
+
+#[tokio::test]
+async fn a_client_condition_never_outruns_a_scope_subquery() {
+    // Found by red-teaming: an agent's messages are in scope through their thread (a subquery,
+    // planned as a semi-join above the scan); a condition PostgreSQL could run at the scan told,
+    // by dividing by zero, whether an out-of-scope message id existed.
+    let f = fixture();
+    let other: String = f
+        .admin()
+        .await
+        .query_one(
+            "SELECT m.id FROM messages m JOIN threads t ON t.id = m.thread_id
+             WHERE m.organization_id = 'acme' AND m.environment = 'development' AND t.agent_id <> 'acme-agent-1'
+             ORDER BY m.id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let a = f.as_actor("acme", Environment::Development, "agent", ActorType::Agent, "acme-agent-1").await;
+    for id in [other.as_str(), "no-such-message"] {
+        let sql = format!(
+            "SELECT m.id FROM messages m, (SELECT 0 AS z) v \
+             WHERE m.id = '{id}' AND 1/(CASE WHEN m.id IS NULL THEN v.z ELSE 1 END) = 1"
+        );
+        let rows = a.simple_query(&sql).await.unwrap_or_else(|e| panic!("{id}: {e:?}"));
+        assert_eq!(dump_rows(&rows), 0, "{id}");
+    }
+}
+
+fn dump_rows(msgs: &[tokio_postgres::SimpleQueryMessage]) -> usize {
+    msgs.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count()
+}

@@ -633,8 +633,6 @@ struct Analysis<'s, 'a> {
     /// The Select is the walked query's own: an unresolved name is a FROM item's column, never
     /// the enclosing query's.
     top_level: bool,
-    /// Pairs of candidates joined by a raw condition (smaller index first).
-    raw_joined: BTreeSet<(usize, usize)>,
 }
 
 impl<'s, 'a> Analysis<'s, 'a> {
@@ -654,7 +652,7 @@ impl<'s, 'a> Analysis<'s, 'a> {
             }
         }
         let shape = Shape::of(&select.from, cands);
-        Analysis { cands, by_name, live, shape, ours, catalog, top_level, raw_joined: BTreeSet::new() }
+        Analysis { cands, by_name, live, shape, ours, catalog, top_level }
     }
 
     fn kill(&mut self, i: usize) -> bool {
@@ -721,7 +719,6 @@ impl<'s, 'a> Analysis<'s, 'a> {
         loop {
             let mut decisions = Vec::new();
             let mut raw_count = vec![0usize; self.cands.len()];
-            let mut raw_joined = BTreeSet::new();
             // Raw conjuncts first: whether a residual one can reach a scan depends on them.
             let mut conjuncts = Vec::new();
             for_each_clause(select, &mut |kind, clause| {
@@ -734,13 +731,7 @@ impl<'s, 'a> Analysis<'s, 'a> {
                         *n += 1;
                     }
                 }
-                if let [a, b] = who.as_slice()
-                    && a != b
-                {
-                    raw_joined.insert((*a.min(b), *a.max(b)));
-                }
             }
-            self.raw_joined = raw_joined;
             for ((kind, c), raw) in conjuncts.iter().zip(raw) {
                 decisions.push(match raw {
                     Some((new, _)) => Decision::Raw(Box::new(new)),
@@ -791,16 +782,12 @@ impl<'s, 'a> Analysis<'s, 'a> {
             // with the enclosing query: wrapped, neither could be hashed or pushed down.
             return Decision::Fallback(touch);
         }
-        if refs.sibling {
-            // A join clause with an unguarded item: evaluated only after the guarded scans.
-            return Decision::Leave;
-        }
-        // Evaluated at a guarded scan only if that scan can be parameterized by every other
-        // relation the conjunct references, which takes a raw join to each of them.
-        let at_scan = touch.iter().any(|z| touch.iter().all(|o| o == z || self.raw_joined.contains(&pair(*z, *o))));
-        if !at_scan {
-            return Decision::Leave;
-        }
+        // Whatever else it references (an unguarded item, another guarded relation), a conjunct
+        // on a guarded relation is wrapped. Rows that passed a guarded scan are not yet known to
+        // be in scope: a scope rule with a subquery (`thread_id IN (SELECT …)`) becomes a
+        // semi-join above the scan, and PostgreSQL may flatten a sibling (`(SELECT 0) v`) into a
+        // constant and evaluate the conjunct at the scan. (Found by red-teaming: a division by
+        // zero told an agent role whether a message id outside its scope existed.)
         if touch.iter().any(|i| self.shape.nullable.contains(i)) {
             // `CASE WHEN in_scope …` is NULL for a null-extended row, where the conjunct might not be.
             return Decision::Fallback(touch);
@@ -971,10 +958,6 @@ fn raw_shaped(e: &Expr) -> bool {
         Expr::IsNull(inner) | Expr::IsNotNull(inner) => column(inner),
         _ => false,
     }
-}
-
-fn pair(a: usize, b: usize) -> (usize, usize) {
-    (a.min(b), a.max(b))
 }
 
 fn comparison(op: &BinaryOperator) -> Option<&'static str> {

@@ -104,11 +104,14 @@ fn joins_of_guarded_relations_on_same_typed_columns_read_raw_columns() {
             absent: &["OFFSET 0"],
         },
         // jsonb equality is not leakproof: no raw join; `b` has no raw condition of its own and
-        // is fenced; the join clause stays as written (evaluated after both scans).
+        // is fenced; the join clause only runs on `a`'s rows in scope.
         Case {
             sql: "SELECT a.id FROM entities a JOIN entities b ON a.data = b.data WHERE a.id = 'x'",
             role: ADMIN,
-            contains: &["a.\"__struere_raw_id\" = 'x'", "OFFSET 0) b ON a.data = b.data"],
+            contains: &[
+                "a.\"__struere_raw_id\" = 'x'",
+                "OFFSET 0) b ON CASE WHEN a.\"__struere_in_scope\" THEN (a.data = b.data) END",
+            ],
             absent: &["__struere_raw_data\" ="],
         },
     ]);
@@ -240,7 +243,7 @@ fn outer_joins_keep_their_meaning() {
     )
     .unwrap();
     assert!(out.contains("t.\"__struere_raw_id\" = 'y'"), "{out}");
-    assert!(out.contains("OFFSET 0) m ON m.thread_id = t.id"), "{out}");
+    assert!(out.contains("OFFSET 0) m ON CASE WHEN t.\"__struere_in_scope\" THEN (m.thread_id = t.id) END"), "{out}");
     // Raw conditions keep it guarded: a raw column is NULL for null-extended rows too.
     let out = run(
         &admin_dev(),
@@ -298,11 +301,30 @@ fn correlated_and_join_conditions() {
     .unwrap();
     assert!(out.contains("t.\"__struere_raw_id\" = 'x' AND EXISTS"), "{out}");
     assert!(out.contains("m.\"__struere_raw_id\" = 'y'") && !out.contains("OFFSET 0"), "{out}");
-    // A join clause with an unguarded item runs after the guarded scan: left as written.
+    // A join clause with an unguarded item is wrapped too: PostgreSQL may flatten the item into
+    // constants and run the clause at the guarded scan, before a scope rule's semi-join.
     let out =
         run(&admin_dev(), "SELECT 1 FROM entities e JOIN (SELECT 'x' AS k) s ON e.data->>'k' = s.k WHERE e.id = 'x'")
             .unwrap();
-    assert!(out.contains("ON e.data ->> 'k' = s.k WHERE e.\"__struere_raw_id\" = 'x'"), "{out}");
+    assert!(
+        out.contains(
+            "ON CASE WHEN e.\"__struere_in_scope\" THEN (e.data ->> 'k' = s.k) END WHERE e.\"__struere_raw_id\" = 'x'"
+        ),
+        "{out}"
+    );
+    // The red-team case: an agent's messages are scoped by a subquery (their thread).
+    let agent = actor(Environment::Development, &["agent"], "acme-agent-1");
+    let out = run(
+        &agent,
+        "SELECT m.id FROM messages m, (SELECT 0 AS z) v WHERE m.id = 'x' AND 1/(CASE WHEN m.id IS NULL THEN v.z ELSE 1 END) = 1",
+    )
+    .unwrap();
+    assert!(
+        out.contains(
+            "CASE WHEN m.\"__struere_in_scope\" THEN (1 / (CASE WHEN m.id IS NULL THEN v.z ELSE 1 END) = 1) END"
+        ),
+        "{out}"
+    );
     // Unqualified names of several FROM items are not resolved by the analysis: fenced.
     let out = run(
         &admin_dev(),
