@@ -440,8 +440,14 @@ fn check_failures_decode_only_with_this_process_marker() {
     let inner = expr.split('\'').nth(1).unwrap();
     let server = format!("invalid input syntax for type boolean: \"{inner}0.123\"");
     assert_eq!(super::writes::decode_check_failure(&server).as_deref(), Some("refused: nope"));
-    let forged = "invalid input syntax for type boolean: \"struere_check_0000000000000000_6869_0.1\"";
+    let forged = "invalid input syntax for type boolean: \"struere_check_0000000000000000_1_0.1\"";
     assert_eq!(super::writes::decode_check_failure(forged), None);
+    // With the real marker, a client can only name one of the proxy's own messages.
+    let marker = super::writes::check_marker();
+    let forged = format!("invalid input syntax for type boolean: \"{marker}68656c6c6f_\"");
+    assert_ne!(super::writes::decode_check_failure(&forged).as_deref(), Some("hello"));
+    let unknown = format!("invalid input syntax for type boolean: \"{marker}99999999_\"");
+    assert_eq!(super::writes::decode_check_failure(&unknown), None);
 }
 
 #[test]

@@ -26,8 +26,9 @@
 //! ```
 //!
 //! The check is an expression that is `true` or raises an error whose text carries
-//! [`check_marker`] and the refusal message (hex); the session layer turns that error into the
-//! 42501 refusal. The marker holds a per-process random nonce, so client SQL cannot forge one.
+//! [`check_marker`] and the number of the refusal message; the session layer turns that error
+//! into the 42501 refusal. The marker holds a per-process random nonce; a client that learns it
+//! (EXPLAIN of its own write shows it) can only make the proxy show one of its own messages.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
@@ -70,21 +71,62 @@ pub fn check_marker() -> &'static str {
     })
 }
 
-/// An expression that raises an error carrying `message` when evaluated. It is volatile
-/// (`random()`), so PostgreSQL never folds it at plan time: it fails only for a row that
-/// reaches it.
+/// The refusal messages check failures carry, by number. The error text a client can provoke
+/// (or read, e.g. in an EXPLAIN of its own write) holds only the marker and a number, so a
+/// forged marker can only ever bring up one of the proxy's own messages. Messages depend on
+/// tables, actions, roles and column names only, so the registry stays small; past its bound a
+/// generic message is used.
+struct Messages {
+    ids: std::collections::HashMap<String, usize>,
+    texts: Vec<String>,
+}
+
+const MAX_MESSAGES: usize = 100_000;
+const GENERIC_CHECK_MESSAGE: &str =
+    "refused: the written row is outside the caller's scope (WITH CHECK); nothing was written";
+
+fn messages() -> std::sync::MutexGuard<'static, Messages> {
+    static MESSAGES: OnceLock<std::sync::Mutex<Messages>> = OnceLock::new();
+    MESSAGES
+        .get_or_init(|| {
+            std::sync::Mutex::new(Messages {
+                ids: std::collections::HashMap::new(),
+                texts: vec![GENERIC_CHECK_MESSAGE.to_owned()],
+            })
+        })
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn message_id(message: &str) -> usize {
+    let mut m = messages();
+    if let Some(id) = m.ids.get(message) {
+        return *id;
+    }
+    if m.texts.len() >= MAX_MESSAGES {
+        return 0;
+    }
+    let id = m.texts.len();
+    m.texts.push(message.to_owned());
+    m.ids.insert(message.to_owned(), id);
+    id
+}
+
+/// An expression that raises an error carrying `message` (by number) when evaluated. It is
+/// volatile (`random()`), so PostgreSQL never folds it at plan time: it fails only for a row
+/// that reaches it.
 pub fn fail_expr(message: &str) -> String {
-    let text = format!("{}{}_", check_marker(), hex::encode(message.as_bytes()));
+    let text = format!("{}{}_", check_marker(), message_id(message));
     format!("(({} || random()::text)::boolean)", literal(&text))
 }
 
-/// The refusal message carried by a server error raised by [`fail_expr`], if it is one.
+/// The refusal message of a server error raised by [`fail_expr`], if it is one.
 pub fn decode_check_failure(server_message: &str) -> Option<String> {
     let marker = check_marker();
     let start = server_message.find(marker)? + marker.len();
     let rest = server_message.get(start..)?;
-    let hex_part = rest.split('_').next()?;
-    String::from_utf8(hex::decode(hex_part).ok()?).ok()
+    let id: usize = rest.split('_').next()?.parse().ok()?;
+    messages().texts.get(id).cloned()
 }
 
 /// `true` when every condition holds; otherwise an error with the first failing one's message.
