@@ -303,3 +303,26 @@ async fn a_client_condition_never_outruns_a_scope_subquery() {
 fn dump_rows(msgs: &[tokio_postgres::SimpleQueryMessage]) -> usize {
     msgs.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count()
 }
+
+#[tokio::test]
+async fn another_tenants_scratch_sequences_are_out_of_reach() {
+    let f = fixture();
+    let acme = f.dev().await;
+    acme.batch_execute("CREATE TABLE IF NOT EXISTS seq_probe (id serial, note text)").await.unwrap();
+    let schema: String = acme
+        .query_one("SELECT table_schema::text FROM information_schema.tables WHERE table_name = 'seq_probe'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let own: i64 = acme.query_one("SELECT nextval('seq_probe_id_seq')", &[]).await.unwrap().get(0);
+    assert!(own >= 1);
+    let globex = f.as_actor("globex", Environment::Development, "admin", ActorType::User, "globex-admin").await;
+    for sql in [
+        format!("SELECT nextval('{schema}.seq_probe_id_seq')"),
+        format!("SELECT currval('\"{schema}\".seq_probe_id_seq'::regclass)"),
+        "SELECT last_value FROM pg_sequences".to_owned(),
+    ] {
+        let e = globex.simple_query(&sql).await.unwrap_err();
+        assert_eq!(code(&e), "42501", "{sql}: {e:?}");
+    }
+}

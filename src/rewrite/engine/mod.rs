@@ -113,6 +113,14 @@ impl StatementPolicy for PolicyEngine {
             explain_output_ok(e)?;
         }
         for (n, ..) in node.nodes() {
+            // nextval/currval only on sequences of the caller's own scratch schema or shared
+            // schemas (another tenant's scratch sequence would be advanced or read).
+            if let pg_query::NodeRef::FuncCall(f) = n
+                && matches!(string_list(&f.funcname).as_slice(), [n] | [_, n] if n == "nextval" || n == "currval")
+            {
+                sequence_allowed(f.args.first(), actor)?;
+                continue;
+            }
             // Every pg_notify that reaches the server sends on the caller's own namespace.
             if let pg_query::NodeRef::FuncCall(f) = n
                 && walk::is_pg_notify(&string_list(&f.funcname))
@@ -408,6 +416,78 @@ fn explain_options(options: &mut Option<Vec<sqlparser::ast::UtilityOption>>) -> 
         list.push(UtilityOption { name: Ident::new("COSTS"), arg: Some(Expr::Identifier(Ident::new("OFF"))) });
     }
     Ok(())
+}
+
+/// A sequence argument (`'name'` or `'name'::regclass`) names a sequence outside other tenants'
+/// scratch schemas and the proxy's schema; anything not a constant is refused.
+fn sequence_allowed(arg: Option<&pg_query::protobuf::Node>, actor: &ActorContext) -> Result<(), Refusal> {
+    use pg_query::NodeEnum as N;
+    let refused = |why: &str| Refusal::Unverifiable(format!("refused: nextval/currval {why}"));
+    let constant = |n: Option<&N>| match n {
+        Some(N::AConst(c)) => match &c.val {
+            Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    let node = arg.and_then(|a| a.node.as_ref());
+    let text = match node {
+        Some(N::TypeCast(t)) => constant(t.arg.as_deref().and_then(|a| a.node.as_ref())),
+        other => constant(other),
+    }
+    .ok_or_else(|| refused("needs the sequence name as a constant"))?;
+    let parts = split_qualified(&text).ok_or_else(|| refused("needs a plain sequence name"))?;
+    match parts.as_slice() {
+        [_] => Ok(()),
+        [schema, _] => {
+            let other_scratch = schema.starts_with(SCRATCH_PREFIX) && *schema != scratch_schema(actor);
+            if other_scratch || schema == crate::auth::store::PROXY_SCHEMA {
+                Err(refused(&format!("may not use a sequence of schema {schema}")))
+            } else {
+                Ok(())
+            }
+        }
+        _ => Err(refused("needs a plain sequence name")),
+    }
+}
+
+/// `a.b` / `"A"."b.c"` as PostgreSQL reads a qualified name in text (unquoted parts folded).
+fn split_qualified(text: &str) -> Option<Vec<String>> {
+    let mut parts = Vec::new();
+    let mut chars = text.trim().chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next()? {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    '"' => break,
+                    c => part.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.peek().copied() {
+                if c == '.' {
+                    break;
+                }
+                part.push(c.to_ascii_lowercase());
+                chars.next();
+            }
+            if part.is_empty() {
+                return None;
+            }
+        }
+        parts.push(part);
+        match chars.next() {
+            None => return Some(parts),
+            Some('.') => continue,
+            Some(_) => return None,
+        }
+    }
 }
 
 /// What reaches the server as EXPLAIN executes nothing and shows no estimates.

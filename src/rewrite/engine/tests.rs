@@ -99,6 +99,7 @@ pub(crate) fn demo_catalog() -> CatalogSnapshot {
         ("to_jsonb", 's'),
         ("jsonb_set", 'i'),
         ("nextval", 'v'),
+        ("currval", 'v'),
     ] {
         c.functions.insert(
             name.into(),
@@ -526,4 +527,20 @@ fn explain_options_cannot_analyze_and_never_show_estimates() {
     assert!(out.starts_with("EXPLAIN (FORMAT JSON, VERBOSE, COSTS OFF) SELECT"), "{out}");
     let out = run(&admin_dev(), "EXPLAIN (COSTS false) SELECT 1").unwrap();
     assert!(out.starts_with("EXPLAIN (COSTS false) SELECT"), "{out}");
+}
+
+#[test]
+fn sequences_of_other_tenants_scratch_schemas_are_out_of_reach() {
+    let own = super::scratch_schema(&admin_dev());
+    run(&admin_dev(), "SELECT nextval('entities_id_seq'), currval('public.entities_id_seq')").unwrap();
+    run(&admin_dev(), &format!("SELECT nextval('{own}.notes_id_seq'::regclass)")).unwrap();
+    for sql in [
+        "SELECT nextval('scratch_0123456789.notes_id_seq')",
+        "SELECT currval('\"scratch_0123456789\".notes_id_seq'::regclass)",
+        "SELECT nextval('struere.api_keys_id_seq')",
+        "SELECT nextval(name) FROM (SELECT 'x' AS name) s",
+        "SELECT * FROM pg_sequences",
+    ] {
+        assert!(run(&admin_dev(), sql).is_err(), "{sql}");
+    }
 }

@@ -47,6 +47,8 @@ const HIDDEN_CATALOG_RELATIONS: &[&str] = &[
     "pg_stat_subscription",
     "pg_subscription",
     "pg_backend_memory_contexts",
+    // last_value of every sequence: other tenants' scratch sequences and the proxy's own.
+    "pg_sequences",
 ];
 
 /// Folds an identifier as PostgreSQL does: unquoted → lower case.
