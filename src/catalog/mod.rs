@@ -54,6 +54,17 @@ pub struct Relation {
     pub primary_key: Vec<String>,
     /// An inheritance child or a partition of another relation.
     pub is_child: bool,
+    /// Foreign keys of this relation.
+    pub foreign_keys: Vec<ForeignKey>,
+}
+
+/// `columns` of a relation reference `ref_columns` of `ref_schema.ref_table`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignKey {
+    pub columns: Vec<String>,
+    pub ref_schema: String,
+    pub ref_table: String,
+    pub ref_columns: Vec<String>,
 }
 
 impl Relation {
@@ -70,6 +81,7 @@ impl Relation {
                 .collect(),
             primary_key: vec!["id".into()],
             is_child: false,
+            foreign_keys: Vec::new(),
         }
     }
 
@@ -137,6 +149,17 @@ SELECT n.nspname, p.proname, p.proleakproof, p.provolatile::text \
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
 WHERE n.nspname NOT IN ('information_schema') AND n.nspname NOT LIKE 'pg_temp%'";
 
+const FOREIGN_KEYS_SQL: &str = "\
+SELECT n.nspname, c.relname, rn.nspname, r.relname, \
+       (SELECT array_agg(a.attname::text ORDER BY k.i) FROM unnest(con.conkey) WITH ORDINALITY AS k(att, i) \
+        JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.att), \
+       (SELECT array_agg(a.attname::text ORDER BY k.i) FROM unnest(con.confkey) WITH ORDINALITY AS k(att, i) \
+        JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.att) \
+FROM pg_constraint con \
+JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+JOIN pg_class r ON r.oid = con.confrelid JOIN pg_namespace rn ON rn.oid = r.relnamespace \
+WHERE con.contype = 'f'";
+
 const OPERATORS_SQL: &str = "\
 SELECT o.oprname, o.oprleft, o.oprright, p.proleakproof FROM pg_operator o JOIN pg_proc p ON p.oid = o.oprcode";
 
@@ -162,6 +185,7 @@ pub async fn load(client: &tokio_postgres::Client) -> Result<CatalogSnapshot, to
             columns,
             primary_key: row.try_get(7)?,
             is_child: row.try_get(8)?,
+            foreign_keys: Vec::new(),
         };
         snap.relations.insert((rel.schema.clone(), rel.name.clone()), rel);
     }
@@ -173,6 +197,18 @@ pub async fn load(client: &tokio_postgres::Client) -> Result<CatalogSnapshot, to
             volatility: row.try_get::<_, String>(3)?.chars().next().unwrap_or('v'),
         };
         snap.functions.entry(f.name.clone()).or_default().push(f);
+    }
+    for row in client.query(FOREIGN_KEYS_SQL, &[]).await? {
+        let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
+        let fk = ForeignKey {
+            ref_schema: row.try_get(2)?,
+            ref_table: row.try_get(3)?,
+            columns: row.try_get::<_, Option<Vec<String>>>(4)?.unwrap_or_default(),
+            ref_columns: row.try_get::<_, Option<Vec<String>>>(5)?.unwrap_or_default(),
+        };
+        if let Some(rel) = snap.relations.get_mut(&key) {
+            rel.foreign_keys.push(fk);
+        }
     }
     for row in client.query(OPERATORS_SQL, &[]).await? {
         snap.operators.insert((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?), row.try_get(3)?);

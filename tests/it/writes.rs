@@ -361,3 +361,57 @@ async fn parameters_keep_their_column_types_and_refused_writes_name_the_reason()
     let e = a.copy_in::<_, bytes::Bytes>("COPY entities FROM STDIN").await.err().expect("COPY FROM refused");
     assert_eq!(code(&e), "42501");
 }
+
+#[tokio::test]
+async fn rows_refer_only_to_rows_of_the_callers_organization_and_environment() {
+    let (org, admin) = organization().await;
+    admin
+        .execute("INSERT INTO agents (id, organization_id, slug, name) VALUES ($1 || '-agent', $1, 'a', 'A')", &[&org])
+        .await
+        .unwrap();
+    let a = client(&org, Environment::Development, "admin", "a1").await;
+    let own_agent = format!("{org}-agent");
+    // Another organization's agent, and an agent that exists nowhere: the same refusal, so the
+    // foreign key tells nothing about other tenants' ids.
+    let mut messages = Vec::new();
+    for agent in ["globex-agent-1", "no-such-agent"] {
+        let e = a
+            .execute("INSERT INTO threads (id, agent_id) VALUES ($1, $2)", &[&format!("{org}-th-{agent}"), &agent])
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "42501", "{agent}: {e:?}");
+        messages.push(message(&e));
+    }
+    assert_eq!(messages[0], messages[1]);
+    assert!(messages[0].contains("agent_id of threads must refer to a row of agents"), "{messages:?}");
+    a.execute("INSERT INTO threads (id, agent_id) VALUES ($1, $2)", &[&format!("{org}-th-1"), &own_agent])
+        .await
+        .unwrap();
+    let e = a
+        .execute("UPDATE threads SET agent_id = 'globex-agent-1' WHERE id = $1", &[&format!("{org}-th-1")])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "42501");
+    // Another environment's thread of the same organization.
+    admin
+        .execute(
+            "INSERT INTO threads (id, organization_id, environment, agent_id) VALUES ($1 || '-prod-th', $1, 'production', $1 || '-agent')",
+            &[&org],
+        )
+        .await
+        .unwrap();
+    let e = a
+        .execute(
+            "INSERT INTO messages (id, thread_id, role, content) VALUES ($1, $2, 'user', 'x')",
+            &[&format!("{org}-m1"), &format!("{org}-prod-th")],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "42501");
+    let n: i64 = admin
+        .query_one("SELECT count(*) FROM threads WHERE agent_id = 'globex-agent-1' AND organization_id = $1", &[&org])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}

@@ -77,6 +77,14 @@ pub(crate) fn demo_catalog() -> CatalogSnapshot {
         for col in &mut r.columns {
             col.type_oid = type_oid(&col.type_name);
         }
+        if r.name == "threads" {
+            r.foreign_keys.push(crate::catalog::ForeignKey {
+                columns: vec!["agent_id".into()],
+                ref_schema: "public".into(),
+                ref_table: "agents".into(),
+                ref_columns: vec!["id".into()],
+            });
+        }
         c.relations.insert((r.schema.clone(), r.name.clone()), r);
     }
     // Comparison operators as PostgreSQL 15 marks them: leakproof for text, timestamptz and
@@ -543,4 +551,19 @@ fn sequences_of_other_tenants_scratch_schemas_are_out_of_reach() {
     ] {
         assert!(run(&admin_dev(), sql).is_err(), "{sql}");
     }
+}
+
+#[test]
+fn written_references_must_stay_in_the_tenant() {
+    let out = run(&admin_dev(), "INSERT INTO threads (id, agent_id) VALUES ('t', $1)").unwrap();
+    assert!(
+        out.contains("\"__struere_s\".\"agent_id\") IS NULL OR EXISTS (SELECT 1 FROM \"public\".\"agents\" AS"),
+        "{out}"
+    );
+    assert!(out.contains(".\"organization_id\" = 'acme')"), "{out}");
+    // Not written, not checked.
+    let out = run(&admin_dev(), "UPDATE threads SET user_id = 'u' WHERE id = 't'").unwrap();
+    assert!(!out.contains("\"agents\""), "{out}");
+    let out = run(&admin_dev(), "UPDATE threads SET agent_id = 'a' WHERE id = 't'").unwrap();
+    assert!(out.contains("FROM \"public\".\"agents\" AS"), "{out}");
 }

@@ -426,14 +426,58 @@ impl<'c, 'a> Target<'c, 'a> {
             sets.push((col.name.clone(), new));
         }
         let row = RowRef::Values { values: &new_values, fallback: Some(TARGET), unknown: &unknown };
-        let scope = self.ctx.scope_predicate(self.spec, &row, access)?;
-        if let (Some(check), Some(first)) = (
-            check_all(scope.into_iter().map(|p| (p, message.to_owned())).collect()),
-            sets.iter_mut().find(|(_, v)| v != "DEFAULT"),
-        ) {
+        let mut conds: Vec<(String, String)> =
+            self.ctx.scope_predicate(self.spec, &row, access)?.into_iter().map(|p| (p, message.to_owned())).collect();
+        conds.extend(self.reference_checks(&row, |c| new_values.contains_key(c) || unknown.contains(c))?);
+        if let (Some(check), Some(first)) = (check_all(conds), sets.iter_mut().find(|(_, v)| v != "DEFAULT")) {
             first.1 = format!("CASE WHEN {check} THEN {} END", first.1);
         }
         Ok(sets)
+    }
+
+    /// Foreign keys of the target that reference a managed table: a written row may only refer
+    /// to rows of the caller's own organization and environment. (PostgreSQL checks foreign keys
+    /// across all rows: without this, a tenant could attach rows to another tenant's, blocking
+    /// its deletes, and learn which ids exist elsewhere.) `written(col)`: the statement sets col.
+    fn reference_checks(&self, row: &RowRef, written: impl Fn(&str) -> bool) -> Result<Vec<(String, String)>, String> {
+        let Some(rel) = self.ctx.catalog.relation(&self.spec.schema, &self.spec.name) else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for fk in &rel.foreign_keys {
+            let Some(target) = self.ctx.set.tables.table(&fk.ref_schema, &fk.ref_table) else { continue };
+            if !fk.columns.iter().any(|c| written(c)) || fk.columns.len() != fk.ref_columns.len() {
+                continue;
+            }
+            let alias = self.ctx.alias();
+            let tenant = self.ctx.tenant_predicate(target, &alias);
+            if tenant.is_empty() {
+                continue;
+            }
+            let mut nulls = Vec::new();
+            let mut matches = Vec::new();
+            for (c, r) in fk.columns.iter().zip(&fk.ref_columns) {
+                let v = row.col(c)?;
+                nulls.push(format!("{v} IS NULL"));
+                matches.push(format!("{}.{} = {v}", ident(&alias), ident(r)));
+            }
+            matches.extend(tenant);
+            out.push((
+                format!(
+                    "{} OR EXISTS (SELECT 1 FROM {}.{} AS {} WHERE {})",
+                    nulls.join(" OR "),
+                    ident(&target.schema),
+                    ident(&target.name),
+                    ident(&alias),
+                    matches.join(" AND ")
+                ),
+                format!(
+                    "refused: {} of {} must refer to a row of {} in the caller's organization and environment",
+                    fk.columns.join(", "),
+                    self.spec.name,
+                    target.name
+                ),
+            ));
+        }
+        Ok(out)
     }
 
     fn scope_message(&self, action: Action) -> String {
@@ -761,6 +805,13 @@ pub fn insert(t: &Target, ins: &mut Insert) -> Result<Statement, String> {
     if let Some(scope) = t.ctx.scope_predicate(t.spec, &row, &access)? {
         conds.push((scope, t.scope_message(Action::Insert)));
     }
+    // Keys whose columns are all supplied (the others take their defaults).
+    let supplied = |c: &str| values.contains_key(c);
+    let all_supplied = |cols: &[String]| cols.iter().all(|c| supplied(c));
+    let keys = t.ctx.catalog.relation(&t.spec.schema, &t.spec.name).map(|r| r.foreign_keys.clone()).unwrap_or_default();
+    let complete: BTreeSet<String> =
+        keys.iter().filter(|fk| all_supplied(&fk.columns)).flat_map(|fk| fk.columns.clone()).collect();
+    conds.extend(t.reference_checks(&row, |c| complete.contains(c))?);
     let check = check_all(conds).map(|c| format!(" WHERE {c}")).unwrap_or_default();
     let mut slots = Vec::new();
     let on_conflict = match ins.on.take() {
