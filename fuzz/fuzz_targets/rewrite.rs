@@ -24,7 +24,7 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use sqlparser::ast::Statement;
 use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
-use struere_proxy::catalog::{CatalogSnapshot, Column, Function, RelKind, Relation};
+use struere_proxy::catalog::{CatalogSnapshot, Column, ForeignKey, Function, RelKind, Relation};
 use struere_proxy::rewrite::engine::PolicyEngine;
 use struere_proxy::rewrite::{Refusal, Rewriter, StatementPolicy};
 
@@ -62,10 +62,22 @@ fn table(name: &str, cols: &[(&str, &str)]) -> Relation {
         kind: RelKind::Table,
         columns: cols
             .iter()
-            .map(|(n, t)| Column { name: (*n).into(), type_name: (*t).into(), type_oid: 0, not_null: false })
+            .map(|(n, t)| Column { name: (*n).into(), type_name: (*t).into(), type_oid: type_oid(t), not_null: false })
             .collect(),
         primary_key: vec!["id".into()],
         is_child: false,
+        foreign_keys: Vec::new(),
+    }
+}
+
+/// Type OIDs as PostgreSQL's, so guarded relations (leakproof comparisons) are exercised.
+fn type_oid(name: &str) -> u32 {
+    match name {
+        "boolean" => 16,
+        "text" => 25,
+        "jsonb" => 3802,
+        "timestamp with time zone" => 1184,
+        _ => 0,
     }
 }
 
@@ -90,13 +102,28 @@ fn demo_catalog() -> CatalogSnapshot {
         table("messages", &with(&[("thread_id", "text"), ("role", "text"), ("content", "text"), ("created_at", ts)])),
         table("trigger_runs", &with(&[("trigger", "text"), ("status", "text"), ("started_at", ts)])),
     ];
-    for r in rels {
+    for mut r in rels {
+        if r.name == "threads" {
+            r.foreign_keys.push(ForeignKey {
+                columns: vec!["agent_id".into()],
+                ref_schema: "public".into(),
+                ref_table: "agents".into(),
+                ref_columns: vec!["id".into()],
+            });
+        }
         c.relations.insert((r.schema.clone(), r.name.clone()), r);
+    }
+    // Comparison operators as PostgreSQL 15 marks them: leakproof for text, timestamptz and
+    // boolean, not for jsonb.
+    for (ty, leakproof) in [(25, true), (1184, true), (16, true), (3802, false)] {
+        for op in ["=", "<>", "<", "<=", ">", ">="] {
+            c.operators.insert((op.into(), ty, ty), leakproof);
+        }
     }
     let mut pg_class = table("pg_class", &[("oid", "oid"), ("relname", "name")]);
     pg_class.schema = "pg_catalog".into();
     c.relations.insert(("pg_catalog".into(), "pg_class".into()), pg_class);
-    for (name, vol) in [("lower", 'i'), ("count", 'i'), ("now", 's'), ("pg_sleep", 'v'), ("jsonb_build_object", 's'), ("to_jsonb", 's')] {
+    for (name, vol) in [("lower", 'i'), ("count", 'i'), ("now", 's'), ("pg_sleep", 'v'), ("jsonb_build_object", 's'), ("to_jsonb", 's'), ("jsonb_set", 'i'), ("nextval", 'v'), ("currval", 'v')] {
         c.functions.insert(
             name.into(),
             vec![Function { schema: "pg_catalog".into(), name: name.into(), leakproof: false, volatility: vol }],

@@ -326,3 +326,27 @@ async fn another_tenants_scratch_sequences_are_out_of_reach() {
         assert_eq!(code(&e), "42501", "{sql}: {e:?}");
     }
 }
+
+#[tokio::test]
+async fn a_parameter_declared_with_another_type_converts_once_whatever_the_data() {
+    // Found by red-teaming: `created_at = $1` with `$1` declared text is converted at run time
+    // under a generic plan; evaluated per row (before the thread scope's semi-join), its error
+    // told whether an out-of-scope message passed the client's raw conditions.
+    let f = fixture();
+    let a = f.as_actor("acme", Environment::Development, "agent", ActorType::Agent, "acme-agent-1").await;
+    let mut outcomes = Vec::new();
+    for (i, bound) in ["MESSAGE 2 in acme-agent-2-development-thread-1", "MESSAGE 9"].iter().enumerate() {
+        a.batch_execute(&format!(
+            "PREPARE probe{i}(text) AS SELECT m.id FROM messages m \
+             WHERE m.id > 'acme-agent-2' AND m.id < 'acme-agent-3' AND m.content >= '{bound}' AND m.created_at = $1"
+        ))
+        .await
+        .unwrap();
+        for _ in 0..6 {
+            a.batch_execute(&format!("EXECUTE probe{i}('2020-01-01')")).await.unwrap();
+        }
+        let r = a.simple_query(&format!("EXECUTE probe{i}('garbage')")).await;
+        outcomes.push(r.map(|m| m.len()).map_err(|e| code(&e)));
+    }
+    assert_eq!(outcomes[0], outcomes[1], "the same answer whether an out-of-scope row matches or not");
+}

@@ -431,6 +431,31 @@ impl<'a> Tracker<'a> {
         if failed.is_some() || at != decisions.len() {
             return Err("internal error: the guarded conditions changed under the proxy".to_owned());
         }
+        // Conversions of the client's values that raw conditions compare with run once, up front,
+        // whatever the data: a `$n` declared with another type than the column's is converted
+        // at run time under a generic plan, and evaluated per row (in a filter, after the cheap
+        // conditions and before a scope rule's semi-join) its error would tell whether an
+        // out-of-scope row passed the raw conditions (found by red-teaming: a binary search read
+        // whole values). `num_nulls(…) >= 0` is always true and has no columns, so PostgreSQL
+        // makes it a one-time filter evaluated before any row is read (and folds it away for
+        // constants).
+        let mut casts = Vec::new();
+        for d in &decisions {
+            if let Decision::Raw(e) = d {
+                let _ = e.visit(&mut CastCollector(&mut casts));
+            }
+        }
+        if !casts.is_empty() {
+            let gate = conversion_gate(casts)?;
+            select.selection = Some(match select.selection.take() {
+                Some(w) => Expr::BinaryOp {
+                    left: Box::new(Expr::Nested(Box::new(w))),
+                    op: BinaryOperator::And,
+                    right: Box::new(gate),
+                },
+                None => gate,
+            });
+        }
         expand_projection(select, &cands, &live);
         Ok(())
     }
@@ -1143,6 +1168,58 @@ fn cast_param(e: &Expr, ty: u32) -> Option<Expr> {
         data_type: DataType::Custom(ObjectName::from(vec![Ident::new("pg_catalog"), Ident::new(name)]), vec![]),
         format: None,
     })
+}
+
+/// Row-independent casts (of the client's parameters and literals) in a raw condition.
+struct CastCollector<'c>(&'c mut Vec<Expr>);
+
+impl Visitor for CastCollector<'_> {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> std::ops::ControlFlow<()> {
+        if let Expr::Cast { expr, .. } = e {
+            let mut columns = false;
+            let _ = expr.visit(&mut ColumnFinder(&mut columns));
+            if !columns && !self.0.contains(e) {
+                self.0.push(e.clone());
+            }
+        }
+        std::ops::ControlFlow::Continue(())
+    }
+}
+
+struct ColumnFinder<'c>(&'c mut bool);
+
+impl Visitor for ColumnFinder<'_> {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> std::ops::ControlFlow<()> {
+        if matches!(e, Expr::Identifier(_) | Expr::CompoundIdentifier(_)) {
+            *self.0 = true;
+            return std::ops::ControlFlow::Break(());
+        }
+        std::ops::ControlFlow::Continue(())
+    }
+}
+
+/// `num_nulls(<casts>) >= 0`.
+fn conversion_gate(casts: Vec<Expr>) -> Result<Expr, String> {
+    let q = parse_query("SELECT num_nulls(NULL) >= 0")?;
+    let SetExpr::Select(s) = *q.body else { return Err("internal error: conversion gate".to_owned()) };
+    let Some(SelectItem::UnnamedExpr(mut gate)) = s.projection.into_iter().next() else {
+        return Err("internal error: conversion gate".to_owned());
+    };
+    if let Expr::BinaryOp { left, .. } = &mut gate
+        && let Expr::Function(f) = left.as_mut()
+        && let sqlparser::ast::FunctionArguments::List(list) = &mut f.args
+    {
+        list.args = casts
+            .into_iter()
+            .map(|c| sqlparser::ast::FunctionArg::Unnamed(sqlparser::ast::FunctionArgExpr::Expr(c)))
+            .collect();
+        return Ok(gate);
+    }
+    Err("internal error: conversion gate".to_owned())
 }
 
 fn wrap(conjunct: Expr, aliases: &[Ident]) -> Expr {
