@@ -30,13 +30,20 @@ def start_demo():
     proc = subprocess.Popen(
         [os.path.join(ROOT, "target/release/struere-proxy"), "demo", "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE, text=True, env=env)
+    # The demo's stdout format: UPSTREAM, LISTEN, KEY <env> <org> <role> <actor> <key>, OPERATOR,
+    # psql commands, READY.
     info = {}
     for line in proc.stdout:
-        parts = line.split(None, 1)
-        if len(parts) == 2:
-            info[parts[0]] = parts[1].strip()
-        if parts and parts[0] == "OPS":
+        line = line.strip()
+        if line == "READY":
             break
+        parts = line.split()
+        if parts[:1] == ["KEY"] and len(parts) == 6 and parts[1:4] == ["development", "acme", "admin"]:
+            info["DEV_KEY"] = parts[5]
+        elif parts[:1] in (["UPSTREAM"], ["LISTEN"], ["OPERATOR"]) and len(parts) == 2:
+            info[parts[0]] = parts[1]
+        elif parts and parts[0].endswith("/psql"):
+            info.setdefault("PSQL", parts[0])
     return proc, info
 
 
@@ -100,12 +107,12 @@ def main():
 
     proc, info = start_demo()
     try:
-        host, port = info["PROXY"].rsplit(":", 1)
+        host, port = info["LISTEN"].rsplit(":", 1)
         upstream = info["UPSTREAM"]
         m = re.match(r"postgres://([^:]+):([^@]+)@([^:/]+):(\d+)/(\w+)", upstream)
         direct = f"host={m.group(3)} port={m.group(4)} user={m.group(1)} password={m.group(2)} dbname={m.group(5)} sslmode=disable"
         via = lambda key: f"host={host} port={port} user=bench password={key} dbname=app sslmode=disable"
-        pgb = os.path.join(os.path.dirname(info["DEV"].split()[0]), "pgbench")
+        pgb = os.path.join(os.path.dirname(info["PSQL"]), "pgbench")
         script = tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False)
         script.write("SELECT 1;\n")
         script.close()

@@ -29,12 +29,40 @@ REVOKE EXECUTE ON FUNCTION pg_catalog.query_to_xml(text, boolean, boolean, text)
 REVOKE EXECUTE ON FUNCTION pg_catalog.query_to_xmlschema(text, boolean, boolean, text) FROM PUBLIC; \
 REVOKE EXECUTE ON FUNCTION pg_catalog.query_to_xml_and_xmlschema(text, boolean, boolean, text) FROM PUBLIC;";
 
+/// One demo key: an actor of the demo domain.
+#[derive(Debug, Clone)]
+pub struct DemoKey {
+    pub environment: Environment,
+    pub organization: String,
+    pub role: String,
+    pub actor_type: ActorType,
+    pub actor_id: String,
+    pub secret: String,
+}
+
+/// The demo organizations (seed.sql).
+pub const DEMO_ORGANIZATIONS: &[&str] = &["acme", "globex"];
+
+/// Who holds each demo role: seeded `users` rows for teachers and guardians, `agents` rows for
+/// agents; administrators (and any other role a policy set adds) are system actors.
+fn demo_actor(org: &str, role: &str) -> (ActorType, String) {
+    match role {
+        "teacher" => (ActorType::User, format!("{org}-teacher-1")),
+        "guardian" => (ActorType::User, format!("{org}-guardian-1")),
+        "agent" => (ActorType::Agent, format!("{org}-agent-1")),
+        other => (ActorType::System, format!("{org}-{other}")),
+    }
+}
+
 /// A running demo: keep it alive to keep everything up; drop it to remove everything.
 pub struct Demo {
     pub proxy: RunningProxy,
+    /// acme's development and production administrators (what tests and benches use).
     pub dev_key: String,
     pub prod_key: String,
     pub operator_key: String,
+    /// One key per role × organization × environment.
+    pub keys: Vec<DemoKey>,
     // Field order matters: the proxy stops before the cluster it talks to.
     _tls_dir: tempfile::TempDir,
     pub cluster: TempCluster,
@@ -91,19 +119,46 @@ impl Demo {
 
         let admin = store::connect_admin(&admin_url).await?;
         store::init_schema(&admin).await?;
-        let mk = |env: Environment, id: &str| KeySpec {
-            name: format!("demo-{}", env.as_str()),
-            actor: Some(ActorContext {
-                organization: "acme".to_owned(),
-                environment: env,
-                roles: vec!["admin".to_owned()],
-                actor_type: ActorType::User,
-                actor_id: id.to_owned(),
-            }),
-            expires_in: None,
+        let policies = match &settings.policies {
+            Some(dir) => crate::policy::load_dir(dir)?,
+            None => crate::policy::shipped()?,
         };
-        let dev_key = store::create_key(&admin, &mk(Environment::Development, "demo-dev")).await?.secret;
-        let prod_key = store::create_key(&admin, &mk(Environment::Production, "demo-prod")).await?.secret;
+        let mut keys = Vec::new();
+        for env in [Environment::Development, Environment::Production] {
+            for org in DEMO_ORGANIZATIONS {
+                for role in policies.for_env(env).roles.keys() {
+                    let (actor_type, actor_id) = demo_actor(org, role);
+                    let spec = KeySpec {
+                        name: format!("demo-{}-{org}-{role}", env.as_str()),
+                        actor: Some(ActorContext {
+                            organization: (*org).to_owned(),
+                            environment: env,
+                            roles: vec![role.clone()],
+                            actor_type,
+                            actor_id: actor_id.clone(),
+                        }),
+                        expires_in: None,
+                    };
+                    let secret = store::create_key(&admin, &spec).await?.secret;
+                    keys.push(DemoKey {
+                        environment: env,
+                        organization: (*org).to_owned(),
+                        role: role.clone(),
+                        actor_type,
+                        actor_id,
+                        secret,
+                    });
+                }
+            }
+        }
+        let admin_of = |env: Environment| {
+            keys.iter()
+                .find(|k| k.environment == env && k.organization == "acme" && k.role == "admin")
+                .map(|k| k.secret.clone())
+                .ok_or_else(|| format!("the {} policy set has no admin role for the demo", env.as_str()))
+        };
+        let dev_key = admin_of(Environment::Development)?;
+        let prod_key = admin_of(Environment::Production)?;
         let operator_key =
             store::create_key(&admin, &KeySpec { name: "demo-operator".into(), actor: None, expires_in: None })
                 .await?
@@ -114,33 +169,45 @@ impl Demo {
             // The default port is taken (another proxy, a real PgBouncer): any free port will do.
             Err(_) => RunningProxy::start(Settings { listen: "127.0.0.1:0".to_owned(), ..settings }).await?,
         };
-        Ok(Demo { proxy, dev_key, prod_key, operator_key, _tls_dir: tls_dir, cluster })
+        Ok(Demo { proxy, dev_key, prod_key, operator_key, keys, _tls_dir: tls_dir, cluster })
     }
 
-    /// The lines a newcomer pastes. One `NAME value` per line, so scripts can grep them.
+    /// What the demo prints on stdout, one item per line (scripts rely on this format):
+    /// `UPSTREAM <owner URL>`, `LISTEN <host:port>`, `KEY <environment> <organization> <role>
+    /// <actor_type>:<actor_id> <key>` for every key, `OPERATOR <key>`, ready-to-paste psql
+    /// commands, and `READY` last.
     pub fn banner(&self) -> String {
         let addr = self.proxy.addr;
         let url = |user: &str, key: &str| format!("postgres://{user}:{key}@{addr}/{APP_DATABASE}?sslmode=require");
         let psql = self.cluster.bin_dir().join("psql");
         let psql = psql.display();
-        [
-            "struere-proxy demo: a throwaway PostgreSQL behind the proxy; Ctrl-C removes everything.".to_owned(),
-            format!("PROXY      {addr}"),
-            // The throwaway cluster's owner URL, for comparisons against direct PostgreSQL.
-            format!("UPSTREAM   {}", self.cluster.admin_url(APP_DATABASE)),
-            format!("DEV_KEY    {}", self.dev_key),
-            format!("PROD_KEY   {}", self.prod_key),
-            format!("OPERATOR   {}", self.operator_key),
-            format!("DEV        {psql} \"{}\"", url("dev", &self.dev_key)),
-            format!("PROD       {psql} \"{}\"", url("prod", &self.prod_key)),
-            format!("OPS        {psql} \"{}\"", url("ops", &self.operator_key)),
-        ]
-        .join("\n")
+        let mut lines = vec![format!("UPSTREAM {}", self.cluster.admin_url(APP_DATABASE)), format!("LISTEN {addr}")];
+        for k in &self.keys {
+            lines.push(format!(
+                "KEY {} {} {} {}:{} {}",
+                k.environment.as_str(),
+                k.organization,
+                k.role,
+                k.actor_type.as_str(),
+                k.actor_id,
+                k.secret
+            ));
+        }
+        lines.push(format!("OPERATOR {}", self.operator_key));
+        // acme's keys, ready to paste (the user name is only a label).
+        for k in self.keys.iter().filter(|k| k.organization == "acme") {
+            let user = format!("{}-{}", k.role, k.environment.as_str());
+            lines.push(format!("{psql} \"{}\"", url(&user, &k.secret)));
+        }
+        lines.push(format!("{psql} \"{}\"", url("operator", &self.operator_key)));
+        lines.push("READY".to_owned());
+        lines.join("\n")
     }
 }
 
 pub async fn run(overrides: RawConfig) -> AppResult<()> {
     let demo = Demo::start(overrides).await?;
+    eprintln!("struere-proxy demo: a throwaway PostgreSQL behind the proxy; Ctrl-C removes everything.");
     println!("{}", demo.banner());
     wait_for_signal().await;
     eprintln!("stopping: removing the throwaway cluster");

@@ -111,21 +111,54 @@ fn demo_prints_keys_serves_and_cleans_up() {
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let mut banner = std::collections::HashMap::new();
+    let mut keys = Vec::new();
+    let mut commands = Vec::new();
     for line in lines.by_ref() {
         let line = line.unwrap();
-        if let Some((k, v)) = line.split_once(char::is_whitespace) {
-            banner.insert(k.to_owned(), v.trim().to_owned());
-        }
-        if line.starts_with("OPS") {
+        if line == "READY" {
             break;
         }
+        match line.split_once(' ') {
+            Some(("KEY", rest)) => keys.push(rest.split(' ').map(str::to_owned).collect::<Vec<_>>()),
+            Some((k @ ("UPSTREAM" | "LISTEN" | "OPERATOR"), v)) => {
+                banner.insert(k.to_owned(), v.to_owned());
+            }
+            _ => commands.push(line),
+        }
     }
-    let dev = banner["DEV"].clone();
-    // "<psql path> "<url>"": run exactly what the banner says to paste, with a query.
-    let (psql, url) = dev.split_once(' ').unwrap();
+    // One key per role × organization × environment: `<env> <org> <role> <type>:<id> <key>`.
+    assert!(keys.iter().all(|k| k.len() == 5), "{keys:?}");
+    for env in ["development", "production"] {
+        for org in ["acme", "globex"] {
+            for role in ["admin", "teacher", "guardian", "agent"] {
+                assert!(
+                    keys.iter().any(|k| k[0] == env && k[1] == org && k[2] == role),
+                    "no {env} {org} {role} key: {keys:?}"
+                );
+            }
+        }
+    }
+    let teacher = keys.iter().find(|k| k[0] == "development" && k[1] == "acme" && k[2] == "teacher").unwrap();
+    assert_eq!(teacher[3], "user:acme-teacher-1");
+    // A printed psql command, run exactly as printed, with a query.
+    let (psql, url) = commands.first().expect("psql commands").split_once(' ').unwrap();
     let out =
         Command::new(psql).arg(url.trim_matches('"')).args(["-X", "-A", "-t", "-c", "SELECT 40 + 2"]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "{}", String::from_utf8_lossy(&out.stderr));
+    // The teacher key sees only its own sessions, through the LISTEN address.
+    let listen = &banner["LISTEN"];
+    let url = format!("postgres://t:{}@{listen}/app?sslmode=require", teacher[4]);
+    let out = Command::new(psql)
+        .arg(&url)
+        .args(["-X", "-A", "-t", "-c", "SELECT DISTINCT data->>'teacherId' FROM entities"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "acme-teacher-1",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let upstream_port: u16 = banner["UPSTREAM"].rsplit(':').next().unwrap().split('/').next().unwrap().parse().unwrap();
     // Ctrl-C: everything it created goes away, the cluster included.
     send_sigint(child.id());
