@@ -4,7 +4,7 @@ use std::io::Write;
 
 use crate::auth::identity::{ActorContext, ActorType, Environment};
 use crate::auth::store::{self, KeySpec};
-use crate::cli::{CreateKey, ExplainArgs, KeysCommand, PolicyCommand};
+use crate::cli::{CreateKey, EventsCommand, ExplainArgs, KeysCommand, PolicyCommand, TailArgs};
 use crate::config::RawConfig;
 use crate::server::RunningProxy;
 
@@ -176,4 +176,112 @@ pub async fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+const TAIL_SQL: &str = "\
+SELECT id, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), environment, \
+       coalesce(organization_id, ''), key_prefix, coalesce(actor, ''), array_to_string(roles, ','), \
+       array_to_string(kinds, ','), array_to_string(tables, ','), verdict, coalesce(reason, ''), \
+       coalesce(sqlstate, ''), coalesce(policy_version, ''), coalesce(sql_hash, ''), rows, duration_us \
+FROM struere.events \
+WHERE id > $1 AND ($2::text IS NULL OR environment = $2) AND ($3::text IS NULL OR organization_id = $3) \
+  AND ($4::text IS NULL OR verdict = $4) \
+ORDER BY id DESC LIMIT $5";
+
+/// `events tail`: the last events (oldest first); with `--follow`, then every new one.
+pub async fn events(raw: &RawConfig, cmd: EventsCommand) -> AppResult<()> {
+    let EventsCommand::Tail(args) = cmd;
+    if let Some(v) = &args.verdict
+        && !matches!(v.as_str(), "allowed" | "rewritten" | "refused")
+    {
+        return Err(format!("--verdict must be allowed, rewritten or refused, not {v:?}").into());
+    }
+    let client = store::connect_admin(&admin_url(raw)?).await?;
+    let mut last: i64 = 0;
+    let mut limit = args.limit.max(0);
+    loop {
+        let rows = client.query(TAIL_SQL, &[&last, &args.env, &args.org, &args.verdict, &limit]).await?;
+        let mut out = std::io::stdout().lock();
+        for r in rows.iter().rev() {
+            last = last.max(r.try_get(0)?);
+            print_event(&mut out, r, &args)?;
+        }
+        out.flush()?;
+        drop(out);
+        if !args.follow {
+            return Ok(());
+        }
+        limit = 1000;
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+fn print_event(out: &mut impl Write, r: &tokio_postgres::Row, args: &TailArgs) -> AppResult<()> {
+    let text = |i: usize| -> AppResult<String> { Ok(r.try_get::<_, String>(i)?) };
+    let (rows, us): (i64, i64) = (r.try_get(14)?, r.try_get(15)?);
+    if args.json {
+        let obj = serde_json::json!({
+            "id": r.try_get::<_, i64>(0)?, "at": text(1)?, "environment": text(2)?, "organization": text(3)?,
+            "key": text(4)?, "actor": text(5)?, "roles": text(6)?, "kinds": text(7)?, "tables": text(8)?,
+            "verdict": text(9)?, "reason": text(10)?, "sqlstate": text(11)?, "policy_version": text(12)?,
+            "sql_hash": text(13)?, "rows": rows, "duration_us": us,
+        });
+        writeln!(out, "{obj}")?;
+    } else {
+        let reason = text(10)?;
+        let reason = if reason.is_empty() { String::new() } else { format!(" {} {reason}", text(11)?) };
+        writeln!(
+            out,
+            "{} {} {} key={} actor={} roles={} {} [{}] tables={} rows={} {}us{}",
+            text(1)?,
+            text(2)?,
+            text(3)?,
+            text(4)?,
+            text(5)?,
+            text(6)?,
+            text(9)?,
+            text(7)?,
+            text(8)?,
+            rows,
+            us,
+            reason
+        )?;
+    }
+    Ok(())
+}
+
+/// `usage`: executions per key, environment and organization.
+pub async fn usage(raw: &RawConfig, env: Option<String>) -> AppResult<()> {
+    let client = store::connect_admin(&admin_url(raw)?).await?;
+    let rows = client
+        .query(
+            "SELECT environment, organization_id, key_prefix, statements, rows, errors, time_us FROM struere.usage \
+             WHERE $1::text IS NULL OR environment = $1 ORDER BY environment, organization_id, key_prefix",
+            &[&env],
+        )
+        .await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<12} {:<12} {:<18} {:>10} {:>10} {:>8} {:>12}",
+        "env", "org", "key", "statements", "rows", "errors", "time_ms"
+    )?;
+    for r in rows {
+        let n = |i: usize| -> AppResult<i64> { Ok(r.try_get::<_, i64>(i)?) };
+        writeln!(
+            out,
+            "{:<12} {:<12} {:<18} {:>10} {:>10} {:>8} {:>12.1}",
+            r.try_get::<_, String>(0)?,
+            r.try_get::<_, String>(1)?,
+            r.try_get::<_, String>(2)?,
+            n(3)?,
+            n(4)?,
+            n(5)?,
+            n(6)? as f64 / 1000.0
+        )?;
+    }
+    Ok(())
 }

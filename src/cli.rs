@@ -99,6 +99,41 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Show what the proxy would forward for a statement (or why it would refuse it).
     Explain(ExplainArgs),
+    /// Audit events (statement decisions) recorded in the database.
+    #[command(subcommand)]
+    Events(EventsCommand),
+    /// Executions per key and environment: statements, rows, errors, time.
+    Usage {
+        /// development | production | operator
+        #[arg(long)]
+        env: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Print the last events, oldest first, one per line.
+    Tail(TailArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// development | production | operator
+    #[arg(long)]
+    pub env: Option<String>,
+    #[arg(long)]
+    pub org: Option<String>,
+    /// allowed | rewritten | refused
+    #[arg(long)]
+    pub verdict: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub limit: i64,
+    /// Keep printing new events as they are written.
+    #[arg(long)]
+    pub follow: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

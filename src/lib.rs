@@ -22,6 +22,7 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod events;
 pub mod net;
 pub mod policy;
 pub mod protocol;

@@ -43,6 +43,8 @@ async fn main() -> std::process::ExitCode {
         Command::Keys(k) => app::keys(&raw, k).await,
         Command::Demo => demo::run(raw).await,
         Command::Policy(p) => app::policy(&raw, p),
+        Command::Events(crate_events) => app::events(&raw, crate_events).await,
+        Command::Usage { env } => app::usage(&raw, env).await,
         Command::Explain(args) => match app::explain(&raw, args).await {
             Ok(true) => Ok(()),
             Ok(false) => return std::process::ExitCode::FAILURE,

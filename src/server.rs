@@ -34,6 +34,10 @@ pub struct Proxy {
     refresh_pending: std::sync::atomic::AtomicBool,
     /// Scratch schemas known to exist.
     scratch_schemas: dashmap::DashSet<String>,
+    /// Audit events and usage (events.rs).
+    pub events: Arc<crate::events::EventSink>,
+    /// The events' queue, until `start_on` hands it to the writer task.
+    event_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::events::Event>>>,
 }
 
 /// How long after a forwarded DDL statement the catalog is re-read (the statement has usually
@@ -93,7 +97,10 @@ impl Proxy {
         };
         let mut nonce = [0u8; 8];
         getrandom::fill(&mut nonce).map_err(|e| StartError::Random(e.to_string()))?;
+        let (events, event_rx) = crate::events::EventSink::new();
         Ok(Proxy {
+            events,
+            event_rx: std::sync::Mutex::new(Some(event_rx)),
             keys: Arc::new(KeyStore::new(settings.admin_upstream.clone(), settings.key_cache_ttl)),
             throttle: AuthThrottle::new(),
             rewriter: Rewriter::new(settings.rewrite_cache_capacity, Arc::clone(&engine) as _),
@@ -107,6 +114,12 @@ impl Proxy {
             refusal_nonce: hex::encode(nonce),
             settings,
         })
+    }
+
+    /// The version of the policy set in force for `env` (hash of its files).
+    pub fn policy_version(&self, env: crate::auth::identity::Environment) -> String {
+        let engine = self.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        engine.policies.for_env(env).version.clone()
     }
 
     /// Re-read the policies and the catalog. An invalid policy set, or one that no longer
@@ -254,6 +267,13 @@ impl RunningProxy {
         let proxy = Arc::new(Proxy::load(settings).await?);
         let (tx, rx) = watch::channel(false);
         tokio::spawn(refresh_periodically(Arc::clone(&proxy), rx.clone()));
+        let event_rx = proxy.event_rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(event_rx) = event_rx {
+            let url = proxy.settings.admin_upstream.clone();
+            let (written, dropped) = (Arc::clone(&proxy.events.written), Arc::clone(&proxy.events.dropped));
+            tokio::spawn(crate::events::write_events(event_rx, url.clone(), written, dropped));
+            tokio::spawn(crate::events::flush_usage(url, Arc::downgrade(&proxy.events)));
+        }
         let task = tokio::spawn(serve(Arc::clone(&proxy), listener, rx));
         Ok(RunningProxy { addr, proxy, shutdown: tx, task })
     }

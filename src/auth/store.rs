@@ -44,6 +44,38 @@ CREATE TABLE IF NOT EXISTS struere.api_keys (
     CONSTRAINT operator_keys_are_unbound CHECK (
         NOT operator OR (organization_id IS NULL AND environment IS NULL))
 );
+-- Statement decisions (events.rs), per environment ('operator' for operator keys).
+CREATE TABLE IF NOT EXISTS struere.events (
+    id              bigserial PRIMARY KEY,
+    at              timestamptz NOT NULL,
+    environment     text NOT NULL CHECK (environment IN ('development', 'production', 'operator')),
+    organization_id text,
+    key_prefix      text NOT NULL,
+    actor           text,
+    roles           text[] NOT NULL DEFAULT '{}',
+    kinds           text[] NOT NULL DEFAULT '{}',
+    tables          text[] NOT NULL DEFAULT '{}',
+    verdict         text NOT NULL CHECK (verdict IN ('allowed', 'rewritten', 'refused')),
+    reason          text,
+    sqlstate        text,
+    policy_version  text,
+    sql_hash        text,
+    rows            bigint NOT NULL DEFAULT 0,
+    duration_us     bigint NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS events_env_at ON struere.events (environment, at);
+-- Executions per key, environment and organization (cumulative).
+CREATE TABLE IF NOT EXISTS struere.usage (
+    key_prefix      text NOT NULL,
+    environment     text NOT NULL,
+    organization_id text NOT NULL,
+    statements      bigint NOT NULL DEFAULT 0,
+    rows            bigint NOT NULL DEFAULT 0,
+    errors          bigint NOT NULL DEFAULT 0,
+    time_us         bigint NOT NULL DEFAULT 0,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (key_prefix, environment, organization_id)
+);
 REVOKE ALL ON ALL TABLES IN SCHEMA struere FROM PUBLIC;
 "#;
 

@@ -146,7 +146,7 @@ mod tests {
     }
 
     fn out(sql: &str) -> Arc<Rewritten> {
-        Arc::new(Rewritten { sql: sql.into(), statement_kinds: vec!["SelectStmt".into()] })
+        Arc::new(Rewritten { sql: sql.into(), statement_kinds: vec!["SelectStmt".into()], tables: vec![] })
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub struct Rewritten {
     pub sql: String,
     /// pg_query node name of each statement, in order, e.g. `SelectStmt`, `TransactionStmt`.
     pub statement_kinds: Vec<String>,
+    /// The relations the client's statements name (CTE names excluded), for audit events.
+    pub tables: Vec<String>,
 }
 
 /// Why a text is not forwarded. The message is for humans (it names what was refused and why)
@@ -157,6 +159,21 @@ impl Rewriter {
     }
 }
 
+/// The relations a text names (CTE names excluded), for the audit event of a refused text;
+/// empty when PostgreSQL's parser cannot read it.
+pub fn relations_named(sql: &str) -> Vec<String> {
+    if sql.len() > MAX_SQL_BYTES {
+        return Vec::new();
+    }
+    let mut tables = std::collections::BTreeSet::new();
+    if let Ok(statements) = classify::parse(sql) {
+        for stmt in statements {
+            tables.extend(pgtree::relations(&stmt.node));
+        }
+    }
+    tables.into_iter().collect()
+}
+
 fn rewrite_uncached(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Result<Rewritten, Refusal> {
     // Neither parser is expected to panic, but a panic here must refuse the statement rather
     // than take the connection down with an unclear error.
@@ -172,7 +189,7 @@ fn rewrite_uncached(sql: &str, actor: &ActorContext, policy: &dyn StatementPolic
 fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Result<Rewritten, Refusal> {
     let statements = classify::parse(sql).map_err(input_parse_refusal)?;
     if statements.is_empty() {
-        return Ok(Rewritten { sql: String::new(), statement_kinds: Vec::new() });
+        return Ok(Rewritten { sql: String::new(), statement_kinds: Vec::new(), tables: Vec::new() });
     }
     let tokens =
         lexer::scan(sql).map_err(|m| Refusal::Syntax(format!("refused: PostgreSQL cannot scan this SQL: {m}")))?;
@@ -181,7 +198,9 @@ fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Re
     let mut out = String::with_capacity(sql.len() + 8 * total);
     let mut checks = Vec::with_capacity(total);
     let mut kinds = Vec::with_capacity(total);
+    let mut tables = std::collections::BTreeSet::new();
     for (i, stmt) in statements.into_iter().enumerate() {
+        tables.extend(pgtree::relations(&stmt.node));
         let (text, expected) = rewrite_statement(sql, &tokens, &stmt, &statement_label(i, total), actor, policy)?;
         if !out.is_empty() {
             out.push_str("; ");
@@ -193,7 +212,7 @@ fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Re
     }
 
     verify::verify(&out, &checks, policy, actor)?;
-    Ok(Rewritten { sql: out, statement_kinds: kinds })
+    Ok(Rewritten { sql: out, statement_kinds: kinds, tables: tables.into_iter().collect() })
 }
 
 /// Steps 3–5 for one statement: its text to forward, and what the verifier must find in it

@@ -59,6 +59,28 @@ pub(crate) fn walk_strings<E>(node: &NodeEnum, on_str: &mut OnStr<'_, E>) -> Res
 /// offsets — so that two statements PostgreSQL reads identically have equal shapes however
 /// they were spelled (`E'it\'s'` and `'it''s'`, `x::int` and `x::INT`, extra spaces…).
 /// `None` only if serde fails, which these types never do.
+/// The relations a statement names, schema-qualified where written (`public.t`, `t`), without
+/// the names of its CTEs.
+pub(crate) fn relations(node: &NodeEnum) -> Vec<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut ctes = std::collections::BTreeSet::new();
+    for (n, ..) in node.nodes() {
+        match n {
+            pg_query::NodeRef::RangeVar(rv) if rv.schemaname.is_empty() => {
+                names.insert(rv.relname.clone());
+            }
+            pg_query::NodeRef::RangeVar(rv) => {
+                names.insert(format!("{}.{}", rv.schemaname, rv.relname));
+            }
+            pg_query::NodeRef::CommonTableExpr(c) => {
+                ctes.insert(c.ctename.clone());
+            }
+            _ => {}
+        }
+    }
+    names.into_iter().filter(|n| !ctes.contains(n)).collect()
+}
+
 /// A construct of PostgreSQL's tree that the proxy's SQL parser is known not to read, named for
 /// a refusal (locking strengths other than FOR UPDATE/FOR SHARE, locking several tables,
 /// assignments to an array element or a field).

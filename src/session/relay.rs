@@ -19,6 +19,7 @@ use crate::auth::api_key::KeyHash;
 use crate::auth::identity::{ActorContext, Caller};
 use crate::auth::store::KeyStatus;
 use crate::error::SessionEnd;
+use crate::events::{Event, StatementLog, Usage, UsageKey, Verdict};
 use crate::net::stream::ClientStream;
 use crate::protocol::backend::{self, Severity, parse_parameter_status};
 use crate::protocol::frame::{self, Frame};
@@ -30,20 +31,38 @@ use crate::session::handshake::Established;
 use crate::session::refusal::{BackendAction, RefusalTracker};
 use crate::upstream::UpstreamStream;
 
-type Tracker = Arc<Mutex<RefusalTracker>>;
+/// What both directions of a session keep in step: injected refusals and the decisions awaiting
+/// the server's answers (events.rs).
+struct Book {
+    refusals: RefusalTracker,
+    statements: StatementLog,
+}
 
-fn lock(t: &Tracker) -> std::sync::MutexGuard<'_, RefusalTracker> {
-    // The tracker holds no invariant a panic elsewhere could break halfway.
+impl Book {
+    /// A message the server answers with exactly one ReadyForQuery was forwarded.
+    fn boundary_sent(&mut self) {
+        self.refusals.boundary_sent();
+        self.statements.boundary_sent();
+    }
+}
+
+type Tracker = Arc<Mutex<Book>>;
+
+fn lock(t: &Tracker) -> std::sync::MutexGuard<'_, Book> {
+    // The book holds no invariant a panic elsewhere could break halfway.
     t.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd> {
     // `_cancel` keeps this session's cancel key registered until the session ends.
-    let Established { client, upstream, caller, key_hash, cancel: _cancel, .. } = est;
+    let Established { client, upstream, caller, key_hash, key_prefix, cancel: _cancel } = est;
     let max_message = client.max_message;
     let (client_r, mut client_w) = tokio::io::split(client.stream);
     let (up_r, up_w) = tokio::io::split(upstream.stream);
-    let tracker: Tracker = Arc::new(Mutex::new(RefusalTracker::new(proxy.refusal_nonce.clone())));
+    let tracker: Tracker = Arc::new(Mutex::new(Book {
+        refusals: RefusalTracker::new(proxy.refusal_nonce.clone()),
+        statements: StatementLog::default(),
+    }));
 
     let mut inbound = ClientToUpstream {
         proxy,
@@ -54,6 +73,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         upstream: up_w,
         tracker: Arc::clone(&tracker),
         discard_until_sync: false,
+        key_prefix: &key_prefix,
     };
     let notify_prefix = match &caller {
         Caller::Environment(actor) => Some(crate::rewrite::engine::notify_prefix(actor)),
@@ -66,7 +86,8 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         key_hash,
         reader: up_r,
         buf: upstream.read_buf,
-        tracker,
+        tracker: Arc::clone(&tracker),
+        usage: UsageKey::of(&caller, &key_prefix),
     };
     let result = {
         let c2u = inbound.run();
@@ -88,6 +109,10 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         Err(SessionEnd::Io(_)) => {}
     }
     let _ = client_w.shutdown().await;
+    // Decisions the server never answered (the session ended) are reported as they are.
+    for e in lock(&tracker).statements.drain() {
+        proxy.events.record(e);
+    }
     result
 }
 
@@ -101,6 +126,7 @@ struct ClientToUpstream<'a> {
     tracker: Tracker,
     /// After a refused extended-protocol message the server skips until Sync; so does the proxy.
     discard_until_sync: bool,
+    key_prefix: &'a str,
 }
 
 impl ClientToUpstream<'_> {
@@ -130,6 +156,7 @@ impl ClientToUpstream<'_> {
     }
 
     fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), SessionEnd> {
+        lock(&self.tracker).statements.touch();
         if self.discard_until_sync {
             match frame.tag {
                 b'S' => self.discard_until_sync = false,
@@ -145,12 +172,17 @@ impl ClientToUpstream<'_> {
                 match self.caller {
                     Caller::Operator => {
                         self.operator_statement(sql);
+                        self.decided(self.forwarded(sql), true);
                         out.extend_from_slice(&frame.raw);
                     }
                     Caller::Environment(actor) => match self.rewrite(sql, actor) {
-                        Ok(rw) => encode_query(out, &rw.sql),
+                        Ok(rw) => {
+                            self.decided(self.rewritten(&rw, actor), true);
+                            encode_query(out, &rw.sql)
+                        }
                         Err(refusal) => {
                             let injected = self.refuse(&refusal);
+                            self.decided(self.refused(&refusal, Some(actor), sql), true);
                             encode_query(out, &injected);
                         }
                     },
@@ -161,12 +193,17 @@ impl ClientToUpstream<'_> {
                 match self.caller {
                     Caller::Operator => {
                         self.operator_statement(parse.query);
+                        self.decided(self.forwarded(parse.query), false);
                         out.extend_from_slice(&frame.raw);
                     }
                     Caller::Environment(actor) => match self.rewrite_one(parse.query, actor) {
-                        Ok(rw) => encode_parse(out, parse.name, &rw.sql, &parse.param_types),
+                        Ok(rw) => {
+                            self.decided(self.rewritten(&rw, actor), false);
+                            encode_parse(out, parse.name, &rw.sql, &parse.param_types)
+                        }
                         Err(refusal) => {
                             let injected = self.refuse(&refusal);
+                            self.decided(self.refused(&refusal, Some(actor), parse.query), false);
                             encode_parse(out, "", &injected, &[]);
                             self.discard_until_sync = true;
                         }
@@ -181,6 +218,7 @@ impl ClientToUpstream<'_> {
                 );
                 lock(&self.tracker).boundary_sent();
                 let injected = self.refuse(&refusal);
+                self.decided(self.refused(&refusal, None, ""), true);
                 encode_query(out, &injected);
             }
             b'S' => {
@@ -237,7 +275,36 @@ impl ClientToUpstream<'_> {
     fn refuse(&self, refusal: &Refusal) -> String {
         let mut err = BytesMut::new();
         backend::error_response(&mut err, Severity::Error, refusal.sqlstate(), &refusal.to_string(), None);
-        lock(&self.tracker).inject(err.freeze())
+        lock(&self.tracker).refusals.inject(err.freeze())
+    }
+
+    /// Record a decision; it is reported once the server has answered its segment.
+    fn decided(&self, event: Event, own_boundary: bool) {
+        lock(&self.tracker).statements.decided(event, own_boundary);
+    }
+
+    fn forwarded(&self, sql: &str) -> Event {
+        let mut e = Event::new(self.caller, self.key_prefix, Verdict::Allowed);
+        e.sql_hash = Some(crate::events::sql_hash(sql));
+        e
+    }
+
+    fn rewritten(&self, rw: &Rewritten, actor: &ActorContext) -> Event {
+        let mut e = Event::new(self.caller, self.key_prefix, Verdict::Rewritten);
+        e.kinds = rw.statement_kinds.clone();
+        e.tables = rw.tables.clone();
+        e.policy_version = Some(self.proxy.policy_version(actor.environment));
+        e.sql_hash = Some(crate::events::sql_hash(&rw.sql));
+        e
+    }
+
+    fn refused(&self, refusal: &Refusal, actor: Option<&ActorContext>, sql: &str) -> Event {
+        let mut e = Event::new(self.caller, self.key_prefix, Verdict::Refused);
+        e.tables = crate::rewrite::relations_named(sql);
+        e.reason = Some(refusal.to_string());
+        e.sqlstate = Some(refusal.sqlstate().code().to_owned());
+        e.policy_version = actor.map(|a| self.proxy.policy_version(a.environment));
+        e
     }
 }
 
@@ -277,6 +344,7 @@ struct UpstreamToClient<'a> {
     reader: ReadHalf<UpstreamStream>,
     buf: BytesMut,
     tracker: Tracker,
+    usage: UsageKey,
 }
 
 impl UpstreamToClient<'_> {
@@ -328,13 +396,30 @@ impl UpstreamToClient<'_> {
                     continue;
                 }
                 b'S' if !self.is_operator => check_parameter(&frame.body)?,
-                b'E' | b'Z' => {}
+                b'C' => {
+                    let tag = frame.body.split(|b| *b == 0).next().unwrap_or_default();
+                    let tag = String::from_utf8_lossy(tag);
+                    lock(&self.tracker).statements.command_complete(&tag);
+                    let rows = tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+                    self.proxy.events.count(&self.usage, Usage { statements: 1, rows, ..Usage::default() });
+                    out.extend_from_slice(&frame.raw);
+                    continue;
+                }
+                b'E' => self.proxy.events.count(&self.usage, Usage { errors: 1, ..Usage::default() }),
+                b'Z' => {
+                    let (done, took) = lock(&self.tracker).statements.ready();
+                    let time_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+                    self.proxy.events.count(&self.usage, Usage { time_us, ..Usage::default() });
+                    for e in done {
+                        self.proxy.events.record(e);
+                    }
+                }
                 _ => {
                     out.extend_from_slice(&frame.raw);
                     continue;
                 }
             }
-            match lock(&self.tracker).on_backend(frame.tag, &frame.body) {
+            match lock(&self.tracker).refusals.on_backend(frame.tag, &frame.body) {
                 BackendAction::Forward => out.extend_from_slice(&frame.raw),
                 BackendAction::Replace(b) => out.extend_from_slice(&b),
             }

@@ -12,7 +12,7 @@ fn bin() -> Command {
     c
 }
 
-fn run(args: &[&str]) -> (bool, String, String) {
+pub(crate) fn run(args: &[&str]) -> (bool, String, String) {
     let f = fixture();
     let out = bin().env("STRUERE_ADMIN_UPSTREAM", &f.admin_url).args(args).output().unwrap();
     (

@@ -1,0 +1,502 @@
+//! Audit events and usage, per environment.
+//!
+//! Every statement decision (a Query or Parse message of a session) is an [`Event`]: who
+//! (environment, organization, key prefix, actor, roles), what (statement kinds, tables), the
+//! verdict (forwarded as sent, rewritten, refused + reason), the policy version, a hash of the
+//! forwarded SQL, and — once the server has answered that message's segment — rows and duration.
+//! Events go to the structured log (target `struere_proxy::events`) and, through a bounded queue
+//! and a background writer, in batches to `struere.events`. When the database falls behind and
+//! the queue is full, events are dropped from the database copy and counted
+//! ([`EventSink::dropped`]); a refusal that cannot be queued is logged at WARN with everything it
+//! carries, so none is dropped silently (the log always has every event).
+//!
+//! Usage ("executions") is counted from what the server answers — statements completed, rows,
+//! errors and time per key, environment and organization — in memory, and flushed periodically
+//! to `struere.usage` (cumulative counters).
+//!
+//! `StatementLog` is the per-session bookkeeping that pairs decisions with the server's answers;
+//! it is pure and unit-tested.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+
+use crate::auth::identity::{ActorContext, Caller, Environment};
+
+/// What the proxy did with a statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forwarded as the client sent it (operator keys; data-free statements).
+    Allowed,
+    /// Printed from the rewritten tree.
+    Rewritten,
+    Refused,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "allowed",
+            Verdict::Rewritten => "rewritten",
+            Verdict::Refused => "refused",
+        }
+    }
+}
+
+/// One statement decision.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub at: SystemTime,
+    /// `None` for an operator key.
+    pub environment: Option<Environment>,
+    pub organization: Option<String>,
+    pub key_prefix: String,
+    /// `type:id`.
+    pub actor: Option<String>,
+    pub roles: Vec<String>,
+    pub kinds: Vec<String>,
+    pub tables: Vec<String>,
+    pub verdict: Verdict,
+    pub reason: Option<String>,
+    pub sqlstate: Option<String>,
+    pub policy_version: Option<String>,
+    /// Hex SHA-256 (first 16 bytes) of the text forwarded.
+    pub sql_hash: Option<String>,
+    pub rows: u64,
+    pub duration: Duration,
+}
+
+impl Event {
+    pub fn new(caller: &Caller, key_prefix: &str, verdict: Verdict) -> Event {
+        let actor: Option<&ActorContext> = match caller {
+            Caller::Environment(a) => Some(a),
+            Caller::Operator => None,
+        };
+        Event {
+            at: SystemTime::now(),
+            environment: actor.map(|a| a.environment),
+            organization: actor.map(|a| a.organization.clone()),
+            key_prefix: key_prefix.to_owned(),
+            actor: actor.map(|a| format!("{}:{}", a.actor_type.as_str(), a.actor_id)),
+            roles: actor.map(|a| a.roles.clone()).unwrap_or_default(),
+            kinds: Vec::new(),
+            tables: Vec::new(),
+            verdict,
+            reason: None,
+            sqlstate: None,
+            policy_version: None,
+            sql_hash: None,
+            rows: 0,
+            duration: Duration::ZERO,
+        }
+    }
+}
+
+/// Hex of the first 16 bytes of SHA-256: identifies a forwarded text without storing it.
+pub fn sql_hash(sql: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(sql.as_bytes())[..16])
+}
+
+struct Open {
+    event: Event,
+    /// Number of the ReadyForQuery that ends the segment this decision was sent in.
+    closes_at: u64,
+    started: Instant,
+}
+
+/// Pairs a session's decisions with the server's answers: rows from CommandComplete and the
+/// segment's end (ReadyForQuery). Rows of a segment go to its last decision (drivers send one
+/// Parse per Sync; a simple Query is one decision for all its statements).
+#[derive(Default)]
+pub struct StatementLog {
+    open: VecDeque<Open>,
+    sent: u64,
+    seen: u64,
+    /// When the segment being sent began (its first message).
+    segment_start: Option<Instant>,
+    /// Start times of the segments sent and not yet answered.
+    segments: VecDeque<Instant>,
+}
+
+impl StatementLog {
+    /// Any client message was forwarded (it belongs to the current segment).
+    pub fn touch(&mut self) {
+        self.segment_start.get_or_insert_with(Instant::now);
+    }
+
+    /// A message the server answers with exactly one ReadyForQuery (Query, Sync, FunctionCall)
+    /// was forwarded.
+    pub fn boundary_sent(&mut self) {
+        self.sent += 1;
+        let start = self.segment_start.take().unwrap_or_else(Instant::now);
+        self.segments.push_back(start);
+    }
+
+    /// A decision on a Query (`own_boundary`: its ReadyForQuery was already counted) or a
+    /// Parse (ends with the next Sync).
+    pub fn decided(&mut self, event: Event, own_boundary: bool) {
+        let closes_at = if own_boundary { self.sent } else { self.sent + 1 };
+        self.open.push_back(Open { event, closes_at, started: Instant::now() });
+    }
+
+    /// CommandComplete: `tag` like `INSERT 0 5`, `UPDATE 3`, `SELECT 10`.
+    pub fn command_complete(&mut self, tag: &str) {
+        let rows = tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        let segment = self.seen + 1;
+        if let Some(o) = self.open.iter_mut().rev().find(|o| o.closes_at == segment) {
+            o.event.rows += rows;
+        }
+    }
+
+    /// ReadyForQuery: the decisions of the segment that ended, complete, and how long the
+    /// server took to answer the segment.
+    pub fn ready(&mut self) -> (Vec<Event>, Duration) {
+        self.seen += 1;
+        let took = self.segments.pop_front().map_or(Duration::ZERO, |s| s.elapsed());
+        let mut done = Vec::new();
+        while self.open.front().is_some_and(|o| o.closes_at <= self.seen) {
+            if let Some(mut o) = self.open.pop_front() {
+                o.event.duration = o.started.elapsed();
+                done.push(o.event);
+            }
+        }
+        (done, took)
+    }
+
+    /// Decisions still waiting for the server (the session ended): reported as they are.
+    pub fn drain(&mut self) -> Vec<Event> {
+        self.open.drain(..).map(|o| o.event).collect()
+    }
+}
+
+/// Usage counters of one key in one environment and organization.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub statements: u64,
+    pub rows: u64,
+    pub errors: u64,
+    pub time_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UsageKey {
+    pub key_prefix: String,
+    /// `operator` for operator keys.
+    pub environment: String,
+    pub organization: String,
+}
+
+impl UsageKey {
+    pub fn of(caller: &Caller, key_prefix: &str) -> UsageKey {
+        let (environment, organization) = match caller {
+            Caller::Environment(a) => (a.environment.as_str().to_owned(), a.organization.clone()),
+            Caller::Operator => ("operator".to_owned(), String::new()),
+        };
+        UsageKey { key_prefix: key_prefix.to_owned(), environment, organization }
+    }
+}
+
+/// Queue capacity of events waiting for the database writer.
+pub const EVENT_QUEUE: usize = 10_000;
+/// Events per INSERT.
+const BATCH: usize = 500;
+/// Usage is flushed this often.
+pub const USAGE_FLUSH: Duration = Duration::from_secs(5);
+
+/// The process-wide destination of events and usage.
+pub struct EventSink {
+    tx: mpsc::Sender<Event>,
+    /// Events not written to the database (queue full, or the database refused the batch).
+    pub dropped: Arc<AtomicU64>,
+    /// Events written to the database.
+    pub written: Arc<AtomicU64>,
+    usage: DashMap<UsageKey, Usage>,
+}
+
+impl EventSink {
+    /// The sink and the receiving end the writer task drains.
+    pub fn new() -> (Arc<EventSink>, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let sink = EventSink {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+            written: Arc::new(AtomicU64::new(0)),
+            usage: DashMap::new(),
+        };
+        (Arc::new(sink), rx)
+    }
+
+    /// Log the event and queue it for the database, never blocking the session.
+    pub fn record(&self, e: Event) {
+        let env = e.environment.map_or("operator", |e| e.as_str());
+        tracing::info!(
+            target: "struere_proxy::events",
+            environment = env,
+            organization = e.organization.as_deref().unwrap_or(""),
+            key = %e.key_prefix,
+            actor = e.actor.as_deref().unwrap_or(""),
+            roles = ?e.roles,
+            kinds = ?e.kinds,
+            tables = ?e.tables,
+            verdict = e.verdict.as_str(),
+            reason = e.reason.as_deref().unwrap_or(""),
+            policy = e.policy_version.as_deref().unwrap_or(""),
+            sql_hash = e.sql_hash.as_deref().unwrap_or(""),
+            rows = e.rows,
+            duration_us = e.duration.as_micros() as u64,
+            "statement"
+        );
+        if let Err(mpsc::error::TrySendError::Full(e) | mpsc::error::TrySendError::Closed(e)) = self.tx.try_send(e) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            if e.verdict == Verdict::Refused {
+                tracing::warn!(
+                    target: "struere_proxy::events",
+                    key = %e.key_prefix,
+                    reason = e.reason.as_deref().unwrap_or(""),
+                    "event queue full: this refusal is only in the log"
+                );
+            }
+        }
+    }
+
+    /// Add to a key's usage: statements completed, rows, errors, time the server took.
+    pub fn count(&self, key: &UsageKey, add: Usage) {
+        let mut u = self.usage.entry(key.clone()).or_default();
+        u.statements += add.statements;
+        u.errors += add.errors;
+        u.rows += add.rows;
+        u.time_us += add.time_us;
+    }
+
+    /// Take the counters accumulated since the last flush.
+    pub fn take_usage(&self) -> Vec<(UsageKey, Usage)> {
+        let keys: Vec<UsageKey> = self.usage.iter().map(|e| e.key().clone()).collect();
+        keys.into_iter().filter_map(|k| self.usage.remove(&k)).collect()
+    }
+
+    /// Put counters back after a failed flush.
+    pub fn restore_usage(&self, taken: Vec<(UsageKey, Usage)>) {
+        for (k, u) in taken {
+            let mut cur = self.usage.entry(k).or_default();
+            cur.statements += u.statements;
+            cur.rows += u.rows;
+            cur.errors += u.errors;
+            cur.time_us += u.time_us;
+        }
+    }
+}
+
+const INSERT_EVENT: &str = "INSERT INTO struere.events \
+    (at, environment, organization_id, key_prefix, actor, roles, kinds, tables, verdict, reason, sqlstate, \
+     policy_version, sql_hash, rows, duration_us) \
+    SELECT e.at, e.environment, e.organization_id, e.key_prefix, e.actor, e.roles::text[], e.kinds::text[], \
+           e.tables::text[], e.verdict, e.reason, e.sqlstate, e.policy_version, e.sql_hash, e.rows, e.duration_us \
+    FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
+     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::int8[], $15::int8[]) \
+     AS e(at, environment, organization_id, key_prefix, actor, roles, kinds, tables, verdict, reason, sqlstate, \
+          policy_version, sql_hash, rows, duration_us)";
+
+/// Arrays become text (`{a,b}`) in the unnest above and are cast back by the column types.
+fn array_text(items: &[String]) -> String {
+    let quoted: Vec<String> =
+        items.iter().map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))).collect();
+    format!("{{{}}}", quoted.join(","))
+}
+
+/// Write queued events in batches until the sink is dropped. Runs off the query path; a failed
+/// batch is counted as dropped and logged (the log has every event anyway).
+pub async fn write_events(
+    mut rx: mpsc::Receiver<Event>,
+    admin_url: String,
+    written: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
+) {
+    let mut client = None;
+    let mut batch: Vec<Event> = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        if client.is_none() {
+            client = crate::auth::store::connect_admin(&admin_url).await.ok();
+        }
+        let ok = match &client {
+            Some(c) => insert_events(c, &batch).await.is_ok(),
+            None => false,
+        };
+        if ok {
+            written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        } else {
+            dropped.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            tracing::warn!(events = batch.len(), "could not write events to the database; they are in the log only");
+            client = None;
+        }
+        batch.clear();
+    }
+}
+
+async fn insert_events(c: &tokio_postgres::Client, batch: &[Event]) -> Result<(), tokio_postgres::Error> {
+    let col = |f: &dyn Fn(&Event) -> Option<String>| batch.iter().map(f).collect::<Vec<Option<String>>>();
+    let at: Vec<SystemTime> = batch.iter().map(|e| e.at).collect();
+    let environment = col(&|e| Some(e.environment.map_or("operator", |x| x.as_str()).to_owned()));
+    let organization = col(&|e| e.organization.clone());
+    let key = col(&|e| Some(e.key_prefix.clone()));
+    let actor = col(&|e| e.actor.clone());
+    let roles = col(&|e| Some(array_text(&e.roles)));
+    let kinds = col(&|e| Some(array_text(&e.kinds)));
+    let tables = col(&|e| Some(array_text(&e.tables)));
+    let verdict = col(&|e| Some(e.verdict.as_str().to_owned()));
+    let reason = col(&|e| e.reason.clone());
+    let sqlstate = col(&|e| e.sqlstate.clone());
+    let policy = col(&|e| e.policy_version.clone());
+    let hash = col(&|e| e.sql_hash.clone());
+    let rows: Vec<i64> = batch.iter().map(|e| i64::try_from(e.rows).unwrap_or(i64::MAX)).collect();
+    let dur: Vec<i64> = batch.iter().map(|e| i64::try_from(e.duration.as_micros()).unwrap_or(i64::MAX)).collect();
+    c.execute(
+        INSERT_EVENT,
+        &[
+            &at,
+            &environment,
+            &organization,
+            &key,
+            &actor,
+            &roles,
+            &kinds,
+            &tables,
+            &verdict,
+            &reason,
+            &sqlstate,
+            &policy,
+            &hash,
+            &rows,
+            &dur,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+const UPSERT_USAGE: &str = "INSERT INTO struere.usage \
+    (key_prefix, environment, organization_id, statements, rows, errors, time_us, updated_at) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, now()) \
+    ON CONFLICT (key_prefix, environment, organization_id) DO UPDATE SET \
+      statements = usage.statements + excluded.statements, rows = usage.rows + excluded.rows, \
+      errors = usage.errors + excluded.errors, time_us = usage.time_us + excluded.time_us, updated_at = now()";
+
+/// Flush usage every [`USAGE_FLUSH`] until the sink is gone.
+pub async fn flush_usage(admin_url: String, sink: std::sync::Weak<EventSink>) {
+    let mut tick = tokio::time::interval(USAGE_FLUSH);
+    let mut client = None;
+    loop {
+        tick.tick().await;
+        let Some(sink) = sink.upgrade() else { return };
+        let taken = sink.take_usage();
+        if taken.is_empty() {
+            continue;
+        }
+        if client.is_none() {
+            client = crate::auth::store::connect_admin(&admin_url).await.ok();
+        }
+        let mut failed = Vec::new();
+        for (k, u) in taken {
+            let ok = match &client {
+                Some(c) => {
+                    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                    c.execute(
+                        UPSERT_USAGE,
+                        &[
+                            &k.key_prefix,
+                            &k.environment,
+                            &k.organization,
+                            &n(u.statements),
+                            &n(u.rows),
+                            &n(u.errors),
+                            &n(u.time_us),
+                        ],
+                    )
+                    .await
+                    .is_ok()
+                }
+                None => false,
+            };
+            if !ok {
+                failed.push((k, u));
+            }
+        }
+        if !failed.is_empty() {
+            client = None;
+            sink.restore_usage(failed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::identity::ActorType;
+
+    fn ev() -> Event {
+        let actor = ActorContext {
+            organization: "acme".into(),
+            environment: Environment::Development,
+            roles: vec!["teacher".into()],
+            actor_type: ActorType::User,
+            actor_id: "t1".into(),
+        };
+        Event::new(&Caller::Environment(actor), "sk_dev_abc", Verdict::Rewritten)
+    }
+
+    #[test]
+    fn a_query_completes_at_its_own_ready_for_query_with_its_rows() {
+        let mut log = StatementLog::default();
+        log.boundary_sent(); // Query
+        log.decided(ev(), true);
+        log.command_complete("UPDATE 3");
+        log.command_complete("SELECT 2");
+        let (done, _) = log.ready();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].rows, 5);
+        assert_eq!(done[0].actor.as_deref(), Some("user:t1"));
+    }
+
+    #[test]
+    fn pipelined_segments_complete_in_order() {
+        let mut log = StatementLog::default();
+        // Parse(a) Sync ; Parse(b) Sync — sent before any answer.
+        log.decided(ev(), false);
+        log.boundary_sent();
+        let mut b = ev();
+        b.kinds = vec!["b".into()];
+        log.decided(b, false);
+        log.boundary_sent();
+        log.command_complete("INSERT 0 1");
+        let (first, _) = log.ready();
+        assert_eq!((first.len(), first[0].rows), (1, 1));
+        log.command_complete("DELETE 4");
+        let (second, _) = log.ready();
+        assert_eq!(second.len(), 1);
+        assert_eq!((second[0].kinds.as_slice(), second[0].rows), (&["b".to_owned()][..], 4));
+        assert!(log.ready().0.is_empty());
+    }
+
+    #[test]
+    fn usage_counts_and_restores() {
+        let (sink, _rx) = EventSink::new();
+        let k = UsageKey { key_prefix: "p".into(), environment: "development".into(), organization: "acme".into() };
+        sink.count(&k, Usage { statements: 1, rows: 3, errors: 0, time_us: 10 });
+        sink.count(&k, Usage { statements: 0, rows: 0, errors: 1, time_us: 5 });
+        let taken = sink.take_usage();
+        assert_eq!(taken, vec![(k.clone(), Usage { statements: 1, rows: 3, errors: 1, time_us: 15 })]);
+        assert!(sink.take_usage().is_empty());
+        sink.restore_usage(taken);
+        assert_eq!(sink.take_usage()[0].1.rows, 3);
+    }
+
+    #[test]
+    fn arrays_are_quoted_for_postgres() {
+        assert_eq!(array_text(&["a".into(), "b\"c".into(), "d\\e".into()]), r#"{"a","b\"c","d\\e"}"#);
+        assert_eq!(array_text(&[]), "{}");
+    }
+}

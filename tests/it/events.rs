@@ -1,0 +1,86 @@
+//! Audit events and usage: every decision reaches `struere.events` with its environment and
+//! verdict, usage reaches `struere.usage`, and `events tail` / `usage` print them.
+
+use struere_proxy::auth::identity::{ActorType, Environment};
+use tokio_postgres::Client;
+
+use crate::cli::run;
+use crate::harness::{fixture, unique};
+
+/// Wait (without a fixed deadline in the assertion) until the writer has stored what we expect.
+async fn wait_for(admin: &Client, sql: &str, org: &str, at_least: i64) -> i64 {
+    let mut n = 0;
+    for _ in 0..200 {
+        n = admin.query_one(sql, &[&org]).await.unwrap().get(0);
+        if n >= at_least {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    n
+}
+
+#[tokio::test]
+async fn decisions_and_usage_are_recorded_per_environment() {
+    let f = fixture();
+    let org = unique("evco");
+    let dev = f.as_actor(&org, Environment::Development, "teacher", ActorType::User, "t-1").await;
+    let prod = f.as_actor(&org, Environment::Production, "admin", ActorType::User, "a-1").await;
+    dev.simple_query("SELECT id FROM entities").await.unwrap();
+    assert!(dev.simple_query("SELECT * FROM threads").await.is_err());
+    prod.query("SELECT count(*) FROM entities WHERE id = $1", &[&"x"]).await.unwrap();
+    let admin = f.admin().await;
+    let n = wait_for(&admin, "SELECT count(*) FROM struere.events WHERE organization_id = $1", &org, 3).await;
+    assert!(n >= 3, "events written: {n}");
+    let rows = admin
+        .query(
+            "SELECT environment, verdict, array_to_string(tables, ','), coalesce(reason, ''), actor, \
+                    array_to_string(roles, ','), coalesce(policy_version, ''), coalesce(sql_hash, '') \
+             FROM struere.events WHERE organization_id = $1 ORDER BY id",
+            &[&org],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| (0..8).map(|i| r.get::<_, String>(i)).collect()).collect();
+    let refused = rows.iter().find(|r| r[1] == "refused").expect("a refused event");
+    assert_eq!(refused[0], "development");
+    assert!(refused[3].contains("may not select threads"), "{refused:?}");
+    assert_eq!(refused[2], "threads");
+    assert_eq!((refused[4].as_str(), refused[5].as_str()), ("user:t-1", "teacher"));
+    let rewritten = rows.iter().find(|r| r[1] == "rewritten" && r[0] == "development").expect("a rewritten event");
+    assert!(!rewritten[6].is_empty() && rewritten[7].len() == 32, "{rewritten:?}");
+    assert!(rows.iter().any(|r| r[0] == "production" && r[1] == "rewritten"), "{rows:?}");
+
+    // Usage: statements completed and errors, per environment.
+    let n = wait_for(
+        &admin,
+        "SELECT coalesce(sum(statements), 0)::int8 FROM struere.usage WHERE organization_id = $1",
+        &org,
+        2,
+    )
+    .await;
+    assert!(n >= 2, "usage statements: {n}");
+    let errors: i64 = admin
+        .query_one(
+            "SELECT coalesce(sum(errors), 0)::int8 FROM struere.usage WHERE organization_id = $1 AND environment = 'development'",
+            &[&org],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(errors, 1, "the refusal is the development key's one error");
+
+    // The CLI prints them.
+    let (ok, out, err) = run(&["events", "tail", "--org", &org, "--verdict", "refused", "--json"]);
+    assert!(ok, "{err}");
+    let line = out.lines().next().expect("one refused event");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["environment"], "development");
+    assert!(v["reason"].as_str().unwrap_or_default().contains("may not select threads"), "{line}");
+    let (ok, out, err) = run(&["events", "tail", "--org", &org, "--env", "production"]);
+    assert!(ok, "{err}");
+    assert!(out.lines().count() >= 1 && out.lines().all(|l| l.contains(" production ")), "{out}");
+    let (ok, out, err) = run(&["usage", "--env", "production"]);
+    assert!(ok, "{err}");
+    assert!(out.lines().any(|l| l.contains(&org)), "{out}");
+}
