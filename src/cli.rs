@@ -93,7 +93,11 @@ pub enum Command {
     #[command(subcommand)]
     Keys(KeysCommand),
     /// Start a throwaway PostgreSQL, create keys, and serve until Ctrl-C.
-    Demo,
+    Demo {
+        /// Listen on 127.0.0.1:PORT (default 6432, or any free port if it is taken).
+        #[arg(long)]
+        port: Option<u16>,
+    },
     /// Work with the policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),

@@ -41,7 +41,13 @@ async fn main() -> std::process::ExitCode {
         Command::Serve => app::serve(raw).await,
         Command::Init => app::init(&raw).await,
         Command::Keys(k) => app::keys(&raw, k).await,
-        Command::Demo => demo::run(raw).await,
+        Command::Demo { port } => {
+            let mut raw = raw;
+            if let Some(p) = port {
+                raw.listen = Some(format!("127.0.0.1:{p}"));
+            }
+            demo::run(raw).await
+        }
         Command::Policy(p) => app::policy(&raw, p),
         Command::Events(crate_events) => app::events(&raw, crate_events).await,
         Command::Usage { env } => app::usage(&raw, env).await,
