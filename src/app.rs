@@ -4,7 +4,7 @@ use std::io::Write;
 
 use crate::auth::identity::{ActorContext, ActorType, Environment};
 use crate::auth::store::{self, KeySpec};
-use crate::cli::{CreateKey, EventsCommand, ExplainArgs, KeysCommand, PolicyCommand, TailArgs};
+use crate::cli::{CreateKey, EventsCommand, ExplainArgs, KeysCommand, MigrateCommand, PolicyCommand, TailArgs};
 use crate::config::RawConfig;
 use crate::server::RunningProxy;
 
@@ -150,6 +150,47 @@ pub async fn explain(raw: &RawConfig, args: ExplainArgs) -> AppResult<bool> {
             Ok(false)
         }
     }
+}
+
+/// `migrate add-environment`: the steps and their row counts on stdout.
+pub async fn migrate(raw: &RawConfig, cmd: MigrateCommand) -> AppResult<()> {
+    match cmd {
+        MigrateCommand::AddEnvironment(args) => {
+            let policies = crate::policy::load_configured(raw.policies.as_deref())?;
+            let target = crate::migrate::Target::resolve(&args.table, &policies.development.tables)?;
+            let default: Environment = args.default.parse()?;
+            let client = store::connect_admin(&admin_url(raw)?).await?;
+            crate::migrate::add_environment(&client, &target, default, args.batch_size, &mut std::io::stdout()).await?;
+            Ok(())
+        }
+    }
+}
+
+/// `doctor`: one line per finding and a summary on stdout. `Ok(false)` when there is an ERROR.
+pub async fn doctor(raw: &RawConfig) -> AppResult<bool> {
+    use crate::doctor::{Finding, Report, RoleAudit, check_tables};
+    let policies = crate::policy::load_configured(raw.policies.as_deref())?;
+    let tables = &policies.development.tables;
+    let client = store::connect_admin(&admin_url(raw)?).await?;
+    let mut report = Report::default();
+    report.findings.extend(check_tables(&client, tables).await?);
+    match &raw.upstream {
+        Some(url) => {
+            let role = crate::upstream::UpstreamConfig::from_url(url)?.user;
+            report.findings.extend(RoleAudit::run(&client, &role, tables).await?.findings);
+        }
+        None => report.findings.push(Finding::warn(
+            "upstream",
+            "not configured: the upstream role was not checked",
+            "set upstream (STRUERE_UPSTREAM or --upstream) and run doctor again",
+        )),
+    }
+    let mut out = std::io::stdout().lock();
+    for finding in &report.findings {
+        writeln!(out, "{finding}")?;
+    }
+    writeln!(out, "{}", report.summary())?;
+    Ok(!report.has_errors())
 }
 
 /// `serve`: run until SIGINT/SIGTERM.

@@ -61,6 +61,9 @@ pub struct Overrides {
     /// Policy directory (default: the shipped example set).
     #[arg(long, global = true, env = "STRUERE_POLICIES")]
     pub policies: Option<PathBuf>,
+    /// Serve production keys even when `doctor` finds holes in the upstream role.
+    #[arg(long, global = true, env = "STRUERE_ALLOW_UNSAFE_UPSTREAM_ROLE")]
+    pub allow_unsafe_upstream_role: Option<bool>,
 }
 
 impl Overrides {
@@ -78,6 +81,7 @@ impl Overrides {
             log_format: self.log_format,
             operator_keys: self.operator_keys,
             policies: self.policies.clone(),
+            allow_unsafe_upstream_role: self.allow_unsafe_upstream_role,
             ..RawConfig::default()
         }
     }
@@ -112,6 +116,12 @@ pub enum Command {
         #[arg(long)]
         env: Option<String>,
     },
+    /// Schema migrations for the environment workflow (owner connection).
+    #[command(subcommand)]
+    Migrate(MigrateCommand),
+    /// Check the managed tables and the upstream role against the policies. One line per finding
+    /// (ERROR, WARN or OK); exit code 0 when there is no ERROR, 1 otherwise.
+    Doctor,
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +148,27 @@ pub struct TailArgs {
     /// One JSON object per line.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// Give a table its environment column: add it (nullable), backfill NULL rows in batches,
+    /// restrict its values with a CHECK, set NOT NULL, and index (organization, environment).
+    /// Idempotent: a step already done is reported as such.
+    AddEnvironment(AddEnvironmentArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AddEnvironmentArgs {
+    /// The table: `name` or `schema.name` (a managed table's schema and columns come from the policy).
+    #[arg(long)]
+    pub table: String,
+    /// The environment existing rows belong to.
+    #[arg(long, default_value = "development", value_parser = ["development", "production"])]
+    pub default: String,
+    /// Rows updated per transaction while backfilling.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub batch_size: u32,
 }
 
 #[derive(Debug, Args)]
@@ -257,5 +288,20 @@ mod tests {
         assert_eq!(c.roles, ["admin", "teacher"]);
         assert!(Cli::try_parse_from(["struere-proxy", "keys", "create", "--name", "x"]).is_err());
         assert!(Cli::try_parse_from(["struere-proxy", "keys", "create", "--name", "x", "--operator"]).is_ok());
+    }
+
+    #[test]
+    fn migrate_add_environment_parses() {
+        let cli = Cli::try_parse_from(["struere-proxy", "migrate", "add-environment", "--table", "s.t"]).unwrap();
+        let Command::Migrate(MigrateCommand::AddEnvironment(a)) = cli.command else { panic!() };
+        assert_eq!((a.table.as_str(), a.default.as_str(), a.batch_size), ("s.t", "development", 5000));
+        let args = ["struere-proxy", "migrate", "add-environment", "--table", "t", "--default", "production"];
+        assert!(Cli::try_parse_from(args).is_ok());
+        for bad in [["--default", "staging"], ["--default", "prod"], ["--batch-size", "0"]] {
+            let args = ["struere-proxy", "migrate", "add-environment", "--table", "t", bad[0], bad[1]];
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+        let cli = Cli::try_parse_from(["struere-proxy", "doctor", "--allow-unsafe-upstream-role", "true"]).unwrap();
+        assert_eq!(cli.overrides.allow_unsafe_upstream_role, Some(true));
     }
 }

@@ -87,6 +87,8 @@ pub struct RawConfig {
     pub policies: Option<PathBuf>,
     /// Functions allowed beyond the built-in allowlist (e.g. `pg_sleep`, advisory locks).
     pub allow_functions: Option<Vec<String>>,
+    /// Serve production keys even when the upstream role has holes (`struere-proxy doctor`).
+    pub allow_unsafe_upstream_role: Option<bool>,
 }
 
 impl RawConfig {
@@ -116,6 +118,7 @@ impl RawConfig {
             connect_timeout_secs: over.connect_timeout_secs.or(self.connect_timeout_secs),
             policies: over.policies.or(self.policies),
             allow_functions: over.allow_functions.or(self.allow_functions),
+            allow_unsafe_upstream_role: over.allow_unsafe_upstream_role.or(self.allow_unsafe_upstream_role),
         }
     }
 }
@@ -143,6 +146,9 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub policies: Option<PathBuf>,
     pub allow_functions: Vec<String>,
+    /// Serve production keys although the upstream role is a superuser, owns a managed table or
+    /// bypasses row security (see `crate::doctor::RoleAudit`). Off by default.
+    pub allow_unsafe_upstream_role: bool,
 }
 
 impl std::fmt::Debug for Settings {
@@ -155,6 +161,7 @@ impl std::fmt::Debug for Settings {
             .field("key_cache_ttl", &self.key_cache_ttl)
             .field("max_message_size", &self.max_message_size)
             .field("operator_keys", &self.operator_keys)
+            .field("allow_unsafe_upstream_role", &self.allow_unsafe_upstream_role)
             .finish_non_exhaustive()
     }
 }
@@ -210,6 +217,7 @@ impl Settings {
             connect_timeout: Duration::from_secs(raw.connect_timeout_secs.unwrap_or(10).max(1)),
             policies: raw.policies,
             allow_functions: raw.allow_functions.unwrap_or_default(),
+            allow_unsafe_upstream_role: raw.allow_unsafe_upstream_role.unwrap_or(false),
         })
     }
 }
@@ -231,6 +239,7 @@ mod tests {
             listen = "0.0.0.0:7000"
             upstream = "postgres://app:pw@db:5432/appdb"
             key_cache_ttl_secs = 30
+            allow_unsafe_upstream_role = false
             "#,
         )
         .unwrap();
@@ -241,6 +250,7 @@ mod tests {
         assert_eq!(s.key_cache_ttl, Duration::from_secs(30));
         assert_eq!(s.admin_upstream, s.upstream);
         assert!(!s.operator_keys);
+        assert!(!s.allow_unsafe_upstream_role, "production keys are refused on an unsafe role by default");
         assert!(!format!("{s:?}").contains("pw"));
     }
 

@@ -119,10 +119,7 @@ impl Demo {
 
         let admin = store::connect_admin(&admin_url).await?;
         store::init_schema(&admin).await?;
-        let policies = match &settings.policies {
-            Some(dir) => crate::policy::load_dir(dir)?,
-            None => crate::policy::shipped()?,
-        };
+        let policies = crate::policy::load_configured(settings.policies.as_deref())?;
         let mut keys = Vec::new();
         for env in [Environment::Development, Environment::Production] {
             for org in DEMO_ORGANIZATIONS {

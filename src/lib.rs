@@ -11,6 +11,8 @@
 //! - [`upstream`]: the raw connection to the real database and cancel requests.
 //! - [`server`]: the listener and the state sessions share; [`cancel`]: cancel-key mapping.
 //! - [`config`], [`cli`], [`app`], [`demo`]: configuration layers and the subcommands.
+//! - [`doctor`]: schema and upstream-role checks (also consulted by the server before it lets
+//!   production keys in); [`migrate`]: `migrate add-environment`.
 //! - [`cluster`]: a throwaway local PostgreSQL for the demo and the tests.
 
 pub mod app;
@@ -21,8 +23,10 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod doctor;
 pub mod error;
 pub mod events;
+pub mod migrate;
 pub mod net;
 pub mod policy;
 pub mod protocol;

@@ -56,6 +56,13 @@ async fn main() -> std::process::ExitCode {
             Ok(false) => return std::process::ExitCode::FAILURE,
             Err(e) => Err(e),
         },
+        Command::Migrate(m) => app::migrate(&raw, m).await,
+        // Exit 1 when the report has an ERROR (and, as for every command, when it cannot run).
+        Command::Doctor => match app::doctor(&raw).await {
+            Ok(true) => Ok(()),
+            Ok(false) => return std::process::ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

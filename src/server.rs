@@ -10,6 +10,7 @@ use crate::auth::store::KeyStore;
 use crate::auth::throttle::AuthThrottle;
 use crate::cancel::CancelRegistry;
 use crate::config::Settings;
+use crate::doctor::RoleAudit;
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::sqlstate::SqlState;
 use crate::rewrite::Rewriter;
@@ -38,7 +39,16 @@ pub struct Proxy {
     pub events: Arc<crate::events::EventSink>,
     /// The events' queue, until `start_on` hands it to the writer task.
     event_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::events::Event>>>,
+    /// The upstream role's last audit (at start, then with every periodic refresh): while it
+    /// has a hole, production keys are refused unless `allow_unsafe_upstream_role` is set.
+    role_audit: std::sync::Mutex<Arc<RoleAudit>>,
 }
+
+/// What a production key hears while the upstream role has a hole. Which hole is logged, not
+/// told to the client.
+pub const PRODUCTION_REFUSED: &str = "production keys are refused: the proxy's upstream role failed its safety checks \
+     (a superuser, an owner of a managed table, or BYPASSRLS); the operator must run `struere-proxy doctor` and fix \
+     what it reports";
 
 /// How long after a forwarded DDL statement the catalog is re-read (the statement has usually
 /// committed by then; the periodic refresh catches the rest).
@@ -60,14 +70,13 @@ pub enum StartError {
     Catalog(#[from] tokio_postgres::Error),
     #[error("the policies do not match the database:\n{}", .0.join("\n"))]
     Mismatch(Vec<String>),
+    #[error("cannot audit the upstream role: {0}")]
+    RoleAudit(tokio_postgres::Error),
 }
 
 /// Policies (from the configured directory, else the shipped set) checked against the catalog.
 pub async fn load_engine(settings: &Settings) -> Result<Arc<PolicyEngine>, StartError> {
-    let policies = match &settings.policies {
-        Some(dir) => crate::policy::load_dir(dir)?,
-        None => crate::policy::shipped()?,
-    };
+    let policies = crate::policy::load_configured(settings.policies.as_deref())?;
     let admin = crate::auth::store::connect_admin(&settings.admin_upstream).await?;
     let catalog = crate::catalog::load(&admin).await?;
     crate::catalog::check_policy(&catalog, &policies.development.tables).map_err(StartError::Mismatch)?;
@@ -79,14 +88,19 @@ pub async fn load_engine(settings: &Settings) -> Result<Arc<PolicyEngine>, Start
 }
 
 impl Proxy {
-    /// Load the policies and the catalog, check one against the other, and build the proxy.
-    /// Refuses to start when a policy names a missing table or column.
+    /// Load the policies and the catalog, check one against the other, audit the upstream role,
+    /// and build the proxy. Refuses to start when a policy names a missing table or column.
     pub async fn load(settings: Settings) -> Result<Proxy, StartError> {
         let engine = load_engine(&settings).await?;
-        Proxy::new(settings, engine)
+        let role = UpstreamConfig::from_url(&settings.upstream).map_err(|e| StartError::Upstream(e.to_string()))?.user;
+        let admin = crate::auth::store::connect_admin(&settings.admin_upstream).await?;
+        let audit =
+            RoleAudit::run(&admin, &role, &engine.policies.development.tables).await.map_err(StartError::RoleAudit)?;
+        log_role_audit(&audit, settings.allow_unsafe_upstream_role);
+        Proxy::new(settings, engine, audit)
     }
 
-    pub fn new(settings: Settings, engine: Arc<PolicyEngine>) -> Result<Proxy, StartError> {
+    pub fn new(settings: Settings, engine: Arc<PolicyEngine>, role_audit: RoleAudit) -> Result<Proxy, StartError> {
         let upstream = UpstreamConfig::from_url(&settings.upstream).map_err(|e| StartError::Upstream(e.to_string()))?;
         let admin_upstream =
             UpstreamConfig::from_url(&settings.admin_upstream).map_err(|e| StartError::Upstream(e.to_string()))?;
@@ -107,6 +121,7 @@ impl Proxy {
             engine: std::sync::Mutex::new(engine),
             refresh_pending: std::sync::atomic::AtomicBool::new(false),
             scratch_schemas: dashmap::DashSet::new(),
+            role_audit: std::sync::Mutex::new(Arc::new(role_audit)),
             cancels: Arc::new(CancelRegistry::default()),
             upstream: Arc::new(upstream),
             admin_upstream: Arc::new(admin_upstream),
@@ -138,6 +153,34 @@ impl Proxy {
             );
         }
         Ok(!same)
+    }
+
+    /// The upstream role's last audit.
+    pub fn role_audit(&self) -> Arc<RoleAudit> {
+        Arc::clone(&self.role_audit.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// True while production keys must be refused: the upstream role has a hole and
+    /// `allow_unsafe_upstream_role` is off.
+    pub fn refuses_production(&self) -> bool {
+        !self.settings.allow_unsafe_upstream_role && self.role_audit().has_holes()
+    }
+
+    /// Audit the upstream role again: a role fixed since the start lets production keys in, a
+    /// new hole shuts them out (sessions already open keep running).
+    pub async fn refresh_role_audit(&self) -> Result<(), tokio_postgres::Error> {
+        let tables = {
+            let engine = self.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            Arc::clone(&engine.policies.development.tables)
+        };
+        let client = self.keys.admin().client().await?;
+        let fresh = RoleAudit::run(&client, &self.upstream.user, &tables).await?;
+        let mut current = self.role_audit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if **current != fresh {
+            log_role_audit(&fresh, self.settings.allow_unsafe_upstream_role);
+            *current = Arc::new(fresh);
+        }
+        Ok(())
     }
 
     /// Create the caller's scratch schema (owned by the least-privilege role) if needed. Best
@@ -179,7 +222,26 @@ impl Proxy {
     }
 }
 
-/// Refresh policies and catalog periodically until the proxy stops.
+/// Log the audit's holes and what they mean for production keys.
+fn log_role_audit(audit: &RoleAudit, allow_unsafe: bool) {
+    if !audit.has_holes() {
+        tracing::info!(role = %audit.role, "upstream role audit: no holes");
+        return;
+    }
+    for hole in audit.holes() {
+        tracing::warn!(role = %audit.role, hole = %hole.what, "upstream role hole");
+    }
+    if allow_unsafe {
+        tracing::warn!("production keys are served anyway: allow_unsafe_upstream_role = true");
+    } else {
+        tracing::warn!(
+            "production keys are refused until the upstream role is fixed (run `struere-proxy doctor`); \
+             development keys keep working"
+        );
+    }
+}
+
+/// Refresh policies, catalog and the upstream role audit periodically until the proxy stops.
 async fn refresh_periodically(proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(PERIODIC_REFRESH);
     tick.tick().await;
@@ -188,6 +250,9 @@ async fn refresh_periodically(proxy: Arc<Proxy>, mut shutdown: watch::Receiver<b
             _ = tick.tick() => {
                 if let Err(e) = proxy.refresh_engine().await {
                     tracing::error!(error = %e, "policy/catalog refresh failed; keeping the last good set");
+                }
+                if let Err(e) = proxy.refresh_role_audit().await {
+                    tracing::error!(error = %e, "upstream role audit failed; keeping the last result");
                 }
             }
             _ = shutdown.changed() => return,

@@ -60,6 +60,14 @@ pub fn load_dir(dir: &Path) -> Result<Policies, PolicyErrors> {
     }
 }
 
+/// The configured policy directory, or the shipped example set when none is configured.
+pub fn load_configured(dir: Option<&Path>) -> Result<Policies, PolicyErrors> {
+    match dir {
+        Some(dir) => load_dir(dir),
+        None => shipped(),
+    }
+}
+
 /// The example policy set shipped with the proxy (the demo domain), compiled from the copies
 /// embedded at build time.
 pub fn shipped() -> Result<Policies, PolicyErrors> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use crate::auth::api_key::{KeyHash, display_prefix};
-use crate::auth::identity::Caller;
+use crate::auth::identity::{Caller, Environment};
 use crate::auth::store::KeyStatus;
 use crate::cancel::CancelGuard;
 use crate::config::TlsMode;
@@ -162,8 +162,16 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
             .into());
         }
     };
-    proxy.keys.touch(record.id);
     let caller = record.caller.clone();
+    // A production key needs an upstream role without holes (`struere-proxy doctor`).
+    if let Caller::Environment(actor) = &caller
+        && actor.environment == Environment::Production
+        && proxy.refuses_production()
+    {
+        tracing::warn!("production key refused: the upstream role has holes");
+        return Err(SessionEnd::fatal(SqlState::INVALID_AUTHORIZATION, crate::server::PRODUCTION_REFUSED).into());
+    }
+    proxy.keys.touch(record.id);
 
     // 4. The database: environment keys only reach the configured one.
     if !caller.is_operator() && database != proxy.settings.database {

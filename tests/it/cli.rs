@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::harness::{code, fixture};
 
-fn bin() -> Command {
+pub(crate) fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_struere-proxy"));
     c.env_remove("STRUERE_CONFIG").env("STRUERE_LOG", "warn");
     c
