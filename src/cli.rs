@@ -55,6 +55,9 @@ pub struct Overrides {
     /// text | json
     #[arg(long, global = true, env = "STRUERE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Audit events written to the database: all | refused | off (all go to the log).
+    #[arg(long, global = true, env = "STRUERE_EVENT_STORE")]
+    pub event_store: Option<crate::config::EventStore>,
     /// Accept operator (break-glass) keys.
     #[arg(long, global = true, env = "STRUERE_OPERATOR_KEYS")]
     pub operator_keys: Option<bool>,
@@ -79,6 +82,7 @@ impl Overrides {
             key_cache_ttl_secs: self.key_cache_ttl,
             max_message_size: self.max_message_size,
             log_format: self.log_format,
+            event_store: self.event_store,
             operator_keys: self.operator_keys,
             policies: self.policies.clone(),
             allow_unsafe_upstream_role: self.allow_unsafe_upstream_role,

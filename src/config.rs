@@ -63,6 +63,27 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// Which audit events are written to `struere.events` (all of them always go to the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventStore {
+    All,
+    Refused,
+    Off,
+}
+
+impl std::str::FromStr for EventStore {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(EventStore::All),
+            "refused" => Ok(EventStore::Refused),
+            "off" => Ok(EventStore::Off),
+            other => Err(format!("unknown event store {other:?} (all, refused, off)")),
+        }
+    }
+}
+
 /// One layer of configuration: every field optional. The TOML file deserialises into it; the
 /// environment and flags are read into it by the CLI.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -78,6 +99,7 @@ pub struct RawConfig {
     pub key_cache_ttl_secs: Option<u64>,
     pub max_message_size: Option<usize>,
     pub log_format: Option<LogFormat>,
+    pub event_store: Option<EventStore>,
     pub operator_keys: Option<bool>,
     pub search_path: Option<String>,
     pub max_clients: Option<usize>,
@@ -111,6 +133,7 @@ impl RawConfig {
             key_cache_ttl_secs: over.key_cache_ttl_secs.or(self.key_cache_ttl_secs),
             max_message_size: over.max_message_size.or(self.max_message_size),
             log_format: over.log_format.or(self.log_format),
+            event_store: over.event_store.or(self.event_store),
             operator_keys: over.operator_keys.or(self.operator_keys),
             search_path: over.search_path.or(self.search_path),
             max_clients: over.max_clients.or(self.max_clients),
@@ -139,6 +162,8 @@ pub struct Settings {
     pub key_cache_ttl: Duration,
     pub max_message_size: usize,
     pub log_format: LogFormat,
+    /// Which audit events go to the database (events.rs).
+    pub event_store: EventStore,
     pub operator_keys: bool,
     pub search_path: String,
     pub max_clients: usize,
@@ -210,6 +235,7 @@ impl Settings {
             key_cache_ttl: Duration::from_secs(ttl),
             max_message_size,
             log_format: raw.log_format.unwrap_or(LogFormat::Text),
+            event_store: raw.event_store.unwrap_or(EventStore::All),
             operator_keys: raw.operator_keys.unwrap_or(false),
             search_path: raw.search_path.unwrap_or_else(|| "public".to_owned()),
             max_clients: raw.max_clients.unwrap_or(1000).max(1),

@@ -211,6 +211,8 @@ pub const USAGE_FLUSH: Duration = Duration::from_secs(5);
 /// The process-wide destination of events and usage.
 pub struct EventSink {
     tx: mpsc::Sender<Event>,
+    /// Which events go to the database.
+    store: crate::config::EventStore,
     /// Events not written to the database (queue full, or the database refused the batch).
     pub dropped: Arc<AtomicU64>,
     /// Events written to the database.
@@ -220,10 +222,11 @@ pub struct EventSink {
 
 impl EventSink {
     /// The sink and the receiving end the writer task drains.
-    pub fn new() -> (Arc<EventSink>, mpsc::Receiver<Event>) {
+    pub fn new(store: crate::config::EventStore) -> (Arc<EventSink>, mpsc::Receiver<Event>) {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let sink = EventSink {
             tx,
+            store,
             dropped: Arc::new(AtomicU64::new(0)),
             written: Arc::new(AtomicU64::new(0)),
             usage: DashMap::new(),
@@ -251,6 +254,14 @@ impl EventSink {
             duration_us = e.duration.as_micros() as u64,
             "statement"
         );
+        let stored = match self.store {
+            crate::config::EventStore::All => true,
+            crate::config::EventStore::Refused => e.verdict == Verdict::Refused,
+            crate::config::EventStore::Off => false,
+        };
+        if !stored {
+            return;
+        }
         if let Err(mpsc::error::TrySendError::Full(e) | mpsc::error::TrySendError::Closed(e)) = self.tx.try_send(e) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             if e.verdict == Verdict::Refused {
@@ -483,7 +494,7 @@ mod tests {
 
     #[test]
     fn usage_counts_and_restores() {
-        let (sink, _rx) = EventSink::new();
+        let (sink, _rx) = EventSink::new(crate::config::EventStore::All);
         let k = UsageKey { key_prefix: "p".into(), environment: "development".into(), organization: "acme".into() };
         sink.count(&k, Usage { statements: 1, rows: 3, errors: 0, time_us: 10 });
         sink.count(&k, Usage { statements: 0, rows: 0, errors: 1, time_us: 5 });
@@ -492,6 +503,21 @@ mod tests {
         assert!(sink.take_usage().is_empty());
         sink.restore_usage(taken);
         assert_eq!(sink.take_usage()[0].1.rows, 3);
+    }
+
+    #[test]
+    fn the_event_store_setting_chooses_what_reaches_the_database() {
+        let (sink, mut rx) = EventSink::new(crate::config::EventStore::Refused);
+        sink.record(ev());
+        let mut refused = ev();
+        refused.verdict = Verdict::Refused;
+        sink.record(refused);
+        assert_eq!(rx.try_recv().map(|e| e.verdict).ok(), Some(Verdict::Refused));
+        assert!(rx.try_recv().is_err());
+        let (off, mut rx) = EventSink::new(crate::config::EventStore::Off);
+        off.record(ev());
+        assert!(rx.try_recv().is_err());
+        assert_eq!(off.dropped.load(Ordering::Relaxed), 0, "not stored by choice is not dropped");
     }
 
     #[test]

@@ -111,7 +111,7 @@ impl Proxy {
         };
         let mut nonce = [0u8; 8];
         getrandom::fill(&mut nonce).map_err(|e| StartError::Random(e.to_string()))?;
-        let (events, event_rx) = crate::events::EventSink::new();
+        let (events, event_rx) = crate::events::EventSink::new(settings.event_store);
         Ok(Proxy {
             events,
             event_rx: std::sync::Mutex::new(Some(event_rx)),
