@@ -10,7 +10,7 @@ use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
 use struere_proxy::protocol::frame::split_frontend;
 use struere_proxy::protocol::frontend::{decode_parse, decode_query, encode_parse, encode_query};
 
-use struere_proxy::catalog::{CatalogSnapshot, Function, Relation};
+use struere_proxy::catalog::{Function, Relation};
 use struere_proxy::rewrite::Rewriter;
 use struere_proxy::rewrite::engine::PolicyEngine;
 
@@ -44,41 +44,16 @@ fn actor() -> ActorContext {
     actor_with("admin")
 }
 
-/// The shipped policies over a catalog holding what the two statements touch.
+/// The shipped policies over the demo catalog, plus what psql's catalog query calls.
 fn engine() -> Arc<PolicyEngine> {
-    let mut catalog = CatalogSnapshot::default();
-    let cols = [("id", "text"), ("organization_id", "text"), ("email", "text"), ("name", "text"), ("phone", "text")];
-    let users = Relation::plain_table("public", "users", &cols);
-    catalog.relations.insert(("public".into(), "users".into()), users);
-    let cols = [
-        ("id", "text"),
-        ("organization_id", "text"),
-        ("environment", "text"),
-        ("entity_type", "text"),
-        ("data", "jsonb"),
-        ("created_at", "timestamp with time zone"),
-        ("updated_at", "timestamp with time zone"),
-    ];
-    let mut entities = Relation::plain_table("public", "entities", &cols);
-    for col in &mut entities.columns {
-        col.type_oid = match col.type_name.as_str() {
-            "text" => 25,
-            "jsonb" => 3802,
-            _ => 1184,
-        };
-    }
-    catalog.relations.insert(("public".into(), "entities".into()), entities);
-    // text comparisons are leakproof (as PostgreSQL marks them): key lookups get guarded relations.
-    for op in ["=", "<>", "<", "<=", ">", ">="] {
-        catalog.operators.insert((op.into(), 25, 25), true);
-    }
-    for f in ["pg_get_userbyid", "pg_table_is_visible", "jsonb_set"] {
+    let mut catalog = struere_proxy::catalog::demo::snapshot();
+    for f in ["pg_get_userbyid", "pg_table_is_visible"] {
         catalog.functions.insert(
             f.into(),
             vec![Function { schema: "pg_catalog".into(), name: f.into(), leakproof: false, volatility: 's' }],
         );
     }
-    for r in ["pg_class", "pg_namespace", "pg_am"] {
+    for r in ["pg_namespace", "pg_am"] {
         catalog.relations.insert(("pg_catalog".into(), r.into()), Relation::plain_table("pg_catalog", r, &[]));
     }
     let policies = struere_proxy::policy::shipped().expect("shipped policies compile");

@@ -24,7 +24,6 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use sqlparser::ast::Statement;
 use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
-use struere_proxy::catalog::{CatalogSnapshot, Column, ForeignKey, Function, RelKind, Relation};
 use struere_proxy::rewrite::engine::PolicyEngine;
 use struere_proxy::rewrite::{Refusal, Rewriter, StatementPolicy};
 
@@ -55,89 +54,12 @@ fn actor() -> ActorContext {
     }
 }
 
-fn table(name: &str, cols: &[(&str, &str)]) -> Relation {
-    Relation {
-        schema: "public".into(),
-        name: name.into(),
-        kind: RelKind::Table,
-        columns: cols
-            .iter()
-            .map(|(n, t)| Column { name: (*n).into(), type_name: (*t).into(), type_oid: type_oid(t), not_null: false })
-            .collect(),
-        primary_key: vec!["id".into()],
-        is_child: false,
-        foreign_keys: Vec::new(),
-    }
-}
-
-/// Type OIDs as PostgreSQL's, so guarded relations (leakproof comparisons) are exercised.
-fn type_oid(name: &str) -> u32 {
-    match name {
-        "boolean" => 16,
-        "text" => 25,
-        "jsonb" => 3802,
-        "timestamp with time zone" => 1184,
-        _ => 0,
-    }
-}
-
-/// The demo schema (`policies/schema.sql`), as in the engine's own tests.
-fn demo_catalog() -> CatalogSnapshot {
-    let mut c = CatalogSnapshot::default();
-    let env = [("id", "text"), ("organization_id", "text"), ("environment", "text")];
-    let with = |extra: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
-        env.iter().copied().chain(extra.iter().copied()).collect()
-    };
-    let ts = "timestamp with time zone";
-    let rels = vec![
-        table("organizations", &[("id", "text"), ("name", "text")]),
-        table("users", &[("id", "text"), ("organization_id", "text"), ("email", "text"), ("name", "text"), ("phone", "text")]),
-        table("agents", &[("id", "text"), ("organization_id", "text"), ("slug", "text"), ("name", "text"), ("description", "text")]),
-        table("tool_permissions", &[("id", "text"), ("organization_id", "text"), ("agent_id", "text"), ("tool", "text"), ("allowed", "boolean")]),
-        table("entity_types", &with(&[("slug", "text"), ("schema", "jsonb")])),
-        table("entities", &with(&[("entity_type", "text"), ("data", "jsonb"), ("created_at", ts), ("updated_at", ts)])),
-        table("entity_relations", &with(&[("from_id", "text"), ("to_id", "text"), ("relation_type", "text")])),
-        table("agent_configs", &with(&[("agent_id", "text"), ("system_prompt", "text"), ("model", "text"), ("tools", "jsonb")])),
-        table("threads", &with(&[("agent_id", "text"), ("user_id", "text"), ("created_at", ts)])),
-        table("messages", &with(&[("thread_id", "text"), ("role", "text"), ("content", "text"), ("created_at", ts)])),
-        table("trigger_runs", &with(&[("trigger", "text"), ("status", "text"), ("started_at", ts)])),
-    ];
-    for mut r in rels {
-        if r.name == "threads" {
-            r.foreign_keys.push(ForeignKey {
-                columns: vec!["agent_id".into()],
-                ref_schema: "public".into(),
-                ref_table: "agents".into(),
-                ref_columns: vec!["id".into()],
-            });
-        }
-        c.relations.insert((r.schema.clone(), r.name.clone()), r);
-    }
-    // Comparison operators as PostgreSQL 15 marks them: leakproof for text, timestamptz and
-    // boolean, not for jsonb.
-    for (ty, leakproof) in [(25, true), (1184, true), (16, true), (3802, false)] {
-        for op in ["=", "<>", "<", "<=", ">", ">="] {
-            c.operators.insert((op.into(), ty, ty), leakproof);
-        }
-    }
-    let mut pg_class = table("pg_class", &[("oid", "oid"), ("relname", "name")]);
-    pg_class.schema = "pg_catalog".into();
-    c.relations.insert(("pg_catalog".into(), "pg_class".into()), pg_class);
-    for (name, vol) in [("lower", 'i'), ("count", 'i'), ("now", 's'), ("pg_sleep", 'v'), ("jsonb_build_object", 's'), ("to_jsonb", 's'), ("jsonb_set", 'i'), ("nextval", 'v'), ("currval", 'v')] {
-        c.functions.insert(
-            name.into(),
-            vec![Function { schema: "pg_catalog".into(), name: name.into(), leakproof: false, volatility: vol }],
-        );
-    }
-    c
-}
-
 fn engine() -> Arc<PolicyEngine> {
     static ENGINE: OnceLock<Arc<PolicyEngine>> = OnceLock::new();
     ENGINE
         .get_or_init(|| {
             let policies = struere_proxy::policy::shipped().expect("shipped policies compile");
-            Arc::new(PolicyEngine { policies, catalog: Arc::new(demo_catalog()), allow_functions: BTreeSet::new() })
+            Arc::new(PolicyEngine { policies, catalog: Arc::new(struere_proxy::catalog::demo::snapshot()), allow_functions: BTreeSet::new() })
         })
         .clone()
 }

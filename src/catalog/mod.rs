@@ -4,6 +4,8 @@
 //! A `CatalogSnapshot` is plain data, read once (`load`) and again after DDL the proxy forwards;
 //! validation against the policy (`check_policy`) is a pure function over it.
 
+pub mod demo;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::policy::{TableScope, Tables};
