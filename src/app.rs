@@ -260,8 +260,14 @@ pub async fn events(raw: &RawConfig, cmd: EventsCommand) -> AppResult<()> {
     }
 }
 
+/// Control characters a tenant could put in a quoted identifier (newlines, escape sequences)
+/// are shown escaped, so an event can never forge a line or drive the operator's terminal.
+fn printable(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
 fn print_event(out: &mut impl Write, r: &tokio_postgres::Row, args: &TailArgs) -> AppResult<()> {
-    let text = |i: usize| -> AppResult<String> { Ok(r.try_get::<_, String>(i)?) };
+    let text = |i: usize| -> AppResult<String> { Ok(printable(&r.try_get::<_, String>(i)?)) };
     let (rows, us): (i64, i64) = (r.try_get(14)?, r.try_get(15)?);
     if args.json {
         let obj = serde_json::json!({
@@ -325,4 +331,13 @@ pub async fn usage(raw: &RawConfig, env: Option<String>) -> AppResult<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn event_text_cannot_forge_lines_or_escape_sequences() {
+        assert_eq!(super::printable("x\n2026 production \u{1b}[31mRED\r"), "x\\n2026 production \\u{1b}[31mRED\\r");
+        assert_eq!(super::printable("plain tables=users"), "plain tables=users");
+    }
 }

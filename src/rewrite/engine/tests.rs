@@ -454,3 +454,18 @@ fn written_references_must_stay_in_the_tenant() {
     let out = run(&admin_dev(), "UPDATE threads SET agent_id = 'a' WHERE id = 't'").unwrap();
     assert!(out.contains("FROM \"public\".\"agents\" AS"), "{out}");
 }
+
+#[test]
+fn the_number_of_secure_relations_per_statement_is_bounded() {
+    let ctes = |n: usize| {
+        let mut sql = String::from("WITH c0 AS (SELECT id FROM entities)");
+        for i in 1..n {
+            sql.push_str(&format!(", c{i} AS (SELECT id FROM entities WHERE id IN (SELECT id FROM c{}))", i - 1));
+        }
+        sql.push_str(&format!(" SELECT count(*) FROM c{}", n - 1));
+        sql
+    };
+    run(&admin_dev(), &ctes(super::walk::MAX_SECURE_RELATIONS)).unwrap();
+    let e = run(&admin_dev(), &ctes(super::walk::MAX_SECURE_RELATIONS + 1)).unwrap_err();
+    assert!(e.to_string().contains("at most"), "{e}");
+}

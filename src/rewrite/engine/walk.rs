@@ -18,6 +18,11 @@ use crate::auth::identity::Environment;
 use crate::auth::store::PROXY_SCHEMA;
 use crate::policy::Action;
 
+/// At most this many managed-table references per statement: each becomes a secure relation,
+/// and PostgreSQL's planning time grows quickly with them (red-teaming: 400 chained CTEs over
+/// a managed table took 98 s to plan and could not be cancelled).
+pub const MAX_SECURE_RELATIONS: usize = 64;
+
 /// Internal names start with this; client text may not use it.
 pub const RESERVED_PREFIX: &str = "__struere";
 
@@ -116,6 +121,8 @@ pub struct Walker<'c, 'a> {
     statements: usize,
     /// Which Selects hold guarded relations (guard.rs).
     guard: Tracker<'a>,
+    /// Managed-table references secured so far.
+    secured: usize,
 }
 
 impl<'c, 'a> Walker<'c, 'a> {
@@ -130,6 +137,7 @@ impl<'c, 'a> Walker<'c, 'a> {
             writes: Vec::new(),
             statements: 0,
             guard: Tracker::default(),
+            secured: 0,
         }
     }
 
@@ -296,6 +304,12 @@ impl<'c, 'a> Walker<'c, 'a> {
                 Err(e) => self.fail(e),
             };
         };
+        self.secured += 1;
+        if self.secured > MAX_SECURE_RELATIONS {
+            return self.fail(format!(
+                "a statement may reference managed tables at most {MAX_SECURE_RELATIONS} times (each becomes a secure relation)"
+            ));
+        }
         let alias = take_alias(tf, &table);
         // Guarded in a Select that may hold guarded relations, fenced elsewhere.
         let subquery = match self.guard.secure_relation(self.ctx, spec, &alias) {
