@@ -144,13 +144,14 @@ impl StatementLog {
         self.open.push_back(Open { event, closes_at, started: Instant::now() });
     }
 
-    /// CommandComplete: `tag` like `INSERT 0 5`, `UPDATE 3`, `SELECT 10`.
-    pub fn command_complete(&mut self, tag: &str) {
+    /// CommandComplete: `tag` like `INSERT 0 5`, `UPDATE 3`, `SELECT 10`; returns its rows.
+    pub fn command_complete(&mut self, tag: &str) -> u64 {
         let rows = tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
         let segment = self.seen + 1;
         if let Some(o) = self.open.iter_mut().rev().find(|o| o.closes_at == segment) {
             o.event.rows += rows;
         }
+        rows
     }
 
     /// ReadyForQuery: the decisions of the segment that ended, complete, and how long the

@@ -146,7 +146,13 @@ mod tests {
     }
 
     fn out(sql: &str) -> Arc<Rewritten> {
-        Arc::new(Rewritten { sql: sql.into(), statement_kinds: vec!["SelectStmt".into()], tables: vec![] })
+        Arc::new(Rewritten {
+            sql: sql.into(),
+            statement_kinds: vec!["SelectStmt".into()],
+            tables: vec![],
+            sql_hash: String::new(),
+            policy_version: None,
+        })
     }
 
     #[test]

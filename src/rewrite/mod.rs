@@ -77,6 +77,9 @@ pub struct Rewritten {
     pub statement_kinds: Vec<String>,
     /// The relations the client's statements name (CTE names excluded), for audit events.
     pub tables: Vec<String>,
+    /// Hash of `sql` and the policy version (audit events): computed once, cached with the rest.
+    pub sql_hash: String,
+    pub policy_version: Option<String>,
 }
 
 /// Why a text is not forwarded. The message is for humans (it names what was refused and why)
@@ -189,7 +192,13 @@ fn rewrite_uncached(sql: &str, actor: &ActorContext, policy: &dyn StatementPolic
 fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Result<Rewritten, Refusal> {
     let statements = classify::parse(sql).map_err(input_parse_refusal)?;
     if statements.is_empty() {
-        return Ok(Rewritten { sql: String::new(), statement_kinds: Vec::new(), tables: Vec::new() });
+        return Ok(Rewritten {
+            sql_hash: crate::events::sql_hash(""),
+            sql: String::new(),
+            statement_kinds: Vec::new(),
+            tables: Vec::new(),
+            policy_version: policy.version(actor),
+        });
     }
     let tokens =
         lexer::scan(sql).map_err(|m| Refusal::Syntax(format!("refused: PostgreSQL cannot scan this SQL: {m}")))?;
@@ -212,7 +221,13 @@ fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Re
     }
 
     verify::verify(&out, &checks, policy, actor)?;
-    Ok(Rewritten { sql: out, statement_kinds: kinds, tables: tables.into_iter().collect() })
+    Ok(Rewritten {
+        sql_hash: crate::events::sql_hash(&out),
+        sql: out,
+        statement_kinds: kinds,
+        tables: tables.into_iter().collect(),
+        policy_version: policy.version(actor),
+    })
 }
 
 /// Steps 3–5 for one statement: its text to forward, and what the verifier must find in it

@@ -22,6 +22,12 @@ pub trait StatementPolicy: Send + Sync {
     /// Checks PostgreSQL's reading of the text about to be forwarded (defence in depth against
     /// anything the sqlparser tree represented differently).
     fn check_output(&self, node: &pg_query::NodeEnum, actor: &ActorContext) -> Result<(), Refusal>;
+
+    /// The version of the rules applied for `actor` (for audit events); cached with the rewrite,
+    /// which the rewriter drops whenever the policy changes.
+    fn version(&self, _actor: &ActorContext) -> Option<String> {
+        None
+    }
 }
 
 /// Test-only: leaves every statement as it is, so the pipeline's own properties (printing,

@@ -160,7 +160,17 @@ fn multi_statement_input() {
 fn empty_input_is_an_empty_query() {
     for sql in ["", "   ", ";", ";;", " ; ; ", "-- just a comment", "/* c */", "/* a */ ; -- b\n"] {
         let out = rewrite(sql).unwrap();
-        assert_eq!(*out, Rewritten { sql: String::new(), statement_kinds: vec![], tables: vec![] }, "{sql:?}");
+        assert_eq!(
+            *out,
+            Rewritten {
+                sql: String::new(),
+                statement_kinds: vec![],
+                tables: vec![],
+                sql_hash: crate::events::sql_hash(""),
+                policy_version: None
+            },
+            "{sql:?}"
+        );
     }
 }
 

@@ -177,7 +177,7 @@ impl ClientToUpstream<'_> {
                     }
                     Caller::Environment(actor) => match self.rewrite(sql, actor) {
                         Ok(rw) => {
-                            self.decided(self.rewritten(&rw, actor), true);
+                            self.decided(self.rewritten(&rw), true);
                             encode_query(out, &rw.sql)
                         }
                         Err(refusal) => {
@@ -198,7 +198,7 @@ impl ClientToUpstream<'_> {
                     }
                     Caller::Environment(actor) => match self.rewrite_one(parse.query, actor) {
                         Ok(rw) => {
-                            self.decided(self.rewritten(&rw, actor), false);
+                            self.decided(self.rewritten(&rw), false);
                             encode_parse(out, parse.name, &rw.sql, &parse.param_types)
                         }
                         Err(refusal) => {
@@ -289,12 +289,13 @@ impl ClientToUpstream<'_> {
         e
     }
 
-    fn rewritten(&self, rw: &Rewritten, actor: &ActorContext) -> Event {
+    /// A rewritten text's event: everything but the caller comes from the (cached) rewrite.
+    fn rewritten(&self, rw: &Rewritten) -> Event {
         let mut e = Event::new(self.caller, self.key_prefix, Verdict::Rewritten);
         e.kinds = rw.statement_kinds.clone();
         e.tables = rw.tables.clone();
-        e.policy_version = Some(self.proxy.policy_version(actor.environment));
-        e.sql_hash = Some(crate::events::sql_hash(&rw.sql));
+        e.policy_version = rw.policy_version.clone();
+        e.sql_hash = Some(rw.sql_hash.clone());
         e
     }
 
@@ -399,8 +400,7 @@ impl UpstreamToClient<'_> {
                 b'C' => {
                     let tag = frame.body.split(|b| *b == 0).next().unwrap_or_default();
                     let tag = String::from_utf8_lossy(tag);
-                    lock(&self.tracker).statements.command_complete(&tag);
-                    let rows = tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+                    let rows = lock(&self.tracker).statements.command_complete(&tag);
                     self.proxy.events.count(&self.usage, Usage { statements: 1, rows, ..Usage::default() });
                     out.extend_from_slice(&frame.raw);
                     continue;

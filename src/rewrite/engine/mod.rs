@@ -73,6 +73,10 @@ fn denied(msg: impl Into<String>) -> Refusal {
 }
 
 impl StatementPolicy for PolicyEngine {
+    fn version(&self, actor: &ActorContext) -> Option<String> {
+        Some(self.policies.for_env(actor.environment).version.clone())
+    }
+
     fn check_pg(&self, node: &pg_query::NodeEnum, _actor: &ActorContext) -> Result<(), Refusal> {
         use pg_query::protobuf::TransactionStmtKind as K;
         if let pg_query::NodeEnum::TransactionStmt(t) = node
