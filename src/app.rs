@@ -89,20 +89,141 @@ fn key_spec(c: CreateKey) -> AppResult<KeySpec> {
     })
 }
 
-pub fn policy(raw: &RawConfig, cmd: PolicyCommand) -> AppResult<()> {
+/// The local policy directory: the configured one, else `./policies`.
+fn policy_dir(raw: &RawConfig) -> std::path::PathBuf {
+    raw.policies.clone().unwrap_or_else(|| std::path::PathBuf::from("policies"))
+}
+
+/// `policy …`. `Ok(false)`: `status --exit-code` found differences.
+pub async fn policy(raw: &RawConfig, cmd: PolicyCommand) -> AppResult<bool> {
+    use crate::lifecycle;
+    let dir = policy_dir(raw);
     match cmd {
         PolicyCommand::Check => {
-            let dir = raw.policies.clone().unwrap_or_else(|| std::path::PathBuf::from("policies"));
             let p = crate::policy::load_dir(&dir)?;
             println!(
                 "ok: {} tables; development {} ({} roles); production {} ({} roles)",
                 p.development.tables.by_name.len(),
-                p.development.version,
+                p.development.hash,
                 p.development.roles.len(),
-                p.production.version,
+                p.production.hash,
                 p.production.roles.len()
             );
-            Ok(())
+            Ok(true)
+        }
+        PolicyCommand::Dev { watch } => {
+            let mut client = store::connect_admin(&admin_url(raw)?).await?;
+            if !watch {
+                let bundle = crate::policy::Bundle::from_dir(&dir)?;
+                print_change(&lifecycle::sync_development(&mut client, &bundle, &dir).await?)?;
+                return Ok(true);
+            }
+            watch_and_sync(&mut client, &dir).await?;
+            Ok(true)
+        }
+        PolicyCommand::Deploy { dry_run } => {
+            let mut client = store::connect_admin(&admin_url(raw)?).await?;
+            let (dev, changes) = lifecycle::plan_deploy(&client).await?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "production ← development v{} ({}):", dev.version, dev.bundle.hash())?;
+            print_lines(&mut out, &changes)?;
+            drop(out);
+            if !dry_run {
+                print_change(&lifecycle::deploy(&mut client).await?)?;
+            }
+            Ok(true)
+        }
+        PolicyCommand::Status { exit_code } => {
+            let client = store::connect_admin(&admin_url(raw)?).await?;
+            let local = crate::policy::Bundle::from_dir(&dir).ok();
+            let status = lifecycle::status(&client, local.as_ref().map(|b| (b, dir.as_path()))).await?;
+            let mut out = std::io::stdout().lock();
+            for v in &status.versions {
+                writeln!(out, "{v}")?;
+            }
+            if local.is_none() {
+                writeln!(out, "(no readable policy files in {}: local files not compared)", dir.display())?;
+            }
+            for section in &status.sections {
+                writeln!(out, "\n## {}", section.title)?;
+                print_lines(&mut out, &section.lines)?;
+            }
+            let n = status.differences();
+            writeln!(out, "\n{n} difference(s) to act on")?;
+            Ok(!(exit_code && n > 0))
+        }
+        PolicyCommand::History { env } => {
+            let env = env.map(|e| e.parse::<Environment>()).transpose()?;
+            let client = store::connect_admin(&admin_url(raw)?).await?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{:<12} {:>7} {:<16} {:<20} {:<24} source", "env", "version", "hash", "deployed_at", "by")?;
+            for v in crate::policy::store::history(&client, env).await? {
+                writeln!(
+                    out,
+                    "{:<12} {:>7} {:<16} {:<20} {:<24} {}",
+                    v.environment.as_str(),
+                    format!("v{}", v.version),
+                    v.content_hash,
+                    v.deployed_at,
+                    v.deployed_by,
+                    v.source
+                )?;
+            }
+            Ok(true)
+        }
+        PolicyCommand::Rollback { env, to } => {
+            let env: Environment = env.parse()?;
+            let mut client = store::connect_admin(&admin_url(raw)?).await?;
+            print_change(&lifecycle::rollback(&mut client, env, to).await?)?;
+            Ok(true)
+        }
+    }
+}
+
+fn print_lines(out: &mut impl Write, lines: &[String]) -> std::io::Result<()> {
+    if lines.is_empty() {
+        writeln!(out, "  (no differences)")?;
+    }
+    for l in lines {
+        writeln!(out, "  {l}")?;
+    }
+    Ok(())
+}
+
+fn print_change(change: &crate::lifecycle::Change) -> std::io::Result<()> {
+    use crate::policy::store::Published;
+    let mut out = std::io::stdout().lock();
+    match change.published {
+        Published::New(v) => writeln!(out, "{}: v{v} is now in force", change.environment.as_str())?,
+        Published::Unchanged(v) => writeln!(out, "{}: unchanged (v{v} is in force)", change.environment.as_str())?,
+    }
+    print_lines(&mut out, &change.diff)?;
+    out.flush()
+}
+
+/// `policy dev --watch`: poll the files (twice a second) and try every new content once: sync
+/// it and print what changed, or print why it was not synced (the last good version stays).
+async fn watch_and_sync(client: &mut tokio_postgres::Client, dir: &std::path::Path) -> AppResult<()> {
+    // The last content tried, or the last read error: each is reported once.
+    let mut last: Option<Result<crate::policy::Bundle, String>> = None;
+    eprintln!("watching {} (Ctrl-C to stop)", dir.display());
+    loop {
+        let read = crate::policy::Bundle::from_dir(dir).map_err(|e| e.to_string());
+        if last.as_ref() != Some(&read) {
+            match &read {
+                Ok(bundle) => match crate::lifecycle::sync_development(client, bundle, dir).await {
+                    Ok(change) => print_change(&change)?,
+                    Err(crate::lifecycle::LifecycleError::Db(e)) => return Err(e.into()),
+                    Err(e) => println!("not synced (development keeps its version):\n{e}"),
+                },
+                Err(e) => println!("not synced (development keeps its version):\n{e}"),
+            }
+            std::io::stdout().flush()?;
+            last = Some(read);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
 }
@@ -156,22 +277,37 @@ pub async fn explain(raw: &RawConfig, args: ExplainArgs) -> AppResult<bool> {
 pub async fn migrate(raw: &RawConfig, cmd: MigrateCommand) -> AppResult<()> {
     match cmd {
         MigrateCommand::AddEnvironment(args) => {
-            let policies = crate::policy::load_configured(raw.policies.as_deref())?;
-            let target = crate::migrate::Target::resolve(&args.table, &policies.development.tables)?;
-            let default: Environment = args.default.parse()?;
             let client = store::connect_admin(&admin_url(raw)?).await?;
+            let tables = managed_tables(raw, &client).await?;
+            let target = crate::migrate::Target::resolve(&args.table, &tables)?;
+            let default: Environment = args.default.parse()?;
             crate::migrate::add_environment(&client, &target, default, args.batch_size, &mut std::io::stdout()).await?;
             Ok(())
         }
     }
 }
 
+/// The managed tables `doctor` and `migrate` work on: those of the policy directory when one is
+/// given (checking files before they are deployed), else those the deployed policies manage
+/// (both environments), else those of `./policies`.
+async fn managed_tables(raw: &RawConfig, client: &tokio_postgres::Client) -> AppResult<crate::policy::Tables> {
+    use crate::policy::store;
+    if let Some(dir) = &raw.policies {
+        return Ok(crate::policy::load_dir(dir)?.all_tables());
+    }
+    let dev = store::latest(client, Environment::Development).await?;
+    let prod = store::latest(client, Environment::Production).await?;
+    if dev.is_none() && prod.is_none() {
+        return Ok(crate::policy::load_dir(&policy_dir(raw))?.all_tables());
+    }
+    Ok(crate::policy::bundle::assemble(dev.as_ref(), prod.as_ref())?.all_tables())
+}
+
 /// `doctor`: one line per finding and a summary on stdout. `Ok(false)` when there is an ERROR.
 pub async fn doctor(raw: &RawConfig) -> AppResult<bool> {
     use crate::doctor::{Finding, Report, RoleAudit, check_tables};
-    let policies = crate::policy::load_configured(raw.policies.as_deref())?;
-    let tables = &policies.development.tables;
     let client = store::connect_admin(&admin_url(raw)?).await?;
+    let tables = &managed_tables(raw, &client).await?;
     let mut report = Report::default();
     report.findings.extend(check_tables(&client, tables).await?);
     match &raw.upstream {

@@ -61,7 +61,8 @@ pub struct Overrides {
     /// Accept operator (break-glass) keys.
     #[arg(long, global = true, env = "STRUERE_OPERATOR_KEYS")]
     pub operator_keys: Option<bool>,
-    /// Policy directory (default: the shipped example set).
+    /// Local policy directory, for `policy check|dev|status` (default ./policies) and the set the
+    /// demo deploys (default: the shipped example set). `serve` uses the deployed sets only.
     #[arg(long, global = true, env = "STRUERE_POLICIES")]
     pub policies: Option<PathBuf>,
     /// Serve production keys even when `doctor` finds holes in the upstream role.
@@ -195,10 +196,48 @@ pub struct ExplainArgs {
     pub sql: String,
 }
 
+/// The policy lifecycle. Local files live in the policy directory (`--policies`, default
+/// `./policies`); deployed bundles live in the database (`--admin-upstream`), one history per
+/// environment. Exit codes: 0 done, 1 differences found (`status --exit-code`), 2 could not run.
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
-    /// Validate the policy directory; every problem is printed as file:line: message.
+    /// Validate the local policy directory; every problem is printed as file:line: message.
     Check,
+    /// Validate the local files (and against the live catalog) and sync them to development.
+    /// Production never changes this way.
+    Dev {
+        /// Keep running: re-sync on every change of the files and print what changed.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Promote development's bundle to production, printing the difference first.
+    Deploy {
+        /// Print the difference only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Compare the local files, development, production and the live catalog; print the
+    /// differences (the check to run before deploying).
+    Status {
+        /// Exit 1 when there are differences.
+        #[arg(long)]
+        exit_code: bool,
+    },
+    /// The deployed versions, newest first.
+    History {
+        /// development | production (default: both)
+        #[arg(long)]
+        env: Option<String>,
+    },
+    /// Make an older version the one in force (recorded as a new version).
+    Rollback {
+        /// development | production
+        #[arg(long)]
+        env: String,
+        /// The version to restore (see `policy history`).
+        #[arg(long)]
+        to: i32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -292,6 +331,24 @@ mod tests {
         assert_eq!(c.roles, ["admin", "teacher"]);
         assert!(Cli::try_parse_from(["struere-proxy", "keys", "create", "--name", "x"]).is_err());
         assert!(Cli::try_parse_from(["struere-proxy", "keys", "create", "--name", "x", "--operator"]).is_ok());
+    }
+
+    #[test]
+    fn policy_commands_parse() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["struere-proxy", "policy"], args].concat());
+        assert!(matches!(
+            parse(&["dev", "--watch"]).unwrap().command,
+            Command::Policy(PolicyCommand::Dev { watch: true })
+        ));
+        assert!(matches!(
+            parse(&["status", "--exit-code"]).unwrap().command,
+            Command::Policy(PolicyCommand::Status { exit_code: true })
+        ));
+        let cli = parse(&["rollback", "--env", "production", "--to", "3"]).unwrap();
+        let Command::Policy(PolicyCommand::Rollback { env, to }) = cli.command else { panic!() };
+        assert_eq!((env.as_str(), to), ("production", 3));
+        assert!(parse(&["rollback", "--env", "production"]).is_err());
+        assert!(parse(&["deploy", "--dry-run", "--admin-upstream", "postgres://x@y/z"]).is_ok());
     }
 
     #[test]

@@ -117,9 +117,17 @@ impl Demo {
         };
         let settings = Settings::from_raw(base.overlay(overrides))?;
 
-        let admin = store::connect_admin(&admin_url).await?;
+        let mut admin = store::connect_admin(&admin_url).await?;
         store::init_schema(&admin).await?;
-        let policies = crate::policy::load_configured(settings.policies.as_deref())?;
+        // The policies go through the same lifecycle a user's do: synced to development, then
+        // promoted to production.
+        let (bundle, label) = match &settings.policies {
+            Some(dir) => (crate::policy::Bundle::from_dir(dir)?, dir.clone()),
+            None => (crate::policy::Bundle::shipped(), std::path::PathBuf::from("policies")),
+        };
+        crate::lifecycle::sync_development(&mut admin, &bundle, &label).await?;
+        crate::lifecycle::deploy(&mut admin).await?;
+        let policies = bundle.compile(&label)?;
         let mut keys = Vec::new();
         for env in [Environment::Development, Environment::Production] {
             for org in DEMO_ORGANIZATIONS {

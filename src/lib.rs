@@ -13,6 +13,8 @@
 //! - [`config`], [`cli`], [`app`], [`demo`]: configuration layers and the subcommands.
 //! - [`doctor`]: schema and upstream-role checks (also consulted by the server before it lets
 //!   production keys in); [`migrate`]: `migrate add-environment`.
+//! - [`lifecycle`]: the policy lifecycle (`policy dev`, `deploy`, `status`, `history`, `rollback`)
+//!   over the deployed bundles of [`policy::store`].
 //! - [`cluster`]: a throwaway local PostgreSQL for the demo and the tests.
 
 pub mod app;
@@ -26,6 +28,7 @@ pub mod demo;
 pub mod doctor;
 pub mod error;
 pub mod events;
+pub mod lifecycle;
 pub mod migrate;
 pub mod net;
 pub mod policy;

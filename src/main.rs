@@ -48,7 +48,15 @@ async fn main() -> std::process::ExitCode {
             }
             demo::run(raw).await
         }
-        Command::Policy(p) => app::policy(&raw, p),
+        // 1: differences (`status --exit-code`); 2: could not run.
+        Command::Policy(p) => match app::policy(&raw, p).await {
+            Ok(true) => Ok(()),
+            Ok(false) => return std::process::ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        },
         Command::Events(crate_events) => app::events(&raw, crate_events).await,
         Command::Usage { env } => app::usage(&raw, env).await,
         Command::Explain(args) => match app::explain(&raw, args).await {

@@ -66,6 +66,8 @@ pub enum StartError {
     Random(String),
     #[error("invalid policies:\n{0}")]
     Policy(#[from] crate::policy::PolicyErrors),
+    #[error("cannot read the deployed policies: {0}")]
+    PolicyStore(#[from] crate::policy::store::PolicyStoreError),
     #[error("cannot read the upstream catalog: {0}")]
     Catalog(#[from] tokio_postgres::Error),
     #[error("the policies do not match the database:\n{}", .0.join("\n"))]
@@ -74,12 +76,17 @@ pub enum StartError {
     RoleAudit(tokio_postgres::Error),
 }
 
-/// Policies (from the configured directory, else the shipped set) checked against the catalog.
+/// The policy sets deployed to each environment (`struere.policy_versions`), checked against
+/// the catalog. An environment with nothing deployed gets the empty set: its keys are refused.
 pub async fn load_engine(settings: &Settings) -> Result<Arc<PolicyEngine>, StartError> {
-    let policies = crate::policy::load_configured(settings.policies.as_deref())?;
+    use crate::auth::identity::Environment;
+    use crate::policy::store;
     let admin = crate::auth::store::connect_admin(&settings.admin_upstream).await?;
+    let development = store::latest(&admin, Environment::Development).await?;
+    let production = store::latest(&admin, Environment::Production).await?;
+    let policies = crate::policy::bundle::assemble(development.as_ref(), production.as_ref())?;
     let catalog = crate::catalog::load(&admin).await?;
-    crate::catalog::check_policy(&catalog, &policies.development.tables).map_err(StartError::Mismatch)?;
+    crate::catalog::check_policy(&catalog, &policies.all_tables()).map_err(StartError::Mismatch)?;
     Ok(Arc::new(PolicyEngine {
         policies,
         catalog: Arc::new(catalog),
@@ -95,7 +102,7 @@ impl Proxy {
         let role = UpstreamConfig::from_url(&settings.upstream).map_err(|e| StartError::Upstream(e.to_string()))?.user;
         let admin = crate::auth::store::connect_admin(&settings.admin_upstream).await?;
         let audit =
-            RoleAudit::run(&admin, &role, &engine.policies.development.tables).await.map_err(StartError::RoleAudit)?;
+            RoleAudit::run(&admin, &role, &engine.policies.all_tables()).await.map_err(StartError::RoleAudit)?;
         log_role_audit(&audit, settings.allow_unsafe_upstream_role);
         Proxy::new(settings, engine, audit)
     }
@@ -131,10 +138,15 @@ impl Proxy {
         })
     }
 
-    /// The version of the policy set in force for `env` (hash of its files).
-    pub fn policy_version(&self, env: crate::auth::identity::Environment) -> String {
+    /// The policy set in force for `env`.
+    pub fn policy_set(&self, env: crate::auth::identity::Environment) -> Arc<crate::policy::PolicySet> {
         let engine = self.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        engine.policies.for_env(env).version.clone()
+        Arc::clone(engine.policies.for_env(env))
+    }
+
+    /// The version of the policy set in force for `env` (`v<N>`, or `none`).
+    pub fn policy_version(&self, env: crate::auth::identity::Environment) -> String {
+        self.policy_set(env).version.clone()
     }
 
     /// Re-read the policies and the catalog. An invalid policy set, or one that no longer
@@ -171,7 +183,7 @@ impl Proxy {
     pub async fn refresh_role_audit(&self) -> Result<(), tokio_postgres::Error> {
         let tables = {
             let engine = self.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            Arc::clone(&engine.policies.development.tables)
+            engine.policies.all_tables()
         };
         let client = self.keys.admin().client().await?;
         let fresh = RoleAudit::run(&client, &self.upstream.user, &tables).await?;
@@ -260,6 +272,68 @@ async fn refresh_periodically(proxy: Arc<Proxy>, mut shutdown: watch::Receiver<b
     }
 }
 
+/// LISTEN for deployments and switch to a new version as soon as one is published (new
+/// statements use it; a statement already rewritten finishes under the old one). The
+/// connection is re-made when lost, and the policies are re-read after every (re)connect, so a
+/// deployment made while it was down is picked up then (the periodic refresh is the backstop).
+async fn follow_deployments(proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = std::time::Duration::from_millis(250);
+    loop {
+        match tokio_postgres::connect(&proxy.settings.admin_upstream, tokio_postgres::NoTls).await {
+            Ok((client, mut connection)) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                        if let tokio_postgres::AsyncMessage::Notification(n) = message
+                            && tx.send(n.payload().to_owned()).is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                let listen = format!("LISTEN {}", crate::policy::store::CHANNEL);
+                match client.batch_execute(&listen).await {
+                    Ok(()) => {
+                        backoff = std::time::Duration::from_millis(250);
+                        switch_policies(&proxy, "listening for deployments").await;
+                        loop {
+                            tokio::select! {
+                                payload = rx.recv() => match payload {
+                                    Some(payload) => switch_policies(&proxy, &payload).await,
+                                    None => break,
+                                },
+                                _ = shutdown.changed() => {
+                                    driver.abort();
+                                    return;
+                                }
+                            }
+                        }
+                        tracing::warn!("lost the deployment listener connection; reconnecting");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot LISTEN for policy deployments"),
+                }
+                driver.abort();
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot connect to listen for policy deployments"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+    }
+}
+
+async fn switch_policies(proxy: &Proxy, why: &str) {
+    // refresh_engine logs the versions when they changed.
+    match proxy.refresh_engine().await {
+        Ok(changed) => tracing::debug!(trigger = why, changed, "deployed policies re-read"),
+        Err(e) => {
+            tracing::error!(error = %e, trigger = why, "cannot load the deployed policies; keeping the last good set")
+        }
+    }
+}
+
 /// Accept clients until `shutdown` flips to true. Each client runs on its own task; a panic or
 /// error in one never reaches another.
 pub async fn serve(
@@ -332,6 +406,7 @@ impl RunningProxy {
         let proxy = Arc::new(Proxy::load(settings).await?);
         let (tx, rx) = watch::channel(false);
         tokio::spawn(refresh_periodically(Arc::clone(&proxy), rx.clone()));
+        tokio::spawn(follow_deployments(Arc::clone(&proxy), rx.clone()));
         let event_rx = proxy.event_rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         if let Some(event_rx) = event_rx {
             let url = proxy.settings.admin_upstream.clone();

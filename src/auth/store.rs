@@ -76,6 +76,18 @@ CREATE TABLE IF NOT EXISTS struere.usage (
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (key_prefix, environment, organization_id)
 );
+-- Deployed policy bundles (policy/store.rs): one history per environment, the newest version
+-- in force. Rows are only ever added (a rollback adds a copy of an older bundle).
+CREATE TABLE IF NOT EXISTS struere.policy_versions (
+    environment     text NOT NULL CHECK (environment IN ('development', 'production')),
+    version         integer NOT NULL CHECK (version > 0),
+    content_hash    text NOT NULL,
+    files           jsonb NOT NULL,
+    source          text NOT NULL,
+    deployed_by     text NOT NULL,
+    deployed_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (environment, version)
+);
 REVOKE ALL ON ALL TABLES IN SCHEMA struere FROM PUBLIC;
 "#;
 

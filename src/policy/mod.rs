@@ -3,15 +3,19 @@
 //! read as raw TOML (`raw.rs`), compiled with `file:line` errors (`compile.rs`) into the model
 //! (`model.rs`) that the rewriter consults.
 
+pub mod bundle;
 pub mod compile;
+pub mod describe;
 pub mod model;
 pub mod raw;
+pub mod store;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+pub use bundle::Bundle;
 pub use compile::{PolicyError, PolicyErrors};
 pub use model::*;
 
@@ -31,51 +35,28 @@ impl Policies {
             Environment::Production => &self.production,
         }
     }
-}
 
-fn read(path: &Path) -> Result<String, PolicyErrors> {
-    std::fs::read_to_string(path).map_err(|e| {
-        PolicyErrors(vec![PolicyError { file: path.to_owned(), line: 0, message: format!("cannot read: {e}") }])
-    })
+    /// Every table either environment manages (what `doctor` and the role audit check).
+    pub fn all_tables(&self) -> Tables {
+        let mut all = Tables::default();
+        for set in [&self.development, &self.production] {
+            for (name, spec) in &set.tables.by_name {
+                all.by_name.entry(name.clone()).or_insert_with(|| spec.clone());
+            }
+        }
+        all
+    }
 }
 
 /// Load and compile a policy directory. Every problem in every file is reported.
 pub fn load_dir(dir: &Path) -> Result<Policies, PolicyErrors> {
-    let tables_path = dir.join("tables.toml");
-    let tables_text = read(&tables_path)?;
-    let mut texts = Vec::new();
-    let mut errors = Vec::new();
-    for env in [Environment::Development, Environment::Production] {
-        let path = dir.join(format!("{}.toml", env.as_str()));
-        match read(&path) {
-            Ok(t) => texts.push((path, t)),
-            Err(e) => errors.extend(e.0),
-        }
-    }
-    match (errors.is_empty(), texts.pop(), texts.pop()) {
-        (true, Some((prod_path, prod)), Some((dev_path, dev))) => {
-            compile_all((&tables_path, &tables_text), (&dev_path, &dev), (&prod_path, &prod))
-        }
-        _ => Err(PolicyErrors(errors)),
-    }
-}
-
-/// The configured policy directory, or the shipped example set when none is configured.
-pub fn load_configured(dir: Option<&Path>) -> Result<Policies, PolicyErrors> {
-    match dir {
-        Some(dir) => load_dir(dir),
-        None => shipped(),
-    }
+    Bundle::from_dir(dir)?.compile(dir)
 }
 
 /// The example policy set shipped with the proxy (the demo domain), compiled from the copies
 /// embedded at build time.
 pub fn shipped() -> Result<Policies, PolicyErrors> {
-    compile_all(
-        (Path::new("policies/tables.toml"), include_str!("../../policies/tables.toml")),
-        (Path::new("policies/development.toml"), include_str!("../../policies/development.toml")),
-        (Path::new("policies/production.toml"), include_str!("../../policies/production.toml")),
-    )
+    Bundle::shipped().compile(Path::new("policies"))
 }
 
 /// Compile the three files; every problem in every file is reported.
@@ -90,12 +71,15 @@ pub fn compile_all(tables: (&Path, &str), dev: (&Path, &str), prod: (&Path, &str
                 h.update(tables.1.as_bytes());
                 h.update([0]);
                 h.update(text.as_bytes());
-                let version = hex::encode(&h.finalize()[..8]);
+                let hash = hex::encode(&h.finalize()[..8]);
                 sets.push(Arc::new(PolicySet {
                     environment: env,
                     tables: Arc::clone(&compiled_tables),
                     roles,
-                    version,
+                    version: format!("local:{hash}"),
+                    hash,
+                    origin: PolicyOrigin::Files,
+                    managed_elsewhere: Arc::default(),
                 }));
             }
             Err(e) => errors.extend(e.0),

@@ -194,12 +194,66 @@ impl Tables {
     }
 }
 
-/// The roles of one environment, over the shared managed tables.
+/// Where a policy set in force came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyOrigin {
+    /// Compiled from local files (`policy check`, `explain --local`, tests).
+    Files,
+    /// The environment's deployed bundle of this version (`struere.policy_versions`).
+    Deployed { version: i32 },
+    /// Nothing is deployed for the environment: its keys are refused (fail closed).
+    NotDeployed,
+}
+
+/// The roles of one environment, over its managed tables.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicySet {
     pub environment: Environment,
     pub tables: Arc<Tables>,
     pub roles: BTreeMap<String, Role>,
-    /// Hex SHA-256 of the source files: identifies the version that is loaded.
+    /// What audit events record: `v<N>` for a deployed bundle, `local:<hash>` for files.
     pub version: String,
+    /// Hex SHA-256 (first 8 bytes) of the files this set was compiled from.
+    pub hash: String,
+    pub origin: PolicyOrigin,
+    /// Tables the *other* environment's deployed policy manages and this one does not. They are
+    /// never treated as unmanaged (scratch) tables here: a development bundle that stopped
+    /// managing a table must not open production's rows of it to development keys.
+    pub managed_elsewhere: Arc<Tables>,
+}
+
+impl PolicySet {
+    /// The set in force for an environment nothing was deployed to: no roles, no tables.
+    pub fn not_deployed(environment: Environment) -> PolicySet {
+        PolicySet {
+            environment,
+            tables: Arc::default(),
+            roles: BTreeMap::new(),
+            version: "none".to_owned(),
+            hash: String::new(),
+            origin: PolicyOrigin::NotDeployed,
+            managed_elsewhere: Arc::default(),
+        }
+    }
+
+    /// Whether this environment's keys may be served at all.
+    pub fn is_deployed(&self) -> bool {
+        self.origin != PolicyOrigin::NotDeployed
+    }
+
+    /// The managed table `schema.name` in this environment's policy, or `Err` when only the
+    /// other environment's policy manages it.
+    pub fn managed(&self, schema: &str, name: &str) -> Result<Option<&TableSpec>, String> {
+        if let Some(spec) = self.tables.table(schema, name) {
+            return Ok(Some(spec));
+        }
+        if self.managed_elsewhere.table(schema, name).is_some() {
+            return Err(format!(
+                "{schema}.{name} is managed by the other environment's deployed policy but not by {}'s; deploy a \
+                 policy set that manages it here too",
+                self.environment.as_str()
+            ));
+        }
+        Ok(None)
+    }
 }

@@ -163,6 +163,17 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
         }
     };
     let caller = record.caller.clone();
+    // Fail closed: no deployed policy set, no session for that environment.
+    if let Caller::Environment(actor) = &caller
+        && !proxy.policy_set(actor.environment).is_deployed()
+    {
+        tracing::warn!(environment = %actor.environment, "key refused: no policy set is deployed for its environment");
+        return Err(SessionEnd::fatal(
+            SqlState::INVALID_AUTHORIZATION,
+            crate::rewrite::engine::not_deployed_message(actor.environment),
+        )
+        .into());
+    }
     // A production key needs an upstream role without holes (`struere-proxy doctor`).
     if let Caller::Environment(actor) = &caller
         && actor.environment == Environment::Production

@@ -4,13 +4,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
 use struere_proxy::auth::store::{self, KeySpec};
 use struere_proxy::config::{RawConfig, Settings};
 use struere_proxy::demo::Demo;
-use struere_proxy::server::RunningProxy;
+use struere_proxy::server::{Proxy, RunningProxy};
 use tokio_postgres::{Client, NoTls};
 
 pub struct Fixture {
@@ -139,18 +139,48 @@ impl Fixture {
     /// Start one more proxy (same cluster) with changed settings, on the fixture's runtime.
     pub fn extra_proxy(&self, change: impl FnOnce(&mut Settings)) -> SocketAddr {
         let mut settings = self.settings.clone();
-        settings.listen = "127.0.0.1:0".into();
         change(&mut settings);
+        self.start_proxy(settings).0
+    }
+
+    /// Start a proxy with these settings (on any free port) on the fixture's runtime; it lives
+    /// as long as the test binary.
+    pub fn start_proxy(&self, mut settings: Settings) -> (SocketAddr, Arc<Proxy>) {
+        settings.listen = "127.0.0.1:0".into();
         let handle = self.runtime.handle().clone();
         std::thread::spawn(move || {
             let running = handle.block_on(RunningProxy::start(settings)).expect("extra proxy");
-            let addr = running.addr;
+            let started = (running.addr, Arc::clone(&running.proxy));
             // Leak the handle: the proxy lives as long as the test binary.
             std::mem::forget(running);
-            addr
+            started
         })
         .join()
         .expect("extra proxy thread")
+    }
+
+    /// A new database in the fixture's cluster with the demo schema, seed and proxy schema but
+    /// no deployed policies, for tests that change what is deployed; settings for a proxy
+    /// serving it, and its owner URL.
+    pub async fn scratch_database(&self, name: &str) -> (Settings, String) {
+        self.admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        let with_db = |url: &str| format!("{}/{name}", url.rsplit_once('/').expect("url has a database").0);
+        let admin_url = with_db(&self.admin_url);
+        let admin = connect_to(&admin_url).await.expect("owner connects");
+        let grants = format!(
+            "GRANT USAGE, CREATE ON SCHEMA public TO {role}; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};",
+            role = struere_proxy::demo::APP_ROLE
+        );
+        for sql in [struere_proxy::demo::DEMO_SCHEMA, struere_proxy::demo::DEMO_SEED, &grants] {
+            admin.batch_execute(sql).await.expect("load the demo schema");
+        }
+        store::init_schema(&admin).await.expect("proxy schema");
+        let mut settings = self.settings.clone();
+        settings.upstream = with_db(&settings.upstream);
+        settings.admin_upstream = admin_url.clone();
+        settings.database = name.to_owned();
+        (settings, admin_url)
     }
 }
 

@@ -10,6 +10,7 @@ mod events;
 mod harness;
 mod hostile;
 mod isolation;
+mod lifecycle;
 mod plans;
 mod psql;
 mod wire;

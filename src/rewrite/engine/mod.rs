@@ -68,6 +68,15 @@ pub struct PolicyEngine {
     pub allow_functions: BTreeSet<String>,
 }
 
+/// Why an environment's keys are refused when nothing is deployed to it.
+pub fn not_deployed_message(env: Environment) -> String {
+    let how = match env {
+        Environment::Development => "`struere-proxy policy dev`",
+        Environment::Production => "`struere-proxy policy deploy`",
+    };
+    format!("no policy set is deployed for the {} environment (the operator deploys one with {how})", env.as_str())
+}
+
 fn denied(msg: impl Into<String>) -> Refusal {
     Refusal::Denied(format!("refused: {}", msg.into()))
 }
@@ -77,8 +86,13 @@ impl StatementPolicy for PolicyEngine {
         Some(self.policies.for_env(actor.environment).version.clone())
     }
 
-    fn check_pg(&self, node: &pg_query::NodeEnum, _actor: &ActorContext) -> Result<(), Refusal> {
+    fn check_pg(&self, node: &pg_query::NodeEnum, actor: &ActorContext) -> Result<(), Refusal> {
         use pg_query::protobuf::TransactionStmtKind as K;
+        // Fail closed: an environment with no deployed policy runs nothing (sessions are
+        // refused at startup too; this covers one that was open when it happened).
+        if !self.policies.for_env(actor.environment).is_deployed() {
+            return Err(denied(not_deployed_message(actor.environment)));
+        }
         if let pg_query::NodeEnum::TransactionStmt(t) = node
             && matches!(
                 K::try_from(t.kind),
@@ -152,7 +166,9 @@ impl StatementPolicy for PolicyEngine {
             } else {
                 "public".to_owned()
             };
-            if set.tables.table(&schema, &rv.relname).is_none() {
+            // A table only the other environment manages never reaches the server from here.
+            if set.managed(&schema, &rv.relname).map_err(|e| Refusal::Unverifiable(format!("refused: {e}")))?.is_none()
+            {
                 continue;
             }
             let ours = rv.alias.as_ref().is_some_and(|a| a.aliasname.starts_with(walk::RESERVED_PREFIX));
@@ -264,6 +280,7 @@ impl PolicyEngine {
     /// tenant's own scratch schema (unqualified names land there through the pinned search_path).
     fn ddl_target(&self, w: &Walker, name: &ObjectName, verb: &str) -> Result<(), Refusal> {
         let (schema, table) = self.resolve_target(w, name)?;
+        w.ctx.set.managed(&schema, &table).map_err(denied)?;
         let qualified = name.0.len() > 1;
         if qualified && schema != scratch_schema(w.ctx.actor) && w.ctx.set.tables.table(&schema, &table).is_none() {
             return Err(denied(format!(

@@ -209,6 +209,7 @@ impl<'c, 'a> Walker<'c, 'a> {
 
     /// Whether a read of this relation is allowed as it is (catalogs, unmanaged scratch tables).
     pub fn check_plain_relation(&self, schema: &str, name: &str) -> Result<(), String> {
+        self.ctx.set.managed(schema, name)?;
         // Hidden catalog relations are refused under any schema the name might resolve to
         // (except a real table of the same name in public).
         let own_public_table = schema == "public" && self.ctx.catalog.relation("public", name).is_some();
