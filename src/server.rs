@@ -79,17 +79,39 @@ pub enum StartError {
 /// The policy sets deployed to each environment (`struere.policy_versions`), checked against
 /// the catalog. An environment with nothing deployed gets the empty set: its keys are refused.
 pub async fn load_engine(settings: &Settings) -> Result<Arc<PolicyEngine>, StartError> {
+    let admin = crate::auth::store::connect_admin(&settings.admin_upstream).await?;
+    load_engine_with(&admin, settings).await
+}
+
+/// `load_engine` over an open owner connection.
+pub async fn load_engine_with(
+    admin: &tokio_postgres::Client,
+    settings: &Settings,
+) -> Result<Arc<PolicyEngine>, StartError> {
+    let policies = load_policies(admin).await?;
+    let catalog = crate::catalog::load(admin).await?;
+    build_engine(policies, Arc::new(catalog), settings)
+}
+
+/// The sets deployed to each environment.
+pub async fn load_policies(admin: &tokio_postgres::Client) -> Result<crate::policy::Policies, StartError> {
     use crate::auth::identity::Environment;
     use crate::policy::store;
-    let admin = crate::auth::store::connect_admin(&settings.admin_upstream).await?;
-    let development = store::latest(&admin, Environment::Development).await?;
-    let production = store::latest(&admin, Environment::Production).await?;
-    let policies = crate::policy::bundle::assemble(development.as_ref(), production.as_ref())?;
-    let catalog = crate::catalog::load(&admin).await?;
+    let development = store::latest(admin, Environment::Development).await?;
+    let production = store::latest(admin, Environment::Production).await?;
+    Ok(crate::policy::bundle::assemble(development.as_ref(), production.as_ref())?)
+}
+
+/// Policies over a catalog, once every table they manage is checked to be there.
+fn build_engine(
+    policies: crate::policy::Policies,
+    catalog: Arc<crate::catalog::CatalogSnapshot>,
+    settings: &Settings,
+) -> Result<Arc<PolicyEngine>, StartError> {
     crate::catalog::check_policy(&catalog, &policies.all_tables()).map_err(StartError::Mismatch)?;
     Ok(Arc::new(PolicyEngine {
         policies,
-        catalog: Arc::new(catalog),
+        catalog,
         allow_functions: settings.allow_functions.iter().cloned().collect(),
     }))
 }
@@ -153,6 +175,11 @@ impl Proxy {
     /// matches the database, is reported and the last good engine stays in force.
     pub async fn refresh_engine(&self) -> Result<bool, StartError> {
         let fresh = load_engine(&self.settings).await?;
+        Ok(self.install_engine(fresh))
+    }
+
+    /// Put `fresh` in force if it differs from the engine in use; true when it did.
+    fn install_engine(&self, fresh: Arc<PolicyEngine>) -> bool {
         let mut current = self.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let same = current.policies == fresh.policies && current.catalog == fresh.catalog;
         if !same {
@@ -164,7 +191,7 @@ impl Proxy {
                 "policies or catalog changed: new rewrites use them"
             );
         }
-        Ok(!same)
+        !same
     }
 
     /// The upstream role's last audit.
@@ -295,11 +322,11 @@ async fn follow_deployments(proxy: Arc<Proxy>, mut shutdown: watch::Receiver<boo
                 match client.batch_execute(&listen).await {
                     Ok(()) => {
                         backoff = std::time::Duration::from_millis(250);
-                        switch_policies(&proxy, "listening for deployments").await;
+                        switch_policies(&proxy, &client, "listening for deployments").await;
                         loop {
                             tokio::select! {
                                 payload = rx.recv() => match payload {
-                                    Some(payload) => switch_policies(&proxy, &payload).await,
+                                    Some(payload) => switch_policies(&proxy, &client, &payload).await,
                                     None => break,
                                 },
                                 _ = shutdown.changed() => {
@@ -324,9 +351,23 @@ async fn follow_deployments(proxy: Arc<Proxy>, mut shutdown: watch::Receiver<boo
     }
 }
 
-async fn switch_policies(proxy: &Proxy, why: &str) {
-    // refresh_engine logs the versions when they changed.
-    match proxy.refresh_engine().await {
+/// Re-read the deployed policies over the listener's own connection (no connection set-up on
+/// the switch path) and put them in force. A set that does not match the catalog in use is
+/// refused (logged) and the last good one stays.
+async fn switch_policies(proxy: &Proxy, client: &tokio_postgres::Client, why: &str) {
+    // install_engine logs the versions when they changed.
+    // A deployment changes policies, not the catalog: the catalog in use is kept (DDL and the
+    // periodic refresh re-read it), which keeps the switch to a couple of small queries.
+    let fresh = async {
+        let policies = load_policies(client).await?;
+        let catalog = Arc::clone(&proxy.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner).catalog);
+        match build_engine(policies, catalog, &proxy.settings) {
+            // The set names a table created since the catalog was read: read it again.
+            Err(StartError::Mismatch(_)) => load_engine_with(client, &proxy.settings).await,
+            other => other,
+        }
+    };
+    match fresh.await.map(|fresh| proxy.install_engine(fresh)) {
         Ok(changed) => tracing::debug!(trigger = why, changed, "deployed policies re-read"),
         Err(e) => {
             tracing::error!(error = %e, trigger = why, "cannot load the deployed policies; keeping the last good set")
