@@ -88,6 +88,8 @@ async fn main() -> Result<()> {
     second.stop().await;
     let Demo { proxy, cluster, .. } = demo;
     proxy.stop().await;
-    tokio::task::spawn_blocking(move || drop(cluster)).await?;
+    if let Some(cluster) = cluster {
+        tokio::task::spawn_blocking(move || drop(cluster)).await?;
+    }
     Ok(())
 }

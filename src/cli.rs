@@ -101,11 +101,15 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Start a throwaway PostgreSQL, create keys, and serve until Ctrl-C.
+    /// Start a throwaway PostgreSQL (or, with --upstream URL, use that database through its
+    /// owner URL), load the demo, deploy its policies, create keys, and serve until Ctrl-C.
     Demo {
         /// Listen on 127.0.0.1:PORT (default 6432, or any free port if it is taken).
         #[arg(long)]
         port: Option<u16>,
+        // `demo --upstream URL` (the global flag, or STRUERE_UPSTREAM) names the owner connection
+        // of an existing database to load the demo into instead of a throwaway PostgreSQL; its
+        // data is kept on exit and the demo's keys are revoked.
     },
     /// Work with the policy files.
     #[command(subcommand)]

@@ -561,7 +561,7 @@ fn random_password() -> Result<String, ClusterError> {
 }
 
 /// Percent-encodes everything except RFC 3986 unreserved characters.
-fn percent_encode(s: &str) -> String {
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {

@@ -63,9 +63,14 @@ pub struct Demo {
     pub operator_key: String,
     /// One key per role × organization × environment.
     pub keys: Vec<DemoKey>,
+    /// The owner connection to the demo database.
+    pub admin_url: String,
+    /// The psql binary the printed commands use.
+    pub psql: std::path::PathBuf,
     // Field order matters: the proxy stops before the cluster it talks to.
     _tls_dir: tempfile::TempDir,
-    pub cluster: TempCluster,
+    /// The throwaway cluster (`None` with `--upstream`: the given database is kept).
+    pub cluster: Option<TempCluster>,
 }
 
 fn random_password() -> AppResult<String> {
@@ -98,17 +103,95 @@ pub fn provision(cluster: &TempCluster) -> AppResult<String> {
     Ok(app_password)
 }
 
+/// Load the demo into an existing database over its owner connection (`demo --upstream`): a
+/// least-privilege role of its own for this run (roles are cluster-wide: an existing one is
+/// never touched), the demo schema and seed unless its tables are already there, and the
+/// grants. Returns the role and its password.
+pub async fn provision_existing(admin: &tokio_postgres::Client) -> AppResult<(String, String)> {
+    let app_password = random_password()?;
+    let mut suffix = [0u8; 4];
+    getrandom::fill(&mut suffix).map_err(|e| e.to_string())?;
+    let role = format!("{APP_ROLE}_{}", hex::encode(suffix));
+    // Role name and password are hex: safe as an identifier and inside a literal.
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{app_password}' NOSUPERUSER NOCREATEDB NOCREATEROLE"
+        ))
+        .await?;
+    let loaded: bool = admin.query_one("SELECT to_regclass('public.entities') IS NOT NULL", &[]).await?.try_get(0)?;
+    if loaded {
+        eprintln!("demo: the demo tables already exist in this database; their rows are kept as they are");
+    } else {
+        admin.batch_execute(DEMO_SCHEMA).await?;
+        admin.batch_execute(DEMO_SEED).await?;
+    }
+    if let Err(e) = admin.batch_execute(HARDENING_SQL).await {
+        eprintln!("demo: could not revoke the session-reaching functions from PUBLIC ({e}); run doctor");
+    }
+    admin
+        .batch_execute(&format!(
+            "GRANT USAGE, CREATE ON SCHEMA public TO {role}; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};"
+        ))
+        .await?;
+    Ok((role, app_password))
+}
+
+/// `url`'s server and database, reached as `user`/`password`.
+fn url_as(url: &str, user: &str, password: &str) -> AppResult<String> {
+    use crate::cluster::percent_encode;
+    use crate::upstream::UpstreamTls;
+    let cfg = crate::upstream::UpstreamConfig::from_url(url)?;
+    let host = if cfg.host.contains(':') { format!("[{}]", cfg.host) } else { cfg.host.clone() };
+    let sslmode = match cfg.tls {
+        UpstreamTls::Disable => "disable",
+        UpstreamTls::Prefer => "prefer",
+        UpstreamTls::Require => "require",
+    };
+    Ok(format!(
+        "postgres://{}:{}@{host}:{}/{}?sslmode={sslmode}",
+        percent_encode(user),
+        percent_encode(password),
+        cfg.port,
+        percent_encode(&cfg.database)
+    ))
+}
+
 impl Demo {
+    /// The demo on a throwaway cluster of its own.
     pub async fn start(overrides: RawConfig) -> AppResult<Demo> {
         let cluster = tokio::task::spawn_blocking(TempCluster::start).await??;
         let app_password = provision(&cluster)?;
+        let admin_url = cluster.admin_url(APP_DATABASE);
+        let upstream = cluster.url(APP_ROLE, &app_password, APP_DATABASE);
+        let psql = cluster.bin_dir().join("psql");
+        Demo::finish(overrides, admin_url, upstream, APP_DATABASE, psql, Some(cluster)).await
+    }
+
+    /// The demo in an existing database, given its owner's URL (`demo --upstream URL`).
+    pub async fn start_with_upstream(owner_url: &str, overrides: RawConfig) -> AppResult<Demo> {
+        let admin = store::connect_admin(owner_url).await?;
+        let (role, app_password) = provision_existing(&admin).await?;
+        let upstream = url_as(owner_url, &role, &app_password)?;
+        let database = crate::upstream::UpstreamConfig::from_url(owner_url)?.database;
+        let psql = crate::cluster::find_pg_bin_dir().map(|d| d.join("psql")).unwrap_or_else(|_| "psql".into());
+        Demo::finish(overrides, owner_url.to_owned(), upstream, &database, psql, None).await
+    }
+
+    async fn finish(
+        overrides: RawConfig,
+        admin_url: String,
+        upstream: String,
+        database: &str,
+        psql: std::path::PathBuf,
+        cluster: Option<TempCluster>,
+    ) -> AppResult<Demo> {
         let tls_dir = tempfile::tempdir()?;
         let (cert, key) = crate::net::tls::write_self_signed(tls_dir.path())?;
-        let admin_url = cluster.admin_url(APP_DATABASE);
         let base = RawConfig {
-            upstream: Some(cluster.url(APP_ROLE, &app_password, APP_DATABASE)),
+            upstream: Some(upstream),
             admin_upstream: Some(admin_url.clone()),
-            database: Some(APP_DATABASE.to_owned()),
+            database: Some(database.to_owned()),
             tls_mode: Some(TlsMode::Optional),
             tls_cert: Some(cert),
             tls_key: Some(key),
@@ -174,7 +257,7 @@ impl Demo {
             // The default port is taken (another proxy, a real PgBouncer): any free port will do.
             Err(_) => RunningProxy::start(Settings { listen: "127.0.0.1:0".to_owned(), ..settings }).await?,
         };
-        Ok(Demo { proxy, dev_key, prod_key, operator_key, keys, _tls_dir: tls_dir, cluster })
+        Ok(Demo { proxy, dev_key, prod_key, operator_key, keys, admin_url, psql, _tls_dir: tls_dir, cluster })
     }
 
     /// What the demo prints on stdout, one item per line (scripts rely on this format):
@@ -183,10 +266,10 @@ impl Demo {
     /// commands, and `READY` last.
     pub fn banner(&self) -> String {
         let addr = self.proxy.addr;
-        let url = |user: &str, key: &str| format!("postgres://{user}:{key}@{addr}/{APP_DATABASE}?sslmode=require");
-        let psql = self.cluster.bin_dir().join("psql");
-        let psql = psql.display();
-        let mut lines = vec![format!("UPSTREAM {}", self.cluster.admin_url(APP_DATABASE)), format!("LISTEN {addr}")];
+        let database = &self.proxy.proxy.settings.database;
+        let url = |user: &str, key: &str| format!("postgres://{user}:{key}@{addr}/{database}?sslmode=require");
+        let psql = self.psql.display();
+        let mut lines = vec![format!("UPSTREAM {}", self.admin_url), format!("LISTEN {addr}")];
         for k in &self.keys {
             lines.push(format!(
                 "KEY {} {} {} {}:{} {}",
@@ -210,14 +293,47 @@ impl Demo {
     }
 }
 
-pub async fn run(overrides: RawConfig) -> AppResult<()> {
-    let demo = Demo::start(overrides).await?;
-    eprintln!("struere-proxy demo: a throwaway PostgreSQL behind the proxy; Ctrl-C removes everything.");
+/// `demo [--upstream URL]`: serve until Ctrl-C, then remove the throwaway cluster (or, in a
+/// given database, revoke the keys the demo created; its data stays).
+pub async fn run(upstream: Option<String>, overrides: RawConfig) -> AppResult<()> {
+    let demo = match &upstream {
+        Some(url) => Demo::start_with_upstream(url, overrides).await?,
+        None => Demo::start(overrides).await?,
+    };
+    match upstream {
+        Some(_) => {
+            eprintln!("struere-proxy demo: the given database behind the proxy; Ctrl-C revokes the demo's keys.")
+        }
+        None => eprintln!("struere-proxy demo: a throwaway PostgreSQL behind the proxy; Ctrl-C removes everything."),
+    }
     println!("{}", demo.banner());
     wait_for_signal().await;
-    eprintln!("stopping: removing the throwaway cluster");
-    let Demo { proxy, cluster, .. } = demo;
+    let Demo { proxy, cluster, keys, operator_key, admin_url, .. } = demo;
+    let proxy_upstream = proxy.proxy.settings.upstream.clone();
     proxy.stop().await;
-    tokio::task::spawn_blocking(move || drop(cluster)).await?;
+    match cluster {
+        Some(cluster) => {
+            eprintln!("stopping: removing the throwaway cluster");
+            tokio::task::spawn_blocking(move || drop(cluster)).await?;
+        }
+        None => {
+            eprintln!("stopping: revoking the demo's keys and dropping its role");
+            let admin = store::connect_admin(&admin_url).await?;
+            let role = crate::upstream::UpstreamConfig::from_url(&proxy_upstream)?.user;
+            for secret in keys.iter().map(|k| &k.secret).chain([&operator_key]) {
+                let hash = crate::auth::api_key::KeyHash::of(secret);
+                admin
+                    .execute(
+                        "UPDATE struere.api_keys SET revoked_at = now() WHERE key_hash = $1 AND revoked_at IS NULL",
+                        &[&hash.0.as_slice()],
+                    )
+                    .await?;
+            }
+            // What the role owns here is the tenants' scratch schemas of this run.
+            if let Err(e) = admin.batch_execute(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\"")).await {
+                eprintln!("could not drop the demo's role {role}: {e}");
+            }
+        }
+    }
     Ok(())
 }

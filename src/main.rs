@@ -46,7 +46,11 @@ async fn main() -> std::process::ExitCode {
             if let Some(p) = port {
                 raw.listen = Some(format!("127.0.0.1:{p}"));
             }
-            demo::run(raw).await
+            // For the demo, --upstream (flag or environment, not the configuration file) is the
+            // owner URL of the database to use; the demo derives its own upstream settings.
+            raw.upstream = None;
+            raw.admin_upstream = None;
+            demo::run(cli.overrides.upstream.clone(), raw).await
         }
         // 1: differences (`status --exit-code`); 2: could not run.
         Command::Policy(p) => match app::policy(&raw, p).await {

@@ -104,28 +104,38 @@ fn policy_check_reports_file_and_line() {
     assert!(err.contains("production.toml:") && err.contains("unknown action \"selct\""), "{err}");
 }
 
-#[test]
-fn demo_prints_keys_serves_and_cleans_up() {
-    let mut child =
-        bin().args(["demo", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+/// What the demo printed up to READY.
+struct Banner {
+    values: std::collections::HashMap<String, String>,
+    /// `<env> <org> <role> <type>:<id> <key>`, split.
+    keys: Vec<Vec<String>>,
+    commands: Vec<String>,
+}
+
+fn read_banner(child: &mut std::process::Child) -> Banner {
     let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let mut banner = std::collections::HashMap::new();
-    let mut keys = Vec::new();
-    let mut commands = Vec::new();
-    for line in lines.by_ref() {
+    let mut banner = Banner { values: Default::default(), keys: Vec::new(), commands: Vec::new() };
+    for line in BufReader::new(stdout).lines() {
         let line = line.unwrap();
         if line == "READY" {
             break;
         }
         match line.split_once(' ') {
-            Some(("KEY", rest)) => keys.push(rest.split(' ').map(str::to_owned).collect::<Vec<_>>()),
+            Some(("KEY", rest)) => banner.keys.push(rest.split(' ').map(str::to_owned).collect::<Vec<_>>()),
             Some((k @ ("UPSTREAM" | "LISTEN" | "OPERATOR"), v)) => {
-                banner.insert(k.to_owned(), v.to_owned());
+                banner.values.insert(k.to_owned(), v.to_owned());
             }
-            _ => commands.push(line),
+            _ => banner.commands.push(line),
         }
     }
+    banner
+}
+
+#[test]
+fn demo_prints_keys_serves_and_cleans_up() {
+    let mut child =
+        bin().args(["demo", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let Banner { values: banner, keys, commands } = read_banner(&mut child);
     // One key per role × organization × environment: `<env> <org> <role> <type>:<id> <key>`.
     assert!(keys.iter().all(|k| k.len() == 5), "{keys:?}");
     for env in ["development", "production"] {
@@ -196,4 +206,45 @@ fn explain_prints_the_rewrite_or_the_refusal() {
     let (ok, out, err) = run(&["explain", "--key", &f.prod_key, "SELECT 1 FROM messages"]);
     assert!(ok, "{err}");
     assert!(out.contains("'production'"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_upstream_loads_an_existing_database_and_revokes_its_keys_on_exit() {
+    let f = fixture();
+    let name = crate::harness::unique("given").replace('-', "_");
+    f.admin().await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    let owner_url = format!("{}/{name}", f.admin_url.rsplit_once('/').unwrap().0);
+    let mut child = bin()
+        .args(["demo", "--listen", "127.0.0.1:0", "--upstream", &owner_url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let banner = tokio::task::block_in_place(|| read_banner(&mut child));
+    assert_eq!(banner.values["UPSTREAM"], owner_url);
+    let teacher = banner.keys.iter().find(|k| k[0] == "development" && k[1] == "acme" && k[2] == "teacher").unwrap();
+    let listen = &banner.values["LISTEN"];
+    let url = format!("postgres://t:{}@{listen}/{name}?sslmode=disable", teacher[4]);
+    let c = crate::harness::connect_to(&url).await.expect("the teacher connects to the given database");
+    let rows = c.query("SELECT DISTINCT data->>'teacherId' FROM entities", &[]).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>(), ["acme-teacher-1"]);
+    drop(c);
+    send_sigint(child.id());
+    let status = tokio::task::block_in_place(|| child.wait().unwrap());
+    assert!(status.success(), "{status:?}");
+    // The database and its data stay; the demo's keys do not.
+    let owner = crate::harness::connect_to(&owner_url).await.unwrap();
+    let n: i64 = owner.query_one("SELECT count(*) FROM entities", &[]).await.unwrap().get(0);
+    assert!(n > 0);
+    let active: i64 =
+        owner.query_one("SELECT count(*) FROM struere.api_keys WHERE revoked_at IS NULL", &[]).await.unwrap().get(0);
+    assert_eq!(active, 0, "every demo key is revoked");
+    let roles: i64 = owner
+        .query_one("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'struere\\_app\\_%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(roles, 0, "the run's own role is dropped");
+    let e = crate::harness::connect_to(&url).await;
+    assert!(e.is_err(), "the proxy is gone");
 }

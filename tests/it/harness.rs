@@ -62,9 +62,9 @@ fn build_fixture() -> Fixture {
             dev_key: demo.dev_key.clone(),
             prod_key: demo.prod_key.clone(),
             operator_key: demo.operator_key.clone(),
-            admin_url: demo.cluster.admin_url("app"),
+            admin_url: demo.admin_url.clone(),
             settings: demo.proxy.proxy.settings.clone(),
-            psql: demo.cluster.bin_dir().join("psql"),
+            psql: demo.psql.clone(),
             runtime,
         };
         *DEMO.lock().expect("demo lock") = Some(demo);

@@ -244,3 +244,56 @@ async fn nothing_invalid_is_published() {
     assert!(out.contains("a policy names column environment, which the table lacks"), "{out}");
     assert!(out.contains("production: nothing deployed"), "{out}");
 }
+
+#[tokio::test]
+async fn dev_watch_resyncs_every_change_and_reports_bad_files() {
+    use std::io::{BufRead, BufReader};
+    let db = Db::new("lc_watch").await;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in &Bundle::shipped().files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let mut child = bin()
+        .env("STRUERE_ADMIN_UPSTREAM", &db.admin_url)
+        .args(["policy", "dev", "--watch", "--policies", dir.path().to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Read lines until one contains `needle` (or the watcher has been silent for a minute).
+    let wait_for = |needle: &str| -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
+            let done = line.contains(needle);
+            seen.push(line);
+            if done {
+                return seen;
+            }
+        }
+        panic!("the watcher never printed {needle:?}; it printed {seen:#?}");
+    };
+    wait_for("development: v1 is now in force");
+    let dev = dir.path().join("development.toml");
+    std::fs::write(&dev, &teacher_sees_payments().files["development.toml"]).unwrap();
+    let seen = wait_for("development: v2 is now in force");
+    let seen = [seen, wait_for("paymentAmount")].concat();
+    assert!(seen.iter().any(|l| l.contains("+ role teacher on entities:session: field data.paymentAmount visible")));
+    // A file that does not compile is reported with its line and not synced.
+    std::fs::write(&dev, "[roles.admin]\nunmanaged_tables = \"yes\"\n").unwrap();
+    let seen = wait_for("not synced");
+    let seen = [seen, wait_for("development.toml:")].concat();
+    assert!(seen.iter().any(|l| l.contains("development.toml:")), "{seen:#?}");
+    child.kill().unwrap();
+    let _ = child.wait();
+    let deployed = struere_proxy::policy::store::latest(&db.owner().await, Environment::Development).await.unwrap();
+    assert_eq!(deployed.map(|d| d.version), Some(2), "the bad file was not published");
+}
