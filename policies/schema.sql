@@ -65,6 +65,9 @@ CREATE TABLE IF NOT EXISTS entity_relations (
     relation_type   text NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entity_relations_from ON entity_relations (from_id, relation_type);
+-- Every environment-scoped table has an index leading with (organization, environment): the
+-- predicates the proxy adds to every statement (`doctor` checks for it).
+CREATE INDEX IF NOT EXISTS entity_relations_scope ON entity_relations (organization_id, environment, relation_type);
 
 CREATE TABLE IF NOT EXISTS agent_configs (
     id              text PRIMARY KEY DEFAULT gen_random_uuid()::text,
@@ -76,6 +79,7 @@ CREATE TABLE IF NOT EXISTS agent_configs (
     tools           jsonb NOT NULL DEFAULT '[]',
     UNIQUE (agent_id, environment)
 );
+CREATE INDEX IF NOT EXISTS agent_configs_scope ON agent_configs (organization_id, environment, agent_id);
 
 CREATE TABLE IF NOT EXISTS threads (
     id              text PRIMARY KEY DEFAULT gen_random_uuid()::text,
@@ -85,6 +89,7 @@ CREATE TABLE IF NOT EXISTS threads (
     user_id         text REFERENCES users (id),
     created_at      timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX IF NOT EXISTS threads_scope ON threads (organization_id, environment, agent_id);
 
 CREATE TABLE IF NOT EXISTS messages (
     id              text PRIMARY KEY DEFAULT gen_random_uuid()::text,
@@ -96,6 +101,7 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at      timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS messages_thread ON messages (thread_id);
+CREATE INDEX IF NOT EXISTS messages_scope ON messages (organization_id, environment, created_at);
 
 CREATE TABLE IF NOT EXISTS trigger_runs (
     id              text PRIMARY KEY DEFAULT gen_random_uuid()::text,
@@ -105,3 +111,4 @@ CREATE TABLE IF NOT EXISTS trigger_runs (
     status          text NOT NULL,
     started_at      timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX IF NOT EXISTS trigger_runs_scope ON trigger_runs (organization_id, environment, started_at);

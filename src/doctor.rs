@@ -461,6 +461,8 @@ pub struct RoleFacts {
     pub owned: Vec<OwnedTable>,
     /// Superuser or BYPASSRLS roles it is a member of: (name, superuser, bypassrls).
     pub privileged_memberships: Vec<(String, bool, bool)>,
+    /// Predefined roles of `PREDEFINED_HOLES` and `PREDEFINED_WARNINGS` it is a member of.
+    pub predefined_memberships: Vec<String>,
     pub database: String,
     pub create_on_database: bool,
     pub temp_on_database: bool,
@@ -484,6 +486,21 @@ WHERE pg_has_role($1, c.relowner, 'MEMBER') ORDER BY 1, 2";
 const MEMBERSHIPS_SQL: &str = "\
 SELECT o.rolname::text, o.rolsuper, o.rolbypassrls FROM pg_roles o \
 WHERE o.oid <> $1 AND (o.rolsuper OR o.rolbypassrls) AND pg_has_role($1, o.oid, 'MEMBER') ORDER BY 1";
+
+/// Predefined roles that reach past the proxy: every table's rows (the proxy's own schema
+/// included), the server's files and programs.
+const PREDEFINED_HOLES: [&str; 5] = [
+    "pg_read_all_data",
+    "pg_write_all_data",
+    "pg_read_server_files",
+    "pg_write_server_files",
+    "pg_execute_server_program",
+];
+/// Predefined roles that see or touch other sessions (query texts of every tenant, signals).
+const PREDEFINED_WARNINGS: [&str; 4] = ["pg_monitor", "pg_read_all_stats", "pg_read_all_settings", "pg_signal_backend"];
+
+const PREDEFINED_SQL: &str = "\
+SELECT o.rolname::text FROM pg_roles o WHERE o.rolname = ANY($2::text[]) AND pg_has_role($1::oid, o.oid, 'MEMBER') ORDER BY 1";
 
 impl RoleFacts {
     pub async fn load(client: &Client, role: &str, tables: &Tables) -> Result<RoleFacts, tokio_postgres::Error> {
@@ -514,6 +531,10 @@ impl RoleFacts {
         }
         for r in client.query(MEMBERSHIPS_SQL, &[&oid]).await? {
             facts.privileged_memberships.push((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
+        }
+        let predefined: Vec<&str> = PREDEFINED_HOLES.iter().chain(&PREDEFINED_WARNINGS).copied().collect();
+        for r in client.query(PREDEFINED_SQL, &[&oid, &predefined]).await? {
+            facts.predefined_memberships.push(r.try_get(0)?);
         }
         Ok(facts)
     }
@@ -593,6 +614,27 @@ pub fn role_findings(role: &str, facts: &RoleFacts) -> Vec<Finding> {
         }
         if facts.privileged_memberships.is_empty() {
             out.push(Finding::ok(&subject, "is a member of no superuser or BYPASSRLS role"));
+        }
+        let mut holes = 0;
+        for name in &facts.predefined_memberships {
+            let fix = format!("REVOKE {name} FROM {r}");
+            if PREDEFINED_HOLES.contains(&name.as_str()) {
+                holes += 1;
+                out.push(Finding::error(
+                    &subject,
+                    format!("is a member of {name}: it reaches every table's rows or the server's files"),
+                    fix,
+                ));
+            } else {
+                out.push(Finding::warn(
+                    &subject,
+                    format!("is a member of {name}: it sees or signals other sessions"),
+                    fix,
+                ));
+            }
+        }
+        if holes == 0 {
+            out.push(Finding::ok(&subject, "is a member of no data- or file-reaching predefined role"));
         }
     }
     if facts.superuser {
@@ -859,6 +901,18 @@ mod tests {
         let findings = role_findings("app", &f);
         assert_eq!(findings.iter().filter(|x| x.level == Level::Warn).count(), 4, "{findings:#?}");
         assert!(findings.iter().all(|x| x.level != Level::Error));
+    }
+
+    #[test]
+    fn data_and_file_reaching_predefined_roles_are_holes() {
+        let mut f = least_privilege();
+        f.predefined_memberships = vec!["pg_monitor".into(), "pg_read_all_data".into()];
+        let findings = role_findings("app", &f);
+        let errors: Vec<_> = findings.iter().filter(|x| x.level == Level::Error).collect();
+        assert_eq!(errors.len(), 1, "{findings:#?}");
+        assert!(errors[0].what.contains("pg_read_all_data"));
+        assert!(errors[0].fix.as_deref().is_some_and(|f| f.starts_with("REVOKE pg_read_all_data FROM")));
+        assert!(findings.iter().any(|x| x.level == Level::Warn && x.what.contains("pg_monitor")));
     }
 
     #[test]

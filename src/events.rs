@@ -154,6 +154,26 @@ impl StatementLog {
         rows
     }
 
+    /// ErrorResponse for the segment being answered. `ours`: the proxy wrote this error (a
+    /// write's WITH CHECK failed): the decision becomes a refusal with the proxy's message. Else
+    /// the database failed the statement: only its SQLSTATE is kept (its message may quote row
+    /// values). A decision that was already a refusal keeps its own reason.
+    pub fn failed(&mut self, code: &str, ours: Option<&str>) {
+        let segment = self.seen + 1;
+        let Some(o) = self.open.iter_mut().rev().find(|o| o.closes_at == segment) else { return };
+        if o.event.verdict == Verdict::Refused {
+            return;
+        }
+        o.event.sqlstate = Some(code.to_owned());
+        match ours {
+            Some(message) => {
+                o.event.verdict = Verdict::Refused;
+                o.event.reason = Some(message.to_owned());
+            }
+            None => o.event.reason = Some("failed in the database".to_owned()),
+        }
+    }
+
     /// ReadyForQuery: the decisions of the segment that ended, complete, and how long the
     /// server took to answer the segment.
     pub fn ready(&mut self) -> (Vec<Event>, Duration) {
@@ -471,6 +491,33 @@ mod tests {
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].rows, 5);
         assert_eq!(done[0].actor.as_deref(), Some("user:t1"));
+    }
+
+    #[test]
+    fn errors_mark_the_decision_of_their_segment() {
+        let mut log = StatementLog::default();
+        log.boundary_sent();
+        log.decided(ev(), true);
+        log.failed("23505", None);
+        let (done, _) = log.ready();
+        assert_eq!(done[0].sqlstate.as_deref(), Some("23505"));
+        assert_eq!(done[0].reason.as_deref(), Some("failed in the database"));
+        assert_eq!(done[0].verdict, Verdict::Rewritten);
+        // The proxy's own error (WITH CHECK) turns the decision into a refusal with its message.
+        log.boundary_sent();
+        log.decided(ev(), true);
+        log.failed("42501", Some("refused: WITH CHECK"));
+        let (done, _) = log.ready();
+        assert_eq!((done[0].verdict, done[0].reason.as_deref()), (Verdict::Refused, Some("refused: WITH CHECK")));
+        // A refusal keeps its reason.
+        log.boundary_sent();
+        let mut refused = ev();
+        refused.verdict = Verdict::Refused;
+        refused.reason = Some("refused: TRUNCATE".into());
+        log.decided(refused, true);
+        log.failed("42501", None);
+        let (done, _) = log.ready();
+        assert_eq!(done[0].reason.as_deref(), Some("refused: TRUNCATE"));
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::auth::store::KeyStatus;
 use crate::error::SessionEnd;
 use crate::events::{Event, StatementLog, Usage, UsageKey, Verdict};
 use crate::net::stream::ClientStream;
+use crate::protocol::backend::parse_error_fields;
 use crate::protocol::backend::{self, Severity, parse_parameter_status};
 use crate::protocol::frame::{self, Frame};
 use crate::protocol::frontend::{decode_parse, decode_query, encode_parse, encode_query};
@@ -419,7 +420,17 @@ impl UpstreamToClient<'_> {
                     continue;
                 }
             }
-            match lock(&self.tracker).refusals.on_backend(frame.tag, &frame.body) {
+            let mut tracker = lock(&self.tracker);
+            let action = tracker.refusals.on_backend(frame.tag, &frame.body);
+            if frame.tag == b'E' {
+                let (fields, ours) = match &action {
+                    BackendAction::Forward => (parse_error_fields(&frame.body), false),
+                    BackendAction::Replace(b) => (parse_error_fields(b.get(5..).unwrap_or_default()), true),
+                };
+                tracker.statements.failed(&fields.code, ours.then_some(fields.message.as_str()));
+            }
+            drop(tracker);
+            match action {
                 BackendAction::Forward => out.extend_from_slice(&frame.raw),
                 BackendAction::Replace(b) => out.extend_from_slice(&b),
             }

@@ -321,6 +321,8 @@ fn doctor_on_the_demo_finds_no_error() {
     assert!(r.stdout.contains("OK public.entities: environment column \"environment\" is NOT NULL"), "{}", r.stdout);
     assert!(r.stdout.contains("OK role struere_app: is not a superuser"), "{}", r.stdout);
     assert!(r.stdout.contains("OK role struere_app: owns no managed table"), "{}", r.stdout);
+    // Every managed table of the demo has the index the proxy's predicates need.
+    assert!(!r.stdout.lines().any(|l| l.starts_with("WARN public.")), "{}", r.stdout);
     // The demo grants CREATE on public (development scratch tables): reported, not an error.
     assert!(r.stdout.contains("WARN role struere_app: may CREATE in schema public"), "{}", r.stdout);
     assert!(r.stdout.lines().last().is_some_and(|l| l.starts_with("summary: 0 errors, ")), "{}", r.stdout);
@@ -361,4 +363,19 @@ async fn a_superuser_upstream_role_is_a_hole() {
     prod.simple_query("SELECT 1 FROM messages LIMIT 1").await.unwrap();
     // The fixture's own proxy (least-privilege upstream) serves production keys.
     f.connect(&f.prod_key).await.expect("production key connects through the safe proxy");
+}
+
+#[tokio::test]
+async fn a_role_granted_pg_read_all_data_is_a_hole() {
+    let f = fixture();
+    let role = crate::harness::unique("reader").replace('-', "_");
+    let admin = f.admin().await;
+    admin
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD 'pw' NOSUPERUSER; GRANT pg_read_all_data TO {role}"))
+        .await
+        .unwrap();
+    let r = run(Some(&format!("postgres://{role}:pw@127.0.0.1:1/app")), &["doctor"]);
+    admin.batch_execute(&format!("DROP ROLE {role}")).await.unwrap();
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains(&format!("ERROR role {role}: is a member of pg_read_all_data")), "{}", r.stdout);
 }

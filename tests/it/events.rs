@@ -84,3 +84,41 @@ async fn decisions_and_usage_are_recorded_per_environment() {
     assert!(ok, "{err}");
     assert!(out.lines().any(|l| l.contains(&org)), "{out}");
 }
+
+#[tokio::test]
+async fn failed_statements_carry_their_sqlstate_and_with_check_failures_are_refusals() {
+    let f = fixture();
+    let org = unique("evfail");
+    let c = f.as_actor(&org, Environment::Development, "teacher", ActorType::User, "t-9").await;
+    // The database fails it: division by zero (22012), only the code is kept.
+    assert!(c.simple_query("SELECT 1 / 0").await.is_err());
+    // The proxy's WITH CHECK refuses it at execution: a teacher inserting a session for another teacher.
+    let e = c
+        .simple_query(
+            "INSERT INTO entities (id, entity_type, data) VALUES ('evfail-1', 'session', '{\"teacherId\": \"someone-else\"}')",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(crate::harness::code(&e), "42501", "{e:?}");
+    let admin = f.admin().await;
+    let n = wait_for(&admin, "SELECT count(*) FROM struere.events WHERE organization_id = $1", &org, 2).await;
+    assert!(n >= 2);
+    let rows = admin
+        .query(
+            "SELECT verdict, coalesce(sqlstate, ''), coalesce(reason, '') FROM struere.events \
+             WHERE organization_id = $1 ORDER BY id",
+            &[&org],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(String, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert!(
+        rows.contains(&("allowed".into(), "22012".into(), "failed in the database".into()))
+            || rows.contains(&("rewritten".into(), "22012".into(), "failed in the database".into())),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().any(|(v, code, reason)| v == "refused" && code == "42501" && reason.contains("WITH CHECK")),
+        "{rows:?}"
+    );
+}
