@@ -6,6 +6,7 @@
 pub mod compile;
 pub mod model;
 pub mod raw;
+pub mod rls;
 
 use std::path::Path;
 use std::sync::Arc;
