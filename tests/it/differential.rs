@@ -335,11 +335,19 @@ fn verdict(proxy: &Outcome, reference: &Outcome) -> Verdict {
         (Outcome::Failed { code: p, .. }, Outcome::Failed { code: r, .. }) if is_refusal(p) && is_native_denial(r) => {
             Verdict::BothDenied
         }
+        // Both fail; which error comes first depends on evaluation order (the proxy's checks
+        // run before the statement, PostgreSQL's row security after the SET expressions).
+        (Outcome::Failed { code: p, .. }, Outcome::Failed { code: r, .. }) if is_refusal(p) => {
+            Verdict::BothFailed(format!("proxy refused, reference {r}"))
+        }
         // "ON CONFLICT DO UPDATE updates an existing row only if it is in the caller's scope
         // (another tenant's … row with the same key is left alone: INSERT 0 0)"; row security
         // raises an error for the same statement instead.
-        (Outcome::Done { counts, changes, .. }, Outcome::Failed { code, message })
-            if code == "42501" && message.contains("(USING expression)") && counts == &[0] && changes.is_empty() =>
+        // Only rows that did not conflict were inserted (no existing row changed).
+        (Outcome::Done { changes, .. }, Outcome::Failed { code, message })
+            if code == "42501"
+                && message.contains("(USING expression)")
+                && changes.values().all(|(old, _)| old == "null") =>
         {
             Verdict::Documented("ON CONFLICT DO UPDATE on a row outside the caller's scope: INSERT 0 0, not an error")
         }
