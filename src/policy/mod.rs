@@ -8,6 +8,7 @@ pub mod compile;
 pub mod describe;
 pub mod model;
 pub mod raw;
+pub mod rls;
 pub mod store;
 
 use std::path::Path;

@@ -5,6 +5,7 @@
 mod auth;
 mod catalog;
 mod cli;
+mod differential;
 mod doctor;
 mod events;
 mod harness;

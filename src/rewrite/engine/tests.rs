@@ -469,3 +469,19 @@ fn the_number_of_secure_relations_per_statement_is_bounded() {
     let e = run(&admin_dev(), &ctes(super::walk::MAX_SECURE_RELATIONS + 1)).unwrap_err();
     assert!(e.to_string().contains("at most"), "{e}");
 }
+
+/// Differential testing found it: `INSERT … SELECT '{…}'` into a jsonb column ran natively but
+/// failed through the proxy (the literal became text inside the rewrite's subquery).
+#[test]
+fn insert_select_types_untyped_literals_as_their_columns() {
+    let out = run(
+        &teacher(),
+        "INSERT INTO entities (id, entity_type, data) SELECT e.id || '-c', 'session', '{\"teacherId\": \"t1\"}' \
+         FROM entities e",
+    )
+    .unwrap();
+    assert!(out.contains("CAST('session' AS TEXT)"), "{out}");
+    assert!(out.contains("CAST('{\"teacherId\": \"t1\"}' AS JSONB)"), "{out}");
+    // Typed expressions keep their own type (PostgreSQL's assignment rules apply to them).
+    assert!(!out.contains("CAST(\"e\".\"id\" || '-c' AS TEXT)"), "{out}");
+}

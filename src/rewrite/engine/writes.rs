@@ -756,6 +756,22 @@ pub fn insert(t: &Target, ins: &mut Insert) -> Result<Statement, String> {
         }
         let mut it = keep.iter();
         columns.retain(|_| *it.next().unwrap_or(&true));
+    } else if let Some(SetExpr::Select(sel)) = source.as_deref_mut().map(|q| q.body.as_mut())
+        && sel.distinct.is_none()
+    {
+        // PostgreSQL gives an untyped literal (or parameter) of an INSERT … SELECT target list
+        // its column's type; once the query is a subquery of the rewrite it would be text, so
+        // `SELECT '{}'` into a jsonb column would fail. Cast exactly those, as PostgreSQL would.
+        for (item, col) in sel.projection.iter_mut().zip(&cols) {
+            let expr = match item {
+                SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
+                _ => continue,
+            };
+            if is_untyped_literal(expr) {
+                let value = std::mem::replace(expr, Expr::value(sqlparser::ast::Value::Null));
+                *expr = with_cast(cast_template(&col.type_name)?, value);
+            }
+        }
     }
     let cols: Vec<&Column> = columns.iter().map(|c| t.column(c)).collect::<Result<_, _>>()?;
     // Values as the check and the projection read them.
@@ -915,6 +931,14 @@ fn cast_template(type_name: &str) -> Result<Expr, String> {
         },
         _ => Err("internal error: cast template".to_owned()),
     }
+}
+
+/// A string literal, NULL or parameter: what PostgreSQL types by its use.
+fn is_untyped_literal(e: &Expr) -> bool {
+    use sqlparser::ast::Value;
+    matches!(e, Expr::Value(v) if matches!(&v.value,
+        Value::SingleQuotedString(_) | Value::EscapedStringLiteral(_) | Value::DollarQuotedString(_)
+            | Value::Null | Value::Placeholder(_)))
 }
 
 fn with_cast(template: Expr, value: Expr) -> Expr {
