@@ -162,19 +162,20 @@ impl Rewriter {
     }
 }
 
-/// The relations a text names (CTE names excluded), for the audit event of a refused text;
-/// empty when PostgreSQL's parser cannot read it.
-pub fn relations_named(sql: &str) -> Vec<String> {
+/// The statement kinds and the relations a text names (CTE names excluded), for the audit
+/// event of a refused text; empty when PostgreSQL's parser cannot read it.
+pub fn kinds_and_relations_named(sql: &str) -> (Vec<String>, Vec<String>) {
     if sql.len() > MAX_SQL_BYTES {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     }
-    let mut tables = std::collections::BTreeSet::new();
+    let (mut kinds, mut tables) = (Vec::new(), std::collections::BTreeSet::new());
     if let Ok(statements) = classify::parse(sql) {
         for stmt in statements {
             tables.extend(pgtree::relations(&stmt.node));
+            kinds.push(stmt.kind);
         }
     }
-    tables.into_iter().collect()
+    (kinds, tables.into_iter().collect())
 }
 
 fn rewrite_uncached(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Result<Rewritten, Refusal> {

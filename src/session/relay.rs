@@ -302,7 +302,7 @@ impl ClientToUpstream<'_> {
 
     fn refused(&self, refusal: &Refusal, actor: Option<&ActorContext>, sql: &str) -> Event {
         let mut e = Event::new(self.caller, self.key_prefix, Verdict::Refused);
-        e.tables = crate::rewrite::relations_named(sql);
+        (e.kinds, e.tables) = crate::rewrite::kinds_and_relations_named(sql);
         e.reason = Some(refusal.to_string());
         e.sqlstate = Some(refusal.sqlstate().code().to_owned());
         e.policy_version = actor.map(|a| self.proxy.policy_version(a.environment));

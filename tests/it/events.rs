@@ -47,6 +47,15 @@ async fn decisions_and_usage_are_recorded_per_environment() {
     assert!(refused[3].contains("may not select threads"), "{refused:?}");
     assert_eq!(refused[2], "threads");
     assert_eq!((refused[4].as_str(), refused[5].as_str()), ("user:t-1", "teacher"));
+    let kinds: String = admin
+        .query_one(
+            "SELECT array_to_string(kinds, ',') FROM struere.events WHERE organization_id = $1 AND verdict = 'refused'",
+            &[&org],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kinds, "SelectStmt", "a refused statement's kind is recorded");
     let rewritten = rows.iter().find(|r| r[1] == "rewritten" && r[0] == "development").expect("a rewritten event");
     assert!(!rewritten[6].is_empty() && rewritten[7].len() == 32, "{rewritten:?}");
     assert!(rows.iter().any(|r| r[0] == "production" && r[1] == "rewritten"), "{rows:?}");
