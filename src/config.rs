@@ -111,6 +111,10 @@ pub struct RawConfig {
     pub allow_functions: Option<Vec<String>>,
     /// Serve production keys even when the upstream role has holes (`struere-proxy doctor`).
     pub allow_unsafe_upstream_role: Option<bool>,
+    /// Idle upstream connections kept per pool (tenant × startup parameters); 0 turns pooling off.
+    pub pool_max_idle: Option<usize>,
+    /// Seconds an idle pooled upstream connection is kept.
+    pub pool_idle_timeout_secs: Option<u64>,
 }
 
 impl RawConfig {
@@ -142,6 +146,8 @@ impl RawConfig {
             policies: over.policies.or(self.policies),
             allow_functions: over.allow_functions.or(self.allow_functions),
             allow_unsafe_upstream_role: over.allow_unsafe_upstream_role.or(self.allow_unsafe_upstream_role),
+            pool_max_idle: over.pool_max_idle.or(self.pool_max_idle),
+            pool_idle_timeout_secs: over.pool_idle_timeout_secs.or(self.pool_idle_timeout_secs),
         }
     }
 }
@@ -174,6 +180,16 @@ pub struct Settings {
     /// Serve production keys although the upstream role is a superuser, owns a managed table or
     /// bypasses row security (see `crate::doctor::RoleAudit`). Off by default.
     pub allow_unsafe_upstream_role: bool,
+    /// Session pooling of environment keys' upstream connections (`pool.rs`).
+    pub pool: PoolSettings,
+}
+
+/// Session pooling: what to keep warm, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Idle connections kept per pool key; 0: no pooling (every session connects and closes).
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -244,6 +260,10 @@ impl Settings {
             policies: raw.policies,
             allow_functions: raw.allow_functions.unwrap_or_default(),
             allow_unsafe_upstream_role: raw.allow_unsafe_upstream_role.unwrap_or(false),
+            pool: PoolSettings {
+                max_idle: raw.pool_max_idle.unwrap_or(32),
+                idle_timeout: Duration::from_secs(raw.pool_idle_timeout_secs.unwrap_or(300).max(1)),
+            },
         })
     }
 }

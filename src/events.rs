@@ -129,6 +129,12 @@ impl StatementLog {
         self.segment_start.get_or_insert_with(Instant::now);
     }
 
+    /// Nothing is in flight: every boundary sent was answered, and nothing was forwarded since
+    /// the last one (an unsynced extended-protocol message leaves the server mid-exchange).
+    pub fn quiescent(&self) -> bool {
+        self.sent == self.seen && self.segment_start.is_none()
+    }
+
     /// A message the server answers with exactly one ReadyForQuery (Query, Sync, FunctionCall)
     /// was forwarded.
     pub fn boundary_sent(&mut self) {

@@ -9,6 +9,7 @@
 //!   and the caller identity ([`auth::identity::ActorContext`]).
 //! - [`session`]: one client connection — handshake, relay, refusals kept in protocol step.
 //! - [`upstream`]: the raw connection to the real database and cancel requests.
+//! - [`pool`]: session pooling of upstream connections (reset with `DISCARD ALL` between clients).
 //! - [`server`]: the listener and the state sessions share; [`cancel`]: cancel-key mapping.
 //! - [`config`], [`cli`], [`app`], [`demo`]: configuration layers and the subcommands.
 //! - [`doctor`]: schema and upstream-role checks (also consulted by the server before it lets
@@ -32,6 +33,7 @@ pub mod lifecycle;
 pub mod migrate;
 pub mod net;
 pub mod policy;
+pub mod pool;
 pub mod protocol;
 pub mod rewrite;
 pub mod server;

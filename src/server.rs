@@ -42,6 +42,8 @@ pub struct Proxy {
     /// The upstream role's last audit (at start, then with every periodic refresh): while it
     /// has a hole, production keys are refused unless `allow_unsafe_upstream_role` is set.
     role_audit: std::sync::Mutex<Arc<RoleAudit>>,
+    /// Warm upstream connections of environment sessions (pool.rs).
+    pub pool: Arc<crate::pool::UpstreamPool>,
 }
 
 /// What a production key hears while the upstream role has a hole. Which hole is logged, not
@@ -152,6 +154,7 @@ impl Proxy {
             scratch_schemas: dashmap::DashSet::new(),
             role_audit: std::sync::Mutex::new(Arc::new(role_audit)),
             cancels: Arc::new(CancelRegistry::default()),
+            pool: Arc::new(crate::pool::UpstreamPool::new(settings.pool)),
             upstream: Arc::new(upstream),
             admin_upstream: Arc::new(admin_upstream),
             tls,
@@ -294,6 +297,17 @@ async fn refresh_periodically(proxy: Arc<Proxy>, mut shutdown: watch::Receiver<b
                     tracing::error!(error = %e, "upstream role audit failed; keeping the last result");
                 }
             }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Close pooled connections idle for too long, every few seconds until the proxy stops.
+async fn reap_pool(pool: Arc<crate::pool::UpstreamPool>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => pool.reap().await,
             _ = shutdown.changed() => return,
         }
     }
@@ -448,6 +462,7 @@ impl RunningProxy {
         let (tx, rx) = watch::channel(false);
         tokio::spawn(refresh_periodically(Arc::clone(&proxy), rx.clone()));
         tokio::spawn(follow_deployments(Arc::clone(&proxy), rx.clone()));
+        tokio::spawn(reap_pool(Arc::clone(&proxy.pool), rx.clone()));
         let event_rx = proxy.event_rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         if let Some(event_rx) = event_rx {
             let url = proxy.settings.admin_upstream.clone();

@@ -13,6 +13,7 @@ use crate::cancel::CancelGuard;
 use crate::config::TlsMode;
 use crate::error::SessionEnd;
 use crate::net::stream::ClientStream;
+use crate::pool::PoolKey;
 use crate::protocol::backend;
 use crate::protocol::frontend::decode_password;
 use crate::protocol::sqlstate::SqlState;
@@ -33,6 +34,19 @@ pub struct Established {
     pub key_hash: KeyHash,
     pub key_prefix: String,
     pub cancel: CancelGuard,
+    /// Where the upstream connection goes back when the client leaves politely (`None`: it is
+    /// closed; operator sessions are never pooled).
+    pub pool_key: Option<PoolKey>,
+}
+
+/// What the startup steps produce besides the client connection.
+struct Admitted {
+    upstream: UpstreamConn,
+    caller: Caller,
+    key_hash: KeyHash,
+    key_prefix: String,
+    cancel: CancelGuard,
+    pool_key: Option<PoolKey>,
 }
 
 pub enum Outcome {
@@ -65,8 +79,16 @@ fn pinned_params(proxy: &Proxy, caller: &Caller) -> Vec<(String, String)> {
 /// FATAL ErrorResponse before the error is returned.
 pub async fn run(proxy: &Arc<Proxy>, mut client: ClientConn, peer: SocketAddr) -> Result<Outcome, SessionEnd> {
     match steps(proxy, &mut client, peer).await {
-        Ok(Some((upstream, caller, key_hash, key_prefix, cancel))) => {
-            Ok(Outcome::Session(Box::new(Established { client, upstream, caller, key_hash, key_prefix, cancel })))
+        Ok(Some(Admitted { upstream, caller, key_hash, key_prefix, cancel, pool_key })) => {
+            Ok(Outcome::Session(Box::new(Established {
+                client,
+                upstream,
+                caller,
+                key_hash,
+                key_prefix,
+                cancel,
+                pool_key,
+            })))
         }
         Ok(None) => Ok(Outcome::Closed),
         Err(Early::Cancel) => Ok(Outcome::CancelHandled),
@@ -90,7 +112,7 @@ impl<E: Into<SessionEnd>> From<E> for Early {
     }
 }
 
-type Steps = Option<(UpstreamConn, Caller, KeyHash, String, CancelGuard)>;
+type Steps = Option<Admitted>;
 
 async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) -> Result<Steps, Early> {
     // 1. Special requests until a StartupMessage.
@@ -200,9 +222,22 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
     if let Caller::Environment(actor) = &caller {
         proxy.ensure_scratch_schema(actor).await;
     }
-    let upstream = upstream::connect(target, &database, &params, proxy.settings.connect_timeout)
-        .await
-        .map_err(upstream_failure)?;
+    // Environment sessions take a pooled connection of the same key when there is one.
+    let pool_key = (!caller.is_operator() && proxy.pool.enabled())
+        .then(|| PoolKey::new(format!("{}@{}:{}", target.user, target.host, target.port), &database, &params));
+    let pooled = match &pool_key {
+        Some(key) => proxy.pool.take(key).await,
+        None => None,
+    };
+    let upstream = match pooled {
+        Some(conn) => conn,
+        None => {
+            proxy.pool.connected();
+            upstream::connect(target, &database, &params, proxy.settings.connect_timeout)
+                .await
+                .map_err(upstream_failure)?
+        }
+    };
     let cancel = proxy.cancels.register(Arc::clone(target), upstream.backend_pid, upstream.backend_secret);
 
     // 6. Tell the client it is in, as the server would.
@@ -215,7 +250,7 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
     backend::ready_for_query(&mut out, upstream.transaction_status);
     client.send(&out).await?;
     tracing::info!(operator = caller.is_operator(), %database, "session started");
-    Ok(Some((upstream, caller, key_hash, key_prefix, cancel)))
+    Ok(Some(Admitted { upstream, caller, key_hash, key_prefix, cancel, pool_key }))
 }
 
 /// Split the client's startup parameters into the ones forwarded upstream and the `_pq_.`

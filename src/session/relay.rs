@@ -30,7 +30,7 @@ use crate::rewrite::{Refusal, Rewritten};
 use crate::server::Proxy;
 use crate::session::handshake::Established;
 use crate::session::refusal::{BackendAction, RefusalTracker};
-use crate::upstream::UpstreamStream;
+use crate::upstream::{UpstreamConn, UpstreamStream};
 
 /// What both directions of a session keep in step: injected refusals and the decisions awaiting
 /// the server's answers (events.rs).
@@ -56,10 +56,11 @@ fn lock(t: &Tracker) -> std::sync::MutexGuard<'_, Book> {
 
 pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd> {
     // `_cancel` keeps this session's cancel key registered until the session ends.
-    let Established { client, upstream, caller, key_hash, key_prefix, cancel: _cancel } = est;
+    let Established { client, upstream, caller, key_hash, key_prefix, cancel, pool_key } = est;
     let max_message = client.max_message;
     let (client_r, mut client_w) = tokio::io::split(client.stream);
-    let (up_r, up_w) = tokio::io::split(upstream.stream);
+    let UpstreamConn { stream, parameters, backend_pid, backend_secret, transaction_status, read_buf } = upstream;
+    let (up_r, up_w) = tokio::io::split(stream);
     let tracker: Tracker = Arc::new(Mutex::new(Book {
         refusals: RefusalTracker::new(proxy.refusal_nonce.clone()),
         statements: StatementLog::default(),
@@ -75,6 +76,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         tracker: Arc::clone(&tracker),
         discard_until_sync: false,
         key_prefix: &key_prefix,
+        pooled: pool_key.is_some(),
     };
     let notify_prefix = match &caller {
         Caller::Environment(actor) => Some(crate::rewrite::engine::notify_prefix(actor)),
@@ -86,19 +88,23 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         notify_prefix,
         key_hash,
         reader: up_r,
-        buf: upstream.read_buf,
+        buf: read_buf,
         tracker: Arc::clone(&tracker),
         usage: UsageKey::of(&caller, &key_prefix),
+        last_status: transaction_status,
     };
+    // Ok(true): the client sent Terminate, which was kept from the (pooled) upstream.
     let result = {
         let c2u = inbound.run();
         let u2c = outbound.run(&mut client_w);
         tokio::pin!(c2u, u2c);
         tokio::select! {
             r = &mut c2u => r,
-            r = &mut u2c => r,
+            r = &mut u2c => r.map(|()| false),
         }
     };
+    let terminated = matches!(result, Ok(true));
+    let result = result.map(|_| ());
     match &result {
         Err(SessionEnd::Fatal { code, message }) => {
             let mut out = BytesMut::new();
@@ -110,9 +116,32 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         Err(SessionEnd::Io(_)) => {}
     }
     let _ = client_w.shutdown().await;
+    let quiescent = lock(&tracker).statements.quiescent();
     // Decisions the server never answered (the session ended) are reported as they are.
     for e in lock(&tracker).statements.drain() {
         proxy.events.record(e);
+    }
+    // The cancel key goes first: a late CancelRequest of this client must not reach the
+    // connection once another session has it.
+    drop(cancel);
+    if let (true, Some(key)) = (terminated, pool_key) {
+        let stream = outbound.reader.unsplit(inbound.upstream);
+        let conn = UpstreamConn {
+            stream,
+            parameters,
+            backend_pid,
+            backend_secret,
+            transaction_status: outbound.last_status,
+            read_buf: outbound.buf,
+        };
+        let pool = Arc::clone(&proxy.pool);
+        if quiescent {
+            let status = outbound.last_status;
+            tokio::spawn(async move { pool.give_back(key, conn, status).await });
+        } else {
+            // Something was still in flight: the connection is not in a state to hand over.
+            tokio::spawn(async move { pool.discard(conn).await });
+        }
     }
     result
 }
@@ -128,18 +157,26 @@ struct ClientToUpstream<'a> {
     /// After a refused extended-protocol message the server skips until Sync; so does the proxy.
     discard_until_sync: bool,
     key_prefix: &'a str,
+    /// The upstream connection may go back to the pool: Terminate is not forwarded.
+    pooled: bool,
 }
 
 impl ClientToUpstream<'_> {
-    async fn run(&mut self) -> Result<(), SessionEnd> {
+    /// `Ok(true)`: the client sent Terminate and the upstream connection stays open for the pool.
+    async fn run(&mut self) -> Result<bool, SessionEnd> {
         let mut out = BytesMut::with_capacity(8192);
         loop {
             while let Some(frame) = frame::split_frontend(&mut self.buf, self.max_message)? {
                 if frame.tag == b'X' {
+                    if self.pooled {
+                        self.upstream.write_all(&out).await?;
+                        self.upstream.flush().await?;
+                        return Ok(true);
+                    }
                     out.extend_from_slice(&frame.raw);
                     self.upstream.write_all(&out).await?;
                     let _ = self.upstream.shutdown().await;
-                    return Ok(());
+                    return Ok(false);
                 }
                 self.handle(frame, &mut out)?;
             }
@@ -347,6 +384,8 @@ struct UpstreamToClient<'a> {
     buf: BytesMut,
     tracker: Tracker,
     usage: UsageKey,
+    /// The transaction status of the last ReadyForQuery.
+    last_status: u8,
 }
 
 impl UpstreamToClient<'_> {
@@ -408,6 +447,7 @@ impl UpstreamToClient<'_> {
                 }
                 b'E' => self.proxy.events.count(&self.usage, Usage { errors: 1, ..Usage::default() }),
                 b'Z' => {
+                    self.last_status = frame.body.first().copied().unwrap_or(b'E');
                     let (done, took) = lock(&self.tracker).statements.ready();
                     let time_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
                     self.proxy.events.count(&self.usage, Usage { time_us, ..Usage::default() });

@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 
 use crate::harness::fixture;
 
-fn startup_packet(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
+pub(crate) fn startup_packet(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&((3i32 << 16) | i32::from(minor)).to_be_bytes());
     for (k, v) in params {
@@ -23,14 +23,14 @@ fn startup_packet(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
     p
 }
 
-fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+pub(crate) fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut m = vec![tag];
     m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
     m.extend_from_slice(body);
     m
 }
 
-fn cstr(s: &str) -> Vec<u8> {
+pub(crate) fn cstr(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
     v

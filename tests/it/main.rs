@@ -13,6 +13,7 @@ mod hostile;
 mod isolation;
 mod lifecycle;
 mod plans;
+mod pool;
 mod psql;
 mod wire;
 mod writes;
