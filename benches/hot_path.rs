@@ -105,5 +105,26 @@ fn rewrite(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, framing, rewrite);
+/// Simple-protocol statements that differ only in literal values (pgbench -S, ORMs inlining
+/// ids): after the first, each is a template fill — lexer pass, lookup, literals re-inserted.
+fn normalised(c: &mut Criterion) {
+    let engine = engine();
+    for (name, shape, actor) in [
+        ("lookup by literal (teacher)", "SELECT * FROM entities WHERE id = 'acme-session-{}'", actor_with("teacher")),
+        ("small by literal (admin)", "SELECT id, name FROM users WHERE id = '{}' AND email = 'a@b.c'", actor()),
+    ] {
+        let warm = Rewriter::new(1024, engine.clone());
+        let _ = warm.rewrite(&shape.replace("{}", "0"), &actor);
+        let texts: Vec<String> = (0..1024).map(|i| shape.replace("{}", &i.to_string())).collect();
+        let mut i = 0;
+        c.bench_function(&format!("rewrite normalised hit {name}"), |b| {
+            b.iter(|| {
+                i = (i + 1) % texts.len();
+                black_box(warm.rewrite(&texts[i], &actor).map(|rw| rw.sql.len()))
+            })
+        });
+    }
+}
+
+criterion_group!(benches, framing, rewrite, normalised);
 criterion_main!(benches);

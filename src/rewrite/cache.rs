@@ -22,18 +22,20 @@ use crate::auth::identity::ActorContext;
 /// SQL texts longer than this are rewritten every time rather than held in memory.
 pub(crate) const MAX_CACHED_SQL_BYTES: usize = 64 * 1024;
 
-pub(crate) struct RewriteCache {
-    map: DashMap<OwnedKey, Arc<Rewritten>>,
+/// Keyed by (caller, text); holds verified rewrites (`Rewritten`) or, for literal-normalised
+/// texts, templates of them (`shape::Template`).
+pub(crate) struct RewriteCache<V = Rewritten> {
+    map: DashMap<OwnedKey, Arc<V>>,
     capacity: usize,
 }
 
-impl RewriteCache {
+impl<V> RewriteCache<V> {
     /// A capacity of 0 disables caching.
     pub(crate) fn new(capacity: usize) -> Self {
         RewriteCache { map: DashMap::new(), capacity }
     }
 
-    pub(crate) fn get(&self, actor: &ActorContext, sql: &str) -> Option<Arc<Rewritten>> {
+    pub(crate) fn get(&self, actor: &ActorContext, sql: &str) -> Option<Arc<V>> {
         if self.capacity == 0 {
             return None;
         }
@@ -41,7 +43,7 @@ impl RewriteCache {
         self.map.get(key).map(|entry| Arc::clone(entry.value()))
     }
 
-    pub(crate) fn insert(&self, actor: &ActorContext, sql: &str, value: Arc<Rewritten>) {
+    pub(crate) fn insert(&self, actor: &ActorContext, sql: &str, value: Arc<V>) {
         if self.capacity == 0 || sql.len() > MAX_CACHED_SQL_BYTES {
             return;
         }

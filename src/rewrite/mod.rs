@@ -30,6 +30,7 @@ mod lexer;
 mod pgtree;
 mod policy;
 mod printer;
+mod shape;
 mod verify;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -114,6 +115,10 @@ impl Refusal {
 /// Rewrites SQL for environment-key callers. Cheap to share (`&self`, thread-safe).
 pub struct Rewriter {
     cache: cache::RewriteCache,
+    /// Rewrites of literal-normalised texts (`shape.rs`), keyed by (caller, shape).
+    templates: cache::RewriteCache<shape::Template>,
+    /// Makes the sentinels of template probes unguessable.
+    nonce: String,
     /// The policy in force and its generation (bumped on every swap).
     policy: std::sync::RwLock<(Arc<dyn StatementPolicy>, u64)>,
 }
@@ -121,7 +126,17 @@ pub struct Rewriter {
 impl Rewriter {
     /// `cache_capacity` is the number of (caller, text) entries kept; 0 disables the cache.
     pub fn new(cache_capacity: usize, policy: Arc<dyn StatementPolicy>) -> Self {
-        Rewriter { cache: cache::RewriteCache::new(cache_capacity), policy: std::sync::RwLock::new((policy, 0)) }
+        let mut nonce = [0u8; 8];
+        if getrandom::fill(&mut nonce).is_err() {
+            // Uniqueness in the client's text is also checked; the nonce only adds to it.
+            nonce = std::process::id().to_le_bytes().repeat(2).try_into().unwrap_or_default();
+        }
+        Rewriter {
+            cache: cache::RewriteCache::new(cache_capacity),
+            templates: cache::RewriteCache::new(cache_capacity),
+            nonce: hex::encode(nonce),
+            policy: std::sync::RwLock::new((policy, 0)),
+        }
     }
 
     /// Swap in a new policy (a reloaded policy set or catalog). Cached rewrites made under the
@@ -130,6 +145,7 @@ impl Rewriter {
         let mut current = self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         *current = (policy, current.1.wrapping_add(1));
         self.cache.clear();
+        self.templates.clear();
     }
 
     fn current_policy(&self) -> (Arc<dyn StatementPolicy>, u64) {
@@ -149,14 +165,32 @@ impl Rewriter {
         if let Some(hit) = self.cache.get(actor, sql) {
             return Ok(hit);
         }
+        // The same statement with other literal values was rewritten before: fill its template.
+        let shape = if sql.len() <= cache::MAX_CACHED_SQL_BYTES { shape::scan(sql) } else { None };
+        if let Some(shape) = &shape
+            && let Some(template) = self.templates.get(actor, &shape.key)
+            && let Some(filled) = template.fill(shape)
+        {
+            return Ok(Arc::new(filled));
+        }
         let (policy, generation) = self.current_policy();
         let rewritten = Arc::new(rewrite_uncached(sql, actor, policy.as_ref())?);
+        let template = shape.as_ref().and_then(|shape| {
+            shape::Template::build(sql, shape, &rewritten, &self.nonce, |probe| {
+                rewrite_uncached(probe, actor, policy.as_ref()).ok()
+            })
+        });
         // A rewrite made under a policy that was swapped out meanwhile is used once but never
         // cached, or it would outlive the swap's cache clear. The read lock is held across the
         // check and the insert, so a swap (write lock, then clear) cannot fall in between.
         let current = self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         if current.1 == generation {
-            self.cache.insert(actor, sql, Arc::clone(&rewritten));
+            match (shape, template) {
+                // Texts with a template are found through it; keeping each literal variant as
+                // well would only churn the exact cache.
+                (Some(shape), Some(template)) => self.templates.insert(actor, &shape.key, Arc::new(template)),
+                _ => self.cache.insert(actor, sql, Arc::clone(&rewritten)),
+            }
         }
         Ok(rewritten)
     }

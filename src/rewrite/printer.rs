@@ -49,7 +49,7 @@ pub(crate) enum Emitted {
 impl Emitted {
     fn render(&self, out: &mut String) {
         match self {
-            Emitted::Str(v) => push_doubled(out, v, '\''),
+            Emitted::Str(v) => push_string_literal(out, v),
             Emitted::National(v) => {
                 out.push('N');
                 push_doubled(out, v, '\'');
@@ -65,6 +65,12 @@ impl Emitted {
             Emitted::QuotedIdent(v) => push_doubled(out, v, '"'),
         }
     }
+}
+
+/// A standard string literal for `value`, exactly as the printer writes one (literal
+/// normalisation fills templates with it: `shape.rs`).
+pub(crate) fn push_string_literal(out: &mut String, value: &str) {
+    push_doubled(out, value, '\'');
 }
 
 fn push_doubled(out: &mut String, value: &str, quote: char) {

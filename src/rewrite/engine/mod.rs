@@ -602,4 +602,4 @@ fn statement_name(s: &Statement) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

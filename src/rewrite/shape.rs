@@ -1,0 +1,437 @@
+//! Literal normalisation for the rewrite cache: statements that differ only in literal values
+//! (pgbench's `WHERE aid = 48213`, an ORM's inlined ids) share one verified rewrite, with the
+//! literals re-inserted.
+//!
+//! * `scan` is a cheap lexer pass (no parse) that turns a text into its *shape*: the text with
+//!   every numeric and plain string literal replaced by a marker of its class, and the literals.
+//!   It handles a deliberately small subset of the lexical grammar and gives up (no shape, the
+//!   exact-text cache still applies) on anything else: comments, dollar quotes, prefixed strings
+//!   (`E''`, `B''`, `U&''`…), string continuation across lines, numbers glued to other tokens.
+//! * `Template::build` runs on a miss, once per shape. It decides which literals are *slots*:
+//!   only those that sqlparser's tree shows in a value position no decision of the rewriter
+//!   depends on — an operand of `= <> < <= > >=`, `IN (…)` or `BETWEEN` whose other side is a
+//!   plain column reference. JSON keys (`data->>'guardianPhone'`), function arguments (setting
+//!   names, channels), VALUES and SET items (the type column picks the rules) are never slots:
+//!   they stay part of the key, compared exactly. The rewriter's only use of such operands is
+//!   their class (integer / bigint / numeric / string: `guard.rs`), which the key keeps.
+//!   It rewrites a probe text with a unique sentinel in each slot, cuts the verified output at
+//!   the sentinels, and keeps the template only if filling it with the original literals gives
+//!   back exactly the original's verified rewrite.
+//! * A hit fills the template: numbers as their digits, strings through the printer's own
+//!   guess-free quoting (`printer::push_string_literal`), so the text sent is what a miss would
+//!   have printed and verified.
+//!
+//! Invariant: a template is only ever filled with literals of the same class in the same
+//! positions of a text whose every other byte equals the text it was built from, and its
+//! non-slot literals must match exactly.
+
+use std::sync::Arc;
+
+use sqlparser::ast::{BinaryOperator, Expr, InTarget, Spanned, UnaryOperator, Value};
+
+use super::Rewritten;
+
+/// Marks a literal in a shape's key (the byte cannot occur in a text that has a shape).
+const MARK: char = '\u{1}';
+
+/// What the rewriter can tell apart about a literal: PostgreSQL types an integer literal by its
+/// size and a decimal one as numeric; strings are untyped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    Int4,
+    Int8,
+    Numeric,
+    Str,
+}
+
+impl Class {
+    fn tag(self) -> char {
+        match self {
+            Class::Int4 => 'i',
+            Class::Int8 => 'l',
+            Class::Numeric => 'n',
+            Class::Str => 's',
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lit<'a> {
+    /// The token as written (`42`, `'it''s'`).
+    pub text: &'a str,
+    pub start: usize,
+    pub class: Class,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Shape<'a> {
+    pub key: String,
+    pub literals: Vec<Lit<'a>>,
+}
+
+fn ident_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+}
+
+fn number_class(text: &str) -> Class {
+    if !text.bytes().all(|b| b.is_ascii_digit()) {
+        Class::Numeric
+    } else if text.parse::<i32>().is_ok() {
+        Class::Int4
+    } else if text.parse::<i64>().is_ok() {
+        Class::Int8
+    } else {
+        Class::Numeric
+    }
+}
+
+/// The shape of `sql`, or `None` when it holds no literal or anything outside the subset.
+pub(crate) fn scan(sql: &str) -> Option<Shape<'_>> {
+    let bytes = sql.as_bytes();
+    // The marker byte anywhere (even inside a literal or an identifier) could make two texts
+    // look alike.
+    if bytes.contains(&0x01) {
+        return None;
+    }
+    let mut key = String::with_capacity(sql.len());
+    let mut literals = Vec::new();
+    // Start of the verbatim run not yet copied into `key`.
+    let mut copied = 0;
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'\'' => {
+                // A prefix glued to the quote makes another kind of string (E'', B'', U&'').
+                if i > 0 && bytes.get(i - 1).is_some_and(|&p| ident_byte(p) || p == b'&') {
+                    return None;
+                }
+                let mut j = i + 1;
+                loop {
+                    match bytes.get(j) {
+                        None => return None,
+                        Some(b'\'') if bytes.get(j + 1) == Some(&b'\'') => j += 2,
+                        Some(b'\'') => break,
+                        Some(_) => j += 1,
+                    }
+                }
+                let end = j + 1;
+                // `'a'` newline `'b'` is one literal to PostgreSQL.
+                let mut k = end;
+                let mut newline = false;
+                while let Some(&c) = bytes.get(k) {
+                    match c {
+                        b' ' | b'\t' | b'\x0c' => {}
+                        b'\n' | b'\r' => newline = true,
+                        _ => break,
+                    }
+                    k += 1;
+                }
+                if newline && bytes.get(k) == Some(&b'\'') {
+                    return None;
+                }
+                key.push_str(sql.get(copied..i)?);
+                key.push(MARK);
+                key.push(Class::Str.tag());
+                literals.push(Lit { text: sql.get(i..end)?, start: i, class: Class::Str });
+                copied = end;
+                i = end;
+            }
+            b'"' => {
+                let mut j = i + 1;
+                loop {
+                    match bytes.get(j) {
+                        None => return None,
+                        Some(b'"') if bytes.get(j + 1) == Some(&b'"') => j += 2,
+                        Some(b'"') => break,
+                        Some(_) => j += 1,
+                    }
+                }
+                i = j + 1;
+            }
+            b'-' if bytes.get(i + 1) == Some(&b'-') => return None,
+            b'/' if bytes.get(i + 1) == Some(&b'*') => return None,
+            b'$' => {
+                // `$1` is a parameter; anything else starts a dollar quote.
+                if !bytes.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                    return None;
+                }
+                i += 1;
+                while bytes.get(i).is_some_and(u8::is_ascii_digit) {
+                    i += 1;
+                }
+            }
+            b'0'..=b'9' => {
+                if i > 0 && bytes.get(i - 1) == Some(&b'.') {
+                    return None;
+                }
+                let start = i;
+                while bytes.get(i).is_some_and(u8::is_ascii_digit) {
+                    i += 1;
+                }
+                if bytes.get(i) == Some(&b'.') {
+                    i += 1;
+                    while bytes.get(i).is_some_and(u8::is_ascii_digit) {
+                        i += 1;
+                    }
+                }
+                if matches!(bytes.get(i), Some(b'e' | b'E')) {
+                    i += 1;
+                    if matches!(bytes.get(i), Some(b'+' | b'-')) {
+                        i += 1;
+                    }
+                    if !bytes.get(i).is_some_and(u8::is_ascii_digit) {
+                        return None;
+                    }
+                    while bytes.get(i).is_some_and(u8::is_ascii_digit) {
+                        i += 1;
+                    }
+                }
+                // `123abc`, `1.2.3`: PostgreSQL reads these its own way.
+                if bytes.get(i).is_some_and(|&c| ident_byte(c) || c == b'.') {
+                    return None;
+                }
+                let text = sql.get(start..i)?;
+                let class = number_class(text);
+                key.push_str(sql.get(copied..start)?);
+                key.push(MARK);
+                key.push(class.tag());
+                literals.push(Lit { text, start, class });
+                copied = i;
+            }
+            c if ident_byte(c) => {
+                while bytes.get(i).is_some_and(|&c| ident_byte(c)) {
+                    i += 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    if literals.is_empty() {
+        return None;
+    }
+    key.push_str(sql.get(copied..)?);
+    Some(Shape { key, literals })
+}
+
+/// Writes literal `lit` with the value `text` of a new statement into `out`.
+fn render(out: &mut String, lit: &Lit) -> Option<()> {
+    match lit.class {
+        Class::Str => {
+            let value = super::lexer::decode_standard_string(lit.text)?;
+            super::printer::push_string_literal(out, &value);
+        }
+        Class::Int4 | Class::Int8 | Class::Numeric => out.push_str(lit.text),
+    }
+    Some(())
+}
+
+/// A verified rewrite with holes where slot literals go.
+#[derive(Debug)]
+pub(crate) struct Template {
+    /// Output text between slots: one more piece than slots.
+    pieces: Vec<String>,
+    /// The input literal (index) each slot takes.
+    slots: Vec<usize>,
+    /// Literals that are not slots, with the exact text they must have.
+    fixed: Vec<(usize, String)>,
+    /// Kinds, tables and policy version of the statements (the same for every fill).
+    base: Arc<Rewritten>,
+}
+
+impl Template {
+    /// The rewrite of the text `shape` was scanned from, if it fits.
+    pub(crate) fn fill(&self, shape: &Shape) -> Option<Rewritten> {
+        for (i, text) in &self.fixed {
+            if shape.literals.get(*i)?.text != text {
+                return None;
+            }
+        }
+        let sql = self.render(shape)?;
+        Some(Rewritten {
+            sql_hash: crate::events::sql_hash(&sql),
+            sql,
+            statement_kinds: self.base.statement_kinds.clone(),
+            tables: self.base.tables.clone(),
+            policy_version: self.base.policy_version.clone(),
+        })
+    }
+
+    fn render(&self, shape: &Shape) -> Option<String> {
+        let extra: usize = shape.literals.iter().map(|l| l.text.len()).sum();
+        let mut sql = String::with_capacity(self.pieces.iter().map(String::len).sum::<usize>() + 2 * extra);
+        for (k, piece) in self.pieces.iter().enumerate() {
+            sql.push_str(piece);
+            if let Some(&lit) = self.slots.get(k) {
+                render(&mut sql, shape.literals.get(lit)?)?;
+            }
+        }
+        Some(sql)
+    }
+
+    /// Build the template of `sql` (whose verified rewrite is `original`) by rewriting a probe
+    /// with `rewrite`. `None` when no literal is a slot or anything does not line up.
+    pub(crate) fn build(
+        sql: &str,
+        shape: &Shape,
+        original: &Arc<Rewritten>,
+        nonce: &str,
+        rewrite: impl FnOnce(&str) -> Option<Rewritten>,
+    ) -> Option<Template> {
+        let slot_of = slot_literals(sql, shape)?;
+        if !slot_of.iter().any(|s| *s) {
+            return None;
+        }
+        // The probe: each slot literal replaced by a sentinel of its class, unique in the text.
+        let mut probe = String::with_capacity(sql.len() + 32 * shape.literals.len());
+        let mut sentinels = Vec::new();
+        let mut copied = 0;
+        for (i, lit) in shape.literals.iter().enumerate() {
+            if !slot_of.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            let sentinel = match lit.class {
+                Class::Str => format!("'struere_slot_{nonce}_{i}'"),
+                Class::Int4 => (2_000_000_000u64 + i as u64).to_string(),
+                Class::Int8 => (8_000_000_000_000_000_000u64 + i as u64).to_string(),
+                Class::Numeric => format!("{}.{nonce_digits}", 7_000_000_000u64 + i as u64, nonce_digits = 864_213),
+            };
+            if sql.contains(&sentinel) {
+                return None;
+            }
+            probe.push_str(sql.get(copied..lit.start)?);
+            probe.push_str(&sentinel);
+            copied = lit.start + lit.text.len();
+            sentinels.push((i, sentinel));
+        }
+        probe.push_str(sql.get(copied..)?);
+        let rewritten = rewrite(&probe)?;
+        let out = rewritten.sql.as_str();
+
+        // Every occurrence of every sentinel in the output, as a whole token.
+        let mut cuts: Vec<(usize, usize, usize)> = Vec::new();
+        for (i, sentinel) in &sentinels {
+            let mut from = 0;
+            while let Some(pos) = out.get(from..).and_then(|rest| rest.find(sentinel.as_str())) {
+                let (start, end) = (from + pos, from + pos + sentinel.len());
+                let glued = |b: Option<&u8>| b.is_some_and(|&c| ident_byte(c) || c == b'.' || c == b'\'');
+                if glued(start.checked_sub(1).and_then(|p| out.as_bytes().get(p))) || glued(out.as_bytes().get(end)) {
+                    return None;
+                }
+                cuts.push((start, end, *i));
+                from = end;
+            }
+        }
+        cuts.sort_unstable();
+        let mut pieces = Vec::with_capacity(cuts.len() + 1);
+        let mut slots = Vec::with_capacity(cuts.len());
+        let mut at = 0;
+        for (start, end, i) in cuts {
+            pieces.push(out.get(at..start)?.to_owned());
+            slots.push(i);
+            at = end;
+        }
+        pieces.push(out.get(at..)?.to_owned());
+        let fixed = shape
+            .literals
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !slot_of.get(*i).copied().unwrap_or(false))
+            .map(|(i, l)| (i, l.text.to_owned()))
+            .collect();
+        let template = Template { pieces, slots, fixed, base: Arc::clone(original) };
+        // Filled with the original literals it must give exactly the original's rewrite.
+        (template.render(shape)? == original.sql && rewritten.statement_kinds == original.statement_kinds)
+            .then_some(template)
+    }
+}
+
+/// For each literal of `shape`: whether it is in a value position (see the module docs).
+fn slot_literals(sql: &str, shape: &Shape) -> Option<Vec<bool>> {
+    use sqlparser::dialect::PostgreSqlDialect;
+    use sqlparser::parser::Parser;
+    let statements = Parser::new(&PostgreSqlDialect {})
+        .with_recursion_limit(super::SQLPARSER_RECURSION_LIMIT)
+        .try_with_sql(sql)
+        .ok()?
+        .parse_statements()
+        .ok()?;
+    let mut spans = Vec::new();
+    let _ = sqlparser::ast::visit_expressions(&statements, |expr| {
+        value_operands(expr, &mut spans);
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+    // sqlparser's locations: 1-based line, 1-based column in characters.
+    let mut out = Vec::with_capacity(shape.literals.len());
+    for lit in &shape.literals {
+        let before = sql.get(..lit.start)?;
+        let line = before.matches('\n').count() as u64 + 1;
+        let line_start = before.rfind('\n').map_or(0, |p| p + 1);
+        let column = before.get(line_start..)?.chars().count() as u64 + 1;
+        out.push(spans.iter().any(|(l, c, class)| *l == line && *c == column && class_fits(*class, lit.class)));
+    }
+    Some(out)
+}
+
+/// A value in the tree: `true` for a string, `false` for a number.
+fn class_fits(is_string: bool, class: Class) -> bool {
+    is_string == (class == Class::Str)
+}
+
+/// Literal operands of comparisons, IN lists and BETWEEN whose other side is a plain column.
+fn value_operands(expr: &Expr, spans: &mut Vec<(u64, u64, bool)>) {
+    let column = |e: &Expr| matches!(e, Expr::Identifier(_) | Expr::CompoundIdentifier(_));
+    let mut push = |e: &Expr| {
+        if let Some(found) = literal(e) {
+            spans.push(found);
+        }
+    };
+    match expr {
+        Expr::BinaryOp {
+            left,
+            op:
+                BinaryOperator::Eq
+                | BinaryOperator::NotEq
+                | BinaryOperator::Lt
+                | BinaryOperator::LtEq
+                | BinaryOperator::Gt
+                | BinaryOperator::GtEq,
+            right,
+        } => {
+            if column(left) {
+                push(right);
+            }
+            if column(right) {
+                push(left);
+            }
+        }
+        Expr::In { expr, target: InTarget::List(list), .. } if column(expr) => list.iter().for_each(push),
+        Expr::Between { expr, low, high, .. } if column(expr) => {
+            push(low);
+            push(high);
+        }
+        _ => {}
+    }
+}
+
+/// A plain number or string literal (or a negated number): its start and whether a string.
+fn literal(e: &Expr) -> Option<(u64, u64, bool)> {
+    match e {
+        Expr::Value(v) => {
+            let is_string = match &v.value {
+                Value::Number(_, false) => false,
+                Value::SingleQuotedString(_) => true,
+                _ => return None,
+            };
+            let start = v.span().start;
+            Some((start.line, start.column, is_string))
+        }
+        Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match literal(expr)? {
+            (l, c, false) => Some((l, c, false)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

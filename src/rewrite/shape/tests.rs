@@ -1,0 +1,140 @@
+use super::*;
+use crate::auth::identity::{ActorContext, ActorType, Environment};
+use crate::rewrite::Rewriter;
+use crate::rewrite::engine::tests::engine;
+
+fn classes(sql: &str) -> Option<(String, Vec<(&str, Class)>)> {
+    scan(sql).map(|s| (s.key.replace(MARK, "?"), s.literals.iter().map(|l| (l.text, l.class)).collect()))
+}
+
+#[test]
+fn shapes_replace_literals_by_their_class() {
+    let (key, lits) = classes("SELECT abalance FROM pgbench_accounts WHERE aid = 48213;").unwrap();
+    assert_eq!(key, "SELECT abalance FROM pgbench_accounts WHERE aid = ?i;");
+    assert_eq!(lits, [("48213", Class::Int4)]);
+    let (key, lits) =
+        classes("SELECT \"it's\" FROM t WHERE a IN (3000000000, 1.5, 2e3, 'x''y', 99999999999999999999) AND b = $1")
+            .unwrap();
+    assert_eq!(key, "SELECT \"it's\" FROM t WHERE a IN (?l, ?n, ?n, ?s, ?n) AND b = $1");
+    let got: Vec<Class> = lits.iter().map(|l| l.1).collect();
+    assert_eq!(got, [Class::Int8, Class::Numeric, Class::Numeric, Class::Str, Class::Numeric]);
+    assert_eq!(lits[3].0, "'x''y'");
+    // Identifiers with digits are not numbers; no literal, no shape.
+    assert_eq!(scan("SELECT t1.c2 FROM t1"), None);
+}
+
+#[test]
+fn anything_outside_the_subset_has_no_shape() {
+    for sql in [
+        "SELECT 1 -- comment",
+        "SELECT /* c */ 1",
+        "SELECT $$x$$, 1",
+        "SELECT $tag$x$tag$, 1",
+        "SELECT E'a\\nb', 1",
+        "SELECT B'101', 1",
+        "SELECT U&'d\\0061t', 1",
+        "SELECT N'x', 1",
+        "SELECT 'a'\n'b'",
+        "SELECT 'a' \r\n  'b'",
+        "SELECT 123abc",
+        "SELECT .5",
+        "SELECT 1.2.3",
+        "SELECT 1e",
+        "SELECT 'unterminated",
+        "SELECT \"unterminated",
+        "SELECT '\u{1}', 1",
+    ] {
+        assert_eq!(scan(sql), None, "{sql:?}");
+    }
+}
+
+fn teacher() -> ActorContext {
+    ActorContext {
+        organization: "acme".into(),
+        environment: Environment::Development,
+        roles: vec!["teacher".into()],
+        actor_type: ActorType::User,
+        actor_id: "acme-teacher-1".into(),
+    }
+}
+
+/// Every text, rewritten through a warm cache (templates), gives exactly what the full
+/// pipeline gives (or the same refusal).
+fn assert_same_as_uncached(cached: &Rewriter, actor: &ActorContext, sql: &str) {
+    let uncached = Rewriter::new(0, engine());
+    let want = uncached.rewrite(sql, actor).map(|r| r.sql.clone());
+    let got = cached.rewrite(sql, actor).map(|r| r.sql.clone());
+    assert_eq!(got, want, "{sql}");
+}
+
+#[test]
+fn a_filled_template_is_exactly_the_full_rewrite() {
+    let r = Rewriter::new(100, engine());
+    let a = teacher();
+    let shapes = [
+        "SELECT id, data FROM entities WHERE id = {s} AND created_at > {s}",
+        "SELECT count(*) FROM entities WHERE entity_type = {s}",
+        "SELECT * FROM entities WHERE id IN ({s}, {s}) ORDER BY id LIMIT 5",
+        "SELECT id FROM entities e WHERE e.id BETWEEN {s} AND {s}",
+        "UPDATE entities SET data = data WHERE id = {s}",
+        "SELECT id FROM entities WHERE {s} = id",
+        "SELECT 1 WHERE 2000000000 < {i}",
+    ];
+    let strings = ["'acme-development-session-2'", "'x''y'", "'student'", "'session'", "'\\'", "''", "'é ☃'"];
+    let ints = ["1", "-5", "2147483647"];
+    for shape in shapes {
+        for (k, _) in strings.iter().enumerate() {
+            let mut sql = shape.to_owned();
+            let mut n = k;
+            while let Some(p) = sql.find("{s}") {
+                sql.replace_range(p..p + 3, strings[n % strings.len()]);
+                n += 1;
+            }
+            while let Some(p) = sql.find("{i}") {
+                sql.replace_range(p..p + 3, ints[n % ints.len()]);
+                n += 1;
+            }
+            assert_same_as_uncached(&r, &a, &sql);
+        }
+    }
+    assert!(r.templates.len() >= 4, "templates were built and used: {}", r.templates.len());
+}
+
+#[test]
+fn literals_that_decide_never_share_a_rewrite() {
+    let r = Rewriter::new(100, engine());
+    let a = teacher();
+    // JSON keys decide which field is shown (a hidden key reads as NULL); function arguments
+    // name settings and channels; the type column in VALUES picks the rules.
+    for sql in [
+        "SELECT data->>'status' FROM entities",
+        "SELECT data->>'paymentAmount' FROM entities",
+        "SELECT data->>'status' FROM entities",
+        "SELECT current_setting('search_path')",
+        "SELECT current_setting('application_name')",
+        "SELECT pg_notify('a', 'x')",
+        "SELECT pg_notify('b', 'x')",
+        "INSERT INTO entities (id, entity_type, data) VALUES ('n1', 'session', '{\"teacherId\": \"acme-teacher-1\"}')",
+        "INSERT INTO entities (id, entity_type, data) VALUES ('n1', 'student', '{\"teacherId\": \"acme-teacher-1\"}')",
+        "SELECT data->>'status' FROM entities WHERE data->>'teacherId' = 'acme-teacher-1'",
+        "SELECT data->>'paymentAmount' FROM entities WHERE data->>'teacherId' = 'acme-teacher-1'",
+    ] {
+        assert_same_as_uncached(&r, &a, sql);
+    }
+}
+
+#[test]
+fn templates_are_per_caller_and_dropped_with_the_policy() {
+    let r = Rewriter::new(100, engine());
+    let a = teacher();
+    let mut b = teacher();
+    b.organization = "globex".into();
+    assert_same_as_uncached(&r, &a, "SELECT id FROM entities WHERE id = 'a'");
+    assert_same_as_uncached(&r, &b, "SELECT id FROM entities WHERE id = 'b'");
+    assert_eq!(r.templates.len(), 2);
+    assert_eq!(r.cache.len(), 0, "literal variants do not fill the exact-text cache");
+    assert_same_as_uncached(&r, &a, "SELECT id FROM entities WHERE id = 'c'");
+    assert_eq!((r.templates.len(), r.cache.len()), (2, 0), "the third variant used the template");
+    r.set_policy(engine());
+    assert_eq!(r.templates.len(), 0);
+}
