@@ -43,6 +43,7 @@ fn anything_outside_the_subset_has_no_shape() {
         "SELECT 'unterminated",
         "SELECT \"unterminated",
         "SELECT '\u{1}', 1",
+        "SELECT '\0', 1",
     ] {
         assert_eq!(scan(sql), None, "{sql:?}");
     }
@@ -137,4 +138,30 @@ fn templates_are_per_caller_and_dropped_with_the_policy() {
     assert_eq!((r.templates.len(), r.cache.len()), (2, 0), "the third variant used the template");
     r.set_policy(engine());
     assert_eq!(r.templates.len(), 0);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Whatever values a client puts in the slots (quotes, backslashes, newlines, `--`, `$$`),
+    /// the filled template is what the full pipeline prints and verifies.
+    #[test]
+    fn any_slot_values_fill_to_the_full_rewrite(s1 in ".{0,12}", s2 in "[a-z'\\\\$ -]{0,8}", n in proptest::num::i64::ANY) {
+        use std::sync::OnceLock;
+        static WARM: OnceLock<Rewriter> = OnceLock::new();
+        let r = WARM.get_or_init(|| Rewriter::new(100, engine()));
+        let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+        let sql = format!(
+            "SELECT id FROM entities WHERE id = {} AND entity_type <> {} AND created_at IS NOT NULL OR id = '{n}'",
+            quote(&s1),
+            quote(&s2)
+        );
+        let number = format!("SELECT id FROM entities WHERE id IN ('x', 'y') AND 3 < {n}");
+        for text in [sql, number] {
+            let uncached = Rewriter::new(0, engine());
+            let want = uncached.rewrite(&text, &teacher()).map(|x| x.sql.clone());
+            let got = r.rewrite(&text, &teacher()).map(|x| x.sql.clone());
+            proptest::prop_assert_eq!(got, want, "{}", text);
+        }
+    }
 }
