@@ -16,14 +16,22 @@ fn load_raw(cli: &Cli) -> Result<RawConfig, Box<dyn std::error::Error + Send + S
     Ok(file.overlay(cli.overrides.to_raw()))
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to stderr through a writer thread: a session never waits on the terminal or a log
+/// pipe (one event line per statement). Lossless: when its buffer (128k lines) is full, the
+/// logging task waits rather than dropping an audit line. The guard flushes at exit.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STRUERE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("struere-log")
+        .finish(std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    guard
 }
 
 #[tokio::main]
@@ -36,7 +44,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    init_logging(raw.log_format.unwrap_or(LogFormat::Text));
+    let _log_guard = init_logging(raw.log_format.unwrap_or(LogFormat::Text));
     let result = match cli.command {
         Command::Serve => app::serve(raw).await,
         Command::Init => app::init(&raw).await,
