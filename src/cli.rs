@@ -65,6 +65,9 @@ pub struct Overrides {
     /// demo deploys (default: the shipped example set). `serve` uses the deployed sets only.
     #[arg(long, global = true, env = "STRUERE_POLICIES")]
     pub policies: Option<PathBuf>,
+    /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz); off when unset.
+    #[arg(long, global = true, env = "STRUERE_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
     /// Serve production keys even when `doctor` finds holes in the upstream role.
     #[arg(long, global = true, env = "STRUERE_ALLOW_UNSAFE_UPSTREAM_ROLE")]
     pub allow_unsafe_upstream_role: Option<bool>,
@@ -87,6 +90,7 @@ impl Overrides {
             operator_keys: self.operator_keys,
             policies: self.policies.clone(),
             allow_unsafe_upstream_role: self.allow_unsafe_upstream_role,
+            admin_listen: self.admin_listen.clone(),
             ..RawConfig::default()
         }
     }

@@ -115,6 +115,8 @@ pub struct RawConfig {
     pub pool_max_idle: Option<usize>,
     /// Seconds an idle pooled upstream connection is kept.
     pub pool_idle_timeout_secs: Option<u64>,
+    /// Address of the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`); off when unset.
+    pub admin_listen: Option<String>,
 }
 
 impl RawConfig {
@@ -148,6 +150,7 @@ impl RawConfig {
             allow_unsafe_upstream_role: over.allow_unsafe_upstream_role.or(self.allow_unsafe_upstream_role),
             pool_max_idle: over.pool_max_idle.or(self.pool_max_idle),
             pool_idle_timeout_secs: over.pool_idle_timeout_secs.or(self.pool_idle_timeout_secs),
+            admin_listen: over.admin_listen.or(self.admin_listen),
         }
     }
 }
@@ -182,6 +185,8 @@ pub struct Settings {
     pub allow_unsafe_upstream_role: bool,
     /// Session pooling of environment keys' upstream connections (`pool.rs`).
     pub pool: PoolSettings,
+    /// The admin HTTP endpoint's address (`admin.rs`); `None`: off.
+    pub admin_listen: Option<String>,
 }
 
 /// Session pooling: what to keep warm, and for how long.
@@ -264,6 +269,7 @@ impl Settings {
                 max_idle: raw.pool_max_idle.unwrap_or(32),
                 idle_timeout: Duration::from_secs(raw.pool_idle_timeout_secs.unwrap_or(300).max(1)),
             },
+            admin_listen: raw.admin_listen,
         })
     }
 }

@@ -196,6 +196,8 @@ impl Demo {
             tls_cert: Some(cert),
             tls_key: Some(key),
             operator_keys: Some(true),
+            // The admin endpoint on loopback, any free port.
+            admin_listen: Some("127.0.0.1:0".to_owned()),
             ..RawConfig::default()
         };
         let settings = Settings::from_raw(base.overlay(overrides))?;
@@ -261,7 +263,7 @@ impl Demo {
     }
 
     /// What the demo prints on stdout, one item per line (scripts rely on this format):
-    /// `UPSTREAM <owner URL>`, `LISTEN <host:port>`, `KEY <environment> <organization> <role>
+    /// `UPSTREAM <owner URL>`, `LISTEN <host:port>`, `ADMIN <url>`, `KEY <environment> <organization> <role>
     /// <actor_type>:<actor_id> <key>` for every key, `OPERATOR <key>`, ready-to-paste psql
     /// commands, and `READY` last.
     pub fn banner(&self) -> String {
@@ -270,6 +272,9 @@ impl Demo {
         let url = |user: &str, key: &str| format!("postgres://{user}:{key}@{addr}/{database}?sslmode=require");
         let psql = self.psql.display();
         let mut lines = vec![format!("UPSTREAM {}", self.admin_url), format!("LISTEN {addr}")];
+        if let Some(admin) = self.proxy.admin_addr {
+            lines.push(format!("ADMIN http://{admin}"));
+        }
         for k in &self.keys {
             lines.push(format!(
                 "KEY {} {} {} {}:{} {}",

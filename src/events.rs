@@ -261,6 +261,11 @@ impl EventSink {
         (Arc::new(sink), rx)
     }
 
+    /// Events queued for the database writer now.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity().saturating_sub(self.tx.capacity())
+    }
+
     /// Log the event and queue it for the database, never blocking the session.
     pub fn record(&self, e: Event) {
         let env = e.environment.map_or("operator", |e| e.as_str());

@@ -10,6 +10,8 @@
 //! - [`session`]: one client connection — handshake, relay, refusals kept in protocol step.
 //! - [`upstream`]: the raw connection to the real database and cancel requests.
 //! - [`pool`]: session pooling of upstream connections (reset with `DISCARD ALL` between clients).
+//! - [`metrics`], [`admin`]: counters and histograms, and the admin HTTP endpoint (`/metrics`,
+//!   `/healthz`, `/readyz`).
 //! - [`server`]: the listener and the state sessions share; [`cancel`]: cancel-key mapping.
 //! - [`config`], [`cli`], [`app`], [`demo`]: configuration layers and the subcommands.
 //! - [`doctor`]: schema and upstream-role checks (also consulted by the server before it lets
@@ -18,6 +20,7 @@
 //!   over the deployed bundles of [`policy::store`].
 //! - [`cluster`]: a throwaway local PostgreSQL for the demo and the tests.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cancel;
@@ -30,6 +33,7 @@ pub mod doctor;
 pub mod error;
 pub mod events;
 pub mod lifecycle;
+pub mod metrics;
 pub mod migrate;
 pub mod net;
 pub mod policy;

@@ -44,6 +44,8 @@ pub struct Proxy {
     role_audit: std::sync::Mutex<Arc<RoleAudit>>,
     /// Warm upstream connections of environment sessions (pool.rs).
     pub pool: Arc<crate::pool::UpstreamPool>,
+    /// What the admin endpoint exposes (metrics.rs).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// What a production key hears while the upstream role has a hole. Which hole is logged, not
@@ -155,6 +157,7 @@ impl Proxy {
             role_audit: std::sync::Mutex::new(Arc::new(role_audit)),
             cancels: Arc::new(CancelRegistry::default()),
             pool: Arc::new(crate::pool::UpstreamPool::new(settings.pool)),
+            metrics: crate::metrics::Metrics::default(),
             upstream: Arc::new(upstream),
             admin_upstream: Arc::new(admin_upstream),
             tls,
@@ -412,12 +415,17 @@ pub async fn serve(
             _ = shutdown.changed() => return Ok(()),
         };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            proxy.metrics.clients_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tokio::spawn(refuse_too_many(tcp));
             continue;
         };
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
-            crate::session::serve(proxy, tcp, peer).await;
+            use std::sync::atomic::Ordering::Relaxed;
+            proxy.metrics.clients_total.fetch_add(1, Relaxed);
+            proxy.metrics.clients_current.fetch_add(1, Relaxed);
+            crate::session::serve(Arc::clone(&proxy), tcp, peer).await;
+            proxy.metrics.clients_current.fetch_sub(1, Relaxed);
             drop(permit);
         });
     }
@@ -439,6 +447,8 @@ async fn refuse_too_many(mut tcp: tokio::net::TcpStream) {
 /// A proxy serving on a bound listener: what `serve`, `demo` and the tests start.
 pub struct RunningProxy {
     pub addr: std::net::SocketAddr,
+    /// The admin HTTP endpoint, when `admin_listen` is set.
+    pub admin_addr: Option<std::net::SocketAddr>,
     pub proxy: Arc<Proxy>,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -470,8 +480,18 @@ impl RunningProxy {
             tokio::spawn(crate::events::write_events(event_rx, url.clone(), written, dropped));
             tokio::spawn(crate::events::flush_usage(url, Arc::downgrade(&proxy.events)));
         }
+        let admin_addr = match &proxy.settings.admin_listen {
+            Some(at) => {
+                let admin = TcpListener::bind(at).await.map_err(|e| format!("cannot listen on {at} (admin): {e}"))?;
+                let admin_addr = admin.local_addr()?;
+                tokio::spawn(crate::admin::serve(Arc::clone(&proxy), admin, rx.clone()));
+                tracing::info!(addr = %admin_addr, "admin endpoint listening");
+                Some(admin_addr)
+            }
+            None => None,
+        };
         let task = tokio::spawn(serve(Arc::clone(&proxy), listener, rx));
-        Ok(RunningProxy { addr, proxy, shutdown: tx, task })
+        Ok(RunningProxy { addr, admin_addr, proxy, shutdown: tx, task })
     }
 
     /// Stop accepting new clients (sessions already running finish on their own).

@@ -121,6 +121,15 @@ pub struct Rewriter {
     nonce: String,
     /// The policy in force and its generation (bumped on every swap).
     policy: std::sync::RwLock<(Arc<dyn StatementPolicy>, u64)>,
+    stats: CacheStats,
+}
+
+/// How rewrites were found (metrics).
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub exact_hits: std::sync::atomic::AtomicU64,
+    pub template_hits: std::sync::atomic::AtomicU64,
+    pub misses: std::sync::atomic::AtomicU64,
 }
 
 impl Rewriter {
@@ -136,7 +145,12 @@ impl Rewriter {
             templates: cache::RewriteCache::new(cache_capacity),
             nonce: hex::encode(nonce),
             policy: std::sync::RwLock::new((policy, 0)),
+            stats: CacheStats::default(),
         }
+    }
+
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
     }
 
     /// Swap in a new policy (a reloaded policy set or catalog). Cached rewrites made under the
@@ -162,7 +176,9 @@ impl Rewriter {
                 sql.len()
             )));
         }
+        use std::sync::atomic::Ordering::Relaxed;
         if let Some(hit) = self.cache.get(actor, sql) {
+            self.stats.exact_hits.fetch_add(1, Relaxed);
             return Ok(hit);
         }
         // The same statement with other literal values was rewritten before: fill its template.
@@ -171,8 +187,10 @@ impl Rewriter {
             && let Some(template) = self.templates.get(actor, &shape.key)
             && let Some(filled) = template.fill(shape)
         {
+            self.stats.template_hits.fetch_add(1, Relaxed);
             return Ok(Arc::new(filled));
         }
+        self.stats.misses.fetch_add(1, Relaxed);
         let (policy, generation) = self.current_policy();
         let rewritten = Arc::new(rewrite_uncached(sql, actor, policy.as_ref())?);
         let template = shape.as_ref().and_then(|shape| {

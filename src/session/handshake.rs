@@ -174,6 +174,7 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
     let record = match record {
         Ok(r) => r,
         Err(reason) => {
+            proxy.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let delay = proxy.throttle.record_failure(peer.ip(), &key_prefix);
             tracing::warn!(reason, delay_ms = delay.as_millis() as u64, "authentication failed");
             tokio::time::sleep(delay).await;

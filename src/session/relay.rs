@@ -279,7 +279,9 @@ impl ClientToUpstream<'_> {
     fn rewrite(&self, sql: &str, actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
         let span = tracing::debug_span!("statement", bytes = sql.len());
         let _g = span.enter();
+        let started = std::time::Instant::now();
         let r = self.proxy.rewriter.rewrite(sql, actor);
+        self.proxy.metrics.rewrite_latency.observe(started.elapsed());
         match &r {
             Ok(rw) => {
                 tracing::debug!(kinds = ?rw.statement_kinds, "rewritten");
@@ -287,7 +289,10 @@ impl ClientToUpstream<'_> {
                     self.proxy.request_refresh();
                 }
             }
-            Err(refusal) => tracing::info!(code = refusal.sqlstate().code(), reason = %refusal, "refused"),
+            Err(refusal) => {
+                self.proxy.metrics.refusal(refusal);
+                tracing::info!(code = refusal.sqlstate().code(), reason = %refusal, "refused")
+            }
         }
         r
     }
@@ -318,6 +323,7 @@ impl ClientToUpstream<'_> {
 
     /// Record a decision; it is reported once the server has answered its segment.
     fn decided(&self, event: Event, own_boundary: bool) {
+        self.proxy.metrics.statement(event.environment, event.verdict);
         lock(&self.tracker).statements.decided(event, own_boundary);
     }
 
@@ -449,6 +455,7 @@ impl UpstreamToClient<'_> {
                 b'Z' => {
                     self.last_status = frame.body.first().copied().unwrap_or(b'E');
                     let (done, took) = lock(&self.tracker).statements.ready();
+                    self.proxy.metrics.upstream_latency.observe(took);
                     let time_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
                     self.proxy.events.count(&self.usage, Usage { time_us, ..Usage::default() });
                     for e in done {

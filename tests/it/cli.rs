@@ -122,7 +122,7 @@ fn read_banner(child: &mut std::process::Child) -> Banner {
         }
         match line.split_once(' ') {
             Some(("KEY", rest)) => banner.keys.push(rest.split(' ').map(str::to_owned).collect::<Vec<_>>()),
-            Some((k @ ("UPSTREAM" | "LISTEN" | "OPERATOR"), v)) => {
+            Some((k @ ("UPSTREAM" | "LISTEN" | "ADMIN" | "OPERATOR"), v)) => {
                 banner.values.insert(k.to_owned(), v.to_owned());
             }
             _ => banner.commands.push(line),

@@ -15,6 +15,8 @@ use tokio_postgres::{Client, NoTls};
 
 pub struct Fixture {
     pub addr: SocketAddr,
+    /// The admin HTTP endpoint (the demo turns it on).
+    pub admin_addr: Option<SocketAddr>,
     pub dev_key: String,
     pub prod_key: String,
     pub operator_key: String,
@@ -59,6 +61,7 @@ fn build_fixture() -> Fixture {
         let demo = runtime.block_on(Demo::start(overrides)).expect("demo starts");
         let fixture = Fixture {
             addr: demo.proxy.addr,
+            admin_addr: demo.proxy.admin_addr,
             dev_key: demo.dev_key.clone(),
             prod_key: demo.prod_key.clone(),
             operator_key: demo.operator_key.clone(),
