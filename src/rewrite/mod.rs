@@ -115,8 +115,9 @@ impl Refusal {
 /// Rewrites SQL for environment-key callers. Cheap to share (`&self`, thread-safe).
 pub struct Rewriter {
     cache: cache::RewriteCache,
-    /// Rewrites of literal-normalised texts (`shape.rs`), keyed by (caller, shape).
-    templates: cache::RewriteCache<shape::Template>,
+    /// Rewrites of literal-normalised texts (`shape.rs`), keyed by (caller, shape); `None`: the
+    /// shape has no usable template (not built again until the cache is cleared).
+    templates: cache::RewriteCache<Option<shape::Template>>,
     /// Makes the sentinels of template probes unguessable.
     nonce: String,
     /// The policy in force and its generation (bumped on every swap).
@@ -182,18 +183,22 @@ impl Rewriter {
             return Ok(hit);
         }
         // The same statement with other literal values was rewritten before: fill its template.
-        let shape = if sql.len() <= cache::MAX_CACHED_SQL_BYTES { shape::scan(sql) } else { None };
-        if let Some(shape) = &shape
-            && let Some(template) = self.templates.get(actor, &shape.key)
-            && let Some(filled) = template.fill(shape)
+        let mut shape = if sql.len() <= cache::MAX_CACHED_SQL_BYTES { shape::scan(sql) } else { None };
+        if let Some(s) = &shape
+            && let Some(known) = self.templates.get(actor, &s.key)
         {
-            self.stats.template_hits.fetch_add(1, Relaxed);
-            return Ok(Arc::new(filled));
+            if let Some(filled) = known.as_ref().as_ref().and_then(|t| t.fill(s)) {
+                self.stats.template_hits.fetch_add(1, Relaxed);
+                return Ok(Arc::new(filled));
+            }
+            // Tried before: no template for this shape, or one whose fixed literals differ
+            // from these. Building again would cost a second rewrite for nothing.
+            shape = None;
         }
         self.stats.misses.fetch_add(1, Relaxed);
         let (policy, generation) = self.current_policy();
         let rewritten = Arc::new(rewrite_uncached(sql, actor, policy.as_ref())?);
-        let template = shape.as_ref().and_then(|shape| {
+        let template = shape.as_ref().map(|shape| {
             shape::Template::build(sql, shape, &rewritten, &self.nonce, |probe| {
                 rewrite_uncached(probe, actor, policy.as_ref()).ok()
             })
@@ -206,7 +211,13 @@ impl Rewriter {
             match (shape, template) {
                 // Texts with a template are found through it; keeping each literal variant as
                 // well would only churn the exact cache.
-                (Some(shape), Some(template)) => self.templates.insert(actor, &shape.key, Arc::new(template)),
+                (Some(shape), Some(Some(template))) => {
+                    self.templates.insert(actor, &shape.key, Arc::new(Some(template)));
+                }
+                (Some(shape), Some(None)) => {
+                    self.templates.insert(actor, &shape.key, Arc::new(None));
+                    self.cache.insert(actor, sql, Arc::clone(&rewritten));
+                }
                 _ => self.cache.insert(actor, sql, Arc::clone(&rewritten)),
             }
         }

@@ -27,7 +27,7 @@
 
 use std::sync::Arc;
 
-use sqlparser::ast::{BinaryOperator, Expr, InTarget, Spanned, UnaryOperator, Value};
+use sqlparser::ast::{BinaryOperator, CastKind, Expr, InTarget, Spanned, UnaryOperator, Value};
 
 use super::Rewritten;
 
@@ -429,6 +429,12 @@ fn literal(e: &Expr) -> Option<(u64, u64, bool)> {
             (l, c, false) => Some((l, c, false)),
             _ => None,
         },
+        // `5::text`, `CAST('7' AS int)`: the type is part of the key, the value is not.
+        Expr::Cast { kind: CastKind::Cast | CastKind::DoubleColon, expr, format: None, .. }
+            if matches!(expr.as_ref(), Expr::Value(_) | Expr::UnaryOp { .. }) =>
+        {
+            literal(expr)
+        }
         _ => None,
     }
 }

@@ -80,6 +80,7 @@ fn a_filled_template_is_exactly_the_full_rewrite() {
         "UPDATE entities SET data = data WHERE id = {s}",
         "SELECT id FROM entities WHERE {s} = id",
         "SELECT 1 WHERE 2000000000 < {i}",
+        "SELECT id, data FROM entities WHERE id = {i}::text OR id = CAST({s} AS text)",
     ];
     let strings = ["'acme-development-session-2'", "'x''y'", "'student'", "'session'", "'\\'", "''", "'é ☃'"];
     let ints = ["1", "-5", "2147483647"];
