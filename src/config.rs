@@ -117,6 +117,10 @@ pub struct RawConfig {
     pub pool_idle_timeout_secs: Option<u64>,
     /// Address of the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`); off when unset.
     pub admin_listen: Option<String>,
+    /// Concurrent sessions one key may hold.
+    pub max_connections_per_key: Option<usize>,
+    /// Longest a statement's rewrite may take, in milliseconds; a slower one is refused (54000).
+    pub max_rewrite_ms: Option<u64>,
 }
 
 impl RawConfig {
@@ -151,6 +155,8 @@ impl RawConfig {
             pool_max_idle: over.pool_max_idle.or(self.pool_max_idle),
             pool_idle_timeout_secs: over.pool_idle_timeout_secs.or(self.pool_idle_timeout_secs),
             admin_listen: over.admin_listen.or(self.admin_listen),
+            max_connections_per_key: over.max_connections_per_key.or(self.max_connections_per_key),
+            max_rewrite_ms: over.max_rewrite_ms.or(self.max_rewrite_ms),
         }
     }
 }
@@ -187,6 +193,11 @@ pub struct Settings {
     pub pool: PoolSettings,
     /// The admin HTTP endpoint's address (`admin.rs`); `None`: off.
     pub admin_listen: Option<String>,
+    pub max_connections_per_key: usize,
+    pub max_rewrite_time: Duration,
+    /// TLS is required because the listen address is not loopback and nothing else was
+    /// configured: without a certificate, the proxy makes a self-signed one at start.
+    pub tls_self_signed: bool,
 }
 
 /// Session pooling: what to keep warm, and for how long.
@@ -223,9 +234,20 @@ impl Settings {
             Some(d) => d,
             None => database_of(&upstream)?,
         };
-        let tls_mode =
-            raw.tls_mode.unwrap_or(if raw.tls_cert.is_some() { TlsMode::Optional } else { TlsMode::Disabled });
-        if tls_mode != TlsMode::Disabled && (raw.tls_cert.is_none() || raw.tls_key.is_none()) {
+        let listen = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        // Off loopback, plaintext is never the default: TLS is required (with a self-signed
+        // certificate when none is configured) unless tls_mode says otherwise.
+        let exposed = !is_loopback(&listen);
+        let has_cert = raw.tls_cert.is_some() && raw.tls_key.is_some();
+        let tls_mode = raw.tls_mode.unwrap_or(if exposed {
+            TlsMode::Required
+        } else if raw.tls_cert.is_some() {
+            TlsMode::Optional
+        } else {
+            TlsMode::Disabled
+        });
+        let tls_self_signed = raw.tls_mode.is_none() && exposed && !has_cert;
+        if tls_mode != TlsMode::Disabled && !has_cert && !tls_self_signed {
             return Err(ConfigError::Invalid {
                 name: "tls_mode",
                 reason: "TLS needs both tls_cert and tls_key".into(),
@@ -246,7 +268,7 @@ impl Settings {
             });
         }
         Ok(Settings {
-            listen: raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
+            listen,
             upstream,
             admin_upstream,
             database,
@@ -270,8 +292,21 @@ impl Settings {
                 idle_timeout: Duration::from_secs(raw.pool_idle_timeout_secs.unwrap_or(300).max(1)),
             },
             admin_listen: raw.admin_listen,
+            max_connections_per_key: raw.max_connections_per_key.unwrap_or(100).max(1),
+            max_rewrite_time: Duration::from_millis(raw.max_rewrite_ms.unwrap_or(2_000).max(1)),
+            tls_self_signed,
         })
     }
+}
+
+/// Whether a listen address only accepts local connections (`127.0.0.1:…`, `[::1]:…`,
+/// `localhost:…`). Anything else, `0.0.0.0` included, is exposed.
+pub fn is_loopback(listen: &str) -> bool {
+    let host = match listen.rsplit_once(':') {
+        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+        None => listen,
+    };
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn database_of(url: &str) -> Result<String, ConfigError> {
@@ -304,6 +339,22 @@ mod tests {
         assert!(!s.operator_keys);
         assert!(!s.allow_unsafe_upstream_role, "production keys are refused on an unsafe role by default");
         assert!(!format!("{s:?}").contains("pw"));
+    }
+
+    #[test]
+    fn tls_is_required_off_loopback_unless_configured() {
+        let base = RawConfig { upstream: Some("postgres://a@h/db".into()), ..Default::default() };
+        let local = Settings::from_raw(base.clone()).unwrap();
+        assert_eq!((local.tls_mode, local.tls_self_signed), (TlsMode::Disabled, false));
+        let exposed = Settings::from_raw(RawConfig { listen: Some("0.0.0.0:6432".into()), ..base.clone() }).unwrap();
+        assert_eq!((exposed.tls_mode, exposed.tls_self_signed), (TlsMode::Required, true));
+        let v6 = Settings::from_raw(RawConfig { listen: Some("[::1]:6432".into()), ..base.clone() }).unwrap();
+        assert_eq!(v6.tls_mode, TlsMode::Disabled);
+        let explicit = RawConfig { listen: Some("10.0.0.5:6432".into()), tls_mode: Some(TlsMode::Disabled), ..base };
+        assert_eq!(Settings::from_raw(explicit).unwrap().tls_mode, TlsMode::Disabled, "an explicit choice stands");
+        for (addr, local) in [("127.0.0.1:1", true), ("localhost:5", true), ("0.0.0.0:1", false), ("[::]:1", false)] {
+            assert_eq!(is_loopback(addr), local, "{addr}");
+        }
     }
 
     #[test]

@@ -46,6 +46,23 @@ pub struct Proxy {
     pub pool: Arc<crate::pool::UpstreamPool>,
     /// What the admin endpoint exposes (metrics.rs).
     pub metrics: crate::metrics::Metrics,
+    /// Open sessions per key id (max_connections_per_key).
+    key_sessions: Arc<dashmap::DashMap<i64, usize>>,
+}
+
+/// One session's hold on its key's connection budget; released when dropped.
+pub struct KeySlot {
+    sessions: Arc<dashmap::DashMap<i64, usize>>,
+    key_id: i64,
+}
+
+impl Drop for KeySlot {
+    fn drop(&mut self) {
+        self.sessions.remove_if_mut(&self.key_id, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
 }
 
 /// What a production key hears while the upstream role has a hole. Which hole is logged, not
@@ -66,7 +83,7 @@ pub enum StartError {
     Upstream(String),
     #[error(transparent)]
     Tls(#[from] crate::net::tls::TlsError),
-    #[error("cannot generate randomness: {0}")]
+    #[error("cannot generate randomness or temporary files: {0}")]
     Random(String),
     #[error("invalid policies:\n{0}")]
     Policy(#[from] crate::policy::PolicyErrors),
@@ -140,6 +157,18 @@ impl Proxy {
         let tls = match (&settings.tls_cert, &settings.tls_key, settings.tls_mode) {
             (_, _, crate::config::TlsMode::Disabled) => None,
             (Some(c), Some(k), _) => Some(crate::net::tls::acceptor(c, k)?),
+            _ if settings.tls_self_signed => {
+                // Exposed without a certificate: a self-signed one, made for this process (the
+                // files are removed right after loading).
+                let dir = tempfile::tempdir().map_err(|e| StartError::Random(e.to_string()))?;
+                let (c, k) = crate::net::tls::write_self_signed(dir.path())?;
+                tracing::warn!(
+                    listen = %settings.listen,
+                    "listening off loopback without a certificate: TLS is required with a self-signed certificate \
+                     (configure tls_cert/tls_key, or tls_mode explicitly)"
+                );
+                Some(crate::net::tls::acceptor(&c, &k)?)
+            }
             _ => None,
         };
         let mut nonce = [0u8; 8];
@@ -150,7 +179,8 @@ impl Proxy {
             event_rx: std::sync::Mutex::new(Some(event_rx)),
             keys: Arc::new(KeyStore::new(settings.admin_upstream.clone(), settings.key_cache_ttl)),
             throttle: AuthThrottle::new(),
-            rewriter: Rewriter::new(settings.rewrite_cache_capacity, Arc::clone(&engine) as _),
+            rewriter: Rewriter::new(settings.rewrite_cache_capacity, Arc::clone(&engine) as _)
+                .with_time_limit(settings.max_rewrite_time),
             engine: std::sync::Mutex::new(engine),
             refresh_pending: std::sync::atomic::AtomicBool::new(false),
             scratch_schemas: dashmap::DashSet::new(),
@@ -158,6 +188,7 @@ impl Proxy {
             cancels: Arc::new(CancelRegistry::default()),
             pool: Arc::new(crate::pool::UpstreamPool::new(settings.pool)),
             metrics: crate::metrics::Metrics::default(),
+            key_sessions: Arc::new(dashmap::DashMap::new()),
             upstream: Arc::new(upstream),
             admin_upstream: Arc::new(admin_upstream),
             tls,
@@ -198,6 +229,16 @@ impl Proxy {
             );
         }
         !same
+    }
+
+    /// A session slot for `key_id`, or `None` when it holds `max_connections_per_key` already.
+    pub fn take_key_slot(&self, key_id: i64) -> Option<KeySlot> {
+        let mut n = self.key_sessions.entry(key_id).or_insert(0);
+        if *n >= self.settings.max_connections_per_key {
+            return None;
+        }
+        *n += 1;
+        Some(KeySlot { sessions: Arc::clone(&self.key_sessions), key_id })
     }
 
     /// The upstream role's last audit.

@@ -154,3 +154,18 @@ fn reasonable_nesting_is_accepted() {
         }
     });
 }
+
+#[test]
+fn a_rewrite_over_the_time_limit_is_refused_and_not_cached() {
+    use crate::rewrite::policy::PassThrough;
+    let actor = super::tests::actor();
+    let slow = Rewriter::new(16, Arc::new(PassThrough)).with_time_limit(std::time::Duration::from_nanos(1));
+    for _ in 0..2 {
+        match slow.rewrite("SELECT 1", &actor) {
+            Err(Refusal::TooComplex(m)) => assert!(m.contains("the limit is 0 ms (max_rewrite_ms)"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let fine = Rewriter::new(16, Arc::new(PassThrough)).with_time_limit(std::time::Duration::from_secs(60));
+    assert!(fine.rewrite("SELECT 1", &actor).is_ok());
+}

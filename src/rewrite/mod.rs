@@ -123,6 +123,8 @@ pub struct Rewriter {
     /// The policy in force and its generation (bumped on every swap).
     policy: std::sync::RwLock<(Arc<dyn StatementPolicy>, u64)>,
     stats: CacheStats,
+    /// A miss that takes longer is refused (and not cached).
+    time_limit: std::time::Duration,
 }
 
 /// How rewrites were found (metrics).
@@ -147,7 +149,15 @@ impl Rewriter {
             nonce: hex::encode(nonce),
             policy: std::sync::RwLock::new((policy, 0)),
             stats: CacheStats::default(),
+            time_limit: std::time::Duration::MAX,
         }
+    }
+
+    /// Refuse (54000) a statement whose rewrite takes longer than `limit`. Size and nesting
+    /// limits bound the work; this bounds what a client can make one statement cost in time.
+    pub fn with_time_limit(mut self, limit: std::time::Duration) -> Self {
+        self.time_limit = limit;
+        self
     }
 
     pub fn stats(&self) -> &CacheStats {
@@ -196,6 +206,7 @@ impl Rewriter {
             shape = None;
         }
         self.stats.misses.fetch_add(1, Relaxed);
+        let started = std::time::Instant::now();
         let (policy, generation) = self.current_policy();
         let rewritten = Arc::new(rewrite_uncached(sql, actor, policy.as_ref())?);
         let template = shape.as_ref().map(|shape| {
@@ -203,6 +214,14 @@ impl Rewriter {
                 rewrite_uncached(probe, actor, policy.as_ref()).ok()
             })
         });
+        let took = started.elapsed();
+        if took > self.time_limit {
+            return Err(Refusal::TooComplex(format!(
+                "refused: rewriting this statement took {} ms; the limit is {} ms (max_rewrite_ms)",
+                took.as_millis(),
+                self.time_limit.as_millis()
+            )));
+        }
         // A rewrite made under a policy that was swapped out meanwhile is used once but never
         // cached, or it would outlive the swap's cache clear. The read lock is held across the
         // check and the insert, so a swap (write lock, then clear) cannot fall in between.

@@ -37,6 +37,8 @@ pub struct Established {
     /// Where the upstream connection goes back when the client leaves politely (`None`: it is
     /// closed; operator sessions are never pooled).
     pub pool_key: Option<PoolKey>,
+    /// This session's share of its key's connection budget.
+    pub key_slot: crate::server::KeySlot,
 }
 
 /// What the startup steps produce besides the client connection.
@@ -47,6 +49,7 @@ struct Admitted {
     key_prefix: String,
     cancel: CancelGuard,
     pool_key: Option<PoolKey>,
+    key_slot: crate::server::KeySlot,
 }
 
 pub enum Outcome {
@@ -79,7 +82,7 @@ fn pinned_params(proxy: &Proxy, caller: &Caller) -> Vec<(String, String)> {
 /// FATAL ErrorResponse before the error is returned.
 pub async fn run(proxy: &Arc<Proxy>, mut client: ClientConn, peer: SocketAddr) -> Result<Outcome, SessionEnd> {
     match steps(proxy, &mut client, peer).await {
-        Ok(Some(Admitted { upstream, caller, key_hash, key_prefix, cancel, pool_key })) => {
+        Ok(Some(Admitted { upstream, caller, key_hash, key_prefix, cancel, pool_key, key_slot })) => {
             Ok(Outcome::Session(Box::new(Established {
                 client,
                 upstream,
@@ -88,6 +91,7 @@ pub async fn run(proxy: &Arc<Proxy>, mut client: ClientConn, peer: SocketAddr) -
                 key_prefix,
                 cancel,
                 pool_key,
+                key_slot,
             })))
         }
         Ok(None) => Ok(Outcome::Closed),
@@ -206,6 +210,17 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
         return Err(SessionEnd::fatal(SqlState::INVALID_AUTHORIZATION, crate::server::PRODUCTION_REFUSED).into());
     }
     proxy.keys.touch(record.id);
+    let Some(key_slot) = proxy.take_key_slot(record.id) else {
+        tracing::warn!(limit = proxy.settings.max_connections_per_key, "key refused: too many sessions");
+        return Err(SessionEnd::fatal(
+            SqlState::TOO_MANY_CONNECTIONS,
+            format!(
+                "too many connections for this key (max_connections_per_key = {})",
+                proxy.settings.max_connections_per_key
+            ),
+        )
+        .into());
+    };
 
     // 4. The database: environment keys only reach the configured one.
     if !caller.is_operator() && database != proxy.settings.database {
@@ -251,7 +266,7 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
     backend::ready_for_query(&mut out, upstream.transaction_status);
     client.send(&out).await?;
     tracing::info!(operator = caller.is_operator(), %database, "session started");
-    Ok(Some(Admitted { upstream, caller, key_hash, key_prefix, cancel, pool_key }))
+    Ok(Some(Admitted { upstream, caller, key_hash, key_prefix, cancel, pool_key, key_slot }))
 }
 
 /// Split the client's startup parameters into the ones forwarded upstream and the `_pq_.`

@@ -56,7 +56,8 @@ fn lock(t: &Tracker) -> std::sync::MutexGuard<'_, Book> {
 
 pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd> {
     // `_cancel` keeps this session's cancel key registered until the session ends.
-    let Established { client, upstream, caller, key_hash, key_prefix, cancel, pool_key } = est;
+    // `_key_slot` holds this session's place in its key's connection budget until it ends.
+    let Established { client, upstream, caller, key_hash, key_prefix, cancel, pool_key, key_slot: _key_slot } = est;
     let max_message = client.max_message;
     let (client_r, mut client_w) = tokio::io::split(client.stream);
     let UpstreamConn { stream, parameters, backend_pid, backend_secret, transaction_status, read_buf } = upstream;

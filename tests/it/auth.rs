@@ -133,3 +133,43 @@ async fn production_and_development_keys_both_connect() {
         assert_eq!(one, 1);
     }
 }
+
+#[tokio::test]
+async fn exposed_without_a_certificate_tls_is_required_with_a_self_signed_one() {
+    let f = fixture();
+    // What `Settings::from_raw` gives for a non-loopback listen address and no TLS settings.
+    let addr = f.extra_proxy(|s| {
+        s.tls_mode = TlsMode::Required;
+        s.tls_cert = None;
+        s.tls_key = None;
+        s.tls_self_signed = true;
+    });
+    let plain = format!("host=127.0.0.1 port={} user=x dbname=app password={} sslmode=disable", addr.port(), f.dev_key);
+    assert_eq!(code(&connect_to(&plain).await.err().unwrap()), "28000");
+    let url = format!("postgres://x:{}@127.0.0.1:{}/app?sslmode=require", f.dev_key, addr.port());
+    let out =
+        std::process::Command::new(&f.psql).arg(&url).args(["-X", "-A", "-t", "-c", "SELECT 6 * 7"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn a_key_holds_at_most_max_connections_per_key_sessions() {
+    let f = fixture();
+    let addr = f.extra_proxy(|s| s.max_connections_per_key = 2);
+    let url = format!("host=127.0.0.1 port={} user=x dbname=app password={} sslmode=disable", addr.port(), f.dev_key);
+    let first = connect_to(&url).await.unwrap();
+    let _second = connect_to(&url).await.unwrap();
+    let e = connect_to(&url).await.err().unwrap();
+    assert_eq!(code(&e), "53300");
+    assert!(e.as_db_error().unwrap().message().contains("max_connections_per_key = 2"), "{e:?}");
+    // Another key is not affected; a closed session frees its slot.
+    let other =
+        format!("host=127.0.0.1 port={} user=x dbname=app password={} sslmode=disable", addr.port(), f.prod_key);
+    assert!(connect_to(&other).await.is_ok());
+    drop(first);
+    let start = std::time::Instant::now();
+    while connect_to(&url).await.is_err() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "the slot was never freed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
