@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Throughput against direct PostgreSQL and PgBouncer, a policy workload against native row-level
+# security, and memory per idle connection (scripts/bench.py has the details). Prints markdown.
+#
+#   scripts/bench.sh [--seconds 15] [--reps 3] [--quick] [--phases memory,throughput,policy]
+#                    [--clients 1,8,32] [--modes simple,extended,prepared] [--idle 1000] [--scale 10]
+#
+# The full run takes about 35 minutes; --quick (-T 2, one repetition, fewer cells) is a smoke test.
+# Needs: PostgreSQL's server binaries and pgbench (scripts/setup.sh), PgBouncer (installed from
+# Debian's packages here when missing and run as root), Rust. Builds in ${CARGO_TARGET_DIR:-target}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+if ! command -v pgbouncer >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "bench: installing pgbouncer" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq pgbouncer >&2 || { apt-get update -qq >&2 && apt-get install -y -qq pgbouncer >&2; }
+  else
+    echo "bench: pgbouncer is missing; run: sudo apt-get install -y pgbouncer" >&2
+    exit 1
+  fi
+fi
+
+# 1,000 idle client sessions hold 1,000 client sockets in the bench, 2,000 in the proxy.
+want=8192
+hard="$(ulimit -Hn)"
+if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then want="$hard"; fi
+ulimit -n "$want" 2>/dev/null || true
+
+target="${CARGO_TARGET_DIR:-target}"
+cargo build --release --quiet
+# The native-RLS reference generator (a package of its own, sharing the build directory).
+CARGO_TARGET_DIR="$(cd "$(dirname "$target")" && pwd)/$(basename "$target")" \
+  cargo build --release --quiet --manifest-path scripts/rls-reference/Cargo.toml
+exec python3 scripts/bench.py "$@"
