@@ -353,6 +353,9 @@ fn array_text(items: &[String]) -> String {
 
 /// Write queued events in batches until the sink is dropped. Runs off the query path; a failed
 /// batch is counted as dropped and logged (the log has every event anyway).
+/// How long the writer lets events gather before a partial batch is written.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub async fn write_events(
     mut rx: mpsc::Receiver<Event>,
     admin_url: String,
@@ -362,6 +365,17 @@ pub async fn write_events(
     let mut client = None;
     let mut batch: Vec<Event> = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
+        // A trickle of events gathers for a moment: one INSERT per linger period rather than
+        // one per statement (each would cost the database more than the statement did).
+        if batch.len() < BATCH {
+            tokio::time::sleep(LINGER).await;
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(e) => batch.push(e),
+                    Err(_) => break,
+                }
+            }
+        }
         if client.is_none() {
             client = crate::auth::store::connect_admin(&admin_url).await.ok();
         }
