@@ -332,10 +332,15 @@ pub async fn doctor(raw: &RawConfig) -> AppResult<bool> {
 /// `serve`: run until SIGINT/SIGTERM.
 pub async fn serve(raw: RawConfig) -> AppResult<()> {
     let settings = crate::config::Settings::from_raw(raw)?;
+    let timeout = settings.shutdown_timeout;
     let running = RunningProxy::start(settings).await?;
     eprintln!("struere-proxy listening on {}", running.addr);
     wait_for_signal().await;
-    running.stop().await;
+    eprintln!("draining: no new clients; sessions end when idle (at most {} s)", timeout.as_secs());
+    let forced = running.drain(timeout).await;
+    if forced > 0 {
+        eprintln!("ended {forced} session(s) still busy at the drain timeout");
+    }
     Ok(())
 }
 

@@ -121,6 +121,8 @@ pub struct RawConfig {
     pub max_connections_per_key: Option<usize>,
     /// Longest a statement's rewrite may take, in milliseconds; a slower one is refused (54000).
     pub max_rewrite_ms: Option<u64>,
+    /// On SIGTERM/SIGINT, how long running statements and transactions may take to finish.
+    pub shutdown_timeout_secs: Option<u64>,
 }
 
 impl RawConfig {
@@ -157,6 +159,7 @@ impl RawConfig {
             admin_listen: over.admin_listen.or(self.admin_listen),
             max_connections_per_key: over.max_connections_per_key.or(self.max_connections_per_key),
             max_rewrite_ms: over.max_rewrite_ms.or(self.max_rewrite_ms),
+            shutdown_timeout_secs: over.shutdown_timeout_secs.or(self.shutdown_timeout_secs),
         }
     }
 }
@@ -195,6 +198,7 @@ pub struct Settings {
     pub admin_listen: Option<String>,
     pub max_connections_per_key: usize,
     pub max_rewrite_time: Duration,
+    pub shutdown_timeout: Duration,
     /// TLS is required because the listen address is not loopback and nothing else was
     /// configured: without a certificate, the proxy makes a self-signed one at start.
     pub tls_self_signed: bool,
@@ -294,6 +298,7 @@ impl Settings {
             admin_listen: raw.admin_listen,
             max_connections_per_key: raw.max_connections_per_key.unwrap_or(100).max(1),
             max_rewrite_time: Duration::from_millis(raw.max_rewrite_ms.unwrap_or(2_000).max(1)),
+            shutdown_timeout: Duration::from_secs(raw.shutdown_timeout_secs.unwrap_or(30)),
             tls_self_signed,
         })
     }

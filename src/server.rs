@@ -48,6 +48,19 @@ pub struct Proxy {
     pub metrics: crate::metrics::Metrics,
     /// Open sessions per key id (max_connections_per_key).
     key_sessions: Arc<dashmap::DashMap<i64, usize>>,
+    /// Shutdown state sessions watch (`RunningProxy::drain`).
+    pub drain: watch::Sender<Drain>,
+}
+
+/// Where a shutdown stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    Running,
+    /// No new clients; each session ends (57P01) once idle: running statements and open
+    /// transactions finish first.
+    Draining,
+    /// The drain timeout passed: every remaining session ends now (57P01).
+    Force,
 }
 
 /// One session's hold on its key's connection budget; released when dropped.
@@ -189,6 +202,7 @@ impl Proxy {
             pool: Arc::new(crate::pool::UpstreamPool::new(settings.pool)),
             metrics: crate::metrics::Metrics::default(),
             key_sessions: Arc::new(dashmap::DashMap::new()),
+            drain: watch::channel(Drain::Running).0,
             upstream: Arc::new(upstream),
             admin_upstream: Arc::new(admin_upstream),
             tls,
@@ -539,5 +553,31 @@ impl RunningProxy {
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
+    }
+
+    /// Graceful shutdown: stop accepting, let every session end once idle (its running
+    /// statement and open transaction finish), and after `timeout` end the rest; each client
+    /// hears 57P01. Returns how many sessions had to be ended by force.
+    pub async fn drain(self, timeout: std::time::Duration) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let proxy = Arc::clone(&self.proxy);
+        self.stop().await;
+        proxy.drain.send_replace(Drain::Draining);
+        let open = || proxy.metrics.clients_current.load(Relaxed);
+        tracing::info!(sessions = open(), timeout_s = timeout.as_secs(), "draining");
+        let deadline = tokio::time::Instant::now() + timeout;
+        while open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let forced = open();
+        if forced > 0 {
+            tracing::warn!(sessions = forced, "drain timeout: ending the remaining sessions");
+            proxy.drain.send_replace(Drain::Force);
+            let grace = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+            while open() > 0 && tokio::time::Instant::now() < grace {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        forced
     }
 }

@@ -27,7 +27,7 @@ use crate::protocol::frame::{self, Frame};
 use crate::protocol::frontend::{decode_parse, decode_query, encode_parse, encode_query};
 use crate::protocol::sqlstate::SqlState;
 use crate::rewrite::{Refusal, Rewritten};
-use crate::server::Proxy;
+use crate::server::{Drain, Proxy};
 use crate::session::handshake::Established;
 use crate::session::refusal::{BackendAction, RefusalTracker};
 use crate::upstream::{UpstreamConn, UpstreamStream};
@@ -354,6 +354,14 @@ impl ClientToUpstream<'_> {
     }
 }
 
+/// How a session ends when the proxy shuts down (PostgreSQL's own code and wording).
+fn shutting_down() -> SessionEnd {
+    SessionEnd::fatal(
+        SqlState::ADMIN_SHUTDOWN,
+        "terminating connection due to administrator command (the proxy is shutting down)",
+    )
+}
+
 /// pg_query statement kinds that change the catalog.
 const DDL_KINDS: &[&str] = &[
     "CreateStmt",
@@ -401,12 +409,19 @@ impl UpstreamToClient<'_> {
         let mut recheck = tokio::time::interval(self.proxy.keys.ttl());
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         recheck.tick().await;
+        let mut drain = self.proxy.drain.subscribe();
+        let mut draining = *drain.borrow() != Drain::Running;
+        let mut drain_open = true;
         loop {
             // Relay whatever complete messages are buffered (leftovers from the handshake first).
             self.relay_buffered(&mut out)?;
             if !out.is_empty() {
                 client.write_all(&out).await?;
                 out.clear();
+            }
+            // Draining: a session ends as soon as it is idle (no transaction, nothing in flight).
+            if draining && self.last_status == b'I' && lock(&self.tracker).statements.quiescent() {
+                return Err(shutting_down());
             }
             tokio::select! {
                 n = read_more(&mut self.reader, &mut self.buf) => {
@@ -418,6 +433,14 @@ impl UpstreamToClient<'_> {
                     }
                 }
                 _ = recheck.tick() => self.recheck_key().instrument(tracing::debug_span!("key_recheck")).await?,
+                changed = drain.changed(), if drain_open => match changed {
+                    Ok(()) => match *drain.borrow() {
+                        Drain::Force => return Err(shutting_down()),
+                        Drain::Draining => draining = true,
+                        Drain::Running => {}
+                    },
+                    Err(_) => drain_open = false,
+                },
             }
         }
     }

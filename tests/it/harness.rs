@@ -162,6 +162,16 @@ impl Fixture {
         .expect("extra proxy thread")
     }
 
+    /// Start a proxy with these settings on the fixture's runtime and hand over its handle
+    /// (tests that stop or drain it).
+    pub fn start_running(&self, mut settings: Settings) -> RunningProxy {
+        settings.listen = "127.0.0.1:0".into();
+        let handle = self.runtime.handle().clone();
+        std::thread::spawn(move || handle.block_on(RunningProxy::start(settings)).expect("proxy starts"))
+            .join()
+            .expect("proxy thread")
+    }
+
     /// A new database in the fixture's cluster with the demo schema, seed and proxy schema but
     /// no deployed policies, for tests that change what is deployed; settings for a proxy
     /// serving it, and its owner URL.

@@ -8,6 +8,7 @@ mod catalog;
 mod cli;
 mod differential;
 mod doctor;
+mod drain;
 mod events;
 mod harness;
 mod hostile;
