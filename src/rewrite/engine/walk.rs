@@ -1,6 +1,10 @@
 //! The walk over one statement's tree: resolves every relation the way PostgreSQL would (CTE
 //! names first, in their exact scope; then the pinned search_path), swaps managed tables for
 //! secure relations, and checks every function call and catalog relation.
+//!
+//! Invariant: every relation name resolves as PostgreSQL would resolve it; every managed table becomes a secure
+//! relation, and every other relation or function is allowed only when it cannot expose another tenant's rows (catalog,
+//! the caller's scratch schema, allowlisted functions), otherwise the statement is refused.
 
 use std::ops::ControlFlow;
 
