@@ -2,6 +2,7 @@
 //! once for the whole binary, the proxy in front of it, and real clients (tokio-postgres, psql,
 //! raw sockets) talking to it.
 
+mod attacks;
 mod auth;
 mod catalog;
 mod cli;
