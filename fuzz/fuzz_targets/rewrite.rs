@@ -38,7 +38,7 @@ use libfuzzer_sys::fuzz_target;
 use sqlparser::ast::Statement;
 use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
 use struere_proxy::rewrite::engine::PolicyEngine;
-use struere_proxy::rewrite::{Refusal, Rewritten, Rewriter, StatementPolicy};
+use struere_proxy::rewrite::{Refusal, Rewriter, Rewritten, StatementPolicy};
 
 /// Changes nothing: the pipeline's own properties are fuzzed without a policy set.
 struct PassThrough;
@@ -72,7 +72,11 @@ fn engine() -> Arc<PolicyEngine> {
     ENGINE
         .get_or_init(|| {
             let policies = struere_proxy::policy::shipped().expect("shipped policies compile");
-            Arc::new(PolicyEngine { policies, catalog: Arc::new(struere_proxy::catalog::demo::snapshot()), allow_functions: BTreeSet::new() })
+            Arc::new(PolicyEngine {
+                policies,
+                catalog: Arc::new(struere_proxy::catalog::demo::snapshot()),
+                allow_functions: BTreeSet::new(),
+            })
         })
         .clone()
 }

@@ -55,7 +55,8 @@ async fn census(table: &str) -> Vec<Vec<String>> {
     rows(
         &admin,
         &format!(
-            "SELECT {TENANT}, count(*)::text FROM {table} WHERE organization_id IN ('acme', 'globex') GROUP BY 1 ORDER BY 1"
+            "SELECT {TENANT}, count(*)::text FROM {table} \
+             WHERE organization_id IN ('acme', 'globex') GROUP BY 1 ORDER BY 1"
         ),
     )
     .await
@@ -94,7 +95,8 @@ async fn precedence_cannot_widen_a_read_or_a_write() {
         "SELECT count(*) FROM entities WHERE organization_id = 'globex' OR true",
         "SELECT count(*) FROM entities WHERE true OR environment = 'production' AND organization_id = 'globex'",
         "SELECT count(*) FROM entities WHERE NOT (organization_id = 'acme' AND false) OR 1 = 1",
-        "SELECT count(*) FROM entities e WHERE (e.organization_id, e.environment) <> ('acme', 'development') OR e.id IS NOT NULL",
+        "SELECT count(*) FROM entities e \
+         WHERE (e.organization_id, e.environment) <> ('acme', 'development') OR e.id IS NOT NULL",
     ] {
         assert_eq!(count(&dev, sql).await, own, "{sql}");
     }
@@ -163,7 +165,9 @@ async fn temporary_objects_cannot_shadow_managed_tables() {
     denied(&dev, "CREATE TEMP VIEW entities AS SELECT 1 AS id", "TEMPORARY").await;
     denied(&dev, "CREATE FUNCTION pg_temp.lower(text) RETURNS text LANGUAGE sql AS 'SELECT $1'", "").await;
     // A temporary table of another name works, and the managed name still means the managed table.
-    dev.batch_execute("CREATE TEMP TABLE IF NOT EXISTS temp_probe (organization_id text, environment text)").await.unwrap();
+    dev.batch_execute("CREATE TEMP TABLE IF NOT EXISTS temp_probe (organization_id text, environment text)")
+        .await
+        .unwrap();
     dev.batch_execute("INSERT INTO temp_probe VALUES ('globex', 'production')").await.unwrap();
     assert_eq!(column(&dev, &format!("SELECT DISTINCT {TENANT} FROM entities")).await, ["acme/development"]);
     assert_eq!(column(&dev, &format!("SELECT DISTINCT {TENANT} FROM public.entities")).await, ["acme/development"]);
@@ -178,11 +182,13 @@ async fn ctes_named_like_managed_tables_and_writable_ctes_stay_confined() {
         format!("WITH x AS MATERIALIZED (SELECT * FROM entities) SELECT DISTINCT {TENANT} FROM x"),
         format!(
             "WITH RECURSIVE r AS (SELECT id, {TENANT} AS t, 1 AS n FROM entities UNION ALL \
-             SELECT e.id, e.{TENANT}, r.n + 1 FROM r JOIN entities e ON e.id > r.id WHERE r.n < 2) SELECT DISTINCT t FROM r"
+             SELECT e.id, e.{TENANT}, r.n + 1 FROM r JOIN entities e ON e.id > r.id WHERE r.n < 2) \
+             SELECT DISTINCT t FROM r"
         ),
         format!(
             "WITH users AS (SELECT 'globex' AS organization_id) \
-             SELECT DISTINCT e.{TENANT} FROM public.entities e WHERE e.organization_id NOT IN (SELECT organization_id FROM users)"
+             SELECT DISTINCT e.{TENANT} FROM public.entities e \
+             WHERE e.organization_id NOT IN (SELECT organization_id FROM users)"
         ),
     ] {
         let got = column(&dev, &sql).await;
@@ -195,7 +201,8 @@ async fn ctes_named_like_managed_tables_and_writable_ctes_stay_confined() {
     let got = rows(
         &dev,
         &format!(
-            "WITH d AS (UPDATE entities SET data = data WHERE true OR organization_id = 'globex' RETURNING {TENANT} AS t) \
+            "WITH d AS (UPDATE entities SET data = data WHERE true OR organization_id = 'globex' \
+             RETURNING {TENANT} AS t) \
              SELECT t, count(*)::text FROM d GROUP BY t"
         ),
     )
@@ -224,7 +231,10 @@ async fn set_operations_and_scalar_and_correlated_subqueries_are_confined() {
         count(&dev, "SELECT count(*) FROM (SELECT id FROM entities UNION SELECT id FROM public.entities) s").await,
         own
     );
-    assert_eq!(count(&dev, "SELECT count(*) FROM (SELECT id FROM entities INTERSECT ALL SELECT id FROM entities) s").await, own);
+    assert_eq!(
+        count(&dev, "SELECT count(*) FROM (SELECT id FROM entities INTERSECT ALL SELECT id FROM entities) s").await,
+        own
+    );
     assert_eq!(
         count(&dev, "SELECT count(*) FROM (SELECT organization_id FROM threads EXCEPT SELECT 'acme') s").await,
         0,
@@ -248,8 +258,12 @@ async fn set_operations_and_scalar_and_correlated_subqueries_are_confined() {
         1
     );
     assert_eq!(
-        count(&dev, "SELECT count(*) FROM entities WHERE organization_id IN (SELECT 'globex' UNION SELECT organization_id FROM users)")
-            .await,
+        count(
+            &dev,
+            "SELECT count(*) FROM entities \
+             WHERE organization_id IN (SELECT 'globex' UNION SELECT organization_id FROM users)"
+        )
+        .await,
         own
     );
     assert_eq!(
@@ -271,7 +285,8 @@ async fn masked_values_stay_masked_in_where_order_by_group_by_and_aggregates() {
     assert_eq!(
         rows(
             &t,
-            "SELECT count(*)::text, count(data->>'paymentAmount')::text, coalesce(max(data->>'paymentAmount'), 'NONE'), \
+            "SELECT count(*)::text, count(data->>'paymentAmount')::text, \
+             coalesce(max(data->>'paymentAmount'), 'NONE'), \
              coalesce(string_agg(data->>'notes', ','), 'NONE'), bool_or(data ? 'paymentAmount')::text FROM entities"
         )
         .await,
@@ -413,7 +428,9 @@ async fn prepared_writes_and_cursors_stay_confined() {
     // A prepared statement or cursor cannot be created around the rewriter.
     denied(&dev, "PREPARE p2 AS SELECT * FROM struere.api_keys", "struere").await;
     let cursor = unique("c");
-    dev.batch_execute(&format!("DECLARE {cursor} CURSOR WITH HOLD FOR SELECT organization_id FROM users")).await.unwrap();
+    dev.batch_execute(&format!("DECLARE {cursor} CURSOR WITH HOLD FOR SELECT organization_id FROM users"))
+        .await
+        .unwrap();
     let seen = column(&dev, &format!("FETCH ALL FROM {cursor}")).await;
     dev.batch_execute(&format!("CLOSE {cursor}")).await.unwrap();
     assert!(!seen.is_empty() && seen.iter().all(|t| t == "acme"), "{seen:?}");
@@ -496,7 +513,7 @@ async fn do_blocks_and_function_creation_are_refused() {
         format!("CREATE OR REPLACE FUNCTION {name}(text) RETURNS text LANGUAGE sql SECURITY DEFINER AS 'SELECT $1'"),
         format!("CREATE PROCEDURE {name}() LANGUAGE sql AS 'SELECT 1'"),
         format!("CREATE AGGREGATE {name}(int) (SFUNC = int4pl, STYPE = int)"),
-        format!("CREATE OPERATOR === (LEFTARG = int, RIGHTARG = int, FUNCTION = int4eq)"),
+        "CREATE OPERATOR === (LEFTARG = int, RIGHTARG = int, FUNCTION = int4eq)".to_owned(),
         format!("CREATE TRIGGER {name} BEFORE INSERT ON entities FOR EACH ROW EXECUTE FUNCTION {name}()"),
         format!("CREATE RULE {name} AS ON SELECT TO entities DO INSTEAD SELECT 1"),
         "CREATE EXTENSION IF NOT EXISTS dblink".to_owned(),
@@ -661,7 +678,8 @@ async fn multi_statement_messages_mixing_allowed_and_refused_statements_run_noth
 async fn a_channel_named_with_another_tenants_prefix_hears_nothing_of_it() {
     use futures_util::{StreamExt, pin_mut};
     let f = fixture();
-    let globex_prefix = struere_proxy::rewrite::engine::notify_prefix(&actor("globex", Environment::Development, "admin"));
+    let globex_prefix =
+        struere_proxy::rewrite::engine::notify_prefix(&actor("globex", Environment::Development, "admin"));
     let (client, mut conn) = tokio_postgres::connect(&f.url(&f.dev_key), tokio_postgres::NoTls).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -733,15 +751,14 @@ async fn key_brute_force_is_slowed_per_address_and_a_real_key_is_not() {
     let f = fixture();
     // A proxy of its own, so its throttle's state is this test's alone.
     let addr = f.extra_proxy(|_| {});
-    let url = |key: &str| {
-        format!("host=127.0.0.1 port={} user=x dbname=app password={key} sslmode=disable", addr.port())
-    };
+    let url =
+        |key: &str| format!("host=127.0.0.1 port={} user=x dbname=app password={key} sslmode=disable", addr.port());
     let mut delays = Vec::new();
     let mut messages = Vec::new();
     for i in 0..5 {
         let guess = format!("sk_dev_{:064x}", 0xdead_beef_u64 + i);
         let started = Instant::now();
-        let e = crate::harness::connect_to(&url(&guess)).await.err().expect("a guessed key is refused");
+        let Err(e) = crate::harness::connect_to(&url(&guess)).await else { panic!("a guessed key is refused") };
         delays.push(started.elapsed());
         assert_eq!(code(&e), "28P01");
         messages.push(e.as_db_error().unwrap().message().to_owned());
@@ -766,7 +783,10 @@ async fn deeply_nested_sql_and_huge_statements_are_refused_cleanly() {
     for (what, sql) in [
         ("10,000 parentheses", format!("SELECT {}1{}", "(".repeat(10_000), ")".repeat(10_000))),
         ("5,000 nested subqueries", format!("SELECT {}1{}", "(SELECT ".repeat(5_000), ")".repeat(5_000))),
-        ("1,000 nested subqueries over a managed table", format!("SELECT {}1{} FROM entities", "(SELECT ".repeat(1_000), ")".repeat(1_000))),
+        (
+            "1,000 nested subqueries over a managed table",
+            format!("SELECT {}1{} FROM entities", "(SELECT ".repeat(1_000), ")".repeat(1_000)),
+        ),
         ("2,000 ANDs", format!("SELECT 1 FROM entities WHERE true{}", " AND true".repeat(2_000))),
         ("a 2 MiB statement", format!("SELECT '{}'", "x".repeat(2 * 1024 * 1024))),
     ] {
