@@ -491,7 +491,7 @@ fn views_and_children_outside_the_scratch_schema_are_never_read_directly() {
     // Found by the attack-class tests: a view, materialized view or foreign table in `public`
     // reads with its owner's rights, and an inheritance child holds rows its managed parent
     // shows; a development admin (granted unmanaged tables) read every tenant's rows through them.
-    use crate::catalog::{Relation, RelKind};
+    use crate::catalog::{RelKind, Relation};
     let mut catalog = demo_catalog();
     let cols = [("id", "text"), ("organization_id", "text"), ("environment", "text")];
     let mut add = |name: &str, kind: RelKind, is_child: bool| {
