@@ -526,3 +526,21 @@ fn views_and_children_outside_the_scratch_schema_are_never_read_directly() {
     assert!(run("SELECT relname FROM pg_catalog.pg_class").is_ok());
     assert!(run("SELECT table_name FROM information_schema.tables").is_ok());
 }
+
+#[test]
+fn the_reserved_prefix_is_a_prefix_not_a_substring() {
+    // Found by fuzzing (a false alarm of the fuzz target's property, kept as a regression): a
+    // channel `_struere…` is namespaced to `t<hash>__struere…`, which holds the reserved prefix
+    // mid-name. That is a channel of the caller's own namespace, not a proxy alias: accepted, and
+    // re-namespaced if fed back (a channel name never resolves to a relation or column, so even
+    // `LISTEN __struere_t` is just a channel). A column or alias that starts with it stays refused.
+    let prefix = super::notify_prefix(&admin_dev());
+    let out = run(&admin_dev(), "LISTEN _struere5bb87b").unwrap();
+    assert_eq!(out, format!("LISTEN \"{prefix}_struere5bb87b\""));
+    let again = run(&admin_dev(), &out).unwrap();
+    assert_eq!(again, format!("LISTEN \"{prefix}{prefix}_struere5bb87b\""));
+    for sql in ["SELECT 1 AS __struere_1", "SELECT x.__struere_in_scope FROM entities x"] {
+        let e = run(&admin_dev(), sql).unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{sql}: {e}");
+    }
+}
