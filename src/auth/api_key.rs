@@ -1,5 +1,8 @@
 //! Key material. A key is random (256 bits) behind a visible prefix that names its environment;
 //! only its SHA-256 hash is ever stored, and only a short prefix is ever displayed or logged.
+//!
+//! Invariant: a key's secret is never stored or logged; only its SHA-256 hash is kept and compared in constant time,
+//! and at most a short prefix is displayed.
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;

@@ -1,4 +1,7 @@
 //! Who is calling: the identity an API key resolves to, threaded into every later layer.
+//!
+//! Invariant: the caller's organization, environment, roles and actor come only from the key store, never from anything
+//! the client sends after authentication.
 
 use std::fmt;
 use std::str::FromStr;

@@ -4,6 +4,9 @@
 //! Positive and negative lookups are both cached, so a flood of wrong keys does not become a
 //! flood of queries, and a revocation takes effect on every proxy within the TTL (immediately on
 //! the proxy that revoked it, which invalidates its own entry).
+//!
+//! Invariant: a revoked or expired key stops authenticating, and ends its open sessions, within the cache TTL; lookups
+//! go only through the owner connection, never the environment keys' role.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};

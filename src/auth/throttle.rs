@@ -2,6 +2,9 @@
 //!
 //! The delay is applied only after a failure has been decided, right before the failure is
 //! reported, so a correct key is never delayed no matter how many failures preceded it.
+//!
+//! Invariant: every failed authentication is delayed exponentially per source address and per key prefix, with bounded
+//! memory; a correct key is never delayed.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};

@@ -3,6 +3,9 @@
 //! This is the first thing client bytes meet. A length is checked against the limits before it is
 //! trusted (PgBouncer's "don't believe nonsense"), a negative length is refused before any cast,
 //! and a decoder is only ever handed the bytes of its own message.
+//!
+//! Invariant: no client-supplied length is used before it is checked against the limits, and a decoder never sees bytes
+//! beyond its own message; malformed input is an error, never a panic.
 
 use bytes::{Buf, Bytes, BytesMut};
 use thiserror::Error;

@@ -12,6 +12,10 @@
 //! PostgreSQL's tree is authoritative and is checked completely (every string in it is
 //! visited, see `pgtree`); the sqlparser tree, which is what gets printed, is checked too. The
 //! verifier runs the PostgreSQL-side check again on the text actually forwarded.
+//!
+//! Invariant: no statement that changes a setting the printer or name resolution relies on
+//! (`standard_conforming_strings`, `client_encoding`, `search_path`, role, session authorization) is ever forwarded for
+//! an environment key, whichever tree (sqlparser's or PostgreSQL's) shows it.
 
 use std::ops::ControlFlow;
 

@@ -11,6 +11,9 @@
 //!
 //! Depth: the walk recurses once per protobuf message level. pg_query refuses to decode trees
 //! deeper than prost's recursion limit (100 messages), so the recursion here is bounded too.
+//!
+//! Invariant: a walk visits every node and string of PostgreSQL's tree (no node type is skipped), so a rule built on it
+//! cannot miss a function call or relation in an unusual position.
 
 use std::fmt::{self, Write as _};
 

@@ -24,6 +24,9 @@
 //! Unquoted identifiers stay as written when they are plain words (PostgreSQL folds them just
 //! as it would have folded the client's text); anything else is refused. The sequence of
 //! replacements in print order is what the verifier compares PostgreSQL's lexer output with.
+//!
+//! Invariant: client data (string literals, quoted identifiers) is printed only from its decoded value with exact
+//! quoting, so printed text can never contain more statements or different literals than the tree it was printed from.
 
 use std::ops::ControlFlow;
 

@@ -11,6 +11,9 @@
 //!
 //! Statements forwarded verbatim are the client's own data-free text (see `mod.rs`); only
 //! their kind, position and the gate are checked.
+//!
+//! Invariant: no text goes upstream unless PostgreSQL's parser reads it as exactly the statements, kinds and string
+//! literals the proxy printed; any difference is a refusal, never a best effort.
 
 use std::ops::Range;
 

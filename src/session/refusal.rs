@@ -9,6 +9,9 @@
 //! itself, in the right position; the proxy only swaps the server's error text for its own.
 //!
 //! Nothing of the refused statement reaches the server: the injected text is fixed.
+//!
+//! Invariant: a refused message is answered in exactly the protocol position and transaction state the server would
+//! have produced, and the refusal's marker never reaches the client.
 
 use std::collections::VecDeque;
 

@@ -65,11 +65,11 @@ fn sqlstate(body: &[u8]) -> String {
     String::new()
 }
 
-struct Raw {
+pub(crate) struct Raw {
     s: TcpStream,
     buf: Vec<u8>,
-    pid: i32,
-    secret: i32,
+    pub(crate) pid: i32,
+    pub(crate) secret: i32,
 }
 
 impl Raw {
@@ -78,7 +78,7 @@ impl Raw {
     }
 
     /// Start up and authenticate with the dev key; read through the first ReadyForQuery.
-    async fn session() -> Raw {
+    pub(crate) async fn session() -> Raw {
         let f = fixture();
         let mut s = Raw::connect().await;
         s.write_all(&startup_packet(0, &[("user", "raw"), ("database", "app")])).await.unwrap();

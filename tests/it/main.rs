@@ -3,6 +3,7 @@
 //! raw sockets) talking to it.
 
 mod admin;
+mod attacks;
 mod auth;
 mod catalog;
 mod cli;

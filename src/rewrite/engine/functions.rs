@@ -2,6 +2,9 @@
 //! `pg_catalog` functions that are immutable or stable — minus those that read files, run SQL
 //! given as text, or expose other sessions, large objects or the server; plus a short list of
 //! volatile functions that are safe; plus what the configuration allows by name.
+//!
+//! Invariant: an environment key calls only functions on the allowlist; none reads files, runs SQL given as text, or
+//! reaches other sessions, large objects or the server.
 
 use std::collections::BTreeSet;
 

@@ -38,6 +38,10 @@
 //! (only the statement's own query, scalar subqueries and EXISTS subqueries are guarded), and any
 //! reference without at least one raw condition (then the guard buys no plan, only cost).
 //! Security never depends on the fast path; only plans do.
+//!
+//! Invariant: in a guarded (flattenable) relation no client expression is evaluated on an out-of-scope row: only
+//! leakproof comparisons of raw columns with constants run unguarded; everything else is wrapped in the row predicate
+//! or the relation falls back to the fenced form.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::ops::ControlFlow;

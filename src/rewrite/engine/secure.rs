@@ -17,6 +17,9 @@
 //!   (index conditions) read the raw columns, every other condition PostgreSQL could evaluate at the
 //!   scan is wrapped in `CASE WHEN __struere_in_scope …` so it never runs for an out-of-scope row.
 //!   What the analysis cannot prove safe falls back to the fenced form.
+//!
+//! Invariant: a secure relation yields only rows of the caller's organization and environment that its scope rules
+//! allow, with every hidden or masked value replaced, and reads the schema-qualified table so nothing can shadow it.
 
 use std::cell::Cell;
 

@@ -485,3 +485,62 @@ fn insert_select_types_untyped_literals_as_their_columns() {
     // Typed expressions keep their own type (PostgreSQL's assignment rules apply to them).
     assert!(!out.contains("CAST(\"e\".\"id\" || '-c' AS TEXT)"), "{out}");
 }
+
+#[test]
+fn views_and_children_outside_the_scratch_schema_are_never_read_directly() {
+    // Found by the attack-class tests: a view, materialized view or foreign table in `public`
+    // reads with its owner's rights, and an inheritance child holds rows its managed parent
+    // shows; a development admin (granted unmanaged tables) read every tenant's rows through them.
+    use crate::catalog::{RelKind, Relation};
+    let mut catalog = demo_catalog();
+    let cols = [("id", "text"), ("organization_id", "text"), ("environment", "text")];
+    let mut add = |name: &str, kind: RelKind, is_child: bool| {
+        let rel = Relation { kind, is_child, ..Relation::plain_table("public", name, &cols) };
+        catalog.relations.insert(("public".into(), name.into()), rel);
+    };
+    add("all_entities", RelKind::View, false);
+    add("entities_copy", RelKind::MaterializedView, false);
+    add("remote_entities", RelKind::ForeignTable, false);
+    add("entities_2026", RelKind::Table, true);
+    add("plain_notes", RelKind::Table, false);
+    let policies = crate::policy::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap();
+    let engine = Arc::new(PolicyEngine { policies, catalog: Arc::new(catalog), allow_functions: BTreeSet::new() });
+    let run = |sql: &str| Rewriter::new(0, engine.clone()).rewrite(sql, &admin_dev()).map(|r| r.sql.clone());
+    for (sql, what) in [
+        ("SELECT * FROM all_entities", "a view"),
+        ("SELECT * FROM public.all_entities", "a view"),
+        ("SELECT id FROM entities WHERE id IN (SELECT id FROM all_entities)", "a view"),
+        ("SELECT * FROM entities_copy", "a materialized view"),
+        ("SELECT * FROM remote_entities", "a foreign table"),
+        ("SELECT * FROM entities_2026", "an inheritance child"),
+        ("DELETE FROM entities_2026", "an inheritance child"),
+        ("UPDATE public.all_entities SET id = id", "a view"),
+        ("INSERT INTO entities_2026 (id) VALUES ('x')", "an inheritance child"),
+    ] {
+        let e = run(sql).unwrap_err();
+        assert!(matches!(e, Refusal::Denied(_)), "{sql}: {e:?}");
+        assert!(e.to_string().contains(what), "{sql}: {e}");
+    }
+    // Plain unmanaged tables stay reachable for a role granted unmanaged tables; catalog views too.
+    assert!(run("SELECT * FROM plain_notes").is_ok());
+    assert!(run("SELECT relname FROM pg_catalog.pg_class").is_ok());
+    assert!(run("SELECT table_name FROM information_schema.tables").is_ok());
+}
+
+#[test]
+fn the_reserved_prefix_is_a_prefix_not_a_substring() {
+    // Found by fuzzing (a false alarm of the fuzz target's property, kept as a regression): a
+    // channel `_struere…` is namespaced to `t<hash>__struere…`, which holds the reserved prefix
+    // mid-name. That is a channel of the caller's own namespace, not a proxy alias: accepted, and
+    // re-namespaced if fed back (a channel name never resolves to a relation or column, so even
+    // `LISTEN __struere_t` is just a channel). A column or alias that starts with it stays refused.
+    let prefix = super::notify_prefix(&admin_dev());
+    let out = run(&admin_dev(), "LISTEN _struere5bb87b").unwrap();
+    assert_eq!(out, format!("LISTEN \"{prefix}_struere5bb87b\""));
+    let again = run(&admin_dev(), &out).unwrap();
+    assert_eq!(again, format!("LISTEN \"{prefix}{prefix}_struere5bb87b\""));
+    for sql in ["SELECT 1 AS __struere_1", "SELECT x.__struere_in_scope FROM entities x"] {
+        let e = run(&admin_dev(), sql).unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{sql}: {e}");
+    }
+}

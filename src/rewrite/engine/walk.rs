@@ -1,6 +1,10 @@
 //! The walk over one statement's tree: resolves every relation the way PostgreSQL would (CTE
 //! names first, in their exact scope; then the pinned search_path), swaps managed tables for
 //! secure relations, and checks every function call and catalog relation.
+//!
+//! Invariant: every relation name resolves as PostgreSQL would resolve it; every managed table becomes a secure
+//! relation, and every other relation or function is allowed only when it cannot expose another tenant's rows (catalog,
+//! the caller's scratch schema, allowlisted functions), otherwise the statement is refused.
 
 use std::ops::ControlFlow;
 
@@ -16,6 +20,7 @@ use super::secure::Ctx;
 use super::writes;
 use crate::auth::identity::Environment;
 use crate::auth::store::PROXY_SCHEMA;
+use crate::catalog::RelKind;
 use crate::policy::Action;
 
 /// At most this many managed-table references per statement: each becomes a secure relation,
@@ -235,6 +240,27 @@ impl<'c, 'a> Walker<'c, 'a> {
         }
         if schema.starts_with("pg_temp") || schema.starts_with("pg_toast") {
             return Err(format!("relation {schema}.{name} is not allowed"));
+        }
+        // Outside the caller's scratch schema, a view (it reads with its owner's rights), a
+        // materialized view or foreign table (copies or other sources of rows), and an inheritance
+        // child or partition (it holds rows its parent shows) could hand out a managed table's
+        // rows without its secure relation. Only plain unmanaged tables are reachable directly.
+        if schema != super::scratch_schema(self.ctx.actor)
+            && let Some(rel) = self.ctx.catalog.relation(schema, name)
+        {
+            let what = match rel.kind {
+                RelKind::View => Some("a view"),
+                RelKind::MaterializedView => Some("a materialized view"),
+                RelKind::ForeignTable => Some("a foreign table"),
+                _ if rel.is_child => Some("an inheritance child or partition"),
+                _ => None,
+            };
+            if let Some(what) = what {
+                return Err(format!(
+                    "relation {schema}.{name} is {what} outside the tenant's scratch schema: read directly, it could \
+                     show a managed table's rows without the policy (use the managed tables themselves)"
+                ));
+            }
         }
         if self.unmanaged_allowed() {
             return Ok(());

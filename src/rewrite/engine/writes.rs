@@ -29,6 +29,9 @@
 //! [`check_marker`] and the number of the refusal message; the session layer turns that error
 //! into the 42501 refusal. The marker holds a per-process random nonce; a client that learns it
 //! (EXPLAIN of its own write shows it) can only make the proxy show one of its own messages.
+//!
+//! Invariant: a write changes only rows the caller may change, writes only rows it may see (WITH CHECK), never assigns
+//! the environment or organization, and evaluates every client expression over masked values.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
