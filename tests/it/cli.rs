@@ -248,3 +248,46 @@ async fn demo_upstream_loads_an_existing_database_and_revokes_its_keys_on_exit()
     let e = crate::harness::connect_to(&url).await;
     assert!(e.is_err(), "the proxy is gone");
 }
+
+#[test]
+fn keys_and_masked_values_never_reach_the_log() {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = bin()
+        .env("STRUERE_LOG", "debug")
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let banner = read_banner(&mut child);
+    let listen = &banner.values["LISTEN"];
+    let psql = banner.commands.first().unwrap().split_once(' ').unwrap().0.to_owned();
+    let bad_key = format!("sk_dev_{}", "ab".repeat(32));
+    let teacher = banner.keys.iter().find(|k| k[0] == "development" && k[2] == "teacher").unwrap();
+    let admin = banner.keys.iter().find(|k| k[0] == "development" && k[2] == "admin").unwrap();
+    let run = |key: &str, sql: &str| {
+        Command::new(&psql)
+            .arg(format!("postgres://t:{key}@{listen}/app?sslmode=require"))
+            .args(["-X", "-A", "-t", "-c", sql])
+            .output()
+            .unwrap()
+    };
+    // Masked and hidden values are read, refused statements name them, a bad key is tried.
+    let out = run(&teacher[4], "SELECT data FROM entities");
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("SESSION-PHONE"));
+    let admin_out = run(&admin[4], "SELECT data->>'guardianPhone' FROM entities WHERE entity_type = 'session'");
+    assert!(String::from_utf8_lossy(&admin_out.stdout).contains("SESSION-PHONE"), "the admin sees them");
+    let _ = run(&teacher[4], "SELECT * FROM threads WHERE id = 'SESSION-PHONE-literal'");
+    let _ = run(&bad_key, "SELECT 1");
+    send_sigint(child.id());
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    assert!(text.contains("statement"), "the log has the per-statement events: {text}");
+    for k in banner.keys.iter().map(|k| &k[4]).chain([&banner.values["OPERATOR"], &bad_key]) {
+        // At most the display prefix (sk_xxx_ + 6 characters) of a key is logged.
+        let secret_part = &k[k.len() - 40..];
+        assert!(!text.contains(secret_part), "a key reached the log");
+    }
+    assert!(!text.contains("SESSION-PHONE-acme"), "a row value reached the log");
+    assert!(!text.contains("NOTES-"), "a row value reached the log");
+}
