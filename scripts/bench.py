@@ -788,6 +788,8 @@ def main():
         setup_app_database(cluster, bindir, args.scale, bench_password)
         with open(os.path.join(cluster.dir, "proxy.toml"), "w") as f:
             f.write(f"max_clients = {args.idle + 100}\n")
+            # The memory phase opens all its idle sessions with one key.
+            f.write(f"max_connections_per_key = {args.idle + 100}\n")
         proxy = Proxy(cluster, os.path.join(cluster.dir, "proxy.toml"), os.path.join(cluster.dir, "proxy.log"))
         upstream_role = after_demo_started(cluster, proxy)
         bench_key = proxy.key("development", "acme", "bench")
