@@ -40,6 +40,9 @@ import sys
 import tempfile
 import time
 
+# Shared with the core-overhead benchmark: idle raw sessions and RSS.
+from bench_core import raw_session, rss_kib  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_DIR = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR") or "target")
 PROXY = os.environ.get("STRUERE_BENCH_PROXY") or os.path.join(TARGET_DIR, "release", "struere-proxy")
@@ -289,14 +292,6 @@ def cpu_seconds_of(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -670,37 +665,6 @@ def print_policy(args, results, diffs, problems):
 
 # --------------------------------------------------------------------------------------------
 # Phase 4: memory
-
-
-def raw_session(host, port, key):
-    """An authenticated session on a raw socket, left idle (see scripts/bench_core.py)."""
-    s = socket.create_connection((host, port))
-    body = struct.pack("!i", 3 << 16) + b"user\0bench\0database\0app\0\0"
-    s.sendall(struct.pack("!i", len(body) + 4) + body)
-    buf = b""
-
-    def read_until(tag):
-        nonlocal buf
-        while True:
-            while len(buf) >= 5:
-                t, n = buf[0:1], struct.unpack("!i", buf[1:5])[0]
-                if len(buf) < 1 + n:
-                    break
-                msg, buf = buf[:1 + n], buf[1 + n:]
-                if t == tag:
-                    return
-                if t == b"E":
-                    raise RuntimeError(f"refused: {msg[5:]!r}")
-            chunk = s.recv(65536)
-            if not chunk:
-                raise RuntimeError("closed")
-            buf += chunk
-
-    read_until(b"R")
-    pw = key.encode() + b"\0"
-    s.sendall(b"p" + struct.pack("!i", len(pw) + 4) + pw)
-    read_until(b"Z")
-    return s
 
 
 def memory(args, cluster, proxy, key, upstream_role):

@@ -61,6 +61,7 @@ def pgbench(pgbench_bin, conn, protocol, seconds, script):
 
 
 def raw_session(host, port, key):
+    """An authenticated session on a raw socket, left idle."""
     s = socket.create_connection((host, port))
     body = struct.pack("!i", 3 << 16) + b"user\0bench\0database\0app\0\0"
     s.sendall(struct.pack("!i", len(body) + 4) + body)
@@ -73,11 +74,11 @@ def raw_session(host, port, key):
                 t, n = buf[0:1], struct.unpack("!i", buf[1:5])[0]
                 if len(buf) < 1 + n:
                     break
-                buf = buf[1 + n:]
+                msg, buf = buf[:1 + n], buf[1 + n:]
                 if t == tag:
                     return
                 if t == b"E":
-                    raise RuntimeError("refused")
+                    raise RuntimeError(f"refused: {msg[5:]!r}")
             chunk = s.recv(65536)
             if not chunk:
                 raise RuntimeError("closed")
