@@ -291,16 +291,14 @@ pub async fn migrate(raw: &RawConfig, cmd: MigrateCommand) -> AppResult<()> {
 /// given (checking files before they are deployed), else those the deployed policies manage
 /// (both environments), else those of `./policies`.
 async fn managed_tables(raw: &RawConfig, client: &tokio_postgres::Client) -> AppResult<crate::policy::Tables> {
-    use crate::policy::store;
     if let Some(dir) = &raw.policies {
         return Ok(crate::policy::load_dir(dir)?.all_tables());
     }
-    let dev = store::latest(client, Environment::Development).await?;
-    let prod = store::latest(client, Environment::Production).await?;
-    if dev.is_none() && prod.is_none() {
+    let deployed = crate::server::load_policies(client).await?;
+    if !deployed.development.is_deployed() && !deployed.production.is_deployed() {
         return Ok(crate::policy::load_dir(&policy_dir(raw))?.all_tables());
     }
-    Ok(crate::policy::bundle::assemble(dev.as_ref(), prod.as_ref())?.all_tables())
+    Ok(deployed.all_tables())
 }
 
 /// `doctor`: one line per finding and a summary on stdout. `Ok(false)` when there is an ERROR.

@@ -45,7 +45,7 @@ pub const DEMO_ORGANIZATIONS: &[&str] = &["acme", "globex"];
 
 /// Who holds each demo role: seeded `users` rows for teachers and guardians, `agents` rows for
 /// agents; administrators (and any other role a policy set adds) are system actors.
-fn demo_actor(org: &str, role: &str) -> (ActorType, String) {
+pub fn demo_actor(org: &str, role: &str) -> (ActorType, String) {
     match role {
         "teacher" => (ActorType::User, format!("{org}-teacher-1")),
         "guardian" => (ActorType::User, format!("{org}-guardian-1")),
@@ -79,6 +79,15 @@ fn random_password() -> AppResult<String> {
     Ok(hex::encode(b))
 }
 
+/// What the least-privilege role `role` may do on the demo database: DML on its tables, and
+/// CREATE on `public` for development scratch objects (doctor reports the latter as a WARN).
+pub fn grants_sql(role: &str) -> String {
+    format!(
+        "GRANT USAGE, CREATE ON SCHEMA public TO {role}; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};"
+    )
+}
+
 /// Prepare a fresh cluster the way a platform team would: an owner (the superuser here), a
 /// least-privilege login role for client traffic, and the application database.
 pub fn provision(cluster: &TempCluster) -> AppResult<String> {
@@ -93,13 +102,7 @@ pub fn provision(cluster: &TempCluster) -> AppResult<String> {
     cluster.psql(APP_DATABASE, DEMO_SCHEMA)?;
     cluster.psql(APP_DATABASE, DEMO_SEED)?;
     cluster.psql(APP_DATABASE, HARDENING_SQL)?;
-    cluster.psql(
-        APP_DATABASE,
-        &format!(
-            "GRANT USAGE, CREATE ON SCHEMA public TO {APP_ROLE}; \
-             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {APP_ROLE};"
-        ),
-    )?;
+    cluster.psql(APP_DATABASE, &grants_sql(APP_ROLE))?;
     Ok(app_password)
 }
 
@@ -128,12 +131,7 @@ pub async fn provision_existing(admin: &tokio_postgres::Client) -> AppResult<(St
     if let Err(e) = admin.batch_execute(HARDENING_SQL).await {
         eprintln!("demo: could not revoke the session-reaching functions from PUBLIC ({e}); run doctor");
     }
-    admin
-        .batch_execute(&format!(
-            "GRANT USAGE, CREATE ON SCHEMA public TO {role}; \
-             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};"
-        ))
-        .await?;
+    admin.batch_execute(&grants_sql(&role)).await?;
     Ok((role, app_password))
 }
 
@@ -325,15 +323,13 @@ pub async fn run(upstream: Option<String>, overrides: RawConfig) -> AppResult<()
             eprintln!("stopping: revoking the demo's keys and dropping its role");
             let admin = store::connect_admin(&admin_url).await?;
             let role = crate::upstream::UpstreamConfig::from_url(&proxy_upstream)?.user;
-            for secret in keys.iter().map(|k| &k.secret).chain([&operator_key]) {
-                let hash = crate::auth::api_key::KeyHash::of(secret);
-                admin
-                    .execute(
-                        "UPDATE struere.api_keys SET revoked_at = now() WHERE key_hash = $1 AND revoked_at IS NULL",
-                        &[&hash.0.as_slice()],
-                    )
-                    .await?;
-            }
+            let hashes: Vec<_> = keys
+                .iter()
+                .map(|k| &k.secret)
+                .chain([&operator_key])
+                .map(|secret| crate::auth::api_key::KeyHash::of(secret))
+                .collect();
+            store::revoke_hashes(&admin, &hashes).await?;
             // What the role owns here is the tenants' scratch schemas of this run.
             if let Err(e) = admin.batch_execute(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\"")).await {
                 eprintln!("could not drop the demo's role {role}: {e}");

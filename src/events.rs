@@ -153,11 +153,16 @@ impl StatementLog {
     /// CommandComplete: `tag` like `INSERT 0 5`, `UPDATE 3`, `SELECT 10`; returns its rows.
     pub fn command_complete(&mut self, tag: &str) -> u64 {
         let rows = tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
-        let segment = self.seen + 1;
-        if let Some(o) = self.open.iter_mut().rev().find(|o| o.closes_at == segment) {
+        if let Some(o) = self.answered_now() {
             o.event.rows += rows;
         }
         rows
+    }
+
+    /// The decision the server is answering now: the last one of the segment being answered.
+    fn answered_now(&mut self) -> Option<&mut Open> {
+        let segment = self.seen + 1;
+        self.open.iter_mut().rev().find(|o| o.closes_at == segment)
     }
 
     /// ErrorResponse for the segment being answered. `ours`: the proxy wrote this error (a
@@ -165,8 +170,7 @@ impl StatementLog {
     /// the database failed the statement: only its SQLSTATE is kept (its message may quote row
     /// values). A decision that was already a refusal keeps its own reason.
     pub fn failed(&mut self, code: &str, ours: Option<&str>) {
-        let segment = self.seen + 1;
-        let Some(o) = self.open.iter_mut().rev().find(|o| o.closes_at == segment) else { return };
+        let Some(o) = self.answered_now() else { return };
         if o.event.verdict == Verdict::Refused {
             return;
         }

@@ -397,6 +397,18 @@ pub async fn revoke_key(client: &Client, selector: &str) -> Result<u64, StoreErr
         .await?)
 }
 
+/// Revoke exactly the keys with these hashes (what a process that created them, like the demo,
+/// knows of them). Returns how many were active.
+pub async fn revoke_hashes(client: &Client, hashes: &[KeyHash]) -> Result<u64, StoreError> {
+    let bytes: Vec<&[u8]> = hashes.iter().map(|h| h.0.as_slice()).collect();
+    Ok(client
+        .execute(
+            "UPDATE struere.api_keys SET revoked_at = now() WHERE revoked_at IS NULL AND key_hash = ANY($1)",
+            &[&bytes],
+        )
+        .await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,11 +16,10 @@ mod grammar;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures_util::{StreamExt, pin_mut};
-use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
+use struere_proxy::auth::identity::{ActorContext, Environment};
 use struere_proxy::policy::rls::{self, RefRole, Reference};
 use struere_proxy::policy::{Action, Policies, PolicySet};
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::harness::{fixture, unique};
@@ -141,23 +140,13 @@ async fn build_setup() -> Setup {
     Setup { ref_url, reference, policies, pools }
 }
 
-/// Who holds each demo role (as `struere_proxy::demo` provisions them).
-fn demo_actor(org: &str, role: &str) -> (ActorType, String) {
-    match role {
-        "teacher" => (ActorType::User, format!("{org}-teacher-1")),
-        "guardian" => (ActorType::User, format!("{org}-guardian-1")),
-        "agent" => (ActorType::Agent, format!("{org}-agent-1")),
-        other => (ActorType::System, format!("{org}-{other}")),
-    }
-}
-
 /// Every role of both environments, in both organizations.
 fn identities(policies: &Policies) -> Vec<ActorContext> {
     let mut out = Vec::new();
     for env in [Environment::Development, Environment::Production] {
         for role in policies.for_env(env).roles.keys() {
             for org in ORGS {
-                let (actor_type, actor_id) = demo_actor(org, role);
+                let (actor_type, actor_id) = struere_proxy::demo::demo_actor(org, role);
                 out.push(ActorContext {
                     organization: (*org).to_owned(),
                     environment: env,
@@ -215,17 +204,7 @@ struct Session {
 }
 
 async fn session(url: &str) -> Session {
-    let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connects");
-    let (tx, notices) = unbounded_channel();
-    let stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-    tokio::spawn(async move {
-        pin_mut!(stream);
-        while let Some(Ok(m)) = stream.next().await {
-            if let tokio_postgres::AsyncMessage::Notice(n) = m {
-                let _ = tx.send(n.message().to_owned());
-            }
-        }
-    });
+    let (client, notices) = crate::harness::connect_with_notices(url).await;
     Session { client, notices }
 }
 

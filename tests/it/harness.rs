@@ -180,11 +180,7 @@ impl Fixture {
         let with_db = |url: &str| format!("{}/{name}", url.rsplit_once('/').expect("url has a database").0);
         let admin_url = with_db(&self.admin_url);
         let admin = connect_to(&admin_url).await.expect("owner connects");
-        let grants = format!(
-            "GRANT USAGE, CREATE ON SCHEMA public TO {role}; \
-             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};",
-            role = struere_proxy::demo::APP_ROLE
-        );
+        let grants = struere_proxy::demo::grants_sql(struere_proxy::demo::APP_ROLE);
         for sql in [struere_proxy::demo::DEMO_SCHEMA, struere_proxy::demo::DEMO_SEED, &grants] {
             admin.batch_execute(sql).await.expect("load the demo schema");
         }
@@ -195,6 +191,23 @@ impl Fixture {
         settings.database = name.to_owned();
         (settings, admin_url)
     }
+}
+
+/// A client whose server's NOTICE texts arrive on the channel.
+pub async fn connect_with_notices(url: &str) -> (Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use futures_util::StreamExt;
+    let (client, mut conn) = tokio_postgres::connect(url, NoTls).await.expect("connects");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+    tokio::spawn(async move {
+        futures_util::pin_mut!(stream);
+        while let Some(Ok(m)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notice(n) = m {
+                let _ = tx.send(n.message().to_owned());
+            }
+        }
+    });
+    (client, rx)
 }
 
 pub async fn connect_to(url: &str) -> Result<Client, tokio_postgres::Error> {

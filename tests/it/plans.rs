@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 
-use futures_util::{StreamExt, pin_mut};
 use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
 use tokio::sync::OnceCell;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -96,18 +95,7 @@ async fn tenant_with_notices() -> (Client, UnboundedReceiver<String>) {
     let f = fixture();
     let key = f.create_key_for(&unique("bulk"), admin_of("bulk-a", Environment::Development), None).await;
     let url = format!("host=127.0.0.1 port={} user=tester dbname=app password={key} sslmode=disable", addr.port());
-    let (client, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connects");
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-    tokio::spawn(async move {
-        pin_mut!(stream);
-        while let Some(Ok(m)) = stream.next().await {
-            if let tokio_postgres::AsyncMessage::Notice(n) = m {
-                let _ = tx.send(n.message().to_owned());
-            }
-        }
-    });
-    (client, rx)
+    crate::harness::connect_with_notices(&url).await
 }
 
 fn drain(rx: &mut UnboundedReceiver<String>) -> Vec<String> {
