@@ -16,7 +16,7 @@ use crate::catalog::{self, CatalogSnapshot};
 use crate::policy::bundle::DeployedBundle;
 use crate::policy::describe::{columns_named, describe, diff};
 use crate::policy::store::{self, Published};
-use crate::policy::{Bundle, PolicyErrors, PolicySet, TableScope};
+use crate::policy::{Bundle, Policies, PolicyErrors, PolicySet, TableScope};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
@@ -55,10 +55,12 @@ fn deployed_set(d: Option<&DeployedBundle>) -> Result<Option<PolicySet>, PolicyE
     d.map(DeployedBundle::compile).transpose()
 }
 
-/// Every managed table of both sets exists with the columns the policy needs.
-fn check_live(catalog: &CatalogSnapshot, bundle: &Bundle, label: &Path) -> Result<(), LifecycleError> {
+/// The bundle compiled, once every managed table of both sets is shown to exist in the live
+/// catalog with the columns the policy needs.
+fn compile_live(catalog: &CatalogSnapshot, bundle: &Bundle, label: &Path) -> Result<Policies, LifecycleError> {
     let policies = bundle.compile(label)?;
-    catalog::check_policy(catalog, &policies.all_tables()).map_err(LifecycleError::Catalog)
+    catalog::check_policy(catalog, &policies.all_tables()).map_err(LifecycleError::Catalog)?;
+    Ok(policies)
 }
 
 /// `policy dev`: validate the bundle (compile + live catalog) and make it development's.
@@ -66,12 +68,12 @@ fn check_live(catalog: &CatalogSnapshot, bundle: &Bundle, label: &Path) -> Resul
 /// bundle would change at the next deploy.
 pub async fn sync_development(client: &mut Client, bundle: &Bundle, label: &Path) -> Result<Change, LifecycleError> {
     let env = Environment::Development;
-    check_live(&catalog::load(client).await?, bundle, label)?;
+    let next = compile_live(&catalog::load(client).await?, bundle, label)?;
     let current = store::latest(client, env).await?;
-    let mut changes = diff(&facts(deployed_set(current.as_ref())?.as_ref()), &describe(&set_of(bundle, label, env)?));
-    let prod_now = current.as_ref().map(|c| set_of(&c.bundle, label, Environment::Production)).transpose()?;
-    let prod_next = set_of(bundle, label, Environment::Production)?;
-    for line in diff(&facts(prod_now.as_ref()), &describe(&prod_next)) {
+    let now =
+        current.as_ref().map(|c| c.bundle.compile(Path::new(&format!("development v{}", c.version)))).transpose()?;
+    let mut changes = diff(&facts(now.as_ref().map(|p| &*p.development)), &describe(&next.development));
+    for line in diff(&facts(now.as_ref().map(|p| &*p.production)), &describe(&next.production)) {
         changes.push(format!("{line}   [production.toml: takes effect at the next deploy]"));
     }
     let published = store::publish(client, env, bundle, "policy dev", &store::publisher()).await?;
@@ -82,10 +84,9 @@ pub async fn sync_development(client: &mut Client, bundle: &Bundle, label: &Path
 pub async fn plan_deploy(client: &Client) -> Result<(DeployedBundle, Vec<String>), LifecycleError> {
     let dev = store::latest(client, Environment::Development).await?.ok_or(LifecycleError::NothingInDevelopment)?;
     let label = format!("development v{}", dev.version);
-    check_live(&catalog::load(client).await?, &dev.bundle, Path::new(&label))?;
-    let next = set_of(&dev.bundle, Path::new(&label), Environment::Production)?;
+    let next = compile_live(&catalog::load(client).await?, &dev.bundle, Path::new(&label))?;
     let current = deployed_set(store::latest(client, Environment::Production).await?.as_ref())?;
-    Ok((dev, diff(&facts(current.as_ref()), &describe(&next))))
+    Ok((dev, diff(&facts(current.as_ref()), &describe(&next.production))))
 }
 
 /// `policy deploy`: promote development's bundle to production.
@@ -101,9 +102,9 @@ pub async fn deploy(client: &mut Client) -> Result<Change, LifecycleError> {
 pub async fn rollback(client: &mut Client, env: Environment, to: i32) -> Result<Change, LifecycleError> {
     let target = store::version(client, env, to).await?.ok_or(LifecycleError::NoSuchVersion { env, version: to })?;
     let label = format!("{} v{to}", env.as_str());
-    check_live(&catalog::load(client).await?, &target.bundle, Path::new(&label))?;
+    let restored = compile_live(&catalog::load(client).await?, &target.bundle, Path::new(&label))?;
     let current = deployed_set(store::latest(client, env).await?.as_ref())?;
-    let changes = diff(&facts(current.as_ref()), &describe(&target.compile()?));
+    let changes = diff(&facts(current.as_ref()), &describe(restored.for_env(env)));
     let published =
         store::publish(client, env, &target.bundle, &format!("rollback to v{to}"), &store::publisher()).await?;
     Ok(Change { environment: env, published, diff: changes })
