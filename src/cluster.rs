@@ -34,12 +34,17 @@ const RELOAD_LOG_LINE: &str = "received SIGHUP, reloading configuration files";
 /// How much of the server log an error carries.
 const LOG_TAIL_BYTES: u64 = 4096;
 
-/// Settings appended to `postgresql.conf`. Durability is off: the data is thrown away.
+/// Settings appended to `postgresql.conf`. Durability is off: the data is thrown away; WAL is
+/// kept small so bulk loads in tests do not fill a small disk.
 const SERVER_SETTINGS: &str = "\
 listen_addresses = '127.0.0.1'
 fsync = off
 synchronous_commit = off
 full_page_writes = off
+wal_level = minimal
+max_wal_senders = 0
+max_wal_size = 64MB
+min_wal_size = 32MB
 max_connections = 300
 max_prepared_transactions = 10
 password_encryption = 'scram-sha-256'

@@ -1,4 +1,4 @@
-//! Guarded relations on enough rows for plans to matter (400k entities, 400k messages in two
+//! Guarded relations on enough rows for plans to matter (160k entities, 160k messages in two
 //! organizations of their own × two environments): index plans through the proxy, results equal
 //! to the fenced relation's, and no client expression evaluated on — or reporting — another
 //! tenant's or environment's rows.
@@ -13,8 +13,8 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use crate::harness::{code, fixture, unique};
 
 /// Rows per organization and environment: entities, and threads × messages per thread.
-const ENTITIES: i64 = 100_000;
-const THREADS: i64 = 1_000;
+const ENTITIES: i64 = 40_000;
+const THREADS: i64 = 400;
 const MESSAGES_PER_THREAD: i64 = 100;
 
 /// Organizations no other test uses (isolation.rs counts acme's and globex's rows). Every value
@@ -158,7 +158,7 @@ async fn a_join_on_an_indexed_column_is_a_nested_loop_with_an_index_on_the_inner
     for (sql, rows) in [
         (
             "SELECT m.id, m.content FROM messages m JOIN threads t ON m.thread_id = t.id \
-             WHERE t.id = 'bulk-a-development-t-500'",
+             WHERE t.id = 'bulk-a-development-t-300'",
             MESSAGES_PER_THREAD,
         ),
         // Several threads: the inner index scan is parameterized by the outer row.
