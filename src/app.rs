@@ -362,7 +362,7 @@ const TAIL_SQL: &str = "\
 SELECT id, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), environment, \
        coalesce(organization_id, ''), key_prefix, coalesce(actor, ''), array_to_string(roles, ','), \
        array_to_string(kinds, ','), array_to_string(tables, ','), verdict, coalesce(reason, ''), \
-       coalesce(sqlstate, ''), coalesce(policy_version, ''), coalesce(sql_hash, ''), rows, duration_us \
+       coalesce(sqlstate, ''), coalesce(policy_version, ''), coalesce(sql_hash, ''), rows, duration_us, statements \
 FROM struere.events \
 WHERE id > $1 AND ($2::text IS NULL OR environment = $2) AND ($3::text IS NULL OR organization_id = $3) \
   AND ($4::text IS NULL OR verdict = $4) \
@@ -407,13 +407,13 @@ fn printable(s: &str) -> String {
 
 fn print_event(out: &mut impl Write, r: &tokio_postgres::Row, args: &TailArgs) -> AppResult<()> {
     let text = |i: usize| -> AppResult<String> { Ok(printable(&r.try_get::<_, String>(i)?)) };
-    let (rows, us): (i64, i64) = (r.try_get(14)?, r.try_get(15)?);
+    let (rows, us, statements): (i64, i64, i64) = (r.try_get(14)?, r.try_get(15)?, r.try_get(16)?);
     if args.json {
         let obj = serde_json::json!({
             "id": r.try_get::<_, i64>(0)?, "at": text(1)?, "environment": text(2)?, "organization": text(3)?,
             "key": text(4)?, "actor": text(5)?, "roles": text(6)?, "kinds": text(7)?, "tables": text(8)?,
             "verdict": text(9)?, "reason": text(10)?, "sqlstate": text(11)?, "policy_version": text(12)?,
-            "sql_hash": text(13)?, "rows": rows, "duration_us": us,
+            "sql_hash": text(13)?, "rows": rows, "duration_us": us, "statements": statements,
         });
         writeln!(out, "{obj}")?;
     } else {
@@ -421,7 +421,7 @@ fn print_event(out: &mut impl Write, r: &tokio_postgres::Row, args: &TailArgs) -
         let reason = if reason.is_empty() { String::new() } else { format!(" {} {reason}", text(11)?) };
         writeln!(
             out,
-            "{} {} {} key={} actor={} roles={} {} [{}] tables={} rows={} {}us{}",
+            "{} {} {} key={} actor={} roles={} {} [{}] tables={} rows={} {}us{}{}",
             text(1)?,
             text(2)?,
             text(3)?,
@@ -433,6 +433,7 @@ fn print_event(out: &mut impl Write, r: &tokio_postgres::Row, args: &TailArgs) -
             text(8)?,
             rows,
             us,
+            if statements > 1 { format!(" x{statements}") } else { String::new() },
             reason
         )?;
     }

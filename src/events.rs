@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use crate::auth::identity::{ActorContext, Caller, Environment};
 
 /// What the proxy did with a statement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Verdict {
     /// Forwarded as the client sent it (operator keys; data-free statements).
     Allowed,
@@ -339,14 +339,80 @@ impl EventSink {
 }
 
 const INSERT_EVENT: &str = "INSERT INTO struere.events \
-    (at, environment, organization_id, key_prefix, actor, roles, kinds, tables, verdict, reason, sqlstate, \
-     policy_version, sql_hash, rows, duration_us) \
-    SELECT e.at, e.environment, e.organization_id, e.key_prefix, e.actor, e.roles::text[], e.kinds::text[], \
-           e.tables::text[], e.verdict, e.reason, e.sqlstate, e.policy_version, e.sql_hash, e.rows, e.duration_us \
-    FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
-     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::int8[], $15::int8[]) \
-     AS e(at, environment, organization_id, key_prefix, actor, roles, kinds, tables, verdict, reason, sqlstate, \
-          policy_version, sql_hash, rows, duration_us)";
+    (at, last_at, statements, environment, organization_id, key_prefix, actor, roles, kinds, tables, verdict, \
+     reason, sqlstate, policy_version, sql_hash, rows, duration_us) \
+    SELECT e.at, e.last_at, e.statements, e.environment, e.organization_id, e.key_prefix, e.actor, \
+           e.roles::text[], e.kinds::text[], e.tables::text[], e.verdict, e.reason, e.sqlstate, e.policy_version, \
+           e.sql_hash, e.rows, e.duration_us \
+    FROM unnest($1::timestamptz[], $2::timestamptz[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], \
+     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], \
+     $16::int8[], $17::int8[]) \
+     AS e(at, last_at, statements, environment, organization_id, key_prefix, actor, roles, kinds, tables, verdict, \
+          reason, sqlstate, policy_version, sql_hash, rows, duration_us)";
+
+/// Identical decisions of one batch (same key, caller, verdict, reason, policy version and
+/// forwarded text): one row carries them all with their count, first and last time, and summed
+/// rows and time. A busy key repeating one statement costs one row per flush, not one per
+/// execution; every decision is still counted (and each is in the log).
+#[derive(Debug)]
+pub(crate) struct Aggregate {
+    pub event: Event,
+    pub last_at: SystemTime,
+    pub statements: u64,
+}
+
+pub(crate) fn aggregate(batch: Vec<Event>) -> Vec<Aggregate> {
+    type Key = (
+        Option<Environment>,
+        Option<String>,
+        String,
+        Option<String>,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+        Verdict,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let key_of = |e: &Event| -> Key {
+        (
+            e.environment,
+            e.organization.clone(),
+            e.key_prefix.clone(),
+            e.actor.clone(),
+            e.roles.clone(),
+            e.kinds.clone(),
+            e.tables.clone(),
+            e.verdict,
+            e.reason.clone(),
+            e.sqlstate.clone(),
+            e.policy_version.clone(),
+            e.sql_hash.clone(),
+        )
+    };
+    let mut out: Vec<Aggregate> = Vec::new();
+    let mut index: std::collections::HashMap<Key, usize> = std::collections::HashMap::new();
+    for e in batch {
+        match index.entry(key_of(&e)) {
+            std::collections::hash_map::Entry::Occupied(at) => {
+                if let Some(a) = out.get_mut(*at.get()) {
+                    a.statements += 1;
+                    a.event.rows = a.event.rows.saturating_add(e.rows);
+                    a.event.duration = a.event.duration.saturating_add(e.duration);
+                    a.event.at = a.event.at.min(e.at);
+                    a.last_at = a.last_at.max(e.at);
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(out.len());
+                out.push(Aggregate { last_at: e.at, event: e, statements: 1 });
+            }
+        }
+    }
+    out
+}
 
 /// Arrays become text (`{a,b}`) in the unnest above and are cast back by the column types.
 fn array_text(items: &[String]) -> String {
@@ -383,24 +449,28 @@ pub async fn write_events(
         if client.is_none() {
             client = crate::auth::store::connect_admin(&admin_url).await.ok();
         }
+        let events = batch.len() as u64;
+        let rows = aggregate(std::mem::take(&mut batch));
         let ok = match &client {
-            Some(c) => insert_events(c, &batch).await.is_ok(),
+            Some(c) => insert_events(c, &rows).await.is_ok(),
             None => false,
         };
         if ok {
-            written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            written.fetch_add(events, Ordering::Relaxed);
         } else {
-            dropped.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            tracing::warn!(events = batch.len(), "could not write events to the database; they are in the log only");
+            dropped.fetch_add(events, Ordering::Relaxed);
+            tracing::warn!(events, "could not write events to the database; they are in the log only");
             client = None;
         }
-        batch.clear();
     }
 }
 
-async fn insert_events(c: &tokio_postgres::Client, batch: &[Event]) -> Result<(), tokio_postgres::Error> {
-    let col = |f: &dyn Fn(&Event) -> Option<String>| batch.iter().map(f).collect::<Vec<Option<String>>>();
-    let at: Vec<SystemTime> = batch.iter().map(|e| e.at).collect();
+async fn insert_events(c: &tokio_postgres::Client, batch: &[Aggregate]) -> Result<(), tokio_postgres::Error> {
+    let col = |f: &dyn Fn(&Event) -> Option<String>| batch.iter().map(|a| f(&a.event)).collect::<Vec<Option<String>>>();
+    let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let at: Vec<SystemTime> = batch.iter().map(|a| a.event.at).collect();
+    let last_at: Vec<SystemTime> = batch.iter().map(|a| a.last_at).collect();
+    let statements: Vec<i64> = batch.iter().map(|a| int(a.statements)).collect();
     let environment = col(&|e| Some(e.environment.map_or("operator", |x| x.as_str()).to_owned()));
     let organization = col(&|e| e.organization.clone());
     let key = col(&|e| Some(e.key_prefix.clone()));
@@ -413,12 +483,15 @@ async fn insert_events(c: &tokio_postgres::Client, batch: &[Event]) -> Result<()
     let sqlstate = col(&|e| e.sqlstate.clone());
     let policy = col(&|e| e.policy_version.clone());
     let hash = col(&|e| e.sql_hash.clone());
-    let rows: Vec<i64> = batch.iter().map(|e| i64::try_from(e.rows).unwrap_or(i64::MAX)).collect();
-    let dur: Vec<i64> = batch.iter().map(|e| i64::try_from(e.duration.as_micros()).unwrap_or(i64::MAX)).collect();
+    let rows: Vec<i64> = batch.iter().map(|a| int(a.event.rows)).collect();
+    let dur: Vec<i64> =
+        batch.iter().map(|a| int(u64::try_from(a.event.duration.as_micros()).unwrap_or(u64::MAX))).collect();
     c.execute(
         INSERT_EVENT,
         &[
             &at,
+            &last_at,
+            &statements,
             &environment,
             &organization,
             &key,
@@ -507,6 +580,46 @@ mod tests {
             actor_id: "t1".into(),
         };
         Event::new(&Caller::Environment(actor), "sk_dev_abc", Verdict::Rewritten)
+    }
+
+    #[test]
+    fn identical_decisions_of_a_batch_share_one_row_and_every_difference_splits_them() {
+        let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+        let with = |ms: u64, rows: u64, f: &dyn Fn(&mut Event)| {
+            let mut e = ev();
+            e.at = at(ms);
+            e.rows = rows;
+            e.duration = Duration::from_micros(10);
+            e.sql_hash = Some("h1".into());
+            f(&mut e);
+            e
+        };
+        let same = |_: &mut Event| {};
+        let batch = vec![
+            with(30, 1, &same),
+            with(10, 2, &same),
+            with(20, 3, &same),
+            with(5, 1, &|e| e.sql_hash = Some("h2".into())),
+            with(5, 1, &|e| e.verdict = Verdict::Refused),
+            with(5, 1, &|e| e.reason = Some("r".into())),
+            with(5, 1, &|e| e.organization = Some("globex".into())),
+            with(5, 1, &|e| e.actor = Some("user:t2".into())),
+            with(5, 1, &|e| e.roles = vec!["admin".into()]),
+            with(5, 1, &|e| e.environment = Some(Environment::Production)),
+            with(5, 1, &|e| e.key_prefix = "sk_dev_other".into()),
+            with(5, 1, &|e| e.policy_version = Some("v9".into())),
+            with(5, 1, &|e| e.sqlstate = Some("22012".into())),
+            with(5, 1, &|e| e.tables = vec!["users".into()]),
+            with(5, 1, &|e| e.kinds = vec!["UpdateStmt".into()]),
+        ];
+        let rows = aggregate(batch);
+        assert_eq!(rows.len(), 13, "the first three are one row; each other differs in one field");
+        let first = &rows[0];
+        assert_eq!(first.statements, 3);
+        assert_eq!((first.event.at, first.last_at), (at(10), at(30)));
+        assert_eq!(first.event.rows, 6);
+        assert_eq!(first.event.duration, Duration::from_micros(30));
+        assert!(rows[1..].iter().all(|a| a.statements == 1));
     }
 
     #[test]

@@ -74,6 +74,10 @@ pub struct Metrics {
     refusals: [AtomicU64; 4],
     pub rewrite_latency: Histogram,
     pub upstream_latency: Histogram,
+    /// Rewritten statements prepared on an upstream connection (session/statements.rs).
+    pub statements_prepared: AtomicU64,
+    /// Executions that bound values to a statement prepared before on the same connection.
+    pub statements_reused: AtomicU64,
 }
 
 impl Metrics {
@@ -122,6 +126,20 @@ pub fn render(proxy: &crate::server::Proxy) -> String {
         get(&m.clients_refused),
     );
     line(&mut out, "struere_auth_failures_total", "counter", "Failed key authentications.", get(&m.auth_failures));
+    line(
+        &mut out,
+        "struere_upstream_statements_prepared_total",
+        "counter",
+        "Rewritten statements prepared on an upstream connection.",
+        get(&m.statements_prepared),
+    );
+    line(
+        &mut out,
+        "struere_upstream_statements_reused_total",
+        "counter",
+        "Executions of a rewritten statement prepared before on the same upstream connection.",
+        get(&m.statements_reused),
+    );
     let pool = &proxy.pool.stats;
     line(
         &mut out,

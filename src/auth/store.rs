@@ -66,6 +66,9 @@ CREATE TABLE IF NOT EXISTS struere.events (
     rows            bigint NOT NULL DEFAULT 0,
     duration_us     bigint NOT NULL DEFAULT 0
 );
+-- One row holds `statements` identical decisions of one flush, from `at` to `last_at`.
+ALTER TABLE struere.events ADD COLUMN IF NOT EXISTS statements bigint NOT NULL DEFAULT 1;
+ALTER TABLE struere.events ADD COLUMN IF NOT EXISTS last_at timestamptz;
 CREATE INDEX IF NOT EXISTS events_env_at ON struere.events (environment, at);
 -- Executions per key, environment and organization (cumulative).
 CREATE TABLE IF NOT EXISTS struere.usage (

@@ -1,5 +1,6 @@
-//! The frontend messages the proxy looks inside (Query, Parse, PasswordMessage), decoded strictly
-//! from exactly one frame, and the ones it writes upstream in their place.
+//! The frontend messages the proxy looks inside (Query, Parse, PasswordMessage, and the statement
+//! names of Bind, Describe and Close), decoded strictly from exactly one frame, and the ones it
+//! writes upstream in their place.
 
 use bytes::{BufMut, BytesMut};
 use thiserror::Error;
@@ -62,6 +63,32 @@ pub fn decode_parse(body: &[u8]) -> Result<Parse<'_>, DecodeError> {
     Ok(Parse { name, query, param_types })
 }
 
+/// The names a Bind message refers to; `rest` is everything after them (formats, values).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindNames<'a> {
+    pub portal: &'a str,
+    pub statement: &'a str,
+    pub rest: &'a [u8],
+}
+
+/// Bind: portal and statement names (the rest is relayed as sent, the server checks it).
+pub fn decode_bind_names(body: &[u8]) -> Result<BindNames<'_>, DecodeError> {
+    let (portal, rest) = cstr("Bind", body)?;
+    let (statement, rest) = cstr("Bind", rest)?;
+    Ok(BindNames { portal, statement, rest })
+}
+
+/// Describe and Close: `S` (statement) or `P` (portal), then a name, and nothing after it.
+pub fn decode_target<'a>(msg: &'static str, body: &'a [u8]) -> Result<(u8, &'a str), DecodeError> {
+    let (&kind, rest) = body.split_first().ok_or(DecodeError::Malformed(msg, "empty message"))?;
+    if kind != b'S' && kind != b'P' {
+        return Err(DecodeError::Malformed(msg, "target is neither S nor P"));
+    }
+    let (name, rest) = cstr(msg, rest)?;
+    expect_end(msg, rest)?;
+    Ok((kind, name))
+}
+
 fn put_message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     out.put_u8(tag);
     let len_at = out.len();
@@ -93,6 +120,52 @@ pub fn encode_parse(out: &mut BytesMut, name: &str, sql: &str, param_types: &[u3
     });
 }
 
+/// Write a Bind message whose statement name is `statement` and whose formats and values are
+/// `rest`, as a client's Bind carried them.
+pub fn encode_bind_renamed(out: &mut BytesMut, names: &BindNames, statement: &str) {
+    put_message(out, b'B', |b| {
+        b.put_slice(names.portal.as_bytes());
+        b.put_u8(0);
+        b.put_slice(statement.as_bytes());
+        b.put_u8(0);
+        b.put_slice(names.rest);
+    });
+}
+
+/// Write a Bind of `statement` to the unnamed portal with text-format parameters and results.
+pub fn encode_bind_text(out: &mut BytesMut, statement: &str, values: &[String]) {
+    put_message(out, b'B', |b| {
+        b.put_u8(0);
+        b.put_slice(statement.as_bytes());
+        b.put_u8(0);
+        b.put_i16(0);
+        b.put_i16(values.len() as i16);
+        for v in values {
+            b.put_i32(v.len() as i32);
+            b.put_slice(v.as_bytes());
+        }
+        b.put_i16(0);
+    });
+}
+
+/// Write a Describe (`kind` S or P) or a Close (`tag` b'C') of `name`.
+pub fn encode_target(out: &mut BytesMut, tag: u8, kind: u8, name: &str) {
+    put_message(out, tag, |b| {
+        b.put_u8(kind);
+        b.put_slice(name.as_bytes());
+        b.put_u8(0);
+    });
+}
+
+/// Write an Execute of the unnamed portal (all rows) and a Sync.
+pub fn encode_execute_sync(out: &mut BytesMut) {
+    put_message(out, b'E', |b| {
+        b.put_u8(0);
+        b.put_i32(0);
+    });
+    put_message(out, b'S', |_| {});
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +189,32 @@ mod tests {
     }
 
     #[test]
+    fn bind_names_round_trip_and_keep_the_rest() {
+        let mut out = BytesMut::new();
+        encode_bind_text(&mut out, "s1", &["it's".into(), "42".into()]);
+        let names = decode_bind_names(&out[5..]).unwrap();
+        assert_eq!((names.portal, names.statement), ("", "s1"));
+        let mut renamed = BytesMut::new();
+        encode_bind_renamed(&mut renamed, &names, "other");
+        let again = decode_bind_names(&renamed[5..]).unwrap();
+        assert_eq!((again.portal, again.statement, again.rest), ("", "other", names.rest));
+        assert_eq!(names.rest, b"\0\0\0\x02\0\0\0\x04it's\0\0\0\x0242\0\0");
+        assert_eq!(i32::from_be_bytes(renamed[1..5].try_into().unwrap()) as usize, renamed.len() - 1);
+        assert!(decode_bind_names(b"portal\0stmt").is_err());
+    }
+
+    #[test]
+    fn describe_and_close_targets_are_strict() {
+        let mut out = BytesMut::new();
+        encode_target(&mut out, b'D', b'S', "s1");
+        assert_eq!(decode_target("Describe", &out[5..]), Ok((b'S', "s1")));
+        assert!(decode_target("Describe", b"Xs1\0").is_err());
+        assert!(decode_target("Describe", b"S\0x").is_err());
+        assert!(decode_target("Close", b"").is_err());
+        assert!(decode_target("Close", b"Pp").is_err());
+    }
+
+    #[test]
     fn parse_is_strict() {
         assert!(decode_parse(b"s\0SELECT 1\0").is_err());
         assert!(decode_parse(b"s\0SELECT 1\0\xff\xff").is_err());
@@ -130,6 +229,8 @@ mod tests {
             let _ = decode_query(&bytes);
             let _ = decode_parse(&bytes);
             let _ = decode_password(&bytes);
+            let _ = decode_bind_names(&bytes);
+            let _ = decode_target("Describe", &bytes);
         }
 
         #[test]

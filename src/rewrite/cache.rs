@@ -153,6 +153,7 @@ mod tests {
             statement_kinds: vec!["SelectStmt".into()],
             tables: vec![],
             sql_hash: String::new(),
+            bound: None,
             policy_version: None,
         })
     }

@@ -81,6 +81,23 @@ pub struct Rewritten {
     /// Hash of `sql` and the policy version (audit events): computed once, cached with the rest.
     pub sql_hash: String,
     pub policy_version: Option<String>,
+    /// The same statement with its value literals as parameters (literal-normalised texts with
+    /// a template, `shape.rs`): a session may prepare `sql` once per upstream connection and
+    /// bind the values, so the server plans it once instead of once per execution.
+    pub bound: Option<Bound>,
+}
+
+/// A rewritten statement as a parameterised text and the values of this execution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bound {
+    /// Verified like the rewrite: PostgreSQL reads it as the rewrite's statement with exactly
+    /// one parameter where each value literal was.
+    pub sql: Arc<str>,
+    /// Parameter types: the literal's own type (int4, int8, numeric) or 0 (unknown) for a
+    /// string literal, which PostgreSQL then types from its context exactly as the literal.
+    pub types: Arc<[u32]>,
+    /// The literal values in text form (strings decoded: no quoting is involved).
+    pub values: Vec<String>,
 }
 
 /// Why a text is not forwarded. The message is for humans (it names what was refused and why)
@@ -280,6 +297,7 @@ fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Re
             sql: String::new(),
             statement_kinds: Vec::new(),
             tables: Vec::new(),
+            bound: None,
             policy_version: policy.version(actor),
         });
     }
@@ -309,6 +327,7 @@ fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Re
         sql: out,
         statement_kinds: kinds,
         tables: tables.into_iter().collect(),
+        bound: None,
         policy_version: policy.version(actor),
     })
 }

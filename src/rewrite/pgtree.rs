@@ -128,6 +128,19 @@ pub(crate) fn shape(node: &NodeEnum) -> Option<String> {
     walker.shape
 }
 
+/// The numbers of the parameter references (`$k`) in a statement, one per occurrence.
+pub(crate) fn param_numbers(node: &NodeEnum) -> Option<Vec<i32>> {
+    // The canonical rendering spells each reference `ParamRef{ number k `; strings are quoted
+    // in it, so no string can imitate one.
+    let shape = shape(node)?;
+    let mut numbers = Vec::new();
+    for part in shape.split("ParamRef{ ").skip(1) {
+        let rest = part.strip_prefix("number ")?;
+        numbers.push(rest.split(' ').next()?.parse().ok()?);
+    }
+    Some(numbers)
+}
+
 #[derive(Debug)]
 pub(crate) struct WalkStop;
 

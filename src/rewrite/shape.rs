@@ -21,6 +21,13 @@
 //!   guess-free quoting (`printer::push_string_literal`), so the text sent is what a miss would
 //!   have printed and verified.
 //!
+//! * The template also gives a *parameterised form* (`Bound`): the same text with `$k` in each
+//!   slot, typed by the literal's class, and the literal values. It is kept only if PostgreSQL's
+//!   parser reads it as one statement of the original's kind holding exactly one parameter per
+//!   slot (a `$k` anywhere else — inside a string, after a type name — fails that). Sessions
+//!   prepare it once per upstream connection and bind the values (`session/statements.rs`):
+//!   values travel as data, never as text to quote.
+//!
 //! Invariant: a template is only ever filled with literals of the same class in the same
 //! positions of a text whose every other byte equals the text it was built from, and its
 //! non-slot literals must match exactly.
@@ -236,6 +243,56 @@ pub(crate) struct Template {
     fixed: Vec<(usize, String)>,
     /// Kinds, tables and policy version of the statements (the same for every fill).
     base: Arc<Rewritten>,
+    /// The text with `$k` for slot k (one parameter per slot) and its parameter types.
+    params: Option<(Arc<str>, Arc<[u32]>)>,
+}
+
+/// PostgreSQL's type of a literal of this class in the same position (`pg_type` OIDs); 0 leaves
+/// a string's type to its context, as it does for the literal.
+fn param_type(class: Class) -> u32 {
+    match class {
+        Class::Int4 => 23,
+        Class::Int8 => 20,
+        Class::Numeric => 1700,
+        Class::Str => 0,
+    }
+}
+
+/// A literal's value as a parameter in text format.
+fn param_value(lit: &Lit) -> Option<String> {
+    match lit.class {
+        Class::Str => super::lexer::decode_standard_string(lit.text),
+        Class::Int4 | Class::Int8 | Class::Numeric => Some(lit.text.to_owned()),
+    }
+}
+
+/// At most this many parameters in a parameterised form (a Parse message counts them in 16 bits).
+const MAX_PARAMS: usize = 1000;
+
+/// The parameterised form of a template (see the module docs), if PostgreSQL reads it right.
+fn param_form(pieces: &[String], slots: &[usize], shape: &Shape, kinds: &[String]) -> Option<(Arc<str>, Arc<[u32]>)> {
+    if kinds.len() != 1 || slots.is_empty() || slots.len() > MAX_PARAMS {
+        return None;
+    }
+    let mut sql = String::with_capacity(pieces.iter().map(String::len).sum::<usize>() + 6 * slots.len());
+    let mut types = Vec::with_capacity(slots.len());
+    for (k, piece) in pieces.iter().enumerate() {
+        sql.push_str(piece);
+        if let Some(&lit) = slots.get(k) {
+            sql.push('$');
+            sql.push_str(&(k + 1).to_string());
+            types.push(param_type(shape.literals.get(lit)?.class));
+        }
+    }
+    let statements = super::classify::parse(&sql).ok()?;
+    let [statement] = statements.as_slice() else { return None };
+    if statement.kind != *kinds.first()? {
+        return None;
+    }
+    let mut numbers = super::pgtree::param_numbers(&statement.node)?;
+    numbers.sort_unstable();
+    let expected: Vec<i32> = (1..=i32::try_from(slots.len()).ok()?).collect();
+    (numbers == expected).then(|| (Arc::from(sql), Arc::from(types)))
 }
 
 impl Template {
@@ -247,12 +304,21 @@ impl Template {
             }
         }
         let sql = self.render(shape)?;
+        let bound = match &self.params {
+            Some((text, types)) => Some(super::Bound {
+                sql: Arc::clone(text),
+                types: Arc::clone(types),
+                values: self.slots.iter().map(|&i| param_value(shape.literals.get(i)?)).collect::<Option<_>>()?,
+            }),
+            None => None,
+        };
         Some(Rewritten {
             sql_hash: crate::events::sql_hash(&sql),
             sql,
             statement_kinds: self.base.statement_kinds.clone(),
             tables: self.base.tables.clone(),
             policy_version: self.base.policy_version.clone(),
+            bound,
         })
     }
 
@@ -338,7 +404,8 @@ impl Template {
             .filter(|(i, _)| !slot_of.get(*i).copied().unwrap_or(false))
             .map(|(i, l)| (i, l.text.to_owned()))
             .collect();
-        let template = Template { pieces, slots, fixed, base: Arc::clone(original) };
+        let params = param_form(&pieces, &slots, shape, &original.statement_kinds);
+        let template = Template { pieces, slots, fixed, base: Arc::clone(original), params };
         // Filled with the original literals it must give exactly the original's rewrite.
         (template.render(shape)? == original.sql && rewritten.statement_kinds == original.statement_kinds)
             .then_some(template)

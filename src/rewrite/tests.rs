@@ -167,6 +167,7 @@ fn empty_input_is_an_empty_query() {
                 statement_kinds: vec![],
                 tables: vec![],
                 sql_hash: crate::events::sql_hash(""),
+                bound: None,
                 policy_version: None
             },
             "{sql:?}"

@@ -1,10 +1,12 @@
 //! One client connection, from the first byte to the last: `handshake` (linear startup and
-//! authentication), then `relay` (the steady state), with `refusal` keeping refusals in step.
+//! authentication), then `relay` (the steady state), with `refusal` keeping refusals in step
+//! and `statements` keeping repeated rewritten statements prepared upstream.
 
 pub mod handshake;
 pub mod io;
 pub mod refusal;
 pub mod relay;
+pub mod statements;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -9,6 +9,7 @@
 //! can never interleave out of order. The directions run concurrently so that neither side's full
 //! socket buffer can deadlock the other (a client pipelining large results while still sending).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Bytes, BytesMut};
@@ -24,19 +25,29 @@ use crate::net::stream::ClientStream;
 use crate::protocol::backend::parse_error_fields;
 use crate::protocol::backend::{self, Severity, parse_parameter_status};
 use crate::protocol::frame::{self, Frame};
-use crate::protocol::frontend::{decode_parse, decode_query, encode_parse, encode_query};
+use crate::protocol::frontend::{
+    decode_bind_names, decode_parse, decode_query, decode_target, encode_bind_renamed, encode_bind_text,
+    encode_execute_sync, encode_parse, encode_query, encode_target,
+};
 use crate::protocol::sqlstate::SqlState;
-use crate::rewrite::{Refusal, Rewritten};
+use crate::rewrite::{Bound, Refusal, Rewritten};
 use crate::server::{Drain, Proxy};
 use crate::session::handshake::Established;
 use crate::session::refusal::{BackendAction, RefusalTracker};
+use crate::session::statements::{self, Synthetic, UpstreamStatements, Use};
 use crate::upstream::{UpstreamConn, UpstreamStream};
 
-/// What both directions of a session keep in step: injected refusals and the decisions awaiting
-/// the server's answers (events.rs).
+/// What both directions of a session keep in step: injected refusals, the decisions awaiting
+/// the server's answers (events.rs), and the proxy's own prepared statements with the answers
+/// to its added messages (statements.rs).
 struct Book {
     refusals: RefusalTracker,
     statements: StatementLog,
+    prepared: UpstreamStatements,
+    /// Added messages of the round trip the client has not ended with Sync yet.
+    open_unit: Synthetic,
+    /// Added messages of each round trip sent and not yet answered with ReadyForQuery.
+    units: VecDeque<Synthetic>,
 }
 
 impl Book {
@@ -44,6 +55,23 @@ impl Book {
     fn boundary_sent(&mut self) {
         self.refusals.boundary_sent();
         self.statements.boundary_sent();
+        self.units.push_back(std::mem::take(&mut self.open_unit));
+    }
+
+    /// The round trip the server is answering now.
+    fn answering(&mut self) -> &mut Synthetic {
+        match self.units.front_mut() {
+            Some(unit) => unit,
+            None => &mut self.open_unit,
+        }
+    }
+
+    /// The server reported an error: statements used in this round trip are prepared afresh.
+    fn answer_failed(&mut self) {
+        let names = std::mem::take(&mut self.answering().names);
+        if !names.is_empty() {
+            self.prepared.distrust(&names);
+        }
     }
 }
 
@@ -65,6 +93,9 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
     let tracker: Tracker = Arc::new(Mutex::new(Book {
         refusals: RefusalTracker::new(proxy.refusal_nonce.clone()),
         statements: StatementLog::default(),
+        prepared: UpstreamStatements::default(),
+        open_unit: Synthetic::default(),
+        units: VecDeque::new(),
     }));
 
     let mut inbound = ClientToUpstream {
@@ -76,6 +107,8 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         upstream: up_w,
         tracker: Arc::clone(&tracker),
         discard_until_sync: false,
+        extended_open: false,
+        unnamed: None,
         key_prefix: &key_prefix,
         pooled: pool_key.is_some(),
     };
@@ -157,6 +190,11 @@ struct ClientToUpstream<'a> {
     tracker: Tracker,
     /// After a refused extended-protocol message the server skips until Sync; so does the proxy.
     discard_until_sync: bool,
+    /// Extended-protocol messages were sent since the last Sync (a simple Query then goes as
+    /// it is, so that the proxy's added messages never share a round trip with the client's).
+    extended_open: bool,
+    /// The proxy's prepared statement that stands for the client's unnamed statement now.
+    unnamed: Option<Arc<str>>,
     key_prefix: &'a str,
     /// The upstream connection may go back to the pool: Terminate is not forwarded.
     pooled: bool,
@@ -217,7 +255,15 @@ impl ClientToUpstream<'_> {
                     Caller::Environment(actor) => match self.rewrite(sql, actor) {
                         Ok(rw) => {
                             self.decided(self.rewritten(&rw), true);
-                            encode_query(out, &rw.sql)
+                            // A simple Query ends the unnamed statement (as the server does).
+                            self.unnamed = None;
+                            if statements::forgets_statements(&rw.statement_kinds) {
+                                lock(&self.tracker).prepared.clear();
+                            }
+                            let bound = rw.bound.as_ref().filter(|_| statements::preparable(&rw.statement_kinds));
+                            if !bound.is_some_and(|b| !self.extended_open && self.send_bound(b, out)) {
+                                encode_query(out, &rw.sql)
+                            }
                         }
                         Err(refusal) => {
                             let injected = self.refuse(&refusal);
@@ -228,6 +274,7 @@ impl ClientToUpstream<'_> {
                 }
             }
             b'P' => {
+                self.extended_open = true;
                 let parse = decode_parse(&frame.body)?;
                 match self.caller {
                     Caller::Operator => {
@@ -236,16 +283,22 @@ impl ClientToUpstream<'_> {
                         out.extend_from_slice(&frame.raw);
                     }
                     Caller::Environment(actor) => match self.rewrite_one(parse.query, actor) {
+                        Ok(rw) if statements::is_reserved(parse.name) => {
+                            drop(rw);
+                            self.refuse_extended(reserved_name(parse.name), Some(actor), parse.query, out);
+                        }
                         Ok(rw) => {
                             self.decided(self.rewritten(&rw), false);
+                            if parse.name.is_empty() {
+                                self.unnamed = None;
+                                if statements::preparable(&rw.statement_kinds) {
+                                    self.parse_unnamed(&rw.sql, &parse.param_types, out);
+                                    return Ok(());
+                                }
+                            }
                             encode_parse(out, parse.name, &rw.sql, &parse.param_types)
                         }
-                        Err(refusal) => {
-                            let injected = self.refuse(&refusal);
-                            self.decided(self.refused(&refusal, Some(actor), parse.query), false);
-                            encode_parse(out, "", &injected, &[]);
-                            self.discard_until_sync = true;
-                        }
+                        Err(refusal) => self.refuse_extended(refusal, Some(actor), parse.query, out),
                     },
                 }
             }
@@ -261,7 +314,16 @@ impl ClientToUpstream<'_> {
                 encode_query(out, &injected);
             }
             b'S' => {
+                self.extended_open = false;
                 lock(&self.tracker).boundary_sent();
+                out.extend_from_slice(&frame.raw);
+            }
+            b'B' | b'D' | b'C' if !self.caller.is_operator() => {
+                self.extended_open = true;
+                self.named_message(&frame, out)?;
+            }
+            b'E' | b'H' => {
+                self.extended_open = true;
                 out.extend_from_slice(&frame.raw);
             }
             b'p' => {
@@ -274,6 +336,118 @@ impl ClientToUpstream<'_> {
             _ => out.extend_from_slice(&frame.raw),
         }
         Ok(())
+    }
+
+    /// Send a rewritten simple Query as a prepared statement with its values bound; false when
+    /// the connection holds no more statements (the caller sends the text as it is).
+    fn send_bound(&mut self, bound: &Bound, out: &mut BytesMut) -> bool {
+        let mut book = lock(&self.tracker);
+        let Some(chosen) = book.prepared.use_for(&bound.sql, &bound.types) else { return false };
+        self.count_use(&chosen);
+        // This Query's round trip: its boundary was counted before the rewrite.
+        let Some(unit) = book.units.back_mut() else { return false };
+        if let Use::Prepare { name, close } = &chosen {
+            if let Some(old) = close {
+                encode_target(out, b'C', b'S', old);
+                unit.close_complete += 1;
+            }
+            encode_parse(out, name, &bound.sql, &bound.types);
+            unit.parse_complete += 1;
+        }
+        let name = chosen.name();
+        encode_bind_text(out, name, &bound.values);
+        unit.bind_complete += 1;
+        encode_target(out, b'D', b'P', "");
+        unit.no_data += 1;
+        encode_execute_sync(out);
+        unit.names.push(Arc::clone(name));
+        true
+    }
+
+    /// A client's unnamed Parse of a rewritten statement: prepared once under the proxy's name;
+    /// later Parses of the same text only parse the empty string (the client still gets its
+    /// ParseComplete) and its Bind and Describe name the prepared statement.
+    fn parse_unnamed(&mut self, sql: &str, param_types: &[u32], out: &mut BytesMut) {
+        let mut book = lock(&self.tracker);
+        let Some(chosen) = book.prepared.use_for(sql, param_types) else {
+            encode_parse(out, "", sql, param_types);
+            return;
+        };
+        self.count_use(&chosen);
+        match &chosen {
+            Use::Existing(_) => encode_parse(out, "", "", &[]),
+            Use::Prepare { name, close } => {
+                if let Some(old) = close {
+                    encode_target(out, b'C', b'S', old);
+                    book.open_unit.close_complete += 1;
+                }
+                encode_parse(out, name, sql, param_types);
+            }
+        }
+        book.open_unit.names.push(Arc::clone(chosen.name()));
+        self.unnamed = Some(Arc::clone(chosen.name()));
+    }
+
+    fn count_use(&self, chosen: &Use) {
+        let counter = match chosen {
+            Use::Existing(_) => &self.proxy.metrics.statements_reused,
+            Use::Prepare { .. } => &self.proxy.metrics.statements_prepared,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bind, Describe and Close of an environment session: the proxy's names are out of reach,
+    /// and the unnamed statement may stand for one of the proxy's prepared statements.
+    fn named_message(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), SessionEnd> {
+        let (statement, portal) = match frame.tag {
+            b'B' => {
+                let names = decode_bind_names(&frame.body)?;
+                if let (true, Some(name)) = (names.statement.is_empty(), &self.unnamed) {
+                    encode_bind_renamed(out, &names, name);
+                    return Ok(());
+                }
+                (names.statement, names.portal)
+            }
+            tag => {
+                let what = if tag == b'D' { "Describe" } else { "Close" };
+                match decode_target(what, &frame.body)? {
+                    (b'S', name) => {
+                        if name.is_empty()
+                            && let Some(standing) = &self.unnamed
+                        {
+                            if tag == b'D' {
+                                encode_target(out, b'D', b'S', standing);
+                                return Ok(());
+                            }
+                            self.unnamed = None;
+                        }
+                        (name, "")
+                    }
+                    (_, portal) => ("", portal),
+                }
+            }
+        };
+        for name in [statement, portal] {
+            if statements::is_reserved(name) {
+                let actor = match self.caller {
+                    Caller::Environment(a) => Some(a),
+                    Caller::Operator => None,
+                };
+                self.refuse_extended(reserved_name(name), actor, "", out);
+                return Ok(());
+            }
+        }
+        out.extend_from_slice(&frame.raw);
+        Ok(())
+    }
+
+    /// Refuse an extended-protocol message: the client gets the refusal in its place, and the
+    /// rest of its messages up to Sync are skipped, as the server does after an error.
+    fn refuse_extended(&mut self, refusal: Refusal, actor: Option<&ActorContext>, sql: &str, out: &mut BytesMut) {
+        let injected = self.refuse(&refusal);
+        self.decided(self.refused(&refusal, actor, sql), false);
+        encode_parse(out, "", &injected, &[]);
+        self.discard_until_sync = true;
     }
 
     /// Rewrite a text for an environment key; DDL that went through schedules a catalog re-read.
@@ -352,6 +526,14 @@ impl ClientToUpstream<'_> {
         e.policy_version = actor.map(|a| self.proxy.policy_version(a.environment));
         e
     }
+}
+
+/// A client's statement or portal name in the proxy's reserved namespace.
+fn reserved_name(name: &str) -> Refusal {
+    Refusal::Denied(format!(
+        "refused: statement and portal names starting with {} are reserved by the proxy ({name:?})",
+        crate::rewrite::engine::walk::RESERVED_PREFIX
+    ))
 }
 
 /// How a session ends when the proxy shuts down (PostgreSQL's own code and wording).
@@ -458,6 +640,8 @@ impl UpstreamToClient<'_> {
                 }
             };
             match frame.tag {
+                // Answers to messages the proxy added (statements.rs) never reach the client.
+                b'1' | b'2' | b'3' | b'n' if lock(&self.tracker).answering().swallow(frame.tag) => continue,
                 b'A' if self.notify_prefix.is_some() => {
                     let prefix = self.notify_prefix.as_deref().unwrap_or_default();
                     // Another tenant's channel (or a malformed message) never reaches this client.
@@ -493,7 +677,11 @@ impl UpstreamToClient<'_> {
             }
             let mut tracker = lock(&self.tracker);
             let action = tracker.refusals.on_backend(frame.tag, &frame.body);
+            if frame.tag == b'Z' {
+                tracker.units.pop_front();
+            }
             if frame.tag == b'E' {
+                tracker.answer_failed();
                 let (fields, ours) = match &action {
                     BackendAction::Forward => (parse_error_fields(&frame.body), false),
                     BackendAction::Replace(b) => (parse_error_fields(b.get(5..).unwrap_or_default()), true),

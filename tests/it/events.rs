@@ -30,7 +30,13 @@ async fn decisions_and_usage_are_recorded_per_environment() {
     assert!(dev.simple_query("SELECT * FROM threads").await.is_err());
     prod.query("SELECT count(*) FROM entities WHERE id = $1", &[&"x"]).await.unwrap();
     let admin = f.admin().await;
-    let n = wait_for(&admin, "SELECT count(*) FROM struere.events WHERE organization_id = $1", &org, 3).await;
+    let n = wait_for(
+        &admin,
+        "SELECT coalesce(sum(statements), 0)::int8 FROM struere.events WHERE organization_id = $1",
+        &org,
+        3,
+    )
+    .await;
     assert!(n >= 3, "events written: {n}");
     let rows = admin
         .query(
@@ -110,7 +116,13 @@ async fn failed_statements_carry_their_sqlstate_and_with_check_failures_are_refu
         .unwrap_err();
     assert_eq!(crate::harness::code(&e), "42501", "{e:?}");
     let admin = f.admin().await;
-    let n = wait_for(&admin, "SELECT count(*) FROM struere.events WHERE organization_id = $1", &org, 2).await;
+    let n = wait_for(
+        &admin,
+        "SELECT coalesce(sum(statements), 0)::int8 FROM struere.events WHERE organization_id = $1",
+        &org,
+        2,
+    )
+    .await;
     assert!(n >= 2);
     let rows = admin
         .query(
@@ -130,4 +142,29 @@ async fn failed_statements_carry_their_sqlstate_and_with_check_failures_are_refu
         rows.iter().any(|(v, code, reason)| v == "refused" && code == "42501" && reason.contains("WITH CHECK")),
         "{rows:?}"
     );
+}
+
+#[tokio::test]
+async fn a_repeated_statement_is_one_row_with_its_count() {
+    let f = fixture();
+    let org = unique("evagg");
+    let c = f.as_actor(&org, Environment::Development, "admin", ActorType::User, "a-1").await;
+    for _ in 0..50 {
+        c.simple_query("SELECT count(*) FROM entities").await.unwrap();
+    }
+    let admin = f.admin().await;
+    let sum = "SELECT coalesce(sum(statements), 0)::int8 FROM struere.events WHERE organization_id = $1";
+    assert_eq!(wait_for(&admin, sum, &org, 50).await, 50, "every execution is counted");
+    let row: (i64, i64) = {
+        let r = admin
+            .query_one(
+                "SELECT count(*), coalesce(sum(rows), 0)::int8 FROM struere.events WHERE organization_id = $1",
+                &[&org],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(row.0 < 50, "identical decisions of a flush share a row: {} rows for 50 statements", row.0);
+    assert_eq!(row.1, 50, "rows summed (one count row per statement)");
 }

@@ -50,7 +50,7 @@ fn split(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
     out
 }
 
-fn sqlstate(body: &[u8]) -> String {
+pub(crate) fn sqlstate(body: &[u8]) -> String {
     let mut rest = body;
     while let Some((&k, after)) = rest.split_first() {
         if k == 0 {
@@ -108,11 +108,11 @@ impl Raw {
         }
     }
 
-    async fn until_ready(&mut self) -> Vec<(u8, Vec<u8>)> {
+    pub(crate) async fn until_ready(&mut self) -> Vec<(u8, Vec<u8>)> {
         self.until(|m| m.0 == b'Z').await
     }
 
-    async fn send(&mut self, bytes: &[u8]) {
+    pub(crate) async fn send(&mut self, bytes: &[u8]) {
         self.s.write_all(bytes).await.unwrap();
     }
 }

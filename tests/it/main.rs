@@ -17,6 +17,7 @@ mod isolation;
 mod lifecycle;
 mod plans;
 mod pool;
+mod prepared;
 mod psql;
 mod wire;
 mod writes;

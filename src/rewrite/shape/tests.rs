@@ -64,8 +64,30 @@ fn teacher() -> ActorContext {
 fn assert_same_as_uncached(cached: &Rewriter, actor: &ActorContext, sql: &str) {
     let uncached = Rewriter::new(0, engine());
     let want = uncached.rewrite(sql, actor).map(|r| r.sql.clone());
-    let got = cached.rewrite(sql, actor).map(|r| r.sql.clone());
-    assert_eq!(got, want, "{sql}");
+    let got = cached.rewrite(sql, actor);
+    if let Ok(rw) = &got {
+        assert_bound_is_the_rewrite(rw);
+    }
+    assert_eq!(got.map(|r| r.sql.clone()), want, "{sql}");
+}
+
+/// The parameterised form with its values put back as literals is exactly the filled text.
+fn assert_bound_is_the_rewrite(rw: &crate::rewrite::Rewritten) {
+    let Some(b) = &rw.bound else { return };
+    assert_eq!(b.types.len(), b.values.len());
+    let mut text = b.sql.to_string();
+    // Highest first, so that `$1` never matches the start of `$12`.
+    for k in (0..b.values.len()).rev() {
+        let mut literal = String::new();
+        match b.types[k] {
+            0 => crate::rewrite::printer::push_string_literal(&mut literal, &b.values[k]),
+            _ => literal.push_str(&b.values[k]),
+        }
+        let marker = format!("${}", k + 1);
+        assert_eq!(text.matches(&marker).count(), 1, "{marker} once in {}", b.sql);
+        text = text.replacen(&marker, &literal, 1);
+    }
+    assert_eq!(text, rw.sql);
 }
 
 #[test]
@@ -100,6 +122,25 @@ fn a_filled_template_is_exactly_the_full_rewrite() {
         }
     }
     assert!(r.templates.len() >= 4, "templates were built and used: {}", r.templates.len());
+}
+
+#[test]
+fn template_hits_carry_a_parameterised_form_typed_like_the_literals() {
+    let r = Rewriter::new(100, engine());
+    let a = teacher();
+    let sql = |id: &str, n: &str| format!("SELECT id FROM entities WHERE id = {id} OR id = {n}::text");
+    r.rewrite(&sql("'a'", "5000000001"), &a).unwrap();
+    let hit = r.rewrite(&sql("'it''s'", "5000000000"), &a).unwrap();
+    let b = hit.bound.as_ref().expect("a template hit has a parameterised form");
+    assert!(!b.sql.contains("it''s") && !b.sql.contains("5000000000"), "{}", b.sql);
+    assert!(b.values.contains(&"it's".to_owned()), "strings are decoded: {:?}", b.values);
+    assert!(b.types.contains(&0) && b.types.contains(&20), "{:?}", b.types);
+    assert_bound_is_the_rewrite(&hit);
+    // A miss (the first text of a shape) and texts without slots are sent as they are.
+    assert!(
+        r.rewrite("SELECT id FROM entities WHERE id = 'q' AND entity_type = 'session'", &a).unwrap().bound.is_none()
+    );
+    assert!(r.rewrite("SELECT count(*) FROM entities", &a).unwrap().bound.is_none());
 }
 
 #[test]
