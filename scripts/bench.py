@@ -46,7 +46,7 @@ from bench_core import raw_session, rss_kib  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_DIR = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR") or "target")
 PROXY = os.environ.get("STRUERE_BENCH_PROXY") or os.path.join(TARGET_DIR, "release", "struere-proxy")
-REFGEN = os.environ.get("STRUERE_BENCH_REFGEN") or os.path.join(TARGET_DIR, "release", "rls-reference")
+REFGEN = os.environ.get("STRUERE_BENCH_REFGEN") or os.path.join(TARGET_DIR, "release", "examples", "rls_reference")
 POLICIES = os.path.join(ROOT, "benches", "pgbench-policies")
 DEMO_POLICIES = os.path.join(ROOT, "policies")
 WORKLOAD = os.path.join(ROOT, "scripts", "bench_workload")
@@ -468,7 +468,7 @@ def throughput(args, bindir, cluster, proxy, bench_key, bench_password, bouncers
                 samples[name].append(r)
                 log(f"{label:22} rep {rep + 1} {name:12} {r.tps:10,.0f} tps {r.latency_ms:8.3f} ms")
         time.sleep(1.0)
-        events = int(cluster.psql("app", "SELECT count(*) FROM struere.events"))
+        events = cluster.psql("app", "SELECT count(*) || ' rows, ' || coalesce(sum(statements), 0) FROM struere.events")
         upstream = int(cluster.psql("app", f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{upstream_role}'"))
         results.append((label, mode, c, samples, cpu, session, events, proxy_txns, upstream, problems))
     return results
@@ -515,7 +515,7 @@ def print_throughput(args, results):
 
     print(f"\n## CPU (medians over the repetitions)\n")
     print("| cell | proxy CPU, % of one core | proxy CPU per txn (µs) | PgBouncer tx CPU % | PgBouncer session CPU % | "
-          "events stored / proxy txns | proxy upstream conns after |")
+          "events stored (rows, decisions) / proxy txns | proxy upstream conns after |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, mode, c, samples, cpu, session, events, proxy_txns, upstream, problems in results:
         pc = med([x[0] for x in cpu["proxy"]])
@@ -523,9 +523,10 @@ def print_throughput(args, results):
         tx = med([x[0] for x in cpu.get("pgb-tx", [])])
         se = med([x[0] for x in cpu["pgb-session"]])
         pct = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
-        print(f"| {label} | {pct(pc)} | {pt * 1e6:.1f} | {pct(tx)} | {pct(se)} | {events:,} / {proxy_txns:,} | {upstream} |")
-    print("\nevents: rows in struere.events written during the cell (one per Query or Parse message: -M prepared "
-          "parses once per connection). The proxy also logs every event at info (to a file).")
+        print(f"| {label} | {pct(pc)} | {pt * 1e6:.1f} | {pct(tx)} | {pct(se)} | {events} / {proxy_txns:,} | {upstream} |")
+    print("\nevents: struere.events during the cell: rows, and the decisions they hold (one decision per Query or "
+          "Parse message: -M prepared parses once per connection; identical decisions of one flush share a row). "
+          "The proxy also logs every event at info (to a file).")
     for label, *_, problems in results:
         if problems:
             print(f"\nproxy log WARN/ERROR lines during {label} ({len(problems)}), first 3:")

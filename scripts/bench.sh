@@ -30,8 +30,6 @@ if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then want="$hard"; fi
 ulimit -n "$want" 2>/dev/null || true
 
 target="${CARGO_TARGET_DIR:-target}"
-cargo build --release --quiet
-# The native-RLS reference generator (a package of its own, sharing the build directory).
-CARGO_TARGET_DIR="$(cd "$(dirname "$target")" && pwd)/$(basename "$target")" \
-  cargo build --release --quiet --manifest-path scripts/rls-reference/Cargo.toml
+# The proxy, and the native-RLS reference generator (examples/rls_reference.rs) for the policy workload.
+cargo build --release --quiet --bin struere-proxy --example rls_reference
 exec python3 scripts/bench.py "$@"

@@ -64,7 +64,8 @@ pub struct Event {
     pub reason: Option<String>,
     pub sqlstate: Option<String>,
     pub policy_version: Option<String>,
-    /// Hex SHA-256 (first 16 bytes) of the text forwarded.
+    /// Hex SHA-256 (first 16 bytes) of the text forwarded; of its parameterised form when its
+    /// literals were sent as bound values (the statement, not its values).
     pub sql_hash: Option<String>,
     pub rows: u64,
     pub duration: Duration,

@@ -78,7 +78,8 @@ pub struct Rewritten {
     pub statement_kinds: Vec<String>,
     /// The relations the client's statements name (CTE names excluded), for audit events.
     pub tables: Vec<String>,
-    /// Hash of `sql` and the policy version (audit events): computed once, cached with the rest.
+    /// Hash of `sql` (of `bound.sql` when there is one) and the policy version (audit events):
+    /// computed once, cached with the rest.
     pub sql_hash: String,
     pub policy_version: Option<String>,
     /// The same statement with its value literals as parameters (literal-normalised texts with

@@ -244,7 +244,16 @@ pub(crate) struct Template {
     /// Kinds, tables and policy version of the statements (the same for every fill).
     base: Arc<Rewritten>,
     /// The text with `$k` for slot k (one parameter per slot) and its parameter types.
-    params: Option<(Arc<str>, Arc<[u32]>)>,
+    params: Option<ParamForm>,
+}
+
+#[derive(Debug)]
+struct ParamForm {
+    sql: Arc<str>,
+    types: Arc<[u32]>,
+    /// `events::sql_hash` of `sql`: the audit events of every fill name the statement, not
+    /// its values (identical decisions then share an events row).
+    hash: String,
 }
 
 /// PostgreSQL's type of a literal of this class in the same position (`pg_type` OIDs); 0 leaves
@@ -270,7 +279,7 @@ fn param_value(lit: &Lit) -> Option<String> {
 const MAX_PARAMS: usize = 1000;
 
 /// The parameterised form of a template (see the module docs), if PostgreSQL reads it right.
-fn param_form(pieces: &[String], slots: &[usize], shape: &Shape, kinds: &[String]) -> Option<(Arc<str>, Arc<[u32]>)> {
+fn param_form(pieces: &[String], slots: &[usize], shape: &Shape, kinds: &[String]) -> Option<ParamForm> {
     if kinds.len() != 1 || slots.is_empty() || slots.len() > MAX_PARAMS {
         return None;
     }
@@ -292,7 +301,7 @@ fn param_form(pieces: &[String], slots: &[usize], shape: &Shape, kinds: &[String
     let mut numbers = super::pgtree::param_numbers(&statement.node)?;
     numbers.sort_unstable();
     let expected: Vec<i32> = (1..=i32::try_from(slots.len()).ok()?).collect();
-    (numbers == expected).then(|| (Arc::from(sql), Arc::from(types)))
+    (numbers == expected).then(|| ParamForm { hash: crate::events::sql_hash(&sql), sql: Arc::from(sql), types: Arc::from(types) })
 }
 
 impl Template {
@@ -305,15 +314,15 @@ impl Template {
         }
         let sql = self.render(shape)?;
         let bound = match &self.params {
-            Some((text, types)) => Some(super::Bound {
-                sql: Arc::clone(text),
-                types: Arc::clone(types),
+            Some(p) => Some(super::Bound {
+                sql: Arc::clone(&p.sql),
+                types: Arc::clone(&p.types),
                 values: self.slots.iter().map(|&i| param_value(shape.literals.get(i)?)).collect::<Option<_>>()?,
             }),
             None => None,
         };
         Some(Rewritten {
-            sql_hash: crate::events::sql_hash(&sql),
+            sql_hash: self.params.as_ref().map_or_else(|| crate::events::sql_hash(&sql), |p| p.hash.clone()),
             sql,
             statement_kinds: self.base.statement_kinds.clone(),
             tables: self.base.tables.clone(),

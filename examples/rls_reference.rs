@@ -1,4 +1,4 @@
-//! `rls-reference POLICY_DIR OWNER_URL`: the native row-level-security reference of the policy
+//! `cargo run --release --example rls_reference -- POLICY_DIR OWNER_URL`: the native row-level-security reference of the policy
 //! set in POLICY_DIR (`struere_proxy::policy::rls::reference`, the generator the differential
 //! tests use), over the catalog of the database at OWNER_URL. Prints the setup SQL on stdout and
 //! `ROLE <environment> <policy role> <reference role>` lines on stderr. Nothing is executed.
@@ -9,7 +9,7 @@ use std::process::ExitCode;
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let [_, dir, url] = args.as_slice() else {
-        eprintln!("usage: rls-reference POLICY_DIR OWNER_URL");
+        eprintln!("usage: rls_reference POLICY_DIR OWNER_URL");
         return ExitCode::from(2);
     };
     match run(dir, url).await {
