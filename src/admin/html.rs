@@ -60,7 +60,7 @@ header{background:#1d2330;color:#fff;padding:.6em 1.2em;display:flex;gap:1.5em;a
 header a{color:#cfd8ea}header a.on{color:#fff;font-weight:700;text-decoration:none;border-bottom:2px solid #7fb0ff}\
 header form{margin-left:auto}main{padding:1em 1.2em;display:grid;gap:1em}\
 section{background:#fff;border:1px solid #dde1e8;border-radius:6px;padding:.6em 1em}\
-h1{font-size:1.1em;margin:0}h2{font-size:1em;margin:.2em 0 .6em}\
+h1{font-size:1.1em;margin:0}h2{font-size:1em;margin:.2em 0 .6em}h3{font-size:.9em;margin:.8em 0 .3em}\
 table{border-collapse:collapse;width:100%;font-size:.85em}th,td{text-align:left;padding:.25em .5em;\
 border-bottom:1px solid #eef0f4;vertical-align:top}th{color:#5a6477;font-weight:600}\
 .env-production header,.env-production{--accent:#b3261e}.env-production header{background:#5c1a16}\

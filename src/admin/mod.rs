@@ -65,7 +65,23 @@ async fn handle(proxy: &Proxy, auth: &AdminAuth, mut tcp: TcpStream) -> std::io:
     let req = match http::read_request(&mut tcp, TIMEOUT).await {
         Ok(Some(req)) => req,
         Ok(None) => return Ok(()),
-        Err(refused) => return http::write_response(&mut tcp, &Response::refused(&refused), true).await,
+        Err(refused) => {
+            http::write_response(&mut tcp, &Response::refused(&refused), true).await?;
+            // Read what the client is still sending (briefly, boundedly) so that closing with
+            // unread input does not reset the connection before it reads the answer.
+            let mut sink = [0u8; 4096];
+            let mut left = 1usize << 20;
+            let drain = async {
+                while let Ok(n @ 1..) = tokio::io::AsyncReadExt::read(&mut tcp, &mut sink).await {
+                    left = left.saturating_sub(n);
+                    if left == 0 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+            return Ok(());
+        }
     };
     let resp = route(proxy, auth, &req).await;
     http::write_response(&mut tcp, &resp, req.method != Method::Head).await
