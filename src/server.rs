@@ -623,8 +623,11 @@ pub async fn serve(
             _ = shutdown.changed() => return Ok(()),
         };
         if admitted.load(std::sync::atomic::Ordering::Acquire) >= proxy.current().max_clients {
-            proxy.metrics.clients_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(limit = proxy.current().max_clients, "client refused: max_clients reached");
+            let refused = proxy.metrics.clients_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            // Reported, but not once per client of a flood (the metric counts them all).
+            if refused == 1 || refused.is_multiple_of(100) {
+                tracing::warn!(limit = proxy.current().max_clients, refused, "client refused: max_clients reached");
+            }
             tokio::spawn(refuse_too_many(tcp));
             continue;
         }
