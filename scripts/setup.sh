@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Make sure this machine can build and run struere-proxy: libclang (pg_query's build needs it)
-# and PostgreSQL's server binaries (the demo and the tests start a throwaway cluster).
-# As root, missing Debian packages are installed; otherwise the exact command is printed.
+# Make sure this machine can build and run struere-proxy. As root, missing Debian packages are
+# installed; otherwise the exact command is printed.
+#
+#   bash scripts/setup.sh          libclang (pg_query's build needs it) and PostgreSQL's server
+#                                  binaries (the demo and the tests start a throwaway cluster)
+#   bash scripts/setup.sh build    libclang only (the Docker image's build stage)
+#   bash scripts/setup.sh test     both, plus chromium and chromedriver (the dashboard's browser
+#                                  test runs Debian's chromium headless; it fails without them)
 set -euo pipefail
+
+mode="${1:-run}"
+case "$mode" in run | build | test) ;; *) echo "usage: scripts/setup.sh [build|test]" >&2; exit 2 ;; esac
 
 missing=()
 
@@ -19,7 +27,13 @@ have_postgres() {
 }
 
 have_libclang && have_clang_headers || missing+=(libclang-dev)
-have_postgres || missing+=(postgresql)
+if [ "$mode" != build ]; then
+  have_postgres || missing+=(postgresql)
+fi
+if [ "$mode" = test ]; then
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+fi
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -3,6 +3,6 @@
 # cluster, the proxy, real clients), and the benches once each as smoke tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh test
 cargo test --bench hot_path "$@"
 cargo test --lib --bins --tests "$@"

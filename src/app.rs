@@ -5,10 +5,22 @@ use std::io::Write;
 use crate::auth::identity::{ActorContext, ActorType, Environment};
 use crate::auth::store::{self, KeySpec};
 use crate::cli::{CreateKey, EventsCommand, ExplainArgs, KeysCommand, MigrateCommand, PolicyCommand, TailArgs};
-use crate::config::RawConfig;
+use crate::config::{ConfigError, ConfigSource, DEFAULT_CONFIG_FILE, RawConfig};
 use crate::server::RunningProxy;
 
 pub type AppResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The configuration layers: the file (`--config`, else `struere-proxy.toml` when present), then
+/// the environment and flags (`overrides`).
+pub fn load_raw(config: Option<&std::path::Path>, overrides: &crate::cli::Overrides) -> Result<RawConfig, ConfigError> {
+    let default = std::path::Path::new(DEFAULT_CONFIG_FILE);
+    let file = match config {
+        Some(path) => RawConfig::from_file(path)?,
+        None if default.exists() => RawConfig::from_file(default)?,
+        None => RawConfig::default(),
+    };
+    Ok(file.overlay(overrides.to_raw()))
+}
 
 /// The owner-role URL for `init` and `keys` (falls back to `upstream`).
 pub fn admin_url(raw: &RawConfig) -> AppResult<String> {
@@ -41,13 +53,7 @@ pub async fn keys(raw: &RawConfig, cmd: KeysCommand) -> AppResult<()> {
                 "id", "prefix", "name", "org", "env", "roles", "actor"
             )?;
             for k in store::list_keys(&client).await? {
-                let state = if k.revoked_at.is_some() {
-                    "revoked"
-                } else if k.expires_at.is_some_and(|e| e <= std::time::SystemTime::now()) {
-                    "expired"
-                } else {
-                    "active"
-                };
+                let state = k.state(std::time::SystemTime::now());
                 let dash = || "-".to_owned();
                 writeln!(
                     out,
@@ -327,19 +333,54 @@ pub async fn doctor(raw: &RawConfig) -> AppResult<bool> {
     Ok(!report.has_errors())
 }
 
-/// `serve`: run until SIGINT/SIGTERM.
-pub async fn serve(raw: RawConfig) -> AppResult<()> {
-    let settings = crate::config::Settings::from_raw(raw)?;
-    let timeout = settings.shutdown_timeout;
+/// `serve`: run until SIGINT/SIGTERM; SIGHUP reloads the configuration from `source`.
+pub async fn serve(source: ConfigSource) -> AppResult<()> {
+    let settings = crate::config::Settings::from_raw(source()?)?;
     let running = RunningProxy::start(settings).await?;
+    running.proxy.set_config_source(source);
+    crate::server::reload_on_sighup(&running.proxy)?;
     eprintln!("struere-proxy listening on {}", running.addr);
     wait_for_signal().await;
+    // The drain timeout in force now (a reload may have changed it).
+    let timeout = running.proxy.current().shutdown_timeout;
     eprintln!("draining: no new clients; sessions end when idle (at most {} s)", timeout.as_secs());
     let forced = running.drain(timeout).await;
     if forced > 0 {
         eprintln!("ended {forced} session(s) still busy at the drain timeout");
     }
     Ok(())
+}
+
+/// `healthcheck --url http://host:port/path`: one GET; Ok on 200. For container health checks.
+pub async fn healthcheck(url: &str, timeout: std::time::Duration) -> AppResult<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").ok_or("--url must start with http://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') || path.contains(char::is_whitespace) {
+        return Err(format!("invalid --url {url:?}").into());
+    }
+    let exchange = async {
+        let mut tcp = tokio::net::TcpStream::connect(authority).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        (&mut tcp).take(64 * 1024).read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer =
+        tokio::time::timeout(timeout, exchange).await.map_err(|_| format!("{url}: no answer within {timeout:?}"))??;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.split(' ').nth(1).unwrap_or_default();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.trim()).unwrap_or_default();
+    if status == "200" {
+        println!("{url}: {status} {body}");
+        Ok(())
+    } else {
+        Err(format!("{url}: {status} {body}").into())
+    }
 }
 
 pub async fn wait_for_signal() {
@@ -358,16 +399,6 @@ pub async fn wait_for_signal() {
     }
 }
 
-const TAIL_SQL: &str = "\
-SELECT id, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), environment, \
-       coalesce(organization_id, ''), key_prefix, coalesce(actor, ''), array_to_string(roles, ','), \
-       array_to_string(kinds, ','), array_to_string(tables, ','), verdict, coalesce(reason, ''), \
-       coalesce(sqlstate, ''), coalesce(policy_version, ''), coalesce(sql_hash, ''), rows, duration_us, statements \
-FROM struere.events \
-WHERE id > $1 AND ($2::text IS NULL OR environment = $2) AND ($3::text IS NULL OR organization_id = $3) \
-  AND ($4::text IS NULL OR verdict = $4) \
-ORDER BY id DESC LIMIT $5";
-
 /// `events tail`: the last events (oldest first); with `--follow`, then every new one.
 pub async fn events(raw: &RawConfig, cmd: EventsCommand) -> AppResult<()> {
     let EventsCommand::Tail(args) = cmd;
@@ -377,13 +408,18 @@ pub async fn events(raw: &RawConfig, cmd: EventsCommand) -> AppResult<()> {
         return Err(format!("--verdict must be allowed, rewritten or refused, not {v:?}").into());
     }
     let client = store::connect_admin(&admin_url(raw)?).await?;
-    let mut last: i64 = 0;
-    let mut limit = args.limit.max(0);
+    let mut filter = crate::reports::EventFilter {
+        after_id: 0,
+        environment: args.env.clone(),
+        organization: args.org.clone(),
+        verdict: args.verdict.clone(),
+        limit: args.limit.max(0),
+    };
     loop {
-        let rows = client.query(TAIL_SQL, &[&last, &args.env, &args.org, &args.verdict, &limit]).await?;
+        let rows = crate::reports::recent_events(&client, &filter).await?;
         let mut out = std::io::stdout().lock();
         for r in rows.iter().rev() {
-            last = last.max(r.try_get(0)?);
+            filter.after_id = filter.after_id.max(r.id);
             print_event(&mut out, r, &args)?;
         }
         out.flush()?;
@@ -391,7 +427,7 @@ pub async fn events(raw: &RawConfig, cmd: EventsCommand) -> AppResult<()> {
         if !args.follow {
             return Ok(());
         }
-        limit = 1000;
+        filter.limit = 1000;
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -405,35 +441,34 @@ fn printable(s: &str) -> String {
     s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
-fn print_event(out: &mut impl Write, r: &tokio_postgres::Row, args: &TailArgs) -> AppResult<()> {
-    let text = |i: usize| -> AppResult<String> { Ok(printable(&r.try_get::<_, String>(i)?)) };
-    let (rows, us, statements): (i64, i64, i64) = (r.try_get(14)?, r.try_get(15)?, r.try_get(16)?);
+fn print_event(out: &mut impl Write, r: &crate::reports::EventRow, args: &TailArgs) -> AppResult<()> {
+    let t = |s: &str| printable(s);
     if args.json {
         let obj = serde_json::json!({
-            "id": r.try_get::<_, i64>(0)?, "at": text(1)?, "environment": text(2)?, "organization": text(3)?,
-            "key": text(4)?, "actor": text(5)?, "roles": text(6)?, "kinds": text(7)?, "tables": text(8)?,
-            "verdict": text(9)?, "reason": text(10)?, "sqlstate": text(11)?, "policy_version": text(12)?,
-            "sql_hash": text(13)?, "rows": rows, "duration_us": us, "statements": statements,
+            "id": r.id, "at": t(&r.at), "environment": t(&r.environment), "organization": t(&r.organization),
+            "key": t(&r.key_prefix), "actor": t(&r.actor), "roles": t(&r.roles), "kinds": t(&r.kinds),
+            "tables": t(&r.tables), "verdict": t(&r.verdict), "reason": t(&r.reason), "sqlstate": t(&r.sqlstate),
+            "policy_version": t(&r.policy_version), "sql_hash": t(&r.sql_hash), "rows": r.rows,
+            "duration_us": r.duration_us, "statements": r.statements,
         });
         writeln!(out, "{obj}")?;
     } else {
-        let reason = text(10)?;
-        let reason = if reason.is_empty() { String::new() } else { format!(" {} {reason}", text(11)?) };
+        let reason = if r.reason.is_empty() { String::new() } else { format!(" {} {}", t(&r.sqlstate), t(&r.reason)) };
         writeln!(
             out,
             "{} {} {} key={} actor={} roles={} {} [{}] tables={} rows={} {}us{}{}",
-            text(1)?,
-            text(2)?,
-            text(3)?,
-            text(4)?,
-            text(5)?,
-            text(6)?,
-            text(9)?,
-            text(7)?,
-            text(8)?,
-            rows,
-            us,
-            if statements > 1 { format!(" x{statements}") } else { String::new() },
+            t(&r.at),
+            t(&r.environment),
+            t(&r.organization),
+            t(&r.key_prefix),
+            t(&r.actor),
+            t(&r.roles),
+            t(&r.verdict),
+            t(&r.kinds),
+            t(&r.tables),
+            r.rows,
+            r.duration_us,
+            if r.statements > 1 { format!(" x{}", r.statements) } else { String::new() },
             reason
         )?;
     }
@@ -443,13 +478,7 @@ fn print_event(out: &mut impl Write, r: &tokio_postgres::Row, args: &TailArgs) -
 /// `usage`: executions per key, environment and organization.
 pub async fn usage(raw: &RawConfig, env: Option<String>) -> AppResult<()> {
     let client = store::connect_admin(&admin_url(raw)?).await?;
-    let rows = client
-        .query(
-            "SELECT environment, organization_id, key_prefix, statements, rows, errors, time_us FROM struere.usage \
-             WHERE $1::text IS NULL OR environment = $1 ORDER BY environment, organization_id, key_prefix",
-            &[&env],
-        )
-        .await?;
+    let rows = crate::reports::usage(&client, env.as_deref(), false).await?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -457,17 +486,16 @@ pub async fn usage(raw: &RawConfig, env: Option<String>) -> AppResult<()> {
         "env", "org", "key", "statements", "rows", "errors", "time_ms"
     )?;
     for r in rows {
-        let n = |i: usize| -> AppResult<i64> { Ok(r.try_get::<_, i64>(i)?) };
         writeln!(
             out,
             "{:<12} {:<12} {:<18} {:>10} {:>10} {:>8} {:>12.1}",
-            r.try_get::<_, String>(0)?,
-            r.try_get::<_, String>(1)?,
-            r.try_get::<_, String>(2)?,
-            n(3)?,
-            n(4)?,
-            n(5)?,
-            n(6)? as f64 / 1000.0
+            r.environment,
+            r.organization,
+            r.key_prefix,
+            r.statements,
+            r.rows,
+            r.errors,
+            r.time_us as f64 / 1000.0
         )?;
     }
     Ok(())

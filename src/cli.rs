@@ -71,6 +71,14 @@ pub struct Overrides {
     /// Serve production keys even when `doctor` finds holes in the upstream role.
     #[arg(long, global = true, env = "STRUERE_ALLOW_UNSAFE_UPSTREAM_ROLE")]
     pub allow_unsafe_upstream_role: Option<bool>,
+    /// Operator token of the admin dashboard (off while unset). Prefer the environment or the
+    /// file to the flag: command lines are visible to other users.
+    #[arg(long, global = true, env = "STRUERE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Log filter, e.g. `info` or `warn,struere_proxy=debug` (else RUST_LOG, else the file's
+    /// log_level, else info).
+    #[arg(long, global = true, env = "STRUERE_LOG")]
+    pub log_level: Option<String>,
 }
 
 impl Overrides {
@@ -91,6 +99,8 @@ impl Overrides {
             policies: self.policies.clone(),
             allow_unsafe_upstream_role: self.allow_unsafe_upstream_role,
             admin_listen: self.admin_listen.clone(),
+            admin_token: self.admin_token.clone(),
+            log_level: self.log_level.clone().or_else(|| std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty())),
             ..RawConfig::default()
         }
     }
@@ -135,6 +145,15 @@ pub enum Command {
     /// Check the managed tables and the upstream role against the policies. One line per finding
     /// (ERROR, WARN or OK); exit code 0 when there is no ERROR, 1 otherwise.
     Doctor,
+    /// GET an admin endpoint URL (`http://host:port/readyz`); exit 0 on 200, 1 otherwise. For
+    /// container health checks (no curl needed).
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:9090/readyz")]
+        url: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -123,6 +123,11 @@ pub struct RawConfig {
     pub max_rewrite_ms: Option<u64>,
     /// On SIGTERM/SIGINT, how long running statements and transactions may take to finish.
     pub shutdown_timeout_secs: Option<u64>,
+    /// Operator token of the admin dashboard (`Authorization: Bearer …` or its login form);
+    /// the dashboard is refused while it is unset. Never a tenant key.
+    pub admin_token: Option<String>,
+    /// Log filter (`info`, `warn,struere_proxy=debug`, …); `STRUERE_LOG` or `RUST_LOG` override it.
+    pub log_level: Option<String>,
 }
 
 impl RawConfig {
@@ -160,6 +165,8 @@ impl RawConfig {
             max_connections_per_key: over.max_connections_per_key.or(self.max_connections_per_key),
             max_rewrite_ms: over.max_rewrite_ms.or(self.max_rewrite_ms),
             shutdown_timeout_secs: over.shutdown_timeout_secs.or(self.shutdown_timeout_secs),
+            admin_token: over.admin_token.or(self.admin_token),
+            log_level: over.log_level.or(self.log_level),
         }
     }
 }
@@ -202,6 +209,10 @@ pub struct Settings {
     /// TLS is required because the listen address is not loopback and nothing else was
     /// configured: without a certificate, the proxy makes a self-signed one at start.
     pub tls_self_signed: bool,
+    /// The admin dashboard's operator token; `None`: the dashboard is refused.
+    pub admin_token: Option<String>,
+    /// The log filter directives in force (`logging.rs`).
+    pub log_level: String,
 }
 
 /// Session pooling: what to keep warm, and for how long.
@@ -271,6 +282,18 @@ impl Settings {
                 reason: "must be between 1 and 3600 seconds".into(),
             });
         }
+        if let Some(token) = &raw.admin_token
+            && (token.len() < MIN_ADMIN_TOKEN || token.len() > 512 || !token.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(ConfigError::Invalid {
+                name: "admin_token",
+                reason: format!("must be {MIN_ADMIN_TOKEN} to 512 printable ASCII characters without spaces"),
+            });
+        }
+        let log_level = raw.log_level.unwrap_or_else(|| "info".to_owned());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+            return Err(ConfigError::Invalid { name: "log_level", reason: e.to_string() });
+        }
         Ok(Settings {
             listen,
             upstream,
@@ -300,7 +323,109 @@ impl Settings {
             max_rewrite_time: Duration::from_millis(raw.max_rewrite_ms.unwrap_or(2_000).max(1)),
             shutdown_timeout: Duration::from_secs(raw.shutdown_timeout_secs.unwrap_or(30)),
             tls_self_signed,
+            admin_token: raw.admin_token,
+            log_level,
         })
+    }
+
+    /// What differs in `new`, setting by setting: whether it applies to a running proxy
+    /// (`reload`) or needs a restart. Secrets (URLs with passwords, the admin token) are named,
+    /// never shown.
+    pub fn changes_to(&self, new: &Settings) -> Vec<SettingChange> {
+        let mut out = Vec::new();
+        macro_rules! shown {
+            ($live:expr, $($field:ident),+) => {$(
+                if self.$field != new.$field {
+                    out.push(SettingChange {
+                        name: stringify!($field),
+                        live: $live,
+                        detail: format!("{:?} -> {:?}", self.$field, new.$field),
+                    });
+                }
+            )+};
+        }
+        macro_rules! hidden {
+            ($live:expr, $($field:ident),+) => {$(
+                if self.$field != new.$field {
+                    out.push(SettingChange { name: stringify!($field), live: $live, detail: "(value not shown)".into() });
+                }
+            )+};
+        }
+        // Keep in step with `with_live_from`.
+        hidden!(true, admin_token);
+        shown!(
+            true,
+            log_level,
+            key_cache_ttl,
+            max_clients,
+            max_connections_per_key,
+            max_message_size,
+            connect_timeout,
+            shutdown_timeout,
+            operator_keys,
+            allow_unsafe_upstream_role,
+            allow_functions
+        );
+        hidden!(false, upstream, admin_upstream);
+        shown!(
+            false,
+            listen,
+            database,
+            tls_mode,
+            tls_cert,
+            tls_key,
+            log_format,
+            event_store,
+            search_path,
+            rewrite_cache_capacity,
+            policies,
+            pool,
+            admin_listen,
+            max_rewrite_time
+        );
+        out
+    }
+
+    /// `self` with the settings of `new` that a running proxy can take on (see `changes_to`);
+    /// the others keep their values until a restart.
+    pub fn with_live_from(&self, new: &Settings) -> Settings {
+        Settings {
+            admin_token: new.admin_token.clone(),
+            log_level: new.log_level.clone(),
+            key_cache_ttl: new.key_cache_ttl,
+            max_clients: new.max_clients,
+            max_connections_per_key: new.max_connections_per_key,
+            max_message_size: new.max_message_size,
+            connect_timeout: new.connect_timeout,
+            shutdown_timeout: new.shutdown_timeout,
+            operator_keys: new.operator_keys,
+            allow_unsafe_upstream_role: new.allow_unsafe_upstream_role,
+            allow_functions: new.allow_functions.clone(),
+            ..self.clone()
+        }
+    }
+}
+
+/// Where a reload reads the configuration again (the file, the environment and the flags the
+/// process was started with, layered as at start).
+pub type ConfigSource = std::sync::Arc<dyn Fn() -> Result<RawConfig, ConfigError> + Send + Sync>;
+
+/// Shortest admin token accepted.
+pub const MIN_ADMIN_TOKEN: usize = 16;
+
+/// One setting that differs between two configurations (`Settings::changes_to`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingChange {
+    pub name: &'static str,
+    /// Applied by a reload; otherwise it needs a restart.
+    pub live: bool,
+    pub detail: String,
+}
+
+impl std::fmt::Display for SettingChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.live { "applied" } else { "needs a restart" };
+        write!(f, "{}: {} ({what})", self.name, self.detail)
     }
 }
 
@@ -371,5 +496,46 @@ mod tests {
         let tiny = RawConfig { max_message_size: Some(10), ..base.clone() };
         assert!(Settings::from_raw(tiny).is_err());
         assert!(toml::from_str::<RawConfig>("lisen = 1").is_err());
+        for bad_token in ["short", "has a space in it here", "tab\there-0123456789"] {
+            let raw = RawConfig { admin_token: Some(bad_token.into()), ..base.clone() };
+            assert!(Settings::from_raw(raw).is_err(), "{bad_token:?}");
+        }
+        let bad_level = RawConfig { log_level: Some("info,=[".into()), ..base };
+        assert!(Settings::from_raw(bad_level).is_err());
+    }
+
+    #[test]
+    fn reload_tells_live_settings_from_restart_ones_and_hides_secrets() {
+        let base = RawConfig {
+            upstream: Some("postgres://a:pw1@h/db".into()),
+            admin_token: Some("old-token-0123456789".into()),
+            ..Default::default()
+        };
+        let old = Settings::from_raw(base.clone()).unwrap();
+        let new = Settings::from_raw(RawConfig {
+            upstream: Some("postgres://a:pw2@h/db".into()),
+            admin_token: Some("new-token-0123456789".into()),
+            listen: Some("127.0.0.1:7777".into()),
+            max_clients: Some(7),
+            log_level: Some("debug".into()),
+            pool_max_idle: Some(3),
+            ..base
+        })
+        .unwrap();
+        let changes = old.changes_to(&new);
+        let names = |live: bool| changes.iter().filter(|c| c.live == live).map(|c| c.name).collect::<Vec<_>>();
+        assert_eq!(names(true), ["admin_token", "log_level", "max_clients"]);
+        // admin_upstream follows upstream when unset.
+        assert_eq!(names(false), ["upstream", "admin_upstream", "listen", "pool"]);
+        let text = changes.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+        assert!(!text.contains("pw2") && !text.contains("new-token"), "{text}");
+        assert!(text.contains("max_clients: 1000 -> 7 (applied)"), "{text}");
+        // What a reload puts in force: exactly the live changes; the rest waits for a restart.
+        let applied = old.with_live_from(&new);
+        let left = applied.changes_to(&new);
+        assert!(left.iter().all(|c| !c.live), "{left:?}");
+        assert_eq!(left.len(), names(false).len());
+        assert_eq!(applied.listen, old.listen);
+        assert!(!format!("{applied:?}").contains("token"));
     }
 }

@@ -8,7 +8,7 @@ use crate::app::{AppResult, wait_for_signal};
 use crate::auth::identity::{ActorContext, ActorType, Environment};
 use crate::auth::store::{self, KeySpec};
 use crate::cluster::TempCluster;
-use crate::config::{RawConfig, Settings, TlsMode};
+use crate::config::{ConfigSource, RawConfig, Settings, TlsMode};
 use crate::server::RunningProxy;
 
 /// The least-privilege role client traffic of environment keys runs as.
@@ -61,6 +61,8 @@ pub struct Demo {
     pub dev_key: String,
     pub prod_key: String,
     pub operator_key: String,
+    /// The admin dashboard's operator token (random per run unless configured).
+    pub admin_token: String,
     /// One key per role × organization × environment.
     pub keys: Vec<DemoKey>,
     /// The owner connection to the demo database.
@@ -158,6 +160,12 @@ fn url_as(url: &str, user: &str, password: &str) -> AppResult<String> {
 impl Demo {
     /// The demo on a throwaway cluster of its own.
     pub async fn start(overrides: RawConfig) -> AppResult<Demo> {
+        Demo::start_from(std::sync::Arc::new(move || Ok(overrides.clone()))).await
+    }
+
+    /// The demo on a throwaway cluster, its settings layered over `overrides`, which reloads
+    /// read again.
+    pub async fn start_from(overrides: ConfigSource) -> AppResult<Demo> {
         let cluster = tokio::task::spawn_blocking(TempCluster::start).await??;
         let app_password = provision(&cluster)?;
         let admin_url = cluster.admin_url(APP_DATABASE);
@@ -167,7 +175,7 @@ impl Demo {
     }
 
     /// The demo in an existing database, given its owner's URL (`demo --upstream URL`).
-    pub async fn start_with_upstream(owner_url: &str, overrides: RawConfig) -> AppResult<Demo> {
+    pub async fn start_with_upstream(owner_url: &str, overrides: ConfigSource) -> AppResult<Demo> {
         let admin = store::connect_admin(owner_url).await?;
         let (role, app_password) = provision_existing(&admin).await?;
         let upstream = url_as(owner_url, &role, &app_password)?;
@@ -177,7 +185,7 @@ impl Demo {
     }
 
     async fn finish(
-        overrides: RawConfig,
+        overrides: ConfigSource,
         admin_url: String,
         upstream: String,
         database: &str,
@@ -194,11 +202,13 @@ impl Demo {
             tls_cert: Some(cert),
             tls_key: Some(key),
             operator_keys: Some(true),
-            // The admin endpoint on loopback, any free port.
+            // The admin endpoint on loopback, any free port, and its dashboard's token.
             admin_listen: Some("127.0.0.1:0".to_owned()),
+            admin_token: Some(format!("adm_{}", random_password()?)),
             ..RawConfig::default()
         };
-        let settings = Settings::from_raw(base.overlay(overrides))?;
+        let settings = Settings::from_raw(base.clone().overlay(overrides()?))?;
+        let admin_token = settings.admin_token.clone().ok_or("the demo needs an admin token")?;
 
         let mut admin = store::connect_admin(&admin_url).await?;
         store::init_schema(&admin).await?;
@@ -252,16 +262,40 @@ impl Demo {
                 .await?
                 .secret;
 
-        let proxy = match RunningProxy::start(settings.clone()).await {
-            Ok(p) => p,
+        let (proxy, fallback) = match RunningProxy::start(settings.clone()).await {
+            Ok(p) => (p, None),
             // The default port is taken (another proxy, a real PgBouncer): any free port will do.
-            Err(_) => RunningProxy::start(Settings { listen: "127.0.0.1:0".to_owned(), ..settings }).await?,
+            Err(_) => {
+                let any = "127.0.0.1:0".to_owned();
+                (RunningProxy::start(Settings { listen: any.clone(), ..settings }).await?, Some(any))
+            }
         };
-        Ok(Demo { proxy, dev_key, prod_key, operator_key, keys, admin_url, psql, _tls_dir: tls_dir, cluster })
+        // A reload reads the same layers again: the demo's own settings under the file, the
+        // environment and the flags.
+        proxy.proxy.set_config_source(std::sync::Arc::new(move || {
+            let mut raw = base.clone().overlay(overrides()?);
+            if fallback.is_some() {
+                raw.listen.clone_from(&fallback);
+            }
+            Ok(raw)
+        }));
+        Ok(Demo {
+            proxy,
+            dev_key,
+            prod_key,
+            operator_key,
+            admin_token,
+            keys,
+            admin_url,
+            psql,
+            _tls_dir: tls_dir,
+            cluster,
+        })
     }
 
     /// What the demo prints on stdout, one item per line (scripts rely on this format):
-    /// `UPSTREAM <owner URL>`, `LISTEN <host:port>`, `ADMIN <url>`, `KEY <environment> <organization> <role>
+    /// `UPSTREAM <owner URL>`, `LISTEN <host:port>`, `ADMIN <url>`, `ADMIN_TOKEN <token>` (the
+    /// dashboard's), `KEY <environment> <organization> <role>
     /// <actor_type>:<actor_id> <key>` for every key, `OPERATOR <key>`, ready-to-paste psql
     /// commands, and `READY` last.
     pub fn banner(&self) -> String {
@@ -272,6 +306,7 @@ impl Demo {
         let mut lines = vec![format!("UPSTREAM {}", self.admin_url), format!("LISTEN {addr}")];
         if let Some(admin) = self.proxy.admin_addr {
             lines.push(format!("ADMIN http://{admin}"));
+            lines.push(format!("ADMIN_TOKEN {}", self.admin_token));
         }
         for k in &self.keys {
             lines.push(format!(
@@ -298,11 +333,12 @@ impl Demo {
 
 /// `demo [--upstream URL]`: serve until Ctrl-C, then remove the throwaway cluster (or, in a
 /// given database, revoke the keys the demo created; its data stays).
-pub async fn run(upstream: Option<String>, overrides: RawConfig) -> AppResult<()> {
+pub async fn run(upstream: Option<String>, overrides: ConfigSource) -> AppResult<()> {
     let demo = match &upstream {
         Some(url) => Demo::start_with_upstream(url, overrides).await?,
-        None => Demo::start(overrides).await?,
+        None => Demo::start_from(overrides).await?,
     };
+    crate::server::reload_on_sighup(&demo.proxy.proxy)?;
     match upstream {
         Some(_) => {
             eprintln!("struere-proxy demo: the given database behind the proxy; Ctrl-C revokes the demo's keys.")

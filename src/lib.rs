@@ -11,7 +11,8 @@
 //! - [`upstream`]: the raw connection to the real database and cancel requests.
 //! - [`pool`]: session pooling of upstream connections (reset with `DISCARD ALL` between clients).
 //! - [`metrics`], [`admin`]: counters and histograms, and the admin HTTP endpoint (`/metrics`,
-//!   `/healthz`, `/readyz`).
+//!   `/healthz`, `/readyz`, the operator dashboard, `/reload`); [`reports`]: events and usage read
+//!   back; [`logging`]: text/JSON logs with a reloadable filter.
 //! - [`server`]: the listener and the state sessions share; [`cancel`]: cancel-key mapping.
 //! - [`config`], [`cli`], [`app`], [`demo`]: configuration layers and the subcommands.
 //! - [`doctor`]: schema and upstream-role checks (also consulted by the server before it lets
@@ -33,12 +34,14 @@ pub mod doctor;
 pub mod error;
 pub mod events;
 pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
 pub mod migrate;
 pub mod net;
 pub mod policy;
 pub mod pool;
 pub mod protocol;
+pub mod reports;
 pub mod rewrite;
 pub mod server;
 pub mod session;

@@ -97,16 +97,29 @@ pub async fn deploy(client: &mut Client) -> Result<Change, LifecycleError> {
     Ok(Change { environment: Environment::Production, published, diff: changes })
 }
 
-/// `policy rollback`: make an older version of `env` the one in force (as a new version, so the
-/// history keeps every step).
-pub async fn rollback(client: &mut Client, env: Environment, to: i32) -> Result<Change, LifecycleError> {
+/// What rolling `env` back to version `to` would change (and the bundle it would publish).
+pub async fn plan_rollback(
+    client: &Client,
+    env: Environment,
+    to: i32,
+) -> Result<(DeployedBundle, Vec<String>), LifecycleError> {
     let target = store::version(client, env, to).await?.ok_or(LifecycleError::NoSuchVersion { env, version: to })?;
     let label = format!("{} v{to}", env.as_str());
     let restored = compile_live(&catalog::load(client).await?, &target.bundle, Path::new(&label))?;
     let current = deployed_set(store::latest(client, env).await?.as_ref())?;
-    let changes = diff(&facts(current.as_ref()), &describe(restored.for_env(env)));
-    let published =
-        store::publish(client, env, &target.bundle, &format!("rollback to v{to}"), &store::publisher()).await?;
+    Ok((target, diff(&facts(current.as_ref()), &describe(restored.for_env(env)))))
+}
+
+/// `policy rollback`: make an older version of `env` the one in force (as a new version, so the
+/// history keeps every step).
+pub async fn rollback(client: &mut Client, env: Environment, to: i32) -> Result<Change, LifecycleError> {
+    rollback_by(client, env, to, &store::publisher()).await
+}
+
+/// `rollback`, recorded in the history as made by `by` (the dashboard names itself).
+pub async fn rollback_by(client: &mut Client, env: Environment, to: i32, by: &str) -> Result<Change, LifecycleError> {
+    let (target, changes) = plan_rollback(client, env, to).await?;
+    let published = store::publish(client, env, &target.bundle, &format!("rollback to v{to}"), by).await?;
     Ok(Change { environment: env, published, diff: changes })
 }
 

@@ -1,64 +1,46 @@
 //! `struere-proxy`: parse the command line, set up logging, run the subcommand.
 
+use std::sync::Arc;
+
 use clap::Parser;
 use struere_proxy::cli::{Cli, Command};
-use struere_proxy::config::{DEFAULT_CONFIG_FILE, LogFormat, RawConfig};
-use struere_proxy::{app, demo};
-
-fn load_raw(cli: &Cli) -> Result<RawConfig, Box<dyn std::error::Error + Send + Sync>> {
-    let file = match &cli.config {
-        Some(path) => RawConfig::from_file(path)?,
-        None if std::path::Path::new(DEFAULT_CONFIG_FILE).exists() => {
-            RawConfig::from_file(std::path::Path::new(DEFAULT_CONFIG_FILE))?
-        }
-        None => RawConfig::default(),
-    };
-    Ok(file.overlay(cli.overrides.to_raw()))
-}
-
-/// Logs go to stderr through a writer thread: a session never waits on the terminal or a log
-/// pipe (one event line per statement). Lossless: when its buffer (128k lines) is full, the
-/// logging task waits rather than dropping an audit line. The guard flushes at exit.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STRUERE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("struere-log")
-        .finish(std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-    guard
-}
+use struere_proxy::config::{ConfigSource, LogFormat};
+use struere_proxy::{app, demo, logging};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let raw = match load_raw(&cli) {
+    // The file, the environment and the flags, layered; read again by every reload.
+    let source: ConfigSource = {
+        let (config, overrides) = (cli.config.clone(), cli.overrides.clone());
+        Arc::new(move || app::load_raw(config.as_deref(), &overrides))
+    };
+    let raw = match source() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return std::process::ExitCode::from(2);
         }
     };
-    let _log_guard = init_logging(raw.log_format.unwrap_or(LogFormat::Text));
+    let _log_guard =
+        logging::init(raw.log_format.unwrap_or(LogFormat::Text), raw.log_level.as_deref().unwrap_or("info"));
     let result = match cli.command {
-        Command::Serve => app::serve(raw).await,
+        Command::Serve => app::serve(source).await,
         Command::Init => app::init(&raw).await,
         Command::Keys(k) => app::keys(&raw, k).await,
         Command::Demo { port } => {
-            let mut raw = raw;
-            if let Some(p) = port {
-                raw.listen = Some(format!("127.0.0.1:{p}"));
-            }
             // For the demo, --upstream (flag or environment, not the configuration file) is the
             // owner URL of the database to use; the demo derives its own upstream settings.
-            raw.upstream = None;
-            raw.admin_upstream = None;
-            demo::run(cli.overrides.upstream.clone(), raw).await
+            let overrides: ConfigSource = Arc::new(move || {
+                let mut raw = source()?;
+                if let Some(p) = port {
+                    raw.listen = Some(format!("127.0.0.1:{p}"));
+                }
+                raw.upstream = None;
+                raw.admin_upstream = None;
+                Ok(raw)
+            });
+            demo::run(cli.overrides.upstream.clone(), overrides).await
         }
         // 1: differences (`status --exit-code`); 2: could not run.
         Command::Policy(p) => match app::policy(&raw, p).await {
@@ -83,6 +65,9 @@ async fn main() -> std::process::ExitCode {
             Ok(false) => return std::process::ExitCode::FAILURE,
             Err(e) => Err(e),
         },
+        Command::Healthcheck { url, timeout } => {
+            app::healthcheck(&url, std::time::Duration::from_secs(timeout.max(1))).await
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

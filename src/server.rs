@@ -3,13 +3,13 @@
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::store::KeyStore;
 use crate::auth::throttle::AuthThrottle;
 use crate::cancel::CancelRegistry;
-use crate::config::Settings;
+use crate::config::{ConfigSource, SettingChange, Settings};
 use crate::doctor::RoleAudit;
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::sqlstate::SqlState;
@@ -19,7 +19,19 @@ use crate::upstream::UpstreamConfig;
 
 /// Everything sessions share. Cheap to reach from any task through an `Arc`.
 pub struct Proxy {
+    /// The settings the proxy started with. Those a reload can change are read through
+    /// [`Proxy::current`]; the others (addresses, upstream, TLS, pool, …) stay as here until a
+    /// restart.
     pub settings: Settings,
+    /// The settings in force: `settings` with what reloads changed since (`reload`).
+    live: std::sync::RwLock<Arc<Settings>>,
+    /// Where `reload` reads the configuration again (`None`: a proxy built from settings alone).
+    config_source: std::sync::Mutex<Option<ConfigSource>>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+    /// The sessions past authentication, for the dashboard (no secrets in them).
+    live_sessions: Arc<dashmap::DashMap<u64, LiveSession>>,
+    next_session: std::sync::atomic::AtomicU64,
     pub keys: Arc<KeyStore>,
     pub throttle: AuthThrottle,
     pub rewriter: Rewriter,
@@ -63,10 +75,13 @@ pub enum Drain {
     Force,
 }
 
-/// One session's hold on its key's connection budget; released when dropped.
+/// One session's hold on its key's connection budget (and its line in the live sessions);
+/// released when dropped.
 pub struct KeySlot {
     sessions: Arc<dashmap::DashMap<i64, usize>>,
     key_id: i64,
+    live: Arc<dashmap::DashMap<u64, LiveSession>>,
+    session_id: u64,
 }
 
 impl Drop for KeySlot {
@@ -75,7 +90,26 @@ impl Drop for KeySlot {
             *n = n.saturating_sub(1);
             *n == 0
         });
+        self.live.remove(&self.session_id);
     }
+}
+
+/// A session past authentication, as the dashboard lists it: who and since when, never a
+/// secret or a statement.
+#[derive(Debug, Clone)]
+pub struct LiveSession {
+    pub key_id: i64,
+    /// The key's display prefix (`sk_dev_7c449c`).
+    pub key_prefix: String,
+    pub key_name: String,
+    /// `None` for an operator key.
+    pub environment: Option<crate::auth::identity::Environment>,
+    pub organization: Option<String>,
+    pub roles: Vec<String>,
+    /// `type:id`.
+    pub actor: Option<String>,
+    pub peer: std::net::SocketAddr,
+    pub since: std::time::SystemTime,
 }
 
 /// What a production key hears while the upstream role has a hole. Which hole is logged, not
@@ -199,6 +233,11 @@ impl Proxy {
             scratch_schemas: dashmap::DashSet::new(),
             role_audit: std::sync::Mutex::new(Arc::new(role_audit)),
             cancels: Arc::new(CancelRegistry::default()),
+            live: std::sync::RwLock::new(Arc::new(settings.clone())),
+            config_source: std::sync::Mutex::new(None),
+            reloading: tokio::sync::Mutex::new(()),
+            live_sessions: Arc::new(dashmap::DashMap::new()),
+            next_session: std::sync::atomic::AtomicU64::new(1),
             pool: Arc::new(crate::pool::UpstreamPool::new(settings.pool)),
             metrics: crate::metrics::Metrics::default(),
             key_sessions: Arc::new(dashmap::DashMap::new()),
@@ -225,14 +264,79 @@ impl Proxy {
     /// Re-read the policies and the catalog. An invalid policy set, or one that no longer
     /// matches the database, is reported and the last good engine stays in force.
     pub async fn refresh_engine(&self) -> Result<bool, StartError> {
-        let fresh = load_engine(&self.settings).await?;
+        let fresh = load_engine(&self.current()).await?;
         Ok(self.install_engine(fresh))
+    }
+
+    /// The settings in force (those a reload changed included).
+    pub fn current(&self) -> Arc<Settings> {
+        Arc::clone(&self.live.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Where `reload` reads the configuration again.
+    pub fn set_config_source(&self, source: ConfigSource) {
+        *self.config_source.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(source);
+    }
+
+    /// Read the configuration again (SIGHUP, `POST /reload`) and put in force what can change
+    /// while running: the admin token, the log filter, limits (clients, sessions per key,
+    /// message size), timeouts, the key cache TTL, operator keys, the unsafe-role override and
+    /// the extra allowed functions. Every other change is logged as needing a restart. An
+    /// invalid configuration changes nothing. Returns every difference found.
+    pub async fn reload(&self) -> Result<Vec<SettingChange>, String> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let source = self
+            .config_source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or("this proxy was started without a configuration source: nothing to reload")?;
+        let fresh = source().and_then(Settings::from_raw).map_err(|e| {
+            tracing::error!(error = %e, "reload: invalid configuration; nothing changed");
+            format!("invalid configuration, nothing changed: {e}")
+        })?;
+        let current = self.current();
+        let mut changes = current.changes_to(&fresh);
+        let mut applied = current.with_live_from(&fresh);
+        if applied.log_level != current.log_level
+            && let Err(e) = crate::logging::set_level(&applied.log_level)
+        {
+            applied.log_level = current.log_level.clone();
+            for c in changes.iter_mut().filter(|c| c.name == "log_level") {
+                c.live = false;
+                c.detail = format!("{} (not applied: {e})", c.detail);
+            }
+        }
+        self.keys.set_ttl(applied.key_cache_ttl);
+        let functions_changed = applied.allow_functions != current.allow_functions;
+        *self.live.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(applied);
+        if functions_changed && let Err(e) = self.refresh_engine().await {
+            tracing::error!(error = %e, "reload: cannot rebuild the policy engine; keeping the last good one");
+        }
+        for c in &changes {
+            if c.live {
+                tracing::info!(setting = c.name, change = %c.detail, "reload: applied");
+            } else {
+                tracing::warn!(setting = c.name, change = %c.detail, "reload: this setting needs a restart to change");
+            }
+        }
+        tracing::info!(changes = changes.len(), "configuration reloaded");
+        Ok(changes)
+    }
+
+    /// The sessions past authentication now, oldest first.
+    pub fn live_sessions(&self) -> Vec<LiveSession> {
+        let mut all: Vec<LiveSession> = self.live_sessions.iter().map(|e| e.value().clone()).collect();
+        all.sort_by_key(|s| s.since);
+        all
     }
 
     /// Put `fresh` in force if it differs from the engine in use; true when it did.
     fn install_engine(&self, fresh: Arc<PolicyEngine>) -> bool {
         let mut current = self.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let same = current.policies == fresh.policies && current.catalog == fresh.catalog;
+        let same = current.policies == fresh.policies
+            && current.catalog == fresh.catalog
+            && current.allow_functions == fresh.allow_functions;
         if !same {
             *current = Arc::clone(&fresh);
             self.rewriter.set_policy(fresh);
@@ -245,14 +349,42 @@ impl Proxy {
         !same
     }
 
-    /// A session slot for `key_id`, or `None` when it holds `max_connections_per_key` already.
-    pub fn take_key_slot(&self, key_id: i64) -> Option<KeySlot> {
-        let mut n = self.key_sessions.entry(key_id).or_insert(0);
-        if *n >= self.settings.max_connections_per_key {
-            return None;
+    /// A session slot for `key`, or `None` when it holds `max_connections_per_key` already.
+    pub fn take_key_slot(&self, key: &crate::auth::store::KeyRecord, peer: std::net::SocketAddr) -> Option<KeySlot> {
+        use crate::auth::identity::Caller;
+        let key_id = key.id;
+        {
+            let mut n = self.key_sessions.entry(key_id).or_insert(0);
+            if *n >= self.current().max_connections_per_key {
+                return None;
+            }
+            *n += 1;
         }
-        *n += 1;
-        Some(KeySlot { sessions: Arc::clone(&self.key_sessions), key_id })
+        let session_id = self.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let actor = match &key.caller {
+            Caller::Environment(a) => Some(a),
+            Caller::Operator => None,
+        };
+        self.live_sessions.insert(
+            session_id,
+            LiveSession {
+                key_id,
+                key_prefix: key.prefix.clone(),
+                key_name: key.name.clone(),
+                environment: actor.map(|a| a.environment),
+                organization: actor.map(|a| a.organization.clone()),
+                roles: actor.map(|a| a.roles.clone()).unwrap_or_default(),
+                actor: actor.map(|a| format!("{}:{}", a.actor_type.as_str(), a.actor_id)),
+                peer,
+                since: std::time::SystemTime::now(),
+            },
+        );
+        Some(KeySlot {
+            sessions: Arc::clone(&self.key_sessions),
+            key_id,
+            live: Arc::clone(&self.live_sessions),
+            session_id,
+        })
     }
 
     /// The upstream role's last audit.
@@ -263,7 +395,7 @@ impl Proxy {
     /// True while production keys must be refused: the upstream role has a hole and
     /// `allow_unsafe_upstream_role` is off.
     pub fn refuses_production(&self) -> bool {
-        !self.settings.allow_unsafe_upstream_role && self.role_audit().has_holes()
+        !self.current().allow_unsafe_upstream_role && self.role_audit().has_holes()
     }
 
     /// Audit the upstream role again: a role fixed since the start lets production keys in, a
@@ -277,7 +409,7 @@ impl Proxy {
         let fresh = RoleAudit::run(&client, &self.upstream.user, &tables).await?;
         let mut current = self.role_audit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if **current != fresh {
-            log_role_audit(&fresh, self.settings.allow_unsafe_upstream_role);
+            log_role_audit(&fresh, self.current().allow_unsafe_upstream_role);
             *current = Arc::new(fresh);
         }
         Ok(())
@@ -320,6 +452,24 @@ impl Proxy {
             }
         });
     }
+}
+
+/// Reload the configuration on every SIGHUP for as long as the process runs (`serve` and `demo`
+/// install it; signals are per process, so tests call `Proxy::reload` instead).
+pub fn reload_on_sighup(proxy: &Arc<Proxy>) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup())?;
+    let proxy = Arc::downgrade(proxy);
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let Some(proxy) = proxy.upgrade() else { return };
+            tracing::info!("SIGHUP: reloading the configuration");
+            if let Err(e) = proxy.reload().await {
+                tracing::error!(error = %e, "reload failed");
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Log the audit's holes and what they mean for production keys.
@@ -433,9 +583,10 @@ async fn switch_policies(proxy: &Proxy, client: &tokio_postgres::Client, why: &s
     let fresh = async {
         let policies = load_policies(client).await?;
         let catalog = Arc::clone(&proxy.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner).catalog);
-        match build_engine(policies, catalog, &proxy.settings) {
+        let settings = proxy.current();
+        match build_engine(policies, catalog, &settings) {
             // The set names a table created since the catalog was read: read it again.
-            Err(StartError::Mismatch(_)) => load_engine_with(client, &proxy.settings).await,
+            Err(StartError::Mismatch(_)) => load_engine_with(client, &settings).await,
             other => other,
         }
     };
@@ -454,7 +605,9 @@ pub async fn serve(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let slots = Arc::new(Semaphore::new(proxy.settings.max_clients));
+    // Clients admitted and not yet gone; only this loop admits, so the check below holds
+    // (`max_clients` is read at every accept: a reload changes it for the next client).
+    let admitted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     tracing::info!(addr = %listener.local_addr()?, "listening");
     loop {
         let (tcp, peer) = tokio::select! {
@@ -469,11 +622,17 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return Ok(()),
         };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            proxy.metrics.clients_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if admitted.load(std::sync::atomic::Ordering::Acquire) >= proxy.current().max_clients {
+            let refused = proxy.metrics.clients_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            // Reported, but not once per client of a flood (the metric counts them all).
+            if refused == 1 || refused.is_multiple_of(100) {
+                tracing::warn!(limit = proxy.current().max_clients, refused, "client refused: max_clients reached");
+            }
             tokio::spawn(refuse_too_many(tcp));
             continue;
-        };
+        }
+        admitted.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let slot = ClientSlot(Arc::clone(&admitted));
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
             use std::sync::atomic::Ordering::Relaxed;
@@ -481,8 +640,17 @@ pub async fn serve(
             proxy.metrics.clients_current.fetch_add(1, Relaxed);
             crate::session::serve(Arc::clone(&proxy), tcp, peer).await;
             proxy.metrics.clients_current.fetch_sub(1, Relaxed);
-            drop(permit);
+            drop(slot);
         });
+    }
+}
+
+/// An admitted client's place under `max_clients`, given back when its task ends (or panics).
+struct ClientSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

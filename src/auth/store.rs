@@ -193,16 +193,24 @@ const MAX_CACHE_ENTRIES: usize = 100_000;
 pub struct KeyStore {
     db: AdminDb,
     cache: DashMap<KeyHash, Cached>,
-    ttl: Duration,
+    /// The cache TTL in milliseconds (a reload may change it).
+    ttl_ms: std::sync::atomic::AtomicU64,
 }
 
 impl KeyStore {
     pub fn new(admin_url: String, ttl: Duration) -> KeyStore {
-        KeyStore { db: AdminDb::new(admin_url), cache: DashMap::new(), ttl }
+        let ttl_ms = std::sync::atomic::AtomicU64::new(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        KeyStore { db: AdminDb::new(admin_url), cache: DashMap::new(), ttl_ms }
     }
 
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        Duration::from_millis(self.ttl_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// A new TTL for lookups from now on (`key_cache_ttl_secs` reloaded).
+    pub fn set_ttl(&self, ttl: Duration) {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        self.ttl_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn admin(&self) -> &AdminDb {
@@ -212,12 +220,12 @@ impl KeyStore {
     /// Resolve a key hash, from the cache while it is fresh, else from the table.
     pub async fn lookup(&self, hash: &KeyHash) -> Result<KeyStatus, StoreError> {
         let now = SystemTime::now();
-        if let Some(c) = self.cache.get(hash).filter(|c| c.fetched.elapsed() < self.ttl) {
+        let ttl = self.ttl();
+        if let Some(c) = self.cache.get(hash).filter(|c| c.fetched.elapsed() < ttl) {
             return Ok(evaluate(c.record.as_ref(), now));
         }
         let record = self.fetch(hash).await?.map(Arc::new);
         if self.cache.len() >= MAX_CACHE_ENTRIES {
-            let ttl = self.ttl;
             self.cache.retain(|_, c| c.fetched.elapsed() < ttl);
         }
         let status = evaluate(record.as_ref(), now);
@@ -359,6 +367,19 @@ pub struct KeyListing {
     pub last_used_at: Option<SystemTime>,
 }
 
+impl KeyListing {
+    /// `active`, `revoked` or `expired` at `now`.
+    pub fn state(&self, now: SystemTime) -> &'static str {
+        if self.revoked_at.is_some() {
+            "revoked"
+        } else if self.expires_at.is_some_and(|e| e <= now) {
+            "expired"
+        } else {
+            "active"
+        }
+    }
+}
+
 pub async fn list_keys(client: &Client) -> Result<Vec<KeyListing>, StoreError> {
     let rows = client
         .query(
@@ -398,6 +419,14 @@ pub async fn revoke_key(client: &Client, selector: &str) -> Result<u64, StoreErr
             &[&id, &selector],
         )
         .await?)
+}
+
+/// Revoke the key with this id (the dashboard's action). Returns whether it was active.
+pub async fn revoke_id(client: &Client, id: i64) -> Result<bool, StoreError> {
+    let n = client
+        .execute("UPDATE struere.api_keys SET revoked_at = now() WHERE revoked_at IS NULL AND id = $1", &[&id])
+        .await?;
+    Ok(n > 0)
 }
 
 /// Revoke exactly the keys with these hashes (what a process that created them, like the demo,

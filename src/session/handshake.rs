@@ -161,7 +161,7 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
     let key_prefix = display_prefix(presented);
     tracing::Span::current().record("key", key_prefix.as_str());
     let record = match proxy.keys.lookup(&key_hash).await {
-        Ok(KeyStatus::Valid(r)) if r.caller.is_operator() && !proxy.settings.operator_keys => {
+        Ok(KeyStatus::Valid(r)) if r.caller.is_operator() && !proxy.current().operator_keys => {
             Err("operator key presented but operator keys are disabled")
         }
         Ok(KeyStatus::Valid(r)) => Ok(r),
@@ -210,14 +210,12 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
         return Err(SessionEnd::fatal(SqlState::INVALID_AUTHORIZATION, crate::server::PRODUCTION_REFUSED).into());
     }
     proxy.keys.touch(record.id);
-    let Some(key_slot) = proxy.take_key_slot(record.id) else {
-        tracing::warn!(limit = proxy.settings.max_connections_per_key, "key refused: too many sessions");
+    let Some(key_slot) = proxy.take_key_slot(&record, peer) else {
+        let limit = proxy.current().max_connections_per_key;
+        tracing::warn!(limit, "key refused: too many sessions");
         return Err(SessionEnd::fatal(
             SqlState::TOO_MANY_CONNECTIONS,
-            format!(
-                "too many connections for this key (max_connections_per_key = {})",
-                proxy.settings.max_connections_per_key
-            ),
+            format!("too many connections for this key (max_connections_per_key = {limit})"),
         )
         .into());
     };
@@ -249,7 +247,7 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
         Some(conn) => conn,
         None => {
             proxy.pool.connected();
-            upstream::connect(target, &database, &params, proxy.settings.connect_timeout)
+            upstream::connect(target, &database, &params, proxy.current().connect_timeout)
                 .await
                 .map_err(upstream_failure)?
         }

@@ -28,7 +28,7 @@ pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let span = tracing::info_span!("conn", %peer, user = tracing::field::Empty, key = tracing::field::Empty);
     async move {
-        let client = ClientConn::new(ClientStream::Plain(tcp), proxy.settings.max_message_size);
+        let client = ClientConn::new(ClientStream::Plain(tcp), proxy.current().max_message_size);
         let result = run(&proxy, client, peer).await;
         match result {
             Ok(()) | Err(SessionEnd::ClientClosed) => tracing::debug!("connection closed"),
@@ -41,7 +41,7 @@ pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
 
 async fn run(proxy: &Arc<Proxy>, client: ClientConn, peer: SocketAddr) -> Result<(), SessionEnd> {
     // The startup phase has a deadline, so idle half-open connections cannot pile up.
-    let handshake = tokio::time::timeout(proxy.settings.connect_timeout * 3, handshake::run(proxy, client, peer));
+    let handshake = tokio::time::timeout(proxy.current().connect_timeout * 3, handshake::run(proxy, client, peer));
     match handshake.await {
         Err(_) => Err(SessionEnd::fatal(SqlState::PROTOCOL_VIOLATION, "startup timed out")),
         Ok(Ok(Outcome::Session(est))) => relay::run(proxy, *est).await,

@@ -122,7 +122,7 @@ fn read_banner(child: &mut std::process::Child) -> Banner {
         }
         match line.split_once(' ') {
             Some(("KEY", rest)) => banner.keys.push(rest.split(' ').map(str::to_owned).collect::<Vec<_>>()),
-            Some((k @ ("UPSTREAM" | "LISTEN" | "ADMIN" | "OPERATOR"), v)) => {
+            Some((k @ ("UPSTREAM" | "LISTEN" | "ADMIN" | "ADMIN_TOKEN" | "OPERATOR"), v)) => {
                 banner.values.insert(k.to_owned(), v.to_owned());
             }
             _ => banner.commands.push(line),
@@ -136,6 +136,9 @@ fn demo_prints_keys_serves_and_cleans_up() {
     let mut child =
         bin().args(["demo", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let Banner { values: banner, keys, commands } = read_banner(&mut child);
+    assert!(banner["ADMIN"].starts_with("http://127.0.0.1:"), "{banner:?}");
+    let token = &banner["ADMIN_TOKEN"];
+    assert!(token.starts_with("adm_") && token.len() > 30, "the dashboard's token: {token}");
     // One key per role × organization × environment: `<env> <org> <role> <type>:<id> <key>`.
     assert!(keys.iter().all(|k| k.len() == 5), "{keys:?}");
     for env in ["development", "production"] {
@@ -283,6 +286,7 @@ fn keys_and_masked_values_never_reach_the_log() {
     assert!(child.wait().unwrap().success());
     let text = std::fs::read_to_string(log.path()).unwrap();
     assert!(text.contains("statement"), "the log has the per-statement events: {text}");
+    assert!(!text.contains(&banner.values["ADMIN_TOKEN"][4..]), "the admin token reached the log");
     for k in banner.keys.iter().map(|k| &k[4]).chain([&banner.values["OPERATOR"], &bad_key]) {
         // At most the display prefix (sk_xxx_ + 6 characters) of a key is logged.
         let secret_part = &k[k.len() - 40..];
@@ -290,4 +294,60 @@ fn keys_and_masked_values_never_reach_the_log() {
     }
     assert!(!text.contains("SESSION-PHONE-acme"), "a row value reached the log");
     assert!(!text.contains("NOTES-"), "a row value reached the log");
+}
+
+#[test]
+fn json_logs_carry_the_connection_and_statement_spans_and_no_secret() {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = bin()
+        .env("STRUERE_LOG", "debug")
+        .env("STRUERE_LOG_FORMAT", "json")
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let banner = read_banner(&mut child);
+    let listen = &banner.values["LISTEN"];
+    let psql = banner.commands.first().unwrap().split_once(' ').unwrap().0.to_owned();
+    let teacher = banner.keys.iter().find(|k| k[0] == "development" && k[2] == "teacher").unwrap();
+    let out = Command::new(&psql)
+        .arg(format!("postgres://t:{}@{listen}/app?sslmode=require", teacher[4]))
+        .args(["-X", "-A", "-t", "-c", "SELECT data FROM entities"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    send_sigint(child.id());
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    // Log lines are JSON; the demo's own messages to the person running it (`eprintln!`) are not logs.
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    assert!(lines.len() > 10, "{text}");
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()));
+    // A statement's lines carry both spans' fields: the connection (peer, key prefix) and the statement.
+    let in_statement = lines
+        .iter()
+        .find(|l| l["spans"].as_array().is_some_and(|s| s.iter().any(|s| s["name"] == "statement")))
+        .unwrap_or_else(|| panic!("no line inside a statement span:\n{text}"));
+    let conn = in_statement["spans"].as_array().unwrap().iter().find(|s| s["name"] == "conn").expect("conn span");
+    assert!(conn["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")), "{conn}");
+    let prefix = &teacher[4][..13];
+    assert_eq!(conn["key"].as_str(), Some(prefix), "{conn}");
+    // Never a key, the admin token, the upstream password or a masked value.
+    let upstream_password = banner.values["UPSTREAM"].split_once("://").unwrap().1.split_once('@').unwrap().0;
+    let upstream_password = upstream_password.split_once(':').map(|(_, p)| p).unwrap_or("");
+    assert!(upstream_password.len() > 8, "{}", banner.values["UPSTREAM"]);
+    for secret in banner
+        .keys
+        .iter()
+        .map(|k| &k[4][k[4].len() - 40..])
+        .chain([&banner.values["ADMIN_TOKEN"][4..], upstream_password])
+    {
+        assert!(!text.contains(secret), "a secret reached the JSON log");
+    }
+    assert!(!text.contains("SESSION-PHONE-acme") && !text.contains("NOTES-"), "a row value reached the log");
 }

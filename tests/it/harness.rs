@@ -20,6 +20,8 @@ pub struct Fixture {
     pub dev_key: String,
     pub prod_key: String,
     pub operator_key: String,
+    /// The admin dashboard's operator token (the demo makes one).
+    pub admin_token: String,
     pub admin_url: String,
     pub settings: Settings,
     pub psql: PathBuf,
@@ -65,6 +67,7 @@ fn build_fixture() -> Fixture {
             dev_key: demo.dev_key.clone(),
             prod_key: demo.prod_key.clone(),
             operator_key: demo.operator_key.clone(),
+            admin_token: demo.admin_token.clone(),
             admin_url: demo.admin_url.clone(),
             settings: demo.proxy.proxy.settings.clone(),
             psql: demo.psql.clone(),
