@@ -123,6 +123,12 @@ pub struct RawConfig {
     pub max_rewrite_ms: Option<u64>,
     /// On SIGTERM/SIGINT, how long running statements and transactions may take to finish.
     pub shutdown_timeout_secs: Option<u64>,
+    /// A client idle outside a transaction this long is disconnected (57P05); 0: never.
+    pub idle_session_timeout_secs: Option<u64>,
+    /// A client idle inside a transaction this long is disconnected (25P03); 0: never.
+    pub idle_transaction_timeout_secs: Option<u64>,
+    /// A statement running this long is cancelled (57014); 0: never.
+    pub statement_timeout_ms: Option<u64>,
     /// Operator token of the admin dashboard (`Authorization: Bearer …` or its login form);
     /// the dashboard is refused while it is unset. Never a tenant key.
     pub admin_token: Option<String>,
@@ -165,6 +171,9 @@ impl RawConfig {
             max_connections_per_key: over.max_connections_per_key.or(self.max_connections_per_key),
             max_rewrite_ms: over.max_rewrite_ms.or(self.max_rewrite_ms),
             shutdown_timeout_secs: over.shutdown_timeout_secs.or(self.shutdown_timeout_secs),
+            idle_session_timeout_secs: over.idle_session_timeout_secs.or(self.idle_session_timeout_secs),
+            idle_transaction_timeout_secs: over.idle_transaction_timeout_secs.or(self.idle_transaction_timeout_secs),
+            statement_timeout_ms: over.statement_timeout_ms.or(self.statement_timeout_ms),
             admin_token: over.admin_token.or(self.admin_token),
             log_level: over.log_level.or(self.log_level),
         }
@@ -206,6 +215,7 @@ pub struct Settings {
     pub max_connections_per_key: usize,
     pub max_rewrite_time: Duration,
     pub shutdown_timeout: Duration,
+    pub timeouts: SessionTimeouts,
     /// TLS is required because the listen address is not loopback and nothing else was
     /// configured: without a certificate, the proxy makes a self-signed one at start.
     pub tls_self_signed: bool,
@@ -213,6 +223,15 @@ pub struct Settings {
     pub admin_token: Option<String>,
     /// The log filter directives in force (`logging.rs`).
     pub log_level: String,
+}
+
+/// Limits on how long a client session may sit idle or a statement may run (`None`: no limit).
+/// The proxy enforces them itself, so a client's own `SET statement_timeout` cannot lift them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SessionTimeouts {
+    pub idle_session: Option<Duration>,
+    pub idle_transaction: Option<Duration>,
+    pub statement: Option<Duration>,
 }
 
 /// Session pooling: what to keep warm, and for how long.
@@ -322,6 +341,11 @@ impl Settings {
             max_connections_per_key: raw.max_connections_per_key.unwrap_or(100).max(1),
             max_rewrite_time: Duration::from_millis(raw.max_rewrite_ms.unwrap_or(2_000).max(1)),
             shutdown_timeout: Duration::from_secs(raw.shutdown_timeout_secs.unwrap_or(30)),
+            timeouts: SessionTimeouts {
+                idle_session: raw.idle_session_timeout_secs.filter(|&n| n > 0).map(Duration::from_secs),
+                idle_transaction: raw.idle_transaction_timeout_secs.filter(|&n| n > 0).map(Duration::from_secs),
+                statement: raw.statement_timeout_ms.filter(|&n| n > 0).map(Duration::from_millis),
+            },
             tls_self_signed,
             admin_token: raw.admin_token,
             log_level,
@@ -362,6 +386,7 @@ impl Settings {
             max_message_size,
             connect_timeout,
             shutdown_timeout,
+            timeouts,
             operator_keys,
             allow_unsafe_upstream_role,
             allow_functions
@@ -398,6 +423,7 @@ impl Settings {
             max_message_size: new.max_message_size,
             connect_timeout: new.connect_timeout,
             shutdown_timeout: new.shutdown_timeout,
+            timeouts: new.timeouts,
             operator_keys: new.operator_keys,
             allow_unsafe_upstream_role: new.allow_unsafe_upstream_role,
             allow_functions: new.allow_functions.clone(),

@@ -122,6 +122,8 @@ pub struct StatementLog {
     segment_start: Option<Instant>,
     /// Start times of the segments sent and not yet answered.
     segments: VecDeque<Instant>,
+    /// When the server last answered a segment (ReadyForQuery).
+    last_answer: Option<Instant>,
 }
 
 impl StatementLog {
@@ -134,6 +136,17 @@ impl StatementLog {
     /// the last one (an unsynced extended-protocol message leaves the server mid-exchange).
     pub fn quiescent(&self) -> bool {
         self.sent == self.seen && self.segment_start.is_none()
+    }
+
+    /// Since when something has been in flight (the oldest unanswered segment, or messages
+    /// sent since the last boundary); `None` while quiescent.
+    pub fn busy_since(&self) -> Option<Instant> {
+        self.segments.front().copied().or(self.segment_start)
+    }
+
+    /// When the server last answered (`None`: not yet in this session).
+    pub fn last_answer(&self) -> Option<Instant> {
+        self.last_answer
     }
 
     /// A message the server answers with exactly one ReadyForQuery (Query, Sync, FunctionCall)
@@ -189,6 +202,7 @@ impl StatementLog {
     /// server took to answer the segment.
     pub fn ready(&mut self) -> (Vec<Event>, Duration) {
         self.seen += 1;
+        self.last_answer = Some(Instant::now());
         let took = self.segments.pop_front().map_or(Duration::ZERO, |s| s.elapsed());
         let mut done = Vec::new();
         while self.open.front().is_some_and(|o| o.closes_at <= self.seen) {

@@ -78,9 +78,35 @@ pub struct Metrics {
     pub statements_prepared: AtomicU64,
     /// Executions that bound values to a statement prepared before on the same connection.
     pub statements_reused: AtomicU64,
+    /// Session limits hit: idle session, idle in transaction, statement (`SessionLimit`).
+    timeouts: [AtomicU64; 3],
+}
+
+/// A session limit the proxy enforces (`config::SessionTimeouts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionLimit {
+    IdleSession,
+    IdleTransaction,
+    Statement,
+}
+
+impl SessionLimit {
+    const ALL: [SessionLimit; 3] = [SessionLimit::IdleSession, SessionLimit::IdleTransaction, SessionLimit::Statement];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionLimit::IdleSession => "idle_session",
+            SessionLimit::IdleTransaction => "idle_in_transaction",
+            SessionLimit::Statement => "statement",
+        }
+    }
 }
 
 impl Metrics {
+    pub fn timeout(&self, limit: SessionLimit) {
+        self.timeouts[limit as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn statement(&self, env: Option<Environment>, verdict: crate::events::Verdict) {
         let v = match verdict {
             crate::events::Verdict::Allowed => 0,
@@ -126,6 +152,15 @@ pub fn render(proxy: &crate::server::Proxy) -> String {
         get(&m.clients_refused),
     );
     line(&mut out, "struere_auth_failures_total", "counter", "Failed key authentications.", get(&m.auth_failures));
+    let _ = writeln!(
+        out,
+        "# HELP struere_timeouts_total Session limits hit (idle_session_timeout_secs, idle_transaction_timeout_secs, \
+         statement_timeout_ms).\n# TYPE struere_timeouts_total counter"
+    );
+    for limit in SessionLimit::ALL {
+        let _ =
+            writeln!(out, "struere_timeouts_total{{kind=\"{}\"}} {}", limit.as_str(), get(&m.timeouts[limit as usize]));
+    }
     line(
         &mut out,
         "struere_upstream_statements_prepared_total",

@@ -1,5 +1,6 @@
 //! Fuzz the wire framing (`split_frontend`, `split_backend`, `split_startup`) and the decoders that
 //! are handed the frames it splits off (`decode_query`, `decode_parse`, `decode_password`,
+//! `decode_bind_names`, `decode_target`,
 //! `parse_error_fields`, `parse_parameter_status`).
 //!
 //! Input layout (3 header bytes, then the byte stream):
@@ -189,6 +190,23 @@ fn decode_checks(f: &Frame) {
             assert_eq!(&out[..], &f.raw[..], "Parse does not round-trip");
         }
     }
+    if let Ok(b) = frontend::decode_bind_names(body) {
+        assert!(!b.portal.contains('\0') && !b.statement.contains('\0'));
+        if f.tag == b'B' {
+            // Renaming the statement keeps everything else byte for byte.
+            let mut out = BytesMut::new();
+            frontend::encode_bind_renamed(&mut out, &b, b.statement);
+            assert_eq!(&out[..], &f.raw[..], "Bind does not round-trip");
+        }
+    }
+    if let Ok((kind, name)) = frontend::decode_target("Describe", body) {
+        assert!((kind == b'S' || kind == b'P') && !name.contains('\0'));
+        if f.tag == b'D' || f.tag == b'C' {
+            let mut out = BytesMut::new();
+            frontend::encode_target(&mut out, f.tag, kind, name);
+            assert_eq!(&out[..], &f.raw[..], "Describe/Close does not round-trip");
+        }
+    }
     let fields = backend::parse_error_fields(body);
     if let Some((name, value)) = backend::parse_parameter_status(body) {
         assert!(!name.contains('\0') && !value.contains('\0'));
@@ -232,6 +250,8 @@ fuzz_target!(|input: &[u8]| {
                 let _ = frontend::decode_query(body);
                 let _ = frontend::decode_parse(body);
                 let _ = frontend::decode_password(body);
+                let _ = frontend::decode_bind_names(body);
+                let _ = frontend::decode_target("Close", body);
                 let _ = backend::parse_error_fields(body);
                 let _ = backend::parse_parameter_status(body);
             }

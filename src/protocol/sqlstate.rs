@@ -14,6 +14,9 @@ impl SqlState {
     pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
     pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
+    pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = SqlState("25P03");
+    pub const QUERY_CANCELED: SqlState = SqlState("57014");
     pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
     pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");

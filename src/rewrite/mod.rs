@@ -101,6 +101,13 @@ pub struct Bound {
     pub values: Vec<String>,
 }
 
+/// `value` as a SQL string literal, quoted by the printer (for checks of `Bound` forms).
+pub fn string_literal(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    printer::push_string_literal(&mut out, value);
+    out
+}
+
 /// Why a text is not forwarded. The message is for humans (it names what was refused and why)
 /// and never contains values the proxy itself adds.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -19,8 +20,11 @@ use tracing::Instrument;
 use crate::auth::api_key::KeyHash;
 use crate::auth::identity::{ActorContext, Caller};
 use crate::auth::store::KeyStatus;
+use crate::cancel::CancelTarget;
+use crate::config::SessionTimeouts;
 use crate::error::SessionEnd;
 use crate::events::{Event, StatementLog, Usage, UsageKey, Verdict};
+use crate::metrics::SessionLimit;
 use crate::net::stream::ClientStream;
 use crate::protocol::backend::parse_error_fields;
 use crate::protocol::backend::{self, Severity, parse_parameter_status};
@@ -48,6 +52,9 @@ struct Book {
     open_unit: Synthetic,
     /// Added messages of each round trip sent and not yet answered with ReadyForQuery.
     units: VecDeque<Synthetic>,
+    /// The proxy cancelled the running statement (`statement_timeout_ms`): the server's 57014
+    /// for it is reported as a statement timeout.
+    timed_out: bool,
 }
 
 impl Book {
@@ -96,6 +103,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         prepared: UpstreamStatements::default(),
         open_unit: Synthetic::default(),
         units: VecDeque::new(),
+        timed_out: false,
     }));
 
     let mut inbound = ClientToUpstream {
@@ -126,6 +134,9 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         tracker: Arc::clone(&tracker),
         usage: UsageKey::of(&caller, &key_prefix),
         last_status: transaction_status,
+        cancel_target: proxy.cancels.resolve(cancel.pid, cancel.secret),
+        started: Instant::now(),
+        cancel_sent: false,
     };
     // Ok(true): the client sent Terminate, which was kept from the (pooled) upstream.
     let result = {
@@ -245,6 +256,8 @@ impl ClientToUpstream<'_> {
         match frame.tag {
             b'Q' => {
                 let sql = decode_query(&frame.body)?;
+                // A simple Query ends the unnamed statement (as the server does).
+                self.unnamed = None;
                 lock(&self.tracker).boundary_sent();
                 match self.caller {
                     Caller::Operator => {
@@ -255,8 +268,6 @@ impl ClientToUpstream<'_> {
                     Caller::Environment(actor) => match self.rewrite(sql, actor) {
                         Ok(rw) => {
                             self.decided(self.rewritten(&rw), true);
-                            // A simple Query ends the unnamed statement (as the server does).
-                            self.unnamed = None;
                             if statements::forgets_statements(&rw.statement_kinds) {
                                 lock(&self.tracker).prepared.clear();
                             }
@@ -528,6 +539,23 @@ impl ClientToUpstream<'_> {
     }
 }
 
+/// The server's 57014 for a statement the proxy cancelled, told as what it was.
+fn timed_out_error(body: &[u8]) -> Option<Bytes> {
+    let fields = parse_error_fields(body);
+    if fields.code != SqlState::QUERY_CANCELED.code() {
+        return None;
+    }
+    let mut out = BytesMut::new();
+    backend::error_response(
+        &mut out,
+        Severity::Error,
+        SqlState::QUERY_CANCELED,
+        "canceling statement due to statement timeout (the proxy's statement_timeout_ms)",
+        None,
+    );
+    Some(out.freeze())
+}
+
 /// A client's statement or portal name in the proxy's reserved namespace.
 fn reserved_name(name: &str) -> Refusal {
     Refusal::Denied(format!(
@@ -583,6 +611,11 @@ struct UpstreamToClient<'a> {
     usage: UsageKey,
     /// The transaction status of the last ReadyForQuery.
     last_status: u8,
+    /// Where a statement that outlives `statement_timeout_ms` is cancelled.
+    cancel_target: Option<CancelTarget>,
+    started: Instant,
+    /// The statement in flight was cancelled for its timeout (until the next ReadyForQuery).
+    cancel_sent: bool,
 }
 
 impl UpstreamToClient<'_> {
@@ -605,7 +638,10 @@ impl UpstreamToClient<'_> {
             if draining && self.last_status == b'I' && lock(&self.tracker).statements.quiescent() {
                 return Err(shutting_down());
             }
+            let limit = self.next_limit();
+            let deadline = limit.map_or_else(tokio::time::Instant::now, |(at, _)| at.into());
             tokio::select! {
+                () = tokio::time::sleep_until(deadline), if limit.is_some() => self.limit_reached()?,
                 n = read_more(&mut self.reader, &mut self.buf) => {
                     if n? == 0 {
                         return Err(SessionEnd::fatal(
@@ -623,6 +659,76 @@ impl UpstreamToClient<'_> {
                     },
                     Err(_) => drain_open = false,
                 },
+            }
+        }
+    }
+
+    /// The next session limit due (`config::SessionTimeouts`): while something is in flight,
+    /// the statement timeout from its start; while idle, the idle or idle-in-transaction
+    /// timeout from the server's last answer.
+    fn next_limit(&self) -> Option<(Instant, SessionLimit)> {
+        let limits = self.proxy.current().timeouts;
+        if limits == SessionTimeouts::default() {
+            return None;
+        }
+        let book = lock(&self.tracker);
+        if let Some(since) = book.statements.busy_since() {
+            let limit = limits.statement.filter(|_| !self.cancel_sent && self.cancel_target.is_some())?;
+            return Some((since + limit, SessionLimit::Statement));
+        }
+        let since = book.statements.last_answer().unwrap_or(self.started);
+        match self.last_status {
+            b'I' => limits.idle_session.map(|d| (since + d, SessionLimit::IdleSession)),
+            _ => limits.idle_transaction.map(|d| (since + d, SessionLimit::IdleTransaction)),
+        }
+    }
+
+    /// A limit's deadline passed: act if it still holds (the client may have sent something
+    /// meanwhile, which the other direction does not announce).
+    fn limit_reached(&mut self) -> Result<(), SessionEnd> {
+        let Some((at, limit)) = self.next_limit() else { return Ok(()) };
+        if at > Instant::now() {
+            return Ok(());
+        }
+        self.proxy.metrics.timeout(limit);
+        let limits = self.proxy.current().timeouts;
+        let secs = |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_secs());
+        match limit {
+            SessionLimit::IdleSession => {
+                tracing::info!(limit = limit.as_str(), "session limit reached: disconnecting");
+                Err(SessionEnd::fatal(
+                    SqlState::IDLE_SESSION_TIMEOUT,
+                    format!(
+                        "terminating connection due to idle-session timeout (the proxy's idle_session_timeout_secs is {})",
+                        secs(limits.idle_session)
+                    ),
+                ))
+            }
+            SessionLimit::IdleTransaction => {
+                tracing::info!(limit = limit.as_str(), "session limit reached: disconnecting");
+                Err(SessionEnd::fatal(
+                    SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
+                    format!(
+                        "terminating connection due to idle-in-transaction timeout (the proxy's \
+                         idle_transaction_timeout_secs is {})",
+                        secs(limits.idle_transaction)
+                    ),
+                ))
+            }
+            SessionLimit::Statement => {
+                tracing::info!(limit = limit.as_str(), "session limit reached: cancelling the running statement");
+                self.cancel_sent = true;
+                lock(&self.tracker).timed_out = true;
+                if let Some(t) = self.cancel_target.clone() {
+                    tokio::spawn(async move {
+                        if let Err(e) =
+                            crate::upstream::send_cancel(&t.upstream, t.upstream_pid, t.upstream_secret).await
+                        {
+                            tracing::warn!(error = %e, "statement timeout: cancel request failed");
+                        }
+                    });
+                }
+                Ok(())
             }
         }
     }
@@ -679,7 +785,15 @@ impl UpstreamToClient<'_> {
             let action = tracker.refusals.on_backend(frame.tag, &frame.body);
             if frame.tag == b'Z' {
                 tracker.units.pop_front();
+                tracker.timed_out = false;
+                self.cancel_sent = false;
             }
+            let action = match action {
+                BackendAction::Forward if frame.tag == b'E' && tracker.timed_out => {
+                    timed_out_error(&frame.body).map_or(BackendAction::Forward, BackendAction::Replace)
+                }
+                other => other,
+            };
             if frame.tag == b'E' {
                 tracker.answer_failed();
                 let (fields, ours) = match &action {

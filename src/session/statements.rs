@@ -25,6 +25,10 @@ pub const NAME_PREFIX: &str = "__struere_s";
 
 /// At most this many statements per upstream connection (each holds a plan in the backend).
 const MAX_STATEMENTS: usize = 64;
+/// At most this many statements prepared in one session in all: a client's DISCARD empties the
+/// map even when it fails (in a transaction block), so the per-connection bound alone could be
+/// walked around by a client repeating failed DISCARDs.
+const MAX_PREPARED_PER_SESSION: u64 = 1024;
 
 /// The statement kinds worth preparing (a plan to reuse; no catalog change).
 pub fn preparable(kinds: &[String]) -> bool {
@@ -87,7 +91,7 @@ impl UpstreamStatements {
             entry.trusted = true;
             return Some(Use::Prepare { name: Arc::clone(&entry.name), close: Some(close) });
         }
-        if self.count >= MAX_STATEMENTS {
+        if self.count >= MAX_STATEMENTS || self.next >= MAX_PREPARED_PER_SESSION {
             return None;
         }
         let name = fresh_name(&mut self.next);
@@ -192,6 +196,15 @@ mod tests {
         assert!(matches!(s.use_for("SELECT 0", &[]), Some(Use::Existing(_))), "known texts still bind");
         s.clear();
         assert!(matches!(s.use_for("SELECT 0", &[]), Some(Use::Prepare { close: None, .. })));
+        // However often the map is emptied, a session prepares a bounded number in all.
+        let mut prepared = 0;
+        for round in 0..40 {
+            s.clear();
+            for i in 0..MAX_STATEMENTS {
+                prepared += u64::from(s.use_for(&format!("SELECT {round}, {i}"), &[]).is_some());
+            }
+        }
+        assert!(prepared < MAX_PREPARED_PER_SESSION, "{prepared}");
     }
 
     #[test]

@@ -79,8 +79,13 @@ impl Raw {
 
     /// Start up and authenticate with the dev key; read through the first ReadyForQuery.
     pub(crate) async fn session() -> Raw {
+        Raw::session_at(fixture().addr).await
+    }
+
+    /// `session` with the proxy at `addr`.
+    pub(crate) async fn session_at(addr: std::net::SocketAddr) -> Raw {
         let f = fixture();
-        let mut s = Raw::connect().await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(&startup_packet(0, &[("user", "raw"), ("database", "app")])).await.unwrap();
         let mut raw = Raw { s, buf: Vec::new(), pid: 0, secret: 0 };
         let r = raw.until(|m| m.0 == b'R').await;
@@ -93,7 +98,7 @@ impl Raw {
         raw
     }
 
-    async fn until(&mut self, stop: impl Fn(&(u8, Vec<u8>)) -> bool) -> Vec<(u8, Vec<u8>)> {
+    pub(crate) async fn until(&mut self, stop: impl Fn(&(u8, Vec<u8>)) -> bool) -> Vec<(u8, Vec<u8>)> {
         let mut chunk = [0u8; 65536];
         loop {
             let msgs = split(&self.buf);

@@ -16,6 +16,7 @@ mod harness;
 mod hostile;
 mod isolation;
 mod lifecycle;
+mod limits;
 mod plans;
 mod pool;
 mod prepared;

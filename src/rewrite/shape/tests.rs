@@ -78,11 +78,10 @@ fn assert_bound_is_the_rewrite(rw: &crate::rewrite::Rewritten) {
     let mut text = b.sql.to_string();
     // Highest first, so that `$1` never matches the start of `$12`.
     for k in (0..b.values.len()).rev() {
-        let mut literal = String::new();
-        match b.types[k] {
-            0 => crate::rewrite::printer::push_string_literal(&mut literal, &b.values[k]),
-            _ => literal.push_str(&b.values[k]),
-        }
+        let literal = match b.types[k] {
+            0 => crate::rewrite::string_literal(&b.values[k]),
+            _ => b.values[k].clone(),
+        };
         let marker = format!("${}", k + 1);
         assert_eq!(text.matches(&marker).count(), 1, "{marker} once in {}", b.sql);
         text = text.replacen(&marker, &literal, 1);
