@@ -11,7 +11,7 @@ Everything runs on a throwaway PostgreSQL cluster this script starts (initdb + p
    `struere-proxy demo --upstream <owner URL>` loads the demo domain into the same database and
    serves it, deploying benches/pgbench-policies (the demo's policies + the pgbench tables and a
    `bench` role); its `KEY development acme bench …` key is the proxy target. Audit events stay
-   on (event_store = all, logged at info to a file), as in production.
+   on (event_store = all; the log at info, to a file), as in production.
 2. Throughput: pgbench -n -S -T SECONDS -j 2 at -c 1, 8, 32 for -M simple, extended, prepared,
    and -C (new connection per transaction) at 8 clients; targets run interleaved (direct,
    PgBouncer transaction mode, PgBouncer session mode, proxy; REPS times), medians reported with
@@ -233,7 +233,7 @@ logfile = {d}/pgbouncer.log
 class Proxy:
     def __init__(self, cluster, config_path, logfile):
         env = dict(os.environ)
-        env.pop("STRUERE_LOG", None)  # info: every audit event is also logged, as in production
+        env.pop("STRUERE_LOG", None)  # info, as in production (refusals logged; every decision in struere.events)
         self.logfile = logfile
         self.log = open(logfile, "a")
         self.proc = subprocess.Popen(
@@ -526,7 +526,7 @@ def print_throughput(args, results):
         print(f"| {label} | {pct(pc)} | {pt * 1e6:.1f} | {pct(tx)} | {pct(se)} | {events} / {proxy_txns:,} | {upstream} |")
     print("\nevents: struere.events during the cell: rows, and the decisions they hold (one decision per Query or "
           "Parse message: -M prepared parses once per connection; identical decisions of one flush share a row). "
-          "The proxy also logs every event at info (to a file).")
+          "The proxy logs at info to a file (refusals; forwarded statements are logged at debug).")
     for label, *_, problems in results:
         if problems:
             print(f"\nproxy log WARN/ERROR lines during {label} ({len(problems)}), first 3:")

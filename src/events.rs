@@ -285,26 +285,36 @@ impl EventSink {
         self.tx.max_capacity().saturating_sub(self.tx.capacity())
     }
 
-    /// Log the event and queue it for the database, never blocking the session.
+    /// Log the event and queue it for the database, never blocking the session. Refusals are
+    /// logged at info; forwarded statements at debug (every one is in `struere.events`; a line
+    /// per statement at info would be the proxy's largest cost at high rates).
     pub fn record(&self, e: Event) {
         let env = e.environment.map_or("operator", |e| e.as_str());
-        tracing::info!(
-            target: "struere_proxy::events",
-            environment = env,
-            organization = e.organization.as_deref().unwrap_or(""),
-            key = %e.key_prefix,
-            actor = e.actor.as_deref().unwrap_or(""),
-            roles = ?e.roles,
-            kinds = ?e.kinds,
-            tables = ?e.tables,
-            verdict = e.verdict.as_str(),
-            reason = e.reason.as_deref().unwrap_or(""),
-            policy = e.policy_version.as_deref().unwrap_or(""),
-            sql_hash = e.sql_hash.as_deref().unwrap_or(""),
-            rows = e.rows,
-            duration_us = e.duration.as_micros() as u64,
-            "statement"
-        );
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "struere_proxy::events",
+                    environment = env,
+                    organization = e.organization.as_deref().unwrap_or(""),
+                    key = %e.key_prefix,
+                    actor = e.actor.as_deref().unwrap_or(""),
+                    roles = ?e.roles,
+                    kinds = ?e.kinds,
+                    tables = ?e.tables,
+                    verdict = e.verdict.as_str(),
+                    reason = e.reason.as_deref().unwrap_or(""),
+                    policy = e.policy_version.as_deref().unwrap_or(""),
+                    sql_hash = e.sql_hash.as_deref().unwrap_or(""),
+                    rows = e.rows,
+                    duration_us = e.duration.as_micros() as u64,
+                    "statement"
+                )
+            };
+        }
+        match e.verdict {
+            Verdict::Refused => line!(info),
+            Verdict::Allowed | Verdict::Rewritten => line!(debug),
+        }
         let stored = match self.store {
             crate::config::EventStore::All => true,
             crate::config::EventStore::Refused => e.verdict == Verdict::Refused,
