@@ -150,7 +150,7 @@ fuzz_target!(|data: &[u8]| {
 /// put back as literals (through the printer's quoting) it is the filled text.
 fn check_bound(b: &struere_proxy::rewrite::Bound, filled: &str) {
     assert_eq!(b.types.len(), b.values.len());
-    let parsed = pg_query::parse(&b.sql).expect("the parameterised form parses");
+    let parsed = pg_query::parse(&b.sql, 0).expect("the parameterised form parses");
     assert_eq!(parsed.protobuf.stmts.len(), 1, "one statement: {}", b.sql);
     if b.sql.matches('$').count() != b.values.len() {
         return; // a `$` inside a fixed literal: the text replacement below would be ambiguous
