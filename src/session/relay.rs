@@ -137,6 +137,8 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         cancel_target: proxy.cancels.resolve(cancel.pid, cancel.secret),
         started: Instant::now(),
         cancel_sent: false,
+        pending_usage: Usage::default(),
+        usage_pushed: Instant::now(),
     };
     // Ok(true): the client sent Terminate, which was kept from the (pooled) upstream.
     let result = {
@@ -161,6 +163,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         Err(SessionEnd::Io(_)) => {}
     }
     let _ = client_w.shutdown().await;
+    outbound.push_usage();
     let quiescent = lock(&tracker).statements.quiescent();
     // Decisions the server never answered (the session ended) are reported as they are.
     for e in lock(&tracker).statements.drain() {
@@ -564,6 +567,9 @@ fn reserved_name(name: &str) -> Refusal {
     ))
 }
 
+/// How often a session adds its usage to the process-wide counters.
+const USAGE_PUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How a session ends when the proxy shuts down (PostgreSQL's own code and wording).
 fn shutting_down() -> SessionEnd {
     SessionEnd::fatal(
@@ -616,6 +622,9 @@ struct UpstreamToClient<'a> {
     started: Instant,
     /// The statement in flight was cancelled for its timeout (until the next ReadyForQuery).
     cancel_sent: bool,
+    /// Usage counted since the last push to the process-wide counters.
+    pending_usage: Usage,
+    usage_pushed: Instant,
 }
 
 impl UpstreamToClient<'_> {
@@ -650,7 +659,10 @@ impl UpstreamToClient<'_> {
                         ));
                     }
                 }
-                _ = recheck.tick() => self.recheck_key().instrument(tracing::debug_span!("key_recheck")).await?,
+                _ = recheck.tick() => {
+                    self.push_usage();
+                    self.recheck_key().instrument(tracing::debug_span!("key_recheck")).await?
+                }
                 changed = drain.changed(), if drain_open => match changed {
                     Ok(()) => match *drain.borrow() {
                         Drain::Force => return Err(shutting_down()),
@@ -661,6 +673,18 @@ impl UpstreamToClient<'_> {
                 },
             }
         }
+    }
+
+    /// Add this session's usage since the last push to the process-wide counters: at a
+    /// ReadyForQuery at most every `USAGE_PUSH`, at every key re-check, and when the session
+    /// ends (the counters go to the database every few seconds anyway; a push per statement
+    /// would only cost a shared-map update per statement).
+    fn push_usage(&mut self) {
+        let pending = std::mem::take(&mut self.pending_usage);
+        if pending != Usage::default() {
+            self.proxy.events.count(&self.usage, pending);
+        }
+        self.usage_pushed = Instant::now();
     }
 
     /// The next session limit due (`config::SessionTimeouts`): while something is in flight,
@@ -761,17 +785,21 @@ impl UpstreamToClient<'_> {
                     let tag = frame.body.split(|b| *b == 0).next().unwrap_or_default();
                     let tag = String::from_utf8_lossy(tag);
                     let rows = lock(&self.tracker).statements.command_complete(&tag);
-                    self.proxy.events.count(&self.usage, Usage { statements: 1, rows, ..Usage::default() });
+                    self.pending_usage.statements += 1;
+                    self.pending_usage.rows += rows;
                     out.extend_from_slice(&frame.raw);
                     continue;
                 }
-                b'E' => self.proxy.events.count(&self.usage, Usage { errors: 1, ..Usage::default() }),
+                b'E' => self.pending_usage.errors += 1,
                 b'Z' => {
                     self.last_status = frame.body.first().copied().unwrap_or(b'E');
                     let (done, took) = lock(&self.tracker).statements.ready();
                     self.proxy.metrics.upstream_latency.observe(took);
                     let time_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-                    self.proxy.events.count(&self.usage, Usage { time_us, ..Usage::default() });
+                    self.pending_usage.time_us += time_us;
+                    if self.usage_pushed.elapsed() >= USAGE_PUSH {
+                        self.push_usage();
+                    }
                     for e in done {
                         self.proxy.events.record(e);
                     }
