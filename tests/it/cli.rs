@@ -252,17 +252,24 @@ async fn demo_upstream_loads_an_existing_database_and_revokes_its_keys_on_exit()
     assert!(e.is_err(), "the proxy is gone");
 }
 
-#[test]
-fn keys_and_masked_values_never_reach_the_log() {
+/// A demo on any port logging at debug (plus `env`) to a file: the log, the process, its banner.
+fn demo_logging_debug(env: &[(&str, &str)]) -> (tempfile::NamedTempFile, std::process::Child, Banner) {
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut child = bin()
         .env("STRUERE_LOG", "debug")
+        .envs(env.iter().copied())
         .args(["demo", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(log.reopen().unwrap())
         .spawn()
         .unwrap();
     let banner = read_banner(&mut child);
+    (log, child, banner)
+}
+
+#[test]
+fn keys_and_masked_values_never_reach_the_log() {
+    let (log, mut child, banner) = demo_logging_debug(&[]);
     let listen = &banner.values["LISTEN"];
     let psql = banner.commands.first().unwrap().split_once(' ').unwrap().0.to_owned();
     let bad_key = format!("sk_dev_{}", "ab".repeat(32));
@@ -298,16 +305,7 @@ fn keys_and_masked_values_never_reach_the_log() {
 
 #[test]
 fn json_logs_carry_the_connection_and_statement_spans_and_no_secret() {
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let mut child = bin()
-        .env("STRUERE_LOG", "debug")
-        .env("STRUERE_LOG_FORMAT", "json")
-        .args(["demo", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .unwrap();
-    let banner = read_banner(&mut child);
+    let (log, mut child, banner) = demo_logging_debug(&[("STRUERE_LOG_FORMAT", "json")]);
     let listen = &banner.values["LISTEN"];
     let psql = banner.commands.first().unwrap().split_once(' ').unwrap().0.to_owned();
     let teacher = banner.keys.iter().find(|k| k[0] == "development" && k[2] == "teacher").unwrap();
