@@ -216,6 +216,27 @@ impl PolicyEngine {
                 self.ddl_target(w, &name, "alter")?;
                 self.walk_write(w, stmt)
             }
+            Statement::CreateSequence { name, .. } => {
+                let name = name.clone();
+                self.ddl_target(w, &name, "create")
+            }
+            // Comments on the caller's own scratch tables and their columns (ORMs and psql
+            // scripts write them); a comment is DDL on its table.
+            Statement::Comment { object_type, object_name, .. } => {
+                use sqlparser::ast::CommentObject;
+                let table = match object_type {
+                    CommentObject::Table => object_name.clone(),
+                    CommentObject::Column if object_name.0.len() >= 2 => {
+                        let mut table = object_name.clone();
+                        table.0.pop();
+                        table
+                    }
+                    other => {
+                        return Err(denied(format!("COMMENT ON {other} is not allowed through an environment key")));
+                    }
+                };
+                self.ddl_target(w, &table, "comment on")
+            }
             Statement::Drop { names, object_type, .. } => {
                 use sqlparser::ast::ObjectType;
                 if !matches!(object_type, ObjectType::Table | ObjectType::Index | ObjectType::Sequence) {

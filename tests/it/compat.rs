@@ -1,0 +1,184 @@
+//! Client compatibility in CI (issue 6): the runner's psql checks (`scripts/compat/psql.sql`)
+//! and JDBC program (`scripts/compat/jdbc/Compat.java`, Debian's pgjdbc) through a development
+//! key and an operator key, and regression tests for what the full runner (`scripts/compat.sh`)
+//! surfaced.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::harness::{code, fixture, unique};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every check name of the psql script, in order.
+fn psql_checks() -> Vec<String> {
+    let script = std::fs::read_to_string(repo().join("scripts/compat/psql.sql")).expect("psql.sql");
+    script.lines().filter_map(|l| l.strip_prefix("\\echo PASS ")).map(|s| s.trim().to_owned()).collect()
+}
+
+/// `refused`: the checks this key deliberately refuses (`REFUSED name`).
+fn run_psql_checks(key: &str, label: &str, refused: &[&str]) {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let table = unique(&format!("compat_psql_{label}"));
+    let out = Command::new(&f.psql)
+        .arg("-X")
+        .arg("-f")
+        .arg(repo().join("scripts/compat/psql.sql"))
+        .args(["-v", &format!("t={table}"), "-v", &format!("dir={}", dir.path().display())])
+        .arg(format!("host=127.0.0.1 port={} user=compat dbname=app password={key} sslmode=prefer", f.addr.port()))
+        .output()
+        .expect("psql runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let passed: Vec<String> = stdout.lines().filter_map(|l| l.strip_prefix("PASS ")).map(str::to_owned).collect();
+    assert!(out.status.success(), "psql checks through the {label} key failed:\n{stdout}\n{stderr}");
+    let got_refused: Vec<&str> = stdout.lines().filter_map(|l| l.strip_prefix("REFUSED ")).collect();
+    assert_eq!(got_refused, refused, "{stdout}");
+    let expected: Vec<String> = psql_checks().into_iter().filter(|c| !refused.contains(&c.as_str())).collect();
+    assert_eq!(passed, expected, "{stdout}");
+    assert!(stdout.contains("gexec_value"), "{stdout}");
+}
+
+#[test]
+fn psql_checks_through_a_development_key() {
+    // \dt+ shows table sizes: pg_table_size is refused (README, deliberate refusals).
+    run_psql_checks(&fixture().dev_key, "dev", &["dt_plus"]);
+}
+
+#[test]
+fn psql_checks_through_an_operator_key() {
+    run_psql_checks(&fixture().operator_key, "op", &[]);
+}
+
+const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
+
+/// Compat.java compiled once per test binary (scripts/setup.sh test installs the JDK and the
+/// driver).
+fn jdbc_classes() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        assert!(Path::new(JDBC_JAR).exists(), "{JDBC_JAR} is missing: run bash scripts/setup.sh test");
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("javac")
+            .args(["-cp", JDBC_JAR, "-d"])
+            .arg(dir.path())
+            .arg(repo().join("scripts/compat/jdbc/Compat.java"))
+            .output()
+            .expect("javac runs (bash scripts/setup.sh test installs it)");
+        assert!(out.status.success(), "javac: {}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+    .path()
+}
+
+fn run_jdbc(key: &str, label: &str) {
+    let f = fixture();
+    let classes = jdbc_classes();
+    let table = unique(&format!("compat_jdbc_{label}"));
+    let out = Command::new("java")
+        .arg("-cp")
+        .arg(format!("{JDBC_JAR}:{}", classes.display()))
+        .arg("Compat")
+        .args(["127.0.0.1", &f.addr.port().to_string(), "app", "compat", key, &table])
+        .output()
+        .expect("java runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "JDBC checks through the {label} key failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    for check in ["batch_insert", "named_prepared_binary_roundtrip", "fetch_size_cursor", "savepoints", "copy_in_and_out"]
+    {
+        assert!(stdout.contains(&format!("PASS {check}\n")), "{check}: {stdout}");
+    }
+    for check in ["listen_notify", "cancel", "database_metadata"] {
+        assert!(stdout.contains(&format!("PASS {check}\n")), "{check}: {stdout}");
+    }
+}
+
+#[test]
+fn jdbc_program_through_a_development_key() {
+    run_jdbc(&fixture().dev_key, "dev");
+}
+
+#[test]
+fn jdbc_program_through_an_operator_key() {
+    run_jdbc(&fixture().operator_key, "op");
+}
+
+/// psql scripts and ORMs comment their tables; on the caller's own scratch tables that is DDL
+/// like any other, on a managed table it is refused.
+#[tokio::test]
+async fn comments_on_scratch_tables_and_columns() {
+    let f = fixture();
+    let c = f.dev().await;
+    let t = unique("compat_comment");
+    c.batch_execute(&format!("CREATE TABLE {t} (id int PRIMARY KEY, name text)")).await.unwrap();
+    c.batch_execute(&format!("COMMENT ON TABLE {t} IS 'it''s a scratch table'")).await.unwrap();
+    c.batch_execute(&format!("COMMENT ON COLUMN {t}.name IS 'a name'")).await.unwrap();
+    let row = c
+        .query_one(&format!("SELECT obj_description('{t}'::regclass, 'pg_class'), col_description('{t}'::regclass, 2)"), &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("it's a scratch table"));
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("a name"));
+    c.batch_execute(&format!("COMMENT ON TABLE {t} IS NULL")).await.unwrap();
+    for refused in [
+        "COMMENT ON TABLE entities IS 'x'",
+        "COMMENT ON COLUMN entities.data IS 'x'",
+        "COMMENT ON TABLE public.organizations IS 'x'",
+        "COMMENT ON SCHEMA public IS 'x'",
+    ] {
+        let e = c.batch_execute(refused).await.expect_err(refused);
+        assert_eq!(code(&e), "42501", "{refused}: {e}");
+    }
+    c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+}
+
+/// Sequences in the scratch schema (ORMs create them for identity-less serials and their own
+/// id generators); a qualified one elsewhere is refused like any scratch DDL.
+#[tokio::test]
+async fn sequences_in_the_scratch_schema() {
+    let f = fixture();
+    let c = f.dev().await;
+    let s = unique("compat_seq");
+    c.batch_execute(&format!("CREATE SEQUENCE {s} START 10 INCREMENT BY 5")).await.unwrap();
+    let row = c.query_one(&format!("SELECT nextval('{s}'), nextval('{s}')"), &[]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (10, 15));
+    let schema: String = c
+        .query_one(
+            &format!(
+                "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relname = '{s}' AND c.relkind = 'S'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(schema.starts_with("scratch_"), "{schema}");
+    c.batch_execute(&format!("DROP SEQUENCE {s}")).await.unwrap();
+    let e = c.batch_execute("CREATE SEQUENCE public.compat_elsewhere").await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e}");
+}
+
+/// pgjdbc's getPrimaryKeys and getIndexInfo call information_schema's helper functions.
+#[tokio::test]
+async fn information_schema_helpers_for_driver_metadata() {
+    let f = fixture();
+    let c = f.dev().await;
+    let rows = c
+        .query(
+            "SELECT (information_schema._pg_expandarray(i.indkey)).n FROM pg_catalog.pg_index i \
+             WHERE i.indrelid = 'entities'::regclass AND i.indisprimary",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!rows.is_empty());
+    let e = c.query("SELECT _pg_expandarray(ARRAY[1])", &[]).await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e}");
+}
