@@ -230,7 +230,7 @@ class Env:
         c.start()
         log(f"cluster on 127.0.0.1:{c.port} ({c.bin})")
         # What the ORM suites expect of a server: extensions and a collation in every new database.
-        c.psql("template1", "CREATE EXTENSION IF NOT EXISTS hstore; CREATE EXTENSION IF NOT EXISTS citext; "
+        c.psql("template1", "CREATE EXTENSION IF NOT EXISTS hstore; CREATE EXTENSION IF NOT EXISTS citext; CREATE EXTENSION IF NOT EXISTS ltree; "
                             "CREATE COLLATION IF NOT EXISTS \"en_US\" (locale = 'C.UTF-8');")
         c.psql("postgres", f"CREATE ROLE compat_app LOGIN PASSWORD '{self.app_password}' NOSUPERUSER NOCREATEDB "
                            "NOCREATEROLE; CREATE ROLE pass_user LOGIN PASSWORD 'password'; "

@@ -182,3 +182,51 @@ async fn information_schema_helpers_for_driver_metadata() {
     let e = c.query("SELECT _pg_expandarray(ARRAY[1])", &[]).await.unwrap_err();
     assert_eq!(code(&e), "42501", "{e}");
 }
+
+/// NoticeResponses the server sends during startup (here: the 65-character application_name
+/// is truncated) reach the client, as they would directly (tokio-postgres' `notices` test).
+#[tokio::test]
+async fn startup_notices_reach_the_client() {
+    let f = fixture();
+    for key in [&f.dev_key, &f.operator_key] {
+        // A name of its own: a pooled connection's startup notices are long gone.
+        let name = format!("{:x<65}", unique("n"));
+        let url = format!("{} application_name={name}", f.url(key));
+        let (client, mut notices) = crate::harness::connect_with_notices(&url).await;
+        client.batch_execute("SELECT 1").await.unwrap();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), notices.recv()).await;
+        let first = first.expect("a startup notice").expect("notice channel open");
+        assert!(first.contains("will be truncated"), "{first}");
+    }
+}
+
+/// Enum and composite types in the scratch schema (tokio-postgres' custom_enum and
+/// custom_composite tests); range types name support functions and stay refused.
+#[tokio::test]
+async fn enum_and_composite_types_in_the_scratch_schema() {
+    let f = fixture();
+    let c = f.dev().await;
+    let e = unique("compat_mood");
+    let p = unique("compat_pair");
+    c.batch_execute(&format!("CREATE TYPE {e} AS ENUM ('sad', 'ok', 'happy')")).await.unwrap();
+    c.batch_execute(&format!("CREATE TYPE {p} AS (a int, b text)")).await.unwrap();
+    let row = c.query_one(&format!("SELECT 'ok'::{e}::text, (ROW(1, 'x')::{p}).b"), &[]).await.unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("ok".to_owned(), "x".to_owned()));
+    let schema: String = c
+        .query_one(
+            &format!("SELECT n.nspname::text FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = '{e}'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(schema.starts_with("scratch_"), "{schema}");
+    c.batch_execute(&format!("DROP TYPE {e}; DROP TYPE {p}")).await.unwrap();
+    for refused in [
+        "CREATE TYPE compat_floatrange AS RANGE (subtype = float8, subtype_diff = float8mi)",
+        "CREATE TYPE public.compat_elsewhere AS ENUM ('a')",
+    ] {
+        let err = c.batch_execute(refused).await.expect_err(refused);
+        assert_eq!(code(&err), "42501", "{refused}: {err}");
+    }
+}

@@ -51,7 +51,7 @@ const INFORMATION_SCHEMA_HELPERS: &[&str] = &[
 
 /// Constructs sqlparser represents as function calls although PostgreSQL's grammar reads them
 /// as expressions (keywords, so no function of that name can be reached unqualified).
-const SYNTAX_CALLS: &[&str] = &["array", "coalesce", "nullif", "greatest", "least", "grouping"];
+const SYNTAX_CALLS: &[&str] = &["array", "coalesce", "nullif", "greatest", "least", "grouping", "row"];
 
 /// Stable or immutable functions that still must not be reachable (prefix match).
 const DENIED_PREFIXES: &[&str] = &[
@@ -194,6 +194,9 @@ mod tests {
         // information_schema's helpers, only schema-qualified (drivers' metadata queries).
         assert!(ok(&["information_schema", "_pg_expandarray"]));
         assert!(!ok(&["_pg_expandarray"]));
+        // `ROW(…)`, which sqlparser reads as a call.
+        assert!(ok(&["row"]));
+        assert!(!ok(&["pg_catalog", "row"]));
         assert!(!ok(&["information_schema", "mine"]));
         let configured: BTreeSet<String> = ["pg_sleep".to_string()].into();
         assert!(check(&cat(), &["pg_sleep".to_string()], &configured).is_ok());

@@ -216,6 +216,20 @@ impl PolicyEngine {
                 self.ddl_target(w, &name, "alter")?;
                 self.walk_write(w, stmt)
             }
+            // Enum and composite types in the scratch schema (clients' own tests and ORMs' enum
+            // columns); they hold no rows and call no functions. Range, base and shell types
+            // name support functions and are refused with the other kinds.
+            Statement::CreateType { name, representation } => {
+                use sqlparser::ast::UserDefinedTypeRepresentation as R;
+                if !matches!(representation, Some(R::Enum { .. } | R::Composite { .. })) {
+                    return Err(denied(
+                        "CREATE TYPE is only allowed as an enum or a composite type through an environment key",
+                    ));
+                }
+                let name = name.clone();
+                self.ddl_target(w, &name, "create the type")?;
+                w.run(stmt).map_err(denied)
+            }
             Statement::CreateSequence { name, .. } => {
                 let name = name.clone();
                 self.ddl_target(w, &name, "create")
@@ -239,7 +253,10 @@ impl PolicyEngine {
             }
             Statement::Drop { names, object_type, .. } => {
                 use sqlparser::ast::ObjectType;
-                if !matches!(object_type, ObjectType::Table | ObjectType::Index | ObjectType::Sequence) {
+                if !matches!(
+                    object_type,
+                    ObjectType::Table | ObjectType::Index | ObjectType::Sequence | ObjectType::Type
+                ) {
                     return Err(denied(format!("DROP {object_type} is not allowed through an environment key")));
                 }
                 for n in names.clone() {
