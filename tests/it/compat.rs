@@ -222,9 +222,20 @@ async fn enum_and_composite_types_in_the_scratch_schema() {
         .get(0);
     assert!(schema.starts_with("scratch_"), "{schema}");
     c.batch_execute(&format!("DROP TYPE {e}; DROP TYPE {p}")).await.unwrap();
+    // In the session's own temporary schema too (tokio-postgres' tests use pg_temp.mood).
+    c.batch_execute("CREATE TYPE pg_temp.compat_temp_mood AS ENUM ('a', 'b'); \
+                     CREATE TEMP TABLE compat_temp_t (m pg_temp.compat_temp_mood); \
+                     INSERT INTO compat_temp_t VALUES ('b')")
+        .await
+        .unwrap();
+    let m: String = c.query_one("SELECT m::text FROM compat_temp_t", &[]).await.unwrap().get(0);
+    assert_eq!(m, "b");
     for refused in [
         "CREATE TYPE compat_floatrange AS RANGE (subtype = float8, subtype_diff = float8mi)",
         "CREATE TYPE public.compat_elsewhere AS ENUM ('a')",
+        // Another session's temporary schema is not the caller's.
+        "CREATE TYPE pg_temp_3.compat_elsewhere AS ENUM ('a')",
+        "CREATE DOMAIN compat_posint AS int CHECK (VALUE > 0)",
     ] {
         let err = c.batch_execute(refused).await.expect_err(refused);
         assert_eq!(code(&err), "42501", "{refused}: {err}");

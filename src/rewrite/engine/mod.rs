@@ -320,7 +320,10 @@ impl PolicyEngine {
         let (schema, table) = self.resolve_target(w, name)?;
         w.ctx.set.managed(&schema, &table).map_err(denied)?;
         let qualified = name.0.len() > 1;
-        if qualified && schema != scratch_schema(w.ctx.actor) && w.ctx.set.tables.table(&schema, &table).is_none() {
+        // `pg_temp` (exactly: the session's own temporary schema) holds session-local objects
+        // like the temporary tables an unqualified `CREATE TEMP TABLE` makes.
+        let own_schema = schema == scratch_schema(w.ctx.actor) || schema == "pg_temp";
+        if qualified && !own_schema && w.ctx.set.tables.table(&schema, &table).is_none() {
             return Err(denied(format!(
                 "cannot {verb} {schema}.{table}: unmanaged objects live in the tenant's own scratch schema (use an unqualified name)"
             )));
