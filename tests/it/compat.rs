@@ -241,3 +241,37 @@ async fn enum_and_composite_types_in_the_scratch_schema() {
         assert_eq!(code(&err), "42501", "{refused}: {err}");
     }
 }
+
+/// ORMs reset their tables' sequences (Django's sql_flush); setval reaches only sequences of the
+/// caller's scratch schema, whatever the name resolves to.
+#[tokio::test]
+async fn setval_on_scratch_sequences_only() {
+    let f = fixture();
+    let c = f.dev().await;
+    let t = unique("compat_flush");
+    c.batch_execute(&format!("CREATE TABLE {t} (id serial PRIMARY KEY, v text); INSERT INTO {t} (v) VALUES ('a'), ('b')"))
+        .await
+        .unwrap();
+    c.batch_execute(&format!("SELECT setval(pg_get_serial_sequence('\"{t}\"','id'), 1, false)")).await.unwrap();
+    c.batch_execute(&format!("TRUNCATE {t}; INSERT INTO {t} (v) VALUES ('c')")).await.unwrap();
+    let id: i32 = c.query_one(&format!("SELECT id FROM {t}"), &[]).await.unwrap().get(0);
+    assert_eq!(id, 1);
+    let seq = format!("{t}_id_seq");
+    let v: i64 = c.query_one(&format!("SELECT setval('{seq}', 41)"), &[]).await.unwrap().get(0);
+    assert_eq!(v, 41);
+    let next: i64 = c.query_one(&format!("SELECT nextval('{seq}')"), &[]).await.unwrap().get(0);
+    assert_eq!(next, 42);
+    // A managed table's sequence: by name it resolves to public, so it is refused outright
+    // qualified and not found unqualified (setval names the scratch schema).
+    for sql in [
+        "SELECT setval('public.entities_id_seq', 1)",
+        "SELECT setval(pg_get_serial_sequence('public.entities', 'id'), 1)",
+        "SELECT setval((SELECT 'public.x'), 1)",
+    ] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        assert_eq!(code(&e), "42501", "{sql}: {e}");
+    }
+    let e = c.batch_execute("SELECT setval('entities_id_seq', 1)").await.unwrap_err();
+    assert_eq!(code(&e), "42P01", "{e}");
+    c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+}

@@ -115,6 +115,10 @@ impl StatementPolicy for PolicyEngine {
                 if walk::is_pg_notify(&parts) && f.args.len() == 2 {
                     continue;
                 }
+                // setval is qualified by the tree walk and checked on the output (check_output).
+                if is_setval(&parts) {
+                    continue;
+                }
                 functions::check(&self.catalog, &parts, &self.allow_functions).map_err(denied)?;
             }
         }
@@ -137,6 +141,12 @@ impl StatementPolicy for PolicyEngine {
                 && matches!(string_list(&f.funcname).as_slice(), [n] | [_, n] if n == "nextval" || n == "currval")
             {
                 sequence_allowed(f.args.first(), actor)?;
+                continue;
+            }
+            if let pg_query::NodeRef::FuncCall(f) = n
+                && is_setval(&string_list(&f.funcname))
+            {
+                setval_output_allowed(f, actor)?;
                 continue;
             }
             // Every pg_notify that reaches the server sends on the caller's own namespace.
@@ -478,6 +488,112 @@ fn explain_options(options: &mut Option<Vec<sqlparser::ast::UtilityOption>>) -> 
         list.push(UtilityOption { name: Ident::new("COSTS"), arg: Some(Expr::Identifier(Ident::new("OFF"))) });
     }
     Ok(())
+}
+
+/// `setval` / `pg_catalog.setval`.
+pub(crate) fn is_setval(parts: &[String]) -> bool {
+    matches!(parts, [n] if n == "setval") || matches!(parts, [s, n] if s == "pg_catalog" && n == "setval")
+}
+
+/// `setval` only on the caller's own sequences: ORMs reset their tables' sequences between tests
+/// (Django's `sql_flush`: `setval(pg_get_serial_sequence('"t"','id'), 1, false)`). The sequence
+/// argument — a constant name, a constant cast to regclass, or `pg_get_serial_sequence` of a
+/// constant table — is rewritten to name the caller's scratch schema explicitly, so a name that
+/// resolves elsewhere (a managed table's sequence in `public`) can never be reached; an
+/// explicit schema must be that scratch schema or `pg_temp`. Anything else is refused.
+/// (A sequence is owned by a table of its own schema, so pg_get_serial_sequence of a scratch
+/// table names a scratch sequence.)
+pub(crate) fn qualify_setval(f: &mut sqlparser::ast::Function, actor: &ActorContext) -> Result<(), String> {
+    use sqlparser::ast::{Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Value};
+    let refused = || {
+        "setval needs a constant sequence name (or pg_get_serial_sequence of a constant table name) of the \
+         caller's own scratch schema"
+            .to_owned()
+    };
+    let scratch = scratch_schema(actor);
+    let qualify = |text: &mut String| -> Result<(), String> {
+        let parts = split_qualified(text).ok_or_else(refused)?;
+        let (schema, name) = match parts.as_slice() {
+            [name] => (scratch.clone(), name.clone()),
+            [schema, name] if *schema == scratch || schema == "pg_temp" => (schema.clone(), name.clone()),
+            _ => return Err(refused()),
+        };
+        *text = format!("\"{}\".\"{}\"", schema.replace('"', "\"\""), name.replace('"', "\"\""));
+        Ok(())
+    };
+    fn first_arg(f: &mut sqlparser::ast::Function) -> Option<&mut Expr> {
+        match &mut f.args {
+            FunctionArguments::List(l) => match l.args.first_mut() {
+                Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(e))) => Some(e),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+    fn constant(e: &mut Expr) -> Option<&mut String> {
+        match e {
+            Expr::Value(v) => match &mut v.value {
+                Value::SingleQuotedString(s) => Some(s),
+                _ => None,
+            },
+            Expr::Cast { expr, .. } => constant(expr),
+            Expr::Nested(e) => constant(e),
+            _ => None,
+        }
+    }
+    let arg = first_arg(f).ok_or_else(refused)?;
+    if let Some(text) = constant(arg) {
+        return qualify(text);
+    }
+    if let Expr::Function(inner) = arg
+        && name_parts(&inner.name).is_some_and(|p| {
+            matches!(p.as_slice(), [n] | [_, n] if n == "pg_get_serial_sequence")
+                && (p.len() == 1 || p[0] == "pg_catalog")
+        })
+        && let Some(table) = first_arg(inner).and_then(constant)
+    {
+        return qualify(table);
+    }
+    Err(refused())
+}
+
+/// What reaches the server: setval's sequence argument names the caller's scratch schema or
+/// `pg_temp` explicitly (see [`qualify_setval`]).
+fn setval_output_allowed(f: &pg_query::protobuf::FuncCall, actor: &ActorContext) -> Result<(), Refusal> {
+    use pg_query::NodeEnum as N;
+    let refused = || Refusal::Unverifiable("refused: setval would reach a sequence outside the caller's scratch schema".into());
+    let constant = |n: Option<&N>| -> Option<String> {
+        let n = match n {
+            Some(N::TypeCast(t)) => t.arg.as_deref().and_then(|a| a.node.as_ref()),
+            other => other,
+        };
+        match n {
+            Some(N::AConst(c)) => match &c.val {
+                Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.clone()),
+                _ => None,
+            },
+            _ => None,
+        }
+    };
+    let scratch = scratch_schema(actor);
+    let own = |text: Option<String>| {
+        text.and_then(|t| split_qualified(&t))
+            .is_some_and(|p| matches!(p.as_slice(), [schema, _] if *schema == scratch || schema == "pg_temp"))
+    };
+    let arg = f.args.first().and_then(|a| a.node.as_ref());
+    let ok = match arg {
+        Some(N::FuncCall(inner)) => {
+            let name = string_list(&inner.funcname);
+            let serial = match name.as_slice() {
+                [n] => n == "pg_get_serial_sequence",
+                [s, n] => s == "pg_catalog" && n == "pg_get_serial_sequence",
+                _ => false,
+            };
+            serial && own(constant(inner.args.first().and_then(|a| a.node.as_ref())))
+        }
+        other => own(constant(other)),
+    };
+    if ok { Ok(()) } else { Err(refused()) }
 }
 
 /// A sequence argument (`'name'` or `'name'::regclass`) names a sequence outside other tenants'
