@@ -301,7 +301,11 @@ fn param_form(pieces: &[String], slots: &[usize], shape: &Shape, kinds: &[String
     let mut numbers = super::pgtree::param_numbers(&statement.node)?;
     numbers.sort_unstable();
     let expected: Vec<i32> = (1..=i32::try_from(slots.len()).ok()?).collect();
-    (numbers == expected).then(|| ParamForm { hash: crate::events::sql_hash(&sql), sql: Arc::from(sql), types: Arc::from(types) })
+    (numbers == expected).then(|| ParamForm {
+        hash: crate::events::sql_hash(&sql),
+        sql: Arc::from(sql),
+        types: Arc::from(types),
+    })
 }
 
 impl Template {
