@@ -44,7 +44,6 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("STRUERE_COMPAT_DIR") or Path.home() / ".cache" / "struere-compat")
 MODES = ["direct", "operator", "development"]
-ALL_SUITES = ["psql", "jdbc", "tokio-postgres", "sqlalchemy", "django"]
 
 # Versions fetched from the registries (pinned so numbers are comparable between runs).
 SQLALCHEMY_VERSION = "2.0.58"
@@ -486,6 +485,8 @@ SQLALCHEMY_SUBSET = ["test/dialect/postgresql", "test/sql/test_types.py", "test/
                      "test/engine/test_execute.py", "test/engine/test_transaction.py",
                      "test/engine/test_reflection.py", "test/orm/test_query.py", "test/orm/test_unitofwork.py"]
 SQLALCHEMY_QUICK = ["test/dialect/postgresql/test_query.py", "test/engine/test_transaction.py"]
+# asyncpg: the dialect's own tests and the core query and transaction tests.
+SQLALCHEMY_ASYNCPG_SUBSET = ["test/dialect/postgresql", "test/sql/test_query.py", "test/engine/test_transaction.py"]
 
 
 def suite_sqlalchemy(driver: str):
@@ -494,7 +495,7 @@ def suite_sqlalchemy(driver: str):
         src = sdist("SQLAlchemy", SQLALCHEMY_VERSION)
         run([str(py), "-m", "pip", "install", "-q", f"sqlalchemy=={SQLALCHEMY_VERSION}"])
         uri = f"postgresql+{driver}://{t.user}:{t.password}@{t.host}:{t.port}/{t.dbname}"
-        paths = SQLALCHEMY_QUICK if quick else SQLALCHEMY_SUBSET
+        paths = SQLALCHEMY_QUICK if quick else SQLALCHEMY_SUBSET if driver == "psycopg" else SQLALCHEMY_ASYNCPG_SUBSET
         cmd = nice([str(py), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE", "--dburi", uri, *paths])
         out = run(cmd, capture_output=True, check=False, cwd=src, timeout=5400)
         (work / f"sqlalchemy-{driver}.log").write_text(out.stdout + out.stderr)
@@ -610,10 +611,11 @@ def differences(results: dict[str, Result], refusals: list[tuple[str, int]]) -> 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suites", default="psql,jdbc,tokio-postgres,sqlalchemy,django",
+    ap.add_argument("--suites", default="psql,jdbc,tokio-postgres,sqlalchemy,sqlalchemy-asyncpg,django",
                     help=f"comma-separated, from {', '.join(SUITES)}")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--quick", action="store_true", help="a small subset of each suite")
+    ap.add_argument("--debug", action="store_true", help="a debug build of the proxy (default: release)")
     ap.add_argument("--keep", action="store_true", help="keep the cluster and proxy running at the end (Ctrl-C)")
     args = ap.parse_args()
     suites = [s for s in args.suites.split(",") if s]
@@ -623,9 +625,11 @@ def main() -> int:
             sys.exit(f"compat: unknown suite {s} (known: {', '.join(SUITES)})")
     CACHE.mkdir(parents=True, exist_ok=True)
     target_dir = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
-    log("building the proxy")
-    run(nice(["cargo", "build", "--manifest-path", str(ROOT / "Cargo.toml"), "--bin", "struere-proxy"]))
-    binary = target_dir / "debug" / "struere-proxy"
+    profile = "debug" if args.debug else "release"
+    log(f"building the proxy ({profile})")
+    run(nice(["cargo", "build", "--manifest-path", str(ROOT / "Cargo.toml"), "--bin", "struere-proxy",
+              *([] if args.debug else ["--release"])]))
+    binary = target_dir / profile / "struere-proxy"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = CACHE / "runs" / stamp
     base.mkdir(parents=True)

@@ -406,7 +406,11 @@ mod tests {
         assert_eq!(p.text, "CREATE TYPE mood AS ENUM ('sad', 'it''s ok', 'a\\''); DROP TABLE y; --')");
         assert_eq!(
             p.emitted,
-            [Emitted::Str("sad".into()), Emitted::Str("it's ok".into()), Emitted::Str("a\\'); DROP TABLE y; --".into())]
+            [
+                Emitted::Str("sad".into()),
+                Emitted::Str("it's ok".into()),
+                Emitted::Str("a\\'); DROP TABLE y; --".into())
+            ]
         );
     }
 

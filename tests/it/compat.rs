@@ -90,7 +90,8 @@ fn run_jdbc(key: &str, label: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "JDBC checks through the {label} key failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
-    for check in ["batch_insert", "named_prepared_binary_roundtrip", "fetch_size_cursor", "savepoints", "copy_in_and_out"]
+    for check in
+        ["batch_insert", "named_prepared_binary_roundtrip", "fetch_size_cursor", "savepoints", "copy_in_and_out"]
     {
         assert!(stdout.contains(&format!("PASS {check}\n")), "{check}: {stdout}");
     }
@@ -120,7 +121,10 @@ async fn comments_on_scratch_tables_and_columns() {
     c.batch_execute(&format!("COMMENT ON TABLE {t} IS 'it''s a scratch table'")).await.unwrap();
     c.batch_execute(&format!("COMMENT ON COLUMN {t}.name IS 'a name'")).await.unwrap();
     let row = c
-        .query_one(&format!("SELECT obj_description('{t}'::regclass, 'pg_class'), col_description('{t}'::regclass, 2)"), &[])
+        .query_one(
+            &format!("SELECT obj_description('{t}'::regclass, 'pg_class'), col_description('{t}'::regclass, 2)"),
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("it's a scratch table"));
@@ -223,11 +227,13 @@ async fn enum_and_composite_types_in_the_scratch_schema() {
     assert!(schema.starts_with("scratch_"), "{schema}");
     c.batch_execute(&format!("DROP TYPE {e}; DROP TYPE {p}")).await.unwrap();
     // In the session's own temporary schema too (tokio-postgres' tests use pg_temp.mood).
-    c.batch_execute("CREATE TYPE pg_temp.compat_temp_mood AS ENUM ('a', 'b'); \
+    c.batch_execute(
+        "CREATE TYPE pg_temp.compat_temp_mood AS ENUM ('a', 'b'); \
                      CREATE TEMP TABLE compat_temp_t (m pg_temp.compat_temp_mood); \
-                     INSERT INTO compat_temp_t VALUES ('b')")
-        .await
-        .unwrap();
+                     INSERT INTO compat_temp_t VALUES ('b')",
+    )
+    .await
+    .unwrap();
     let m: String = c.query_one("SELECT m::text FROM compat_temp_t", &[]).await.unwrap().get(0);
     assert_eq!(m, "b");
     for refused in [
@@ -249,9 +255,11 @@ async fn setval_on_scratch_sequences_only() {
     let f = fixture();
     let c = f.dev().await;
     let t = unique("compat_flush");
-    c.batch_execute(&format!("CREATE TABLE {t} (id serial PRIMARY KEY, v text); INSERT INTO {t} (v) VALUES ('a'), ('b')"))
-        .await
-        .unwrap();
+    c.batch_execute(&format!(
+        "CREATE TABLE {t} (id serial PRIMARY KEY, v text); INSERT INTO {t} (v) VALUES ('a'), ('b')"
+    ))
+    .await
+    .unwrap();
     c.batch_execute(&format!("SELECT setval(pg_get_serial_sequence('\"{t}\"','id'), 1, false)")).await.unwrap();
     c.batch_execute(&format!("TRUNCATE {t}; INSERT INTO {t} (v) VALUES ('c')")).await.unwrap();
     let id: i32 = c.query_one(&format!("SELECT id FROM {t}"), &[]).await.unwrap().get(0);

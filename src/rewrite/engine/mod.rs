@@ -561,7 +561,8 @@ pub(crate) fn qualify_setval(f: &mut sqlparser::ast::Function, actor: &ActorCont
 /// `pg_temp` explicitly (see [`qualify_setval`]).
 fn setval_output_allowed(f: &pg_query::protobuf::FuncCall, actor: &ActorContext) -> Result<(), Refusal> {
     use pg_query::NodeEnum as N;
-    let refused = || Refusal::Unverifiable("refused: setval would reach a sequence outside the caller's scratch schema".into());
+    let refused =
+        || Refusal::Unverifiable("refused: setval would reach a sequence outside the caller's scratch schema".into());
     let constant = |n: Option<&N>| -> Option<String> {
         let n = match n {
             Some(N::TypeCast(t)) => t.arg.as_deref().and_then(|a| a.node.as_ref()),

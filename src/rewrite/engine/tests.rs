@@ -556,7 +556,10 @@ fn setval_names_the_callers_scratch_schema() {
     assert_eq!(out, format!("SELECT setval('\"{scratch}\".\"s\"', 1)"));
     // Django's sql_flush.
     let out = run(&admin_dev(), "SELECT setval(pg_get_serial_sequence('\"basic_article\"','id'), 1, false)").unwrap();
-    assert_eq!(out, format!("SELECT setval(pg_get_serial_sequence('\"{scratch}\".\"basic_article\"', 'id'), 1, false)"));
+    assert_eq!(
+        out,
+        format!("SELECT setval(pg_get_serial_sequence('\"{scratch}\".\"basic_article\"', 'id'), 1, false)")
+    );
     let out = run(&admin_dev(), &format!("SELECT setval('{scratch}.\"S\"'::regclass, 5, true)")).unwrap();
     assert_eq!(out, format!("SELECT setval('\"{scratch}\".\"S\"'::REGCLASS, 5, true)"));
     let out = run(&admin_dev(), "SELECT setval('pg_temp.s', 1)").unwrap();
