@@ -283,3 +283,21 @@ async fn setval_on_scratch_sequences_only() {
     assert_eq!(code(&e), "42P01", "{e}");
     c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
 }
+
+/// SQLAlchemy's provisioning sends `CREATE EXTENSION IF NOT EXISTS hstore`: a no-op for an
+/// installed extension goes through; anything that could install one is refused.
+#[tokio::test]
+async fn create_extension_if_not_exists_of_an_installed_one() {
+    let f = fixture();
+    let c = f.dev().await;
+    c.batch_execute("CREATE EXTENSION IF NOT EXISTS plpgsql").await.unwrap();
+    c.batch_execute("CREATE EXTENSION IF NOT EXISTS \"plpgsql\"").await.unwrap();
+    for refused in [
+        "CREATE EXTENSION plpgsql",
+        "CREATE EXTENSION IF NOT EXISTS compat_no_such_extension",
+        "CREATE EXTENSION IF NOT EXISTS \"PLPGSQL\"",
+    ] {
+        let e = c.batch_execute(refused).await.expect_err(refused);
+        assert_eq!(code(&e), "42501", "{refused}: {e}");
+    }
+}

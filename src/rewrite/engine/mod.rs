@@ -240,6 +240,22 @@ impl PolicyEngine {
                 self.ddl_target(w, &name, "create the type")?;
                 w.run(stmt).map_err(denied)
             }
+            // ORM test suites make sure their extensions exist (SQLAlchemy's provisioning:
+            // `CREATE EXTENSION IF NOT EXISTS hstore`): a no-op for one already installed, which
+            // is all an environment key may send.
+            Statement::CreateExtension(ce) => {
+                let name = match ce.name.quote_style {
+                    None => ce.name.value.to_ascii_lowercase(),
+                    Some(_) => ce.name.value.clone(),
+                };
+                if ce.if_not_exists && self.catalog.extensions.contains(&name) {
+                    Ok(())
+                } else {
+                    Err(denied(
+                        "CREATE EXTENSION is not allowed through an environment key (only IF NOT EXISTS of an installed one)",
+                    ))
+                }
+            }
             Statement::CreateSequence { name, .. } => {
                 let name = name.clone();
                 self.ddl_target(w, &name, "create")
