@@ -494,10 +494,20 @@ def suite_sqlalchemy(driver: str):
         py = venv()
         src = sdist("SQLAlchemy", SQLALCHEMY_VERSION)
         run([str(py), "-m", "pip", "install", "-q", f"sqlalchemy=={SQLALCHEMY_VERSION}"])
+        # The suite's pre-drop diagnostic lists idle sessions from pg_stat_activity, which a
+        # development key refuses (other tenants' queries): in that mode the runner's copy skips
+        # the diagnostic (a warning in the suite, not a test), so the tables are still dropped.
+        provision = src / "lib" / "sqlalchemy" / "dialects" / "postgresql" / "provision.py"
+        text = provision.read_text()
+        marker = '    """Ensure there are no locks on the current username/database."""\n'
+        if "STRUERE_COMPAT_NO_PG_STAT_ACTIVITY" not in text and marker in text:
+            provision.write_text(text.replace(marker, marker + '    if __import__("os").environ.get('
+                                              '"STRUERE_COMPAT_NO_PG_STAT_ACTIVITY"):\n        return\n'))
+        extra = {"STRUERE_COMPAT_NO_PG_STAT_ACTIVITY": "1"} if t.mode == "development" else {}
         uri = f"postgresql+{driver}://{t.user}:{t.password}@{t.host}:{t.port}/{t.dbname}"
         paths = SQLALCHEMY_QUICK if quick else SQLALCHEMY_SUBSET if driver == "psycopg" else SQLALCHEMY_ASYNCPG_SUBSET
         cmd = nice([str(py), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE", "--dburi", uri, *paths])
-        out = run(cmd, capture_output=True, check=False, cwd=src, timeout=5400)
+        out = run(cmd, capture_output=True, check=False, cwd=src, timeout=5400, env=dict(os.environ, **extra))
         (work / f"sqlalchemy-{driver}.log").write_text(out.stdout + out.stderr)
         r = Result()
         parse_pytest(out.stdout, r)

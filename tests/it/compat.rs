@@ -301,3 +301,21 @@ async fn create_extension_if_not_exists_of_an_installed_one() {
         assert_eq!(code(&e), "42501", "{refused}: {e}");
     }
 }
+
+/// SQL value functions, which sqlparser reads as calls (SQLAlchemy's `func.current_timestamp()`).
+#[tokio::test]
+async fn sql_value_functions() {
+    let f = fixture();
+    let c = f.dev().await;
+    let row = c
+        .query_one(
+            "SELECT CURRENT_TIMESTAMP <= now(), current_timestamp(2) IS NOT NULL, CURRENT_DATE, LOCALTIME, \
+             LOCALTIMESTAMP, CURRENT_TIME, current_user, session_user, current_role, current_catalog, user, \
+             coalesce(NULL, CURRENT_TIMESTAMP) IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1) && row.get::<_, bool>(11));
+    assert_eq!(row.get::<_, String>(9), "app");
+}

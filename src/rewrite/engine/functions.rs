@@ -50,8 +50,29 @@ const INFORMATION_SCHEMA_HELPERS: &[&str] = &[
 ];
 
 /// Constructs sqlparser represents as function calls although PostgreSQL's grammar reads them
-/// as expressions (keywords, so no function of that name can be reached unqualified).
-const SYNTAX_CALLS: &[&str] = &["array", "coalesce", "nullif", "greatest", "least", "grouping", "row"];
+/// as expressions (reserved keywords, so no function of that name can be reached unqualified),
+/// among them the SQL value functions (`CURRENT_TIMESTAMP`, `CURRENT_TIMESTAMP(3)`, `LOCALTIME`,
+/// `CURRENT_USER`, …), which PostgreSQL evaluates itself.
+const SYNTAX_CALLS: &[&str] = &[
+    "array",
+    "coalesce",
+    "nullif",
+    "greatest",
+    "least",
+    "grouping",
+    "row",
+    "current_timestamp",
+    "current_date",
+    "current_time",
+    "localtime",
+    "localtimestamp",
+    "current_catalog",
+    "current_role",
+    "current_user",
+    "session_user",
+    "system_user",
+    "user",
+];
 
 /// Stable or immutable functions that still must not be reachable (prefix match).
 const DENIED_PREFIXES: &[&str] = &[
@@ -197,6 +218,9 @@ mod tests {
         // `ROW(…)`, which sqlparser reads as a call.
         assert!(ok(&["row"]));
         assert!(!ok(&["pg_catalog", "row"]));
+        for value_function in ["current_timestamp", "current_date", "localtimestamp", "current_catalog", "user"] {
+            assert!(ok(&[value_function]), "{value_function}");
+        }
         assert!(!ok(&["information_schema", "mine"]));
         let configured: BTreeSet<String> = ["pg_sleep".to_string()].into();
         assert!(check(&cat(), &["pg_sleep".to_string()], &configured).is_ok());
