@@ -519,20 +519,22 @@ def suite_sqlalchemy(driver: str):
 
 
 DJANGO_SUBSET = ["basic", "queries", "expressions", "transactions", "backends", "model_fields", "lookup",
-                 "aggregation", "select_for_update", "bulk_create", "postgres_tests", "introspection",
-                 "schema", "migrations"]
+                 "aggregation", "select_for_update", "bulk_create", "postgres_tests", "introspection", "schema",
+                 "migrations", "db_functions", "annotations", "update", "delete", "timezones", "raw_query",
+                 "get_or_create", "constraints", "indexes", "inspectdb", "many_to_many", "many_to_one", "ordering",
+                 "custom_lookups", "datatypes", "model_regress"]
 DJANGO_QUICK = ["basic", "transactions"]
 
 
 def suite_django(env: Env, t: Target, work: Path, quick: bool) -> Result:
     py = venv()
     src = sdist("Django", DJANGO_VERSION)
-    if not (CACHE / f".django-{DJANGO_VERSION}").exists():
+    if not (CACHE / f".django-{DJANGO_VERSION}-2").exists():
         # The release itself, and what the chosen test apps import (not the suite's whole
         # requirements file, which builds native packages).
         run([str(py), "-m", "pip", "install", "-q", f"django=={DJANGO_VERSION}", "tblib", "Pillow", "PyYAML",
-             "jinja2", "numpy", "argon2-cffi", "bcrypt"])
-        (CACHE / f".django-{DJANGO_VERSION}").write_text("")
+             "jinja2", "numpy", "argon2-cffi", "bcrypt", "psycopg-pool"])
+        (CACHE / f".django-{DJANGO_VERSION}-2").write_text("")
     settings = work / "compat_settings.py"
     dev = t.mode == "development"
 
@@ -565,23 +567,28 @@ def suite_django(env: Env, t: Target, work: Path, quick: bool) -> Result:
     e = dict(os.environ, PYTHONPATH=str(work))
     out = run(cmd, capture_output=True, check=False, cwd=src / "tests", env=e, timeout=5400)
     (work / "django.log").write_text(out.stdout + out.stderr)
+    return parse_django(out.stdout + out.stderr)
+
+
+def parse_django(text: str) -> Result:
     r = Result()
-    text = out.stdout + out.stderr
+    # Names from the per-test lines and the summary's headers; numbers from the summary.
     for line in text.splitlines():
-        m = re.match(r"^(\w+) \(([\w.]+)\)(?:\s.*)? \.\.\. (ok|FAIL|ERROR|skipped.*|expected failure|unexpected success)$", line)
-        if m:
-            what = m.group(3)
-            name = f"{m.group(2)}.{m.group(1)}"
-            if what in ("ok", "expected failure"):
-                r.passed += 1
-            elif what.startswith("skipped"):
-                r.skipped += 1
-            else:
-                r.failed += 1
-                r.failures.add(name)
-    if not (r.passed or r.failed):
-        m = re.search(r"Ran (\d+) tests?", text)
-        r.note = "did not run (see log)" if not m else f"ran {m.group(1)} (unparsed)"
+        m = re.match(r"^(\w+) \(([\w.]+)\).* \.\.\. (FAIL|ERROR|unexpected success)$", line) or \
+            re.match(r"^(FAIL|ERROR): (\w+) \(([\w.]+)\)", line)
+        if m and m.group(1) in ("FAIL", "ERROR"):
+            r.failures.add(m.group(3))
+        elif m:
+            r.failures.add(m.group(2))
+    ran = re.search(r"^Ran (\d+) tests?", text, re.M)
+    summary = re.search(r"^(OK|FAILED)(?: \((.*)\))?$", text, re.M)
+    if ran and summary:
+        counts = dict((k.strip(), int(v)) for k, v in re.findall(r"([\w ]+)=(\d+)", summary.group(2) or ""))
+        r.failed = counts.get("failures", 0) + counts.get("errors", 0) + counts.get("unexpected successes", 0)
+        r.skipped = counts.get("skipped", 0)
+        r.passed = int(ran.group(1)) - r.failed - r.skipped
+    else:
+        r.note = "did not run (see log)"
     return r
 
 
