@@ -131,8 +131,12 @@ shared_buffers = 128MB
 max_wal_size = 256MB
 """)
         hba = self.data / "pg_hba.conf"
-        # tokio-postgres' own tests log in as pass_user (password) and md5_user (md5).
+        # tokio-postgres' own tests log in as pass_user (password), md5_user (md5) and scram_user
+        # (SCRAM, which the cluster's passwords use); every other login from loopback is trusted,
+        # the same for direct clients and the proxy's own upstream connections, so a suite that
+        # opens thousands of connections measures its statements, not key derivation.
         hba.write_text("host all pass_user 127.0.0.1/32 password\nhost all md5_user 127.0.0.1/32 md5\n"
+                       "host all scram_user 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 trust\n"
                        + hba.read_text())
         self.logfile.touch()
         if self.as_postgres:
