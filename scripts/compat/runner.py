@@ -233,8 +233,11 @@ class Env:
         c.start()
         log(f"cluster on 127.0.0.1:{c.port} ({c.bin})")
         # What the ORM suites expect of a server: extensions and a collation in every new database.
-        c.psql("template1", "CREATE EXTENSION IF NOT EXISTS hstore; CREATE EXTENSION IF NOT EXISTS citext; CREATE EXTENSION IF NOT EXISTS ltree; "
-                            "CREATE COLLATION IF NOT EXISTS \"en_US\" (locale = 'C.UTF-8');")
+        # (A development key cannot create extensions: the ones the suites use are there already.)
+        extensions = ["hstore", "citext", "ltree", "bloom", "btree_gin", "btree_gist", '"uuid-ossp"', "pg_trgm",
+                      "unaccent"]
+        c.psql("template1", " ".join(f"CREATE EXTENSION IF NOT EXISTS {e};" for e in extensions)
+               + " CREATE COLLATION IF NOT EXISTS \"en_US\" (locale = 'C.UTF-8');")
         c.psql("postgres", f"CREATE ROLE compat_app LOGIN PASSWORD '{self.app_password}' NOSUPERUSER NOCREATEDB "
                            "NOCREATEROLE; CREATE ROLE pass_user LOGIN PASSWORD 'password'; "
                            "CREATE ROLE scram_user LOGIN PASSWORD 'password'; SET password_encryption = 'md5'; "
