@@ -235,7 +235,7 @@ class Env:
         # What the ORM suites expect of a server: extensions and a collation in every new database.
         # (A development key cannot create extensions: the ones the suites use are there already.)
         extensions = ["hstore", "citext", "ltree", "bloom", "btree_gin", "btree_gist", '"uuid-ossp"', "pg_trgm",
-                      "unaccent"]
+                      "unaccent", "pgcrypto"]
         c.psql("template1", " ".join(f"CREATE EXTENSION IF NOT EXISTS {e};" for e in extensions)
                + " CREATE COLLATION IF NOT EXISTS \"en_US\" (locale = 'C.UTF-8');")
         c.psql("postgres", f"CREATE ROLE compat_app LOGIN PASSWORD '{self.app_password}' NOSUPERUSER NOCREATEDB "
