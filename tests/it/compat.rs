@@ -319,3 +319,18 @@ async fn sql_value_functions() {
     assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1) && row.get::<_, bool>(11));
     assert_eq!(row.get::<_, String>(9), "app");
 }
+
+/// SQLAlchemy's offset without a limit: `LIMIT ALL OFFSET $1` (sqlparser prints no LIMIT for
+/// it; the meaning check reads LIMIT ALL as no limit).
+#[tokio::test]
+async fn limit_all_with_an_offset() {
+    let f = fixture();
+    let c = f.dev().await;
+    let rows = c
+        .query("SELECT x FROM generate_series(1, 5) AS g(x) ORDER BY x LIMIT ALL OFFSET $1::INTEGER", &[&3i32])
+        .await
+        .unwrap();
+    assert_eq!(rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [4, 5]);
+    let n: i64 = c.query_one("SELECT count(*) FROM (SELECT id FROM entities LIMIT NULL) s", &[]).await.unwrap().get(0);
+    assert!(n > 0);
+}
