@@ -270,7 +270,11 @@ admin_upstream = "{self.admin_url}"
 operator_keys = true
 event_store = "refused"
 max_connections_per_key = 300
-allow_functions = ["pg_sleep"]
+# pg_sleep for the cancel tests; extension functions the suites call (hstore, pgcrypto,
+# unaccent, pg_trgm), as an operator allows them for development work.
+allow_functions = ["pg_sleep", "hstore", "akeys", "avals", "skeys", "svals", "slice", "exist", "defined",
+                   "hstore_to_json", "hstore_to_jsonb", "digest", "unaccent", "similarity", "word_similarity",
+                   "strict_word_similarity"]
 """)
         self.proxy_log = open(self.base / "proxy.log", "w")
         self.proxy = subprocess.Popen([str(self.binary), "serve", "--config", str(config)], stdout=self.proxy_log,
