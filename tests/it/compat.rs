@@ -334,3 +334,18 @@ async fn limit_all_with_an_offset() {
     let n: i64 = c.query_one("SELECT count(*) FROM (SELECT id FROM entities LIMIT NULL) s", &[]).await.unwrap().get(0);
     assert!(n > 0);
 }
+
+/// Partitioned scratch tables (SQLAlchemy's reflection tests): `PARTITION BY RANGE (col)`,
+/// which sqlparser reads as a call of `range`.
+#[tokio::test]
+async fn partitioned_scratch_tables() {
+    let f = fixture();
+    let c = f.dev().await;
+    let t = unique("compat_parts");
+    c.batch_execute(&format!("CREATE TABLE {t} (modulus int NOT NULL, data text) PARTITION BY range(modulus)"))
+        .await
+        .unwrap();
+    c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+    let e = c.batch_execute(&format!("CREATE TABLE {t} (m int) PARTITION BY range(lower(m::text))")).await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e}");
+}

@@ -387,7 +387,15 @@ impl PolicyEngine {
             return Err(denied(format!("a temporary table may not be named like the managed table {table}")));
         }
         self.ddl_target(w, &ct.name, "create")?;
-        w.run(ct).map_err(denied)?;
+        // `PARTITION BY RANGE (a)` / `LIST` / `HASH`: sqlparser reads the strategy as a call; it
+        // is checked here (columns only) and kept out of the function check.
+        let partition_by = ct.partition_by.take();
+        if let Some(p) = &partition_by {
+            partition_strategy_ok(p)?;
+        }
+        let walked = w.run(ct).map_err(denied);
+        ct.partition_by = partition_by;
+        walked?;
         if w.read_managed {
             return Err(denied(
                 "CREATE TABLE … AS may not read managed tables (their rows would leave the tenant's scope)",
@@ -502,6 +510,25 @@ fn explain_options(options: &mut Option<Vec<sqlparser::ast::UtilityOption>>) -> 
     }
     if !costs_off {
         list.push(UtilityOption { name: Ident::new("COSTS"), arg: Some(Expr::Identifier(Ident::new("OFF"))) });
+    }
+    Ok(())
+}
+
+/// A partitioning strategy as sqlparser reads it: `range|list|hash(col, …)` over plain columns.
+fn partition_strategy_ok(e: &sqlparser::ast::Expr) -> Result<(), Refusal> {
+    use sqlparser::ast::{Expr, FunctionArg, FunctionArgExpr, FunctionArguments};
+    let refused = || denied("PARTITION BY is only allowed as RANGE, LIST or HASH over plain columns");
+    let Expr::Function(f) = e else { return Err(refused()) };
+    let strategy = name_parts(&f.name).filter(|p| p.len() == 1).map(|p| p[0].clone()).unwrap_or_default();
+    if !matches!(strategy.as_str(), "range" | "list" | "hash") {
+        return Err(refused());
+    }
+    let FunctionArguments::List(list) = &f.args else { return Err(refused()) };
+    let columns = list.args.iter().all(|a| {
+        matches!(a, FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Identifier(i))) if i.quote_style.is_none() || i.quote_style == Some('"'))
+    });
+    if list.args.is_empty() || !columns || f.filter.is_some() || f.over.is_some() || !f.within_group.is_empty() {
+        return Err(refused());
     }
     Ok(())
 }
