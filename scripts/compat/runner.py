@@ -517,7 +517,7 @@ def suite_sqlalchemy(driver: str):
         extra = {"STRUERE_COMPAT_NO_PG_STAT_ACTIVITY": "1"} if t.mode == "development" else {}
         uri = f"postgresql+{driver}://{t.user}:{t.password}@{t.host}:{t.port}/{t.dbname}"
         paths = SQLALCHEMY_QUICK if quick else SQLALCHEMY_SUBSET if driver == "psycopg" else SQLALCHEMY_ASYNCPG_SUBSET
-        cmd = nice([str(py), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE", "--dburi", uri, *paths])
+        cmd = nice([str(py), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE", "--maxfail=1000000", "--dburi", uri, *paths])
         out = run(cmd, capture_output=True, check=False, cwd=src, timeout=5400, env=dict(os.environ, **extra))
         (work / f"sqlalchemy-{driver}.log").write_text(out.stdout + out.stderr)
         r = Result()
