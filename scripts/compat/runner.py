@@ -659,7 +659,7 @@ def main() -> int:
               *([] if args.debug else ["--release"])]))
     binary = target_dir / profile / "struere-proxy"
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = CACHE / "runs" / stamp
+    base = CACHE / "runs" / f"{stamp}-{os.getpid()}"
     base.mkdir(parents=True)
     env = Env(base, binary, suites)
     table = {}
