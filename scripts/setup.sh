@@ -6,11 +6,14 @@
 #                                  binaries (the demo and the tests start a throwaway cluster)
 #   bash scripts/setup.sh build    libclang only (the Docker image's build stage)
 #   bash scripts/setup.sh test     both, plus chromium and chromedriver (the dashboard's browser
-#                                  test runs Debian's chromium headless; it fails without them)
+#                                  test runs Debian's chromium headless; it fails without them), a
+#                                  JDK and Debian's PostgreSQL JDBC driver (tests/it/compat.rs)
+#   bash scripts/setup.sh compat   what scripts/compat.sh needs: the JDK, the JDBC driver, python3's
+#                                  venv module (the suites themselves come from the registries)
 set -euo pipefail
 
 mode="${1:-run}"
-case "$mode" in run | build | test) ;; *) echo "usage: scripts/setup.sh [build|test]" >&2; exit 2 ;; esac
+case "$mode" in run | build | test | compat) ;; *) echo "usage: scripts/setup.sh [build|test|compat]" >&2; exit 2 ;; esac
 
 missing=()
 
@@ -33,6 +36,13 @@ fi
 if [ "$mode" = test ]; then
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+fi
+if [ "$mode" = test ] || [ "$mode" = compat ]; then
+  command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
+  [ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
+fi
+if [ "$mode" = compat ]; then
+  python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 fi
 
 if [ ${#missing[@]} -eq 0 ]; then

@@ -99,6 +99,7 @@ pub fn snapshot() -> CatalogSnapshot {
         ("now", 's'),
         ("pg_sleep", 'v'),
         ("setval", 'v'),
+        ("pg_get_serial_sequence", 's'),
         ("jsonb_build_object", 's'),
         ("to_jsonb", 's'),
         ("jsonb_set", 'i'),

@@ -110,6 +110,8 @@ pub struct CatalogSnapshot {
     pub functions: BTreeMap<String, Vec<Function>>,
     /// Operators by (symbol, left type oid, right type oid): is the implementing function leakproof.
     pub operators: BTreeMap<(String, u32, u32), bool>,
+    /// Installed extensions (`CREATE EXTENSION IF NOT EXISTS` of one of them is a no-op).
+    pub extensions: std::collections::BTreeSet<String>,
 }
 
 impl CatalogSnapshot {
@@ -214,6 +216,9 @@ pub async fn load(client: &tokio_postgres::Client) -> Result<CatalogSnapshot, to
     }
     for row in client.query(OPERATORS_SQL, &[]).await? {
         snap.operators.insert((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?), row.try_get(3)?);
+    }
+    for row in client.query("SELECT extname::text FROM pg_catalog.pg_extension", &[]).await? {
+        snap.extensions.insert(row.try_get(0)?);
     }
     Ok(snap)
 }

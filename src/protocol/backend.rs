@@ -63,6 +63,14 @@ pub fn ready_for_query(out: &mut BytesMut, status: u8) {
     encode(&ReadyForQuery::new(status), out);
 }
 
+/// A message relayed as the server framed it (`tag`, then the length, then `body`).
+pub fn raw_message(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.reserve(5 + body.len());
+    out.extend_from_slice(&[tag]);
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(body);
+}
+
 pub fn auth_cleartext_request(out: &mut BytesMut) {
     encode(&Authentication::CleartextPassword, out);
 }

@@ -122,10 +122,54 @@ pub(crate) fn unsupported_construct(node: &NodeEnum) -> Option<&'static str> {
 }
 
 pub(crate) fn shape(node: &NodeEnum) -> Option<String> {
+    let normalized = without_null_limits(node);
+    let node = normalized.as_ref().unwrap_or(node);
     let mut walker: Walker<'_, ()> =
         Walker { path: Vec::with_capacity(32), on_str: None, stopped: None, shape: Some(String::with_capacity(1024)) };
     node.serialize(&mut walker).ok()?;
     walker.shape
+}
+
+/// A limit count that is the NULL constant (`LIMIT ALL`, `LIMIT NULL`) means no limit, and
+/// sqlparser prints no LIMIT for it (SQLAlchemy sends `LIMIT ALL OFFSET $1`): the canonical form
+/// leaves it out, on both sides of the meaning check. `None` when the tree has none (no copy).
+fn without_null_limits(node: &NodeEnum) -> Option<NodeEnum> {
+    use pg_query::protobuf::LimitOption;
+    fn null_count(s: &pg_query::protobuf::SelectStmt) -> bool {
+        let count_option = matches!(
+            LimitOption::try_from(s.limit_option),
+            Ok(LimitOption::Count | LimitOption::Default | LimitOption::Undefined)
+        );
+        count_option
+            && matches!(
+                s.limit_count.as_deref().and_then(|n| n.node.as_ref()),
+                Some(NodeEnum::AConst(c)) if c.isnull && c.val.is_none()
+            )
+    }
+    let found = matches!(node, NodeEnum::SelectStmt(s) if null_count(s))
+        || node.nodes().iter().any(|(n, ..)| matches!(n, pg_query::NodeRef::SelectStmt(s) if null_count(s)));
+    if !found {
+        return None;
+    }
+    let mut copy = node.clone();
+    // SAFETY: every pointer comes from `copy`, which lives (unmoved) until after the loop; only
+    // SelectStmt pointers are dereferenced, and what is freed (a NULL constant, which has no
+    // children) holds no SelectStmt another pointer refers to.
+    unsafe {
+        for (n, ..) in copy.nodes_mut() {
+            if let pg_query::NodeMut::SelectStmt(ptr) = n
+                && let Some(s) = ptr.as_mut()
+                && null_count(s)
+            {
+                // What PostgreSQL records without a LIMIT: `Count` when there is an OFFSET.
+                s.limit_count = None;
+                if s.limit_offset.is_none() {
+                    s.limit_option = LimitOption::Default as i32;
+                }
+            }
+        }
+    }
+    Some(copy)
 }
 
 /// The numbers of the parameter references (`$k`) in a statement, one per occurrence.
@@ -550,6 +594,17 @@ mod tests {
     fn first_stmt(sql: &str) -> NodeEnum {
         let parsed = pg_query::parse(sql, 0).unwrap();
         parsed.protobuf.stmts[0].stmt.as_ref().unwrap().node.clone().unwrap()
+    }
+
+    #[test]
+    fn shape_reads_a_null_limit_as_no_limit() {
+        let sh = |sql: &str| shape(&first_stmt(sql)).unwrap();
+        assert_eq!(sh("SELECT a FROM t LIMIT ALL OFFSET 1"), sh("SELECT a FROM t OFFSET 1"));
+        assert_eq!(sh("SELECT a FROM t LIMIT NULL"), sh("SELECT a FROM t"));
+        assert_eq!(sh("SELECT (SELECT 1 LIMIT ALL)"), sh("SELECT (SELECT 1)"));
+        assert_ne!(sh("SELECT a FROM t LIMIT 0"), sh("SELECT a FROM t"));
+        assert_ne!(sh("SELECT a FROM t LIMIT $1"), sh("SELECT a FROM t"));
+        assert_ne!(sh("SELECT a FROM t LIMIT 'x'"), sh("SELECT a FROM t"));
     }
 
     fn strings(sql: &str) -> Vec<(Vec<Frame>, String)> {

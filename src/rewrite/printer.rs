@@ -261,6 +261,14 @@ impl VisitorMut for Swapper {
                 ident.quote_style = None;
                 ControlFlow::Continue(())
             }
+            // sqlparser keeps a few string literals as identifiers quoted with `'` (the labels
+            // of `CREATE TYPE … AS ENUM ('a', 'b')`): printed as the string literal they are.
+            Some('\'') => {
+                let sentinel = self.sentinel(Emitted::Str(ident.value.clone()));
+                ident.value = sentinel;
+                ident.quote_style = None;
+                ControlFlow::Continue(())
+            }
             // `*` appears as an identifier in `UNLISTEN *`; it is one operator token either way.
             None if is_plain_word(&ident.value) || ident.value == "*" => ControlFlow::Continue(()),
             None => self.refuse(cannot_print(&format!("the identifier {:?}", ident.value))),
@@ -390,6 +398,20 @@ mod tests {
         assert_eq!(text("SELECT $$a'b$$, $tag$ $$ $tag$"), "SELECT 'a''b', ' $$ '");
         assert_eq!(text("SELECT U&'d\\0061t\\+000061'"), "SELECT 'data'");
         assert_eq!(text("SELECT N'a''b', B'0101', X'fF'"), "SELECT N'a''b', B'0101', X'fF'");
+    }
+
+    #[test]
+    fn enum_labels_are_printed_as_string_literals() {
+        let p = print_sql("CREATE TYPE mood AS ENUM ('sad', 'it''s ok', 'a\\''); DROP TABLE y; --')").unwrap();
+        assert_eq!(p.text, "CREATE TYPE mood AS ENUM ('sad', 'it''s ok', 'a\\''); DROP TABLE y; --')");
+        assert_eq!(
+            p.emitted,
+            [
+                Emitted::Str("sad".into()),
+                Emitted::Str("it's ok".into()),
+                Emitted::Str("a\\'); DROP TABLE y; --".into())
+            ]
+        );
     }
 
     #[test]

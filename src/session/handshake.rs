@@ -243,11 +243,11 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
         Some(key) => proxy.pool.take(key).await,
         None => None,
     };
-    let upstream = match pooled {
-        Some(conn) => conn,
+    let (upstream, notices) = match pooled {
+        Some(conn) => (conn, Vec::new()),
         None => {
             proxy.pool.connected();
-            upstream::connect(target, &database, &params, proxy.current().connect_timeout)
+            upstream::connect_with_notices(target, &database, &params, proxy.current().connect_timeout)
                 .await
                 .map_err(upstream_failure)?
         }
@@ -261,6 +261,10 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
         backend::parameter_status(&mut out, name, value);
     }
     backend::backend_key_data(&mut out, cancel.pid, cancel.secret);
+    // The server's startup notices (a fresh connection's), where the server would send them.
+    for body in &notices {
+        backend::raw_message(&mut out, b'N', body);
+    }
     backend::ready_for_query(&mut out, upstream.transaction_status);
     client.send(&out).await?;
     tracing::info!(operator = caller.is_operator(), %database, "session started");

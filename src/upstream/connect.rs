@@ -34,6 +34,18 @@ pub async fn connect(
     params: &[(String, String)],
     timeout: Duration,
 ) -> Result<UpstreamConn, UpstreamError> {
+    connect_with_notices(cfg, database, params, timeout).await.map(|(conn, _)| conn)
+}
+
+/// [`connect`], also returning the bodies of the NoticeResponses the server sent between
+/// AuthenticationOk and ReadyForQuery (e.g. a truncated `application_name`), which a client
+/// connecting directly would have seen.
+pub async fn connect_with_notices(
+    cfg: &UpstreamConfig,
+    database: &str,
+    params: &[(String, String)],
+    timeout: Duration,
+) -> Result<(UpstreamConn, Vec<bytes::Bytes>), UpstreamError> {
     let startup = startup_message(&cfg.user, database, params)?;
     tokio::time::timeout(timeout, handshake(cfg, &startup)).await.map_err(|_| UpstreamError::Timeout)?
 }
@@ -86,7 +98,7 @@ fn startup_message(user: &str, database: &str, params: &[(String, String)]) -> R
     Ok(buf)
 }
 
-async fn handshake(cfg: &UpstreamConfig, startup: &[u8]) -> Result<UpstreamConn, UpstreamError> {
+async fn handshake(cfg: &UpstreamConfig, startup: &[u8]) -> Result<(UpstreamConn, Vec<bytes::Bytes>), UpstreamError> {
     let stream = open(cfg, cfg.tls).await?;
     let mut wire = Wire { stream, read_buf: BytesMut::with_capacity(READ_CHUNK) };
     wire.send(startup).await?;
@@ -207,28 +219,30 @@ async fn scram_exchange(wire: &mut Wire, cfg: &UpstreamConfig, mechanism: &str) 
 }
 
 /// After AuthenticationOk: ParameterStatus and BackendKeyData until ReadyForQuery.
-async fn read_session_info(mut wire: Wire) -> Result<UpstreamConn, UpstreamError> {
+async fn read_session_info(mut wire: Wire) -> Result<(UpstreamConn, Vec<bytes::Bytes>), UpstreamError> {
     let mut parameters = Vec::new();
     let mut key = None;
+    let mut notices = Vec::new();
     loop {
         let frame = wire.recv().await?;
         match frame.tag {
             b'S' => parameters.push(wire::parse_parameter_status(&frame.body)?),
             b'K' => key = Some(wire::parse_backend_key(&frame.body)?),
-            b'N' => {}
+            b'N' => notices.push(frame.body),
             b'E' => return Err(server_error(&frame)?),
             b'Z' => {
                 let transaction_status = wire::parse_ready_for_query(&frame.body)?;
                 // No BackendKeyData (some poolers): 0/0, and cancel is impossible.
                 let (backend_pid, backend_secret) = key.unwrap_or((0, 0));
-                return Ok(UpstreamConn {
+                let conn = UpstreamConn {
                     stream: wire.stream,
                     parameters,
                     backend_pid,
                     backend_secret,
                     transaction_status,
                     read_buf: wire.read_buf,
-                });
+                };
+                return Ok((conn, notices));
             }
             other => return Err(unexpected(other, "startup")),
         }

@@ -22,7 +22,7 @@ mod tests;
 use std::fmt;
 
 pub use config::{UpstreamConfig, UpstreamTls};
-pub use connect::{connect, send_cancel};
+pub use connect::{connect, connect_with_notices, send_cancel};
 pub use error::{ServerError, UpstreamError};
 pub use stream::UpstreamStream;
 

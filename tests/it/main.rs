@@ -7,6 +7,7 @@ mod attacks;
 mod auth;
 mod catalog;
 mod cli;
+mod compat;
 mod dashboard;
 mod differential;
 mod doctor;

@@ -32,9 +32,47 @@ const SAFE_VOLATILE: &[&str] = &[
     "set_config",
 ];
 
+/// information_schema's own helper functions (SQL functions over the catalog, immutable or
+/// stable): drivers call them directly in their metadata queries (pgjdbc's getPrimaryKeys and
+/// getIndexInfo use `information_schema._pg_expandarray`).
+const INFORMATION_SCHEMA_HELPERS: &[&str] = &[
+    "_pg_expandarray",
+    "_pg_index_position",
+    "_pg_truetypid",
+    "_pg_truetypmod",
+    "_pg_char_max_length",
+    "_pg_char_octet_length",
+    "_pg_numeric_precision",
+    "_pg_numeric_precision_radix",
+    "_pg_numeric_scale",
+    "_pg_datetime_precision",
+    "_pg_interval_type",
+];
+
 /// Constructs sqlparser represents as function calls although PostgreSQL's grammar reads them
-/// as expressions (keywords, so no function of that name can be reached unqualified).
-const SYNTAX_CALLS: &[&str] = &["array", "coalesce", "nullif", "greatest", "least", "grouping"];
+/// as expressions (reserved keywords, so no function of that name can be reached unqualified),
+/// among them the SQL value functions (`CURRENT_TIMESTAMP`, `CURRENT_TIMESTAMP(3)`, `LOCALTIME`,
+/// `CURRENT_USER`, …), which PostgreSQL evaluates itself.
+const SYNTAX_CALLS: &[&str] = &[
+    "array",
+    "coalesce",
+    "nullif",
+    "greatest",
+    "least",
+    "grouping",
+    "row",
+    "current_timestamp",
+    "current_date",
+    "current_time",
+    "localtime",
+    "localtimestamp",
+    "current_catalog",
+    "current_role",
+    "current_user",
+    "session_user",
+    "system_user",
+    "user",
+];
 
 /// Stable or immutable functions that still must not be reachable (prefix match).
 const DENIED_PREFIXES: &[&str] = &[
@@ -98,6 +136,9 @@ pub fn check(catalog: &CatalogSnapshot, parts: &[String], configured: &BTreeSet<
     }
     // Syntax sqlparser reads as a call: `ARRAY(SELECT …)`, `COALESCE(…)`.
     if schema.is_none() && SYNTAX_CALLS.contains(&name) {
+        return Ok(());
+    }
+    if schema == Some("information_schema") && INFORMATION_SCHEMA_HELPERS.contains(&name) {
         return Ok(());
     }
     if schema.is_some_and(|s| s != "pg_catalog") {
@@ -171,6 +212,16 @@ mod tests {
         assert!(!ok(&["mine"]));
         assert!(!ok(&["public", "mine"]));
         assert!(!ok(&["nonexistent"]));
+        // information_schema's helpers, only schema-qualified (drivers' metadata queries).
+        assert!(ok(&["information_schema", "_pg_expandarray"]));
+        assert!(!ok(&["_pg_expandarray"]));
+        // `ROW(…)`, which sqlparser reads as a call.
+        assert!(ok(&["row"]));
+        assert!(!ok(&["pg_catalog", "row"]));
+        for value_function in ["current_timestamp", "current_date", "localtimestamp", "current_catalog", "user"] {
+            assert!(ok(&[value_function]), "{value_function}");
+        }
+        assert!(!ok(&["information_schema", "mine"]));
         let configured: BTreeSet<String> = ["pg_sleep".to_string()].into();
         assert!(check(&cat(), &["pg_sleep".to_string()], &configured).is_ok());
     }

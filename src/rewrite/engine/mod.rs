@@ -115,6 +115,10 @@ impl StatementPolicy for PolicyEngine {
                 if walk::is_pg_notify(&parts) && f.args.len() == 2 {
                     continue;
                 }
+                // setval is qualified by the tree walk and checked on the output (check_output).
+                if is_setval(&parts) {
+                    continue;
+                }
                 functions::check(&self.catalog, &parts, &self.allow_functions).map_err(denied)?;
             }
         }
@@ -137,6 +141,12 @@ impl StatementPolicy for PolicyEngine {
                 && matches!(string_list(&f.funcname).as_slice(), [n] | [_, n] if n == "nextval" || n == "currval")
             {
                 sequence_allowed(f.args.first(), actor)?;
+                continue;
+            }
+            if let pg_query::NodeRef::FuncCall(f) = n
+                && is_setval(&string_list(&f.funcname))
+            {
+                setval_output_allowed(f, actor)?;
                 continue;
             }
             // Every pg_notify that reaches the server sends on the caller's own namespace.
@@ -216,9 +226,63 @@ impl PolicyEngine {
                 self.ddl_target(w, &name, "alter")?;
                 self.walk_write(w, stmt)
             }
+            // Enum and composite types in the scratch schema (clients' own tests and ORMs' enum
+            // columns); they hold no rows and call no functions. Range, base and shell types
+            // name support functions and are refused with the other kinds.
+            Statement::CreateType { name, representation } => {
+                use sqlparser::ast::UserDefinedTypeRepresentation as R;
+                if !matches!(representation, Some(R::Enum { .. } | R::Composite { .. })) {
+                    return Err(denied(
+                        "CREATE TYPE is only allowed as an enum or a composite type through an environment key",
+                    ));
+                }
+                let name = name.clone();
+                self.ddl_target(w, &name, "create the type")?;
+                w.run(stmt).map_err(denied)
+            }
+            // ORM test suites make sure their extensions exist (SQLAlchemy's provisioning:
+            // `CREATE EXTENSION IF NOT EXISTS hstore`): a no-op for one already installed, which
+            // is all an environment key may send.
+            Statement::CreateExtension(ce) => {
+                let name = match ce.name.quote_style {
+                    None => ce.name.value.to_ascii_lowercase(),
+                    Some(_) => ce.name.value.clone(),
+                };
+                if ce.if_not_exists && self.catalog.extensions.contains(&name) {
+                    Ok(())
+                } else {
+                    Err(denied(
+                        "CREATE EXTENSION is not allowed through an environment key (only IF NOT EXISTS of an installed one)",
+                    ))
+                }
+            }
+            Statement::CreateSequence { name, .. } => {
+                let name = name.clone();
+                self.ddl_target(w, &name, "create")
+            }
+            // Comments on the caller's own scratch tables and their columns (ORMs and psql
+            // scripts write them); a comment is DDL on its table.
+            Statement::Comment { object_type, object_name, .. } => {
+                use sqlparser::ast::CommentObject;
+                let table = match object_type {
+                    CommentObject::Table => object_name.clone(),
+                    CommentObject::Column if object_name.0.len() >= 2 => {
+                        let mut table = object_name.clone();
+                        table.0.pop();
+                        table
+                    }
+                    other => {
+                        return Err(denied(format!("COMMENT ON {other} is not allowed through an environment key")));
+                    }
+                };
+                self.ddl_target(w, &table, "comment on")
+            }
             Statement::Drop { names, object_type, .. } => {
                 use sqlparser::ast::ObjectType;
-                if !matches!(object_type, ObjectType::Table | ObjectType::Index | ObjectType::Sequence) {
+                if !matches!(
+                    object_type,
+                    ObjectType::Table | ObjectType::Index | ObjectType::Sequence | ObjectType::Type
+                ) {
                     return Err(denied(format!("DROP {object_type} is not allowed through an environment key")));
                 }
                 for n in names.clone() {
@@ -282,7 +346,10 @@ impl PolicyEngine {
         let (schema, table) = self.resolve_target(w, name)?;
         w.ctx.set.managed(&schema, &table).map_err(denied)?;
         let qualified = name.0.len() > 1;
-        if qualified && schema != scratch_schema(w.ctx.actor) && w.ctx.set.tables.table(&schema, &table).is_none() {
+        // `pg_temp` (exactly: the session's own temporary schema) holds session-local objects
+        // like the temporary tables an unqualified `CREATE TEMP TABLE` makes.
+        let own_schema = schema == scratch_schema(w.ctx.actor) || schema == "pg_temp";
+        if qualified && !own_schema && w.ctx.set.tables.table(&schema, &table).is_none() {
             return Err(denied(format!(
                 "cannot {verb} {schema}.{table}: unmanaged objects live in the tenant's own scratch schema (use an unqualified name)"
             )));
@@ -320,7 +387,15 @@ impl PolicyEngine {
             return Err(denied(format!("a temporary table may not be named like the managed table {table}")));
         }
         self.ddl_target(w, &ct.name, "create")?;
-        w.run(ct).map_err(denied)?;
+        // `PARTITION BY RANGE (a)` / `LIST` / `HASH`: sqlparser reads the strategy as a call; it
+        // is checked here (columns only) and kept out of the function check.
+        let partition_by = ct.partition_by.take();
+        if let Some(p) = &partition_by {
+            partition_strategy_ok(p)?;
+        }
+        let walked = w.run(ct).map_err(denied);
+        ct.partition_by = partition_by;
+        walked?;
         if w.read_managed {
             return Err(denied(
                 "CREATE TABLE … AS may not read managed tables (their rows would leave the tenant's scope)",
@@ -437,6 +512,132 @@ fn explain_options(options: &mut Option<Vec<sqlparser::ast::UtilityOption>>) -> 
         list.push(UtilityOption { name: Ident::new("COSTS"), arg: Some(Expr::Identifier(Ident::new("OFF"))) });
     }
     Ok(())
+}
+
+/// A partitioning strategy as sqlparser reads it: `range|list|hash(col, …)` over plain columns.
+fn partition_strategy_ok(e: &sqlparser::ast::Expr) -> Result<(), Refusal> {
+    use sqlparser::ast::{Expr, FunctionArg, FunctionArgExpr, FunctionArguments};
+    let refused = || denied("PARTITION BY is only allowed as RANGE, LIST or HASH over plain columns");
+    let Expr::Function(f) = e else { return Err(refused()) };
+    let strategy = name_parts(&f.name).filter(|p| p.len() == 1).map(|p| p[0].clone()).unwrap_or_default();
+    if !matches!(strategy.as_str(), "range" | "list" | "hash") {
+        return Err(refused());
+    }
+    let FunctionArguments::List(list) = &f.args else { return Err(refused()) };
+    let columns = list.args.iter().all(|a| {
+        matches!(a, FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Identifier(i))) if i.quote_style.is_none() || i.quote_style == Some('"'))
+    });
+    if list.args.is_empty() || !columns || f.filter.is_some() || f.over.is_some() || !f.within_group.is_empty() {
+        return Err(refused());
+    }
+    Ok(())
+}
+
+/// `setval` / `pg_catalog.setval`.
+pub(crate) fn is_setval(parts: &[String]) -> bool {
+    matches!(parts, [n] if n == "setval") || matches!(parts, [s, n] if s == "pg_catalog" && n == "setval")
+}
+
+/// `setval` only on the caller's own sequences: ORMs reset their tables' sequences between tests
+/// (Django's `sql_flush`: `setval(pg_get_serial_sequence('"t"','id'), 1, false)`). The sequence
+/// argument — a constant name, a constant cast to regclass, or `pg_get_serial_sequence` of a
+/// constant table — is rewritten to name the caller's scratch schema explicitly, so a name that
+/// resolves elsewhere (a managed table's sequence in `public`) can never be reached; an
+/// explicit schema must be that scratch schema or `pg_temp`. Anything else is refused.
+/// (A sequence is owned by a table of its own schema, so pg_get_serial_sequence of a scratch
+/// table names a scratch sequence.)
+pub(crate) fn qualify_setval(f: &mut sqlparser::ast::Function, actor: &ActorContext) -> Result<(), String> {
+    use sqlparser::ast::{Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Value};
+    let refused = || {
+        "setval needs a constant sequence name (or pg_get_serial_sequence of a constant table name) of the \
+         caller's own scratch schema"
+            .to_owned()
+    };
+    let scratch = scratch_schema(actor);
+    let qualify = |text: &mut String| -> Result<(), String> {
+        let parts = split_qualified(text).ok_or_else(refused)?;
+        let (schema, name) = match parts.as_slice() {
+            [name] => (scratch.clone(), name.clone()),
+            [schema, name] if *schema == scratch || schema == "pg_temp" => (schema.clone(), name.clone()),
+            _ => return Err(refused()),
+        };
+        *text = format!("\"{}\".\"{}\"", schema.replace('"', "\"\""), name.replace('"', "\"\""));
+        Ok(())
+    };
+    fn first_arg(f: &mut sqlparser::ast::Function) -> Option<&mut Expr> {
+        match &mut f.args {
+            FunctionArguments::List(l) => match l.args.first_mut() {
+                Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(e))) => Some(e),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+    fn constant(e: &mut Expr) -> Option<&mut String> {
+        match e {
+            Expr::Value(v) => match &mut v.value {
+                Value::SingleQuotedString(s) => Some(s),
+                _ => None,
+            },
+            Expr::Cast { expr, .. } => constant(expr),
+            Expr::Nested(e) => constant(e),
+            _ => None,
+        }
+    }
+    let arg = first_arg(f).ok_or_else(refused)?;
+    if let Some(text) = constant(arg) {
+        return qualify(text);
+    }
+    if let Expr::Function(inner) = arg
+        && name_parts(&inner.name).is_some_and(|p| {
+            matches!(p.as_slice(), [n] | [_, n] if n == "pg_get_serial_sequence")
+                && (p.len() == 1 || p[0] == "pg_catalog")
+        })
+        && let Some(table) = first_arg(inner).and_then(constant)
+    {
+        return qualify(table);
+    }
+    Err(refused())
+}
+
+/// What reaches the server: setval's sequence argument names the caller's scratch schema or
+/// `pg_temp` explicitly (see [`qualify_setval`]).
+fn setval_output_allowed(f: &pg_query::protobuf::FuncCall, actor: &ActorContext) -> Result<(), Refusal> {
+    use pg_query::NodeEnum as N;
+    let refused =
+        || Refusal::Unverifiable("refused: setval would reach a sequence outside the caller's scratch schema".into());
+    let constant = |n: Option<&N>| -> Option<String> {
+        let n = match n {
+            Some(N::TypeCast(t)) => t.arg.as_deref().and_then(|a| a.node.as_ref()),
+            other => other,
+        };
+        match n {
+            Some(N::AConst(c)) => match &c.val {
+                Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.clone()),
+                _ => None,
+            },
+            _ => None,
+        }
+    };
+    let scratch = scratch_schema(actor);
+    let own = |text: Option<String>| {
+        text.and_then(|t| split_qualified(&t))
+            .is_some_and(|p| matches!(p.as_slice(), [schema, _] if *schema == scratch || schema == "pg_temp"))
+    };
+    let arg = f.args.first().and_then(|a| a.node.as_ref());
+    let ok = match arg {
+        Some(N::FuncCall(inner)) => {
+            let name = string_list(&inner.funcname);
+            let serial = match name.as_slice() {
+                [n] => n == "pg_get_serial_sequence",
+                [s, n] => s == "pg_catalog" && n == "pg_get_serial_sequence",
+                _ => false,
+            };
+            serial && own(constant(inner.args.first().and_then(|a| a.node.as_ref())))
+        }
+        other => own(constant(other)),
+    };
+    if ok { Ok(()) } else { Err(refused()) }
 }
 
 /// A sequence argument (`'name'` or `'name'::regclass`) names a sequence outside other tenants'

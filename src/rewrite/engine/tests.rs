@@ -243,7 +243,11 @@ fn write_refusals_name_the_construct() {
         (&support, "UPDATE users SET name = phone", "column phone of users is hidden"),
         (&admin_dev(), "MERGE INTO entities t USING entities s ON t.id = s.id WHEN MATCHED THEN DELETE", "MERGE"),
         (&admin_dev(), "TRUNCATE entities", "TRUNCATE of the managed table"),
-        (&admin_dev(), "SELECT setval('entities_id_seq', 1)", "setval"),
+        (&admin_dev(), "SELECT setval('public.entities_id_seq', 1)", "setval"),
+        (&admin_dev(), "SELECT setval(pg_get_serial_sequence('public.entities', 'id'), 1)", "setval"),
+        (&admin_dev(), "SELECT setval('scratch_0000000000.s', 1)", "setval"),
+        (&admin_dev(), "SELECT setval(lower('S'), 1)", "setval"),
+        (&teacher(), "SELECT setval('s', 1)", "setval"),
         (&admin_dev(), "COPY entities FROM STDIN", "COPY … FROM STDIN into the managed table"),
         (&admin_dev(), "UPDATE entities SET (data, entity_type) = ('{}', 'x')", "one by one"),
         (&admin_dev(), "UPDATE entities e SET data = '{}' FROM threads t RETURNING *", "RETURNING *"),
@@ -543,4 +547,21 @@ fn the_reserved_prefix_is_a_prefix_not_a_substring() {
         let e = run(&admin_dev(), sql).unwrap_err();
         assert!(e.to_string().contains("reserved"), "{sql}: {e}");
     }
+}
+
+#[test]
+fn setval_names_the_callers_scratch_schema() {
+    let scratch = super::scratch_schema(&admin_dev());
+    let out = run(&admin_dev(), "SELECT setval('s', 1)").unwrap();
+    assert_eq!(out, format!("SELECT setval('\"{scratch}\".\"s\"', 1)"));
+    // Django's sql_flush.
+    let out = run(&admin_dev(), "SELECT setval(pg_get_serial_sequence('\"basic_article\"','id'), 1, false)").unwrap();
+    assert_eq!(
+        out,
+        format!("SELECT setval(pg_get_serial_sequence('\"{scratch}\".\"basic_article\"', 'id'), 1, false)")
+    );
+    let out = run(&admin_dev(), &format!("SELECT setval('{scratch}.\"S\"'::regclass, 5, true)")).unwrap();
+    assert_eq!(out, format!("SELECT setval('\"{scratch}\".\"S\"'::REGCLASS, 5, true)"));
+    let out = run(&admin_dev(), "SELECT setval('pg_temp.s', 1)").unwrap();
+    assert_eq!(out, "SELECT setval('\"pg_temp\".\"s\"', 1)");
 }

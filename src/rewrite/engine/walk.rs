@@ -553,6 +553,15 @@ impl VisitorMut for Walker<'_, '_> {
                     Err(e) => self.fail(e),
                 };
             }
+            if super::is_setval(&parts) {
+                if !self.unmanaged_allowed() {
+                    return self.fail("setval needs a development role granted unmanaged_tables".to_owned());
+                }
+                return match super::qualify_setval(f, self.ctx.actor) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => self.fail(e),
+                };
+            }
             if let Err(msg) = functions::check(self.ctx.catalog, &parts, self.allow_functions) {
                 return self.fail(msg);
             }

@@ -1,0 +1,351 @@
+//! Client compatibility in CI (issue 6): the runner's psql checks (`scripts/compat/psql.sql`)
+//! and JDBC program (`scripts/compat/jdbc/Compat.java`, Debian's pgjdbc) through a development
+//! key and an operator key, and regression tests for what the full runner (`scripts/compat.sh`)
+//! surfaced.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::harness::{code, fixture, unique};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every check name of the psql script, in order.
+fn psql_checks() -> Vec<String> {
+    let script = std::fs::read_to_string(repo().join("scripts/compat/psql.sql")).expect("psql.sql");
+    script.lines().filter_map(|l| l.strip_prefix("\\echo PASS ")).map(|s| s.trim().to_owned()).collect()
+}
+
+/// `refused`: the checks this key deliberately refuses (`REFUSED name`).
+fn run_psql_checks(key: &str, label: &str, refused: &[&str]) {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let table = unique(&format!("compat_psql_{label}"));
+    let out = Command::new(&f.psql)
+        .arg("-X")
+        .arg("-f")
+        .arg(repo().join("scripts/compat/psql.sql"))
+        .args(["-v", &format!("t={table}"), "-v", &format!("dir={}", dir.path().display())])
+        .arg(format!("host=127.0.0.1 port={} user=compat dbname=app password={key} sslmode=prefer", f.addr.port()))
+        .output()
+        .expect("psql runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let passed: Vec<String> = stdout.lines().filter_map(|l| l.strip_prefix("PASS ")).map(str::to_owned).collect();
+    assert!(out.status.success(), "psql checks through the {label} key failed:\n{stdout}\n{stderr}");
+    let got_refused: Vec<&str> = stdout.lines().filter_map(|l| l.strip_prefix("REFUSED ")).collect();
+    assert_eq!(got_refused, refused, "{stdout}");
+    let expected: Vec<String> = psql_checks().into_iter().filter(|c| !refused.contains(&c.as_str())).collect();
+    assert_eq!(passed, expected, "{stdout}");
+    assert!(stdout.contains("gexec_value"), "{stdout}");
+}
+
+#[test]
+fn psql_checks_through_a_development_key() {
+    // \dt+ shows table sizes: pg_table_size is refused (README, deliberate refusals).
+    run_psql_checks(&fixture().dev_key, "dev", &["dt_plus"]);
+}
+
+#[test]
+fn psql_checks_through_an_operator_key() {
+    run_psql_checks(&fixture().operator_key, "op", &[]);
+}
+
+const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
+
+/// Compat.java compiled once per test binary (scripts/setup.sh test installs the JDK and the
+/// driver).
+fn jdbc_classes() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        assert!(Path::new(JDBC_JAR).exists(), "{JDBC_JAR} is missing: run bash scripts/setup.sh test");
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("javac")
+            .args(["-cp", JDBC_JAR, "-d"])
+            .arg(dir.path())
+            .arg(repo().join("scripts/compat/jdbc/Compat.java"))
+            .output()
+            .expect("javac runs (bash scripts/setup.sh test installs it)");
+        assert!(out.status.success(), "javac: {}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+    .path()
+}
+
+fn run_jdbc(key: &str, label: &str) {
+    let f = fixture();
+    let classes = jdbc_classes();
+    let table = unique(&format!("compat_jdbc_{label}"));
+    let out = Command::new("java")
+        .arg("-cp")
+        .arg(format!("{JDBC_JAR}:{}", classes.display()))
+        .arg("Compat")
+        .args(["127.0.0.1", &f.addr.port().to_string(), "app", "compat", key, &table])
+        .output()
+        .expect("java runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "JDBC checks through the {label} key failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    for check in
+        ["batch_insert", "named_prepared_binary_roundtrip", "fetch_size_cursor", "savepoints", "copy_in_and_out"]
+    {
+        assert!(stdout.contains(&format!("PASS {check}\n")), "{check}: {stdout}");
+    }
+    for check in ["listen_notify", "cancel", "database_metadata"] {
+        assert!(stdout.contains(&format!("PASS {check}\n")), "{check}: {stdout}");
+    }
+}
+
+#[test]
+fn jdbc_program_through_a_development_key() {
+    run_jdbc(&fixture().dev_key, "dev");
+}
+
+#[test]
+fn jdbc_program_through_an_operator_key() {
+    run_jdbc(&fixture().operator_key, "op");
+}
+
+/// psql scripts and ORMs comment their tables; on the caller's own scratch tables that is DDL
+/// like any other, on a managed table it is refused.
+#[tokio::test]
+async fn comments_on_scratch_tables_and_columns() {
+    let f = fixture();
+    let c = f.dev().await;
+    let t = unique("compat_comment");
+    c.batch_execute(&format!("CREATE TABLE {t} (id int PRIMARY KEY, name text)")).await.unwrap();
+    c.batch_execute(&format!("COMMENT ON TABLE {t} IS 'it''s a scratch table'")).await.unwrap();
+    c.batch_execute(&format!("COMMENT ON COLUMN {t}.name IS 'a name'")).await.unwrap();
+    let row = c
+        .query_one(
+            &format!("SELECT obj_description('{t}'::regclass, 'pg_class'), col_description('{t}'::regclass, 2)"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("it's a scratch table"));
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("a name"));
+    c.batch_execute(&format!("COMMENT ON TABLE {t} IS NULL")).await.unwrap();
+    for refused in [
+        "COMMENT ON TABLE entities IS 'x'",
+        "COMMENT ON COLUMN entities.data IS 'x'",
+        "COMMENT ON TABLE public.organizations IS 'x'",
+        "COMMENT ON SCHEMA public IS 'x'",
+    ] {
+        let e = c.batch_execute(refused).await.expect_err(refused);
+        assert_eq!(code(&e), "42501", "{refused}: {e}");
+    }
+    c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+}
+
+/// Sequences in the scratch schema (ORMs create them for identity-less serials and their own
+/// id generators); a qualified one elsewhere is refused like any scratch DDL.
+#[tokio::test]
+async fn sequences_in_the_scratch_schema() {
+    let f = fixture();
+    let c = f.dev().await;
+    let s = unique("compat_seq");
+    c.batch_execute(&format!("CREATE SEQUENCE {s} START 10 INCREMENT BY 5")).await.unwrap();
+    let row = c.query_one(&format!("SELECT nextval('{s}'), nextval('{s}')"), &[]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (10, 15));
+    let schema: String = c
+        .query_one(
+            &format!(
+                "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relname = '{s}' AND c.relkind = 'S'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(schema.starts_with("scratch_"), "{schema}");
+    c.batch_execute(&format!("DROP SEQUENCE {s}")).await.unwrap();
+    let e = c.batch_execute("CREATE SEQUENCE public.compat_elsewhere").await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e}");
+}
+
+/// pgjdbc's getPrimaryKeys and getIndexInfo call information_schema's helper functions.
+#[tokio::test]
+async fn information_schema_helpers_for_driver_metadata() {
+    let f = fixture();
+    let c = f.dev().await;
+    let rows = c
+        .query(
+            "SELECT (information_schema._pg_expandarray(i.indkey)).n FROM pg_catalog.pg_index i \
+             WHERE i.indrelid = 'entities'::regclass AND i.indisprimary",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!rows.is_empty());
+    let e = c.query("SELECT _pg_expandarray(ARRAY[1])", &[]).await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e}");
+}
+
+/// NoticeResponses the server sends during startup (here: the 65-character application_name
+/// is truncated) reach the client, as they would directly (tokio-postgres' `notices` test).
+#[tokio::test]
+async fn startup_notices_reach_the_client() {
+    let f = fixture();
+    for key in [&f.dev_key, &f.operator_key] {
+        // A name of its own: a pooled connection's startup notices are long gone.
+        let name = format!("{:x<65}", unique("n"));
+        let url = format!("{} application_name={name}", f.url(key));
+        let (client, mut notices) = crate::harness::connect_with_notices(&url).await;
+        client.batch_execute("SELECT 1").await.unwrap();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), notices.recv()).await;
+        let first = first.expect("a startup notice").expect("notice channel open");
+        assert!(first.contains("will be truncated"), "{first}");
+    }
+}
+
+/// Enum and composite types in the scratch schema (tokio-postgres' custom_enum and
+/// custom_composite tests); range types name support functions and stay refused.
+#[tokio::test]
+async fn enum_and_composite_types_in_the_scratch_schema() {
+    let f = fixture();
+    let c = f.dev().await;
+    let e = unique("compat_mood");
+    let p = unique("compat_pair");
+    c.batch_execute(&format!("CREATE TYPE {e} AS ENUM ('sad', 'ok', 'happy')")).await.unwrap();
+    c.batch_execute(&format!("CREATE TYPE {p} AS (a int, b text)")).await.unwrap();
+    let row = c.query_one(&format!("SELECT 'ok'::{e}::text, (ROW(1, 'x')::{p}).b"), &[]).await.unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("ok".to_owned(), "x".to_owned()));
+    let schema: String = c
+        .query_one(
+            &format!("SELECT n.nspname::text FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = '{e}'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(schema.starts_with("scratch_"), "{schema}");
+    c.batch_execute(&format!("DROP TYPE {e}; DROP TYPE {p}")).await.unwrap();
+    // In the session's own temporary schema too (tokio-postgres' tests use pg_temp.mood).
+    c.batch_execute(
+        "CREATE TYPE pg_temp.compat_temp_mood AS ENUM ('a', 'b'); \
+                     CREATE TEMP TABLE compat_temp_t (m pg_temp.compat_temp_mood); \
+                     INSERT INTO compat_temp_t VALUES ('b')",
+    )
+    .await
+    .unwrap();
+    let m: String = c.query_one("SELECT m::text FROM compat_temp_t", &[]).await.unwrap().get(0);
+    assert_eq!(m, "b");
+    for refused in [
+        "CREATE TYPE compat_floatrange AS RANGE (subtype = float8, subtype_diff = float8mi)",
+        "CREATE TYPE public.compat_elsewhere AS ENUM ('a')",
+        // Another session's temporary schema is not the caller's.
+        "CREATE TYPE pg_temp_3.compat_elsewhere AS ENUM ('a')",
+        "CREATE DOMAIN compat_posint AS int CHECK (VALUE > 0)",
+    ] {
+        let err = c.batch_execute(refused).await.expect_err(refused);
+        assert_eq!(code(&err), "42501", "{refused}: {err}");
+    }
+}
+
+/// ORMs reset their tables' sequences (Django's sql_flush); setval reaches only sequences of the
+/// caller's scratch schema, whatever the name resolves to.
+#[tokio::test]
+async fn setval_on_scratch_sequences_only() {
+    let f = fixture();
+    let c = f.dev().await;
+    let t = unique("compat_flush");
+    c.batch_execute(&format!(
+        "CREATE TABLE {t} (id serial PRIMARY KEY, v text); INSERT INTO {t} (v) VALUES ('a'), ('b')"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute(&format!("SELECT setval(pg_get_serial_sequence('\"{t}\"','id'), 1, false)")).await.unwrap();
+    c.batch_execute(&format!("TRUNCATE {t}; INSERT INTO {t} (v) VALUES ('c')")).await.unwrap();
+    let id: i32 = c.query_one(&format!("SELECT id FROM {t}"), &[]).await.unwrap().get(0);
+    assert_eq!(id, 1);
+    let seq = format!("{t}_id_seq");
+    let v: i64 = c.query_one(&format!("SELECT setval('{seq}', 41)"), &[]).await.unwrap().get(0);
+    assert_eq!(v, 41);
+    let next: i64 = c.query_one(&format!("SELECT nextval('{seq}')"), &[]).await.unwrap().get(0);
+    assert_eq!(next, 42);
+    // A managed table's sequence: by name it resolves to public, so it is refused outright
+    // qualified and not found unqualified (setval names the scratch schema).
+    for sql in [
+        "SELECT setval('public.entities_id_seq', 1)",
+        "SELECT setval(pg_get_serial_sequence('public.entities', 'id'), 1)",
+        "SELECT setval((SELECT 'public.x'), 1)",
+    ] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        assert_eq!(code(&e), "42501", "{sql}: {e}");
+    }
+    let e = c.batch_execute("SELECT setval('entities_id_seq', 1)").await.unwrap_err();
+    assert_eq!(code(&e), "42P01", "{e}");
+    c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+}
+
+/// SQLAlchemy's provisioning sends `CREATE EXTENSION IF NOT EXISTS hstore`: a no-op for an
+/// installed extension goes through; anything that could install one is refused.
+#[tokio::test]
+async fn create_extension_if_not_exists_of_an_installed_one() {
+    let f = fixture();
+    let c = f.dev().await;
+    c.batch_execute("CREATE EXTENSION IF NOT EXISTS plpgsql").await.unwrap();
+    c.batch_execute("CREATE EXTENSION IF NOT EXISTS \"plpgsql\"").await.unwrap();
+    for refused in [
+        "CREATE EXTENSION plpgsql",
+        "CREATE EXTENSION IF NOT EXISTS compat_no_such_extension",
+        "CREATE EXTENSION IF NOT EXISTS \"PLPGSQL\"",
+    ] {
+        let e = c.batch_execute(refused).await.expect_err(refused);
+        assert_eq!(code(&e), "42501", "{refused}: {e}");
+    }
+}
+
+/// SQL value functions, which sqlparser reads as calls (SQLAlchemy's `func.current_timestamp()`).
+#[tokio::test]
+async fn sql_value_functions() {
+    let f = fixture();
+    let c = f.dev().await;
+    let row = c
+        .query_one(
+            "SELECT CURRENT_TIMESTAMP <= now(), current_timestamp(2) IS NOT NULL, CURRENT_DATE, LOCALTIME, \
+             LOCALTIMESTAMP, CURRENT_TIME, current_user, session_user, current_role, current_catalog, user, \
+             coalesce(NULL, CURRENT_TIMESTAMP) IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1) && row.get::<_, bool>(11));
+    assert_eq!(row.get::<_, String>(9), "app");
+}
+
+/// SQLAlchemy's offset without a limit: `LIMIT ALL OFFSET $1` (sqlparser prints no LIMIT for
+/// it; the meaning check reads LIMIT ALL as no limit).
+#[tokio::test]
+async fn limit_all_with_an_offset() {
+    let f = fixture();
+    let c = f.dev().await;
+    let rows = c
+        .query("SELECT x FROM generate_series(1, 5) AS g(x) ORDER BY x LIMIT ALL OFFSET $1::INTEGER", &[&3i32])
+        .await
+        .unwrap();
+    assert_eq!(rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [4, 5]);
+    let n: i64 = c.query_one("SELECT count(*) FROM (SELECT id FROM entities LIMIT NULL) s", &[]).await.unwrap().get(0);
+    assert!(n > 0);
+}
+
+/// Partitioned scratch tables (SQLAlchemy's reflection tests): `PARTITION BY RANGE (col)`,
+/// which sqlparser reads as a call of `range`.
+#[tokio::test]
+async fn partitioned_scratch_tables() {
+    let f = fixture();
+    let c = f.dev().await;
+    let t = unique("compat_parts");
+    c.batch_execute(&format!("CREATE TABLE {t} (modulus int NOT NULL, data text) PARTITION BY range(modulus)"))
+        .await
+        .unwrap();
+    c.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+    let e = c.batch_execute(&format!("CREATE TABLE {t} (m int) PARTITION BY range(lower(m::text))")).await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e}");
+}
