@@ -79,6 +79,9 @@ pub struct Overrides {
     /// log_level, else info).
     #[arg(long, global = true, env = "STRUERE_LOG")]
     pub log_level: Option<String>,
+    /// Threads that run sessions (default 1; 0: one per core).
+    #[arg(long, global = true, env = "STRUERE_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 impl Overrides {
@@ -100,6 +103,7 @@ impl Overrides {
             allow_unsafe_upstream_role: self.allow_unsafe_upstream_role,
             admin_listen: self.admin_listen.clone(),
             admin_token: self.admin_token.clone(),
+            worker_threads: self.worker_threads,
             log_level: self.log_level.clone().or_else(|| std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty())),
             ..RawConfig::default()
         }

@@ -47,10 +47,10 @@ impl Verdict {
     }
 }
 
-/// One statement decision.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub at: SystemTime,
+/// Who decided: the same for every decision of a session, so built once per session and shared
+/// by its events (a statement's event then costs no copies of names and roles).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Origin {
     /// `None` for an operator key.
     pub environment: Option<Environment>,
     pub organization: Option<String>,
@@ -58,34 +58,50 @@ pub struct Event {
     /// `type:id`.
     pub actor: Option<String>,
     pub roles: Vec<String>,
-    pub kinds: Vec<String>,
-    pub tables: Vec<String>,
-    pub verdict: Verdict,
-    pub reason: Option<String>,
-    pub sqlstate: Option<String>,
-    pub policy_version: Option<String>,
-    /// Hex SHA-256 (first 16 bytes) of the text forwarded; of its parameterised form when its
-    /// literals were sent as bound values (the statement, not its values).
-    pub sql_hash: Option<String>,
-    pub rows: u64,
-    pub duration: Duration,
 }
 
-impl Event {
-    pub fn new(caller: &Caller, key_prefix: &str, verdict: Verdict) -> Event {
+impl Origin {
+    pub fn of(caller: &Caller, key_prefix: &str) -> Arc<Origin> {
         let actor: Option<&ActorContext> = match caller {
             Caller::Environment(a) => Some(a),
             Caller::Operator => None,
         };
-        Event {
-            at: SystemTime::now(),
+        Arc::new(Origin {
             environment: actor.map(|a| a.environment),
             organization: actor.map(|a| a.organization.clone()),
             key_prefix: key_prefix.to_owned(),
             actor: actor.map(|a| format!("{}:{}", a.actor_type.as_str(), a.actor_id)),
             roles: actor.map(|a| a.roles.clone()).unwrap_or_default(),
-            kinds: Vec::new(),
-            tables: Vec::new(),
+        })
+    }
+}
+
+/// One statement decision. What the statement is (kinds, tables, policy version, hash) is
+/// shared with the cached rewrite it came from.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub at: SystemTime,
+    pub origin: Arc<Origin>,
+    pub kinds: Arc<[String]>,
+    pub tables: Arc<[String]>,
+    pub verdict: Verdict,
+    pub reason: Option<String>,
+    pub sqlstate: Option<String>,
+    pub policy_version: Option<Arc<str>>,
+    /// Hex SHA-256 (first 16 bytes) of the text forwarded; of its parameterised form when its
+    /// literals were sent as bound values (the statement, not its values).
+    pub sql_hash: Option<Arc<str>>,
+    pub rows: u64,
+    pub duration: Duration,
+}
+
+impl Event {
+    pub fn new(origin: &Arc<Origin>, verdict: Verdict) -> Event {
+        Event {
+            at: SystemTime::now(),
+            origin: Arc::clone(origin),
+            kinds: Arc::default(),
+            tables: Arc::default(),
             verdict,
             reason: None,
             sqlstate: None,
@@ -98,9 +114,9 @@ impl Event {
 }
 
 /// Hex of the first 16 bytes of SHA-256: identifies a forwarded text without storing it.
-pub fn sql_hash(sql: &str) -> String {
+pub fn sql_hash(sql: &str) -> Arc<str> {
     use sha2::{Digest, Sha256};
-    hex::encode(&Sha256::digest(sql.as_bytes())[..16])
+    Arc::from(hex::encode(&Sha256::digest(sql.as_bytes())[..16]))
 }
 
 struct Open {
@@ -289,16 +305,16 @@ impl EventSink {
     /// logged at info; forwarded statements at debug (every one is in `struere.events`; a line
     /// per statement at info would be the proxy's largest cost at high rates).
     pub fn record(&self, e: Event) {
-        let env = e.environment.map_or("operator", |e| e.as_str());
+        let env = e.origin.environment.map_or("operator", |e| e.as_str());
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
                     target: "struere_proxy::events",
                     environment = env,
-                    organization = e.organization.as_deref().unwrap_or(""),
-                    key = %e.key_prefix,
-                    actor = e.actor.as_deref().unwrap_or(""),
-                    roles = ?e.roles,
+                    organization = e.origin.organization.as_deref().unwrap_or(""),
+                    key = %e.origin.key_prefix,
+                    actor = e.origin.actor.as_deref().unwrap_or(""),
+                    roles = ?e.origin.roles,
                     kinds = ?e.kinds,
                     tables = ?e.tables,
                     verdict = e.verdict.as_str(),
@@ -328,7 +344,7 @@ impl EventSink {
             if e.verdict == Verdict::Refused {
                 tracing::warn!(
                     target: "struere_proxy::events",
-                    key = %e.key_prefix,
+                    key = %e.origin.key_prefix,
                     reason = e.reason.as_deref().unwrap_or(""),
                     "event queue full: this refusal is only in the log"
                 );
@@ -387,29 +403,22 @@ pub(crate) struct Aggregate {
 }
 
 pub(crate) fn aggregate(batch: Vec<Event>) -> Vec<Aggregate> {
+    // Everything but the times and counts; the shared parts are compared by content.
     type Key = (
-        Option<Environment>,
-        Option<String>,
-        String,
-        Option<String>,
-        Vec<String>,
-        Vec<String>,
-        Vec<String>,
+        Arc<Origin>,
+        Arc<[String]>,
+        Arc<[String]>,
         Verdict,
         Option<String>,
         Option<String>,
-        Option<String>,
-        Option<String>,
+        Option<Arc<str>>,
+        Option<Arc<str>>,
     );
     let key_of = |e: &Event| -> Key {
         (
-            e.environment,
-            e.organization.clone(),
-            e.key_prefix.clone(),
-            e.actor.clone(),
-            e.roles.clone(),
-            e.kinds.clone(),
-            e.tables.clone(),
+            Arc::clone(&e.origin),
+            Arc::clone(&e.kinds),
+            Arc::clone(&e.tables),
             e.verdict,
             e.reason.clone(),
             e.sqlstate.clone(),
@@ -496,18 +505,18 @@ async fn insert_events(c: &tokio_postgres::Client, batch: &[Aggregate]) -> Resul
     let at: Vec<SystemTime> = batch.iter().map(|a| a.event.at).collect();
     let last_at: Vec<SystemTime> = batch.iter().map(|a| a.last_at).collect();
     let statements: Vec<i64> = batch.iter().map(|a| int(a.statements)).collect();
-    let environment = col(&|e| Some(e.environment.map_or("operator", |x| x.as_str()).to_owned()));
-    let organization = col(&|e| e.organization.clone());
-    let key = col(&|e| Some(e.key_prefix.clone()));
-    let actor = col(&|e| e.actor.clone());
-    let roles = col(&|e| Some(array_text(&e.roles)));
+    let environment = col(&|e| Some(e.origin.environment.map_or("operator", |x| x.as_str()).to_owned()));
+    let organization = col(&|e| e.origin.organization.clone());
+    let key = col(&|e| Some(e.origin.key_prefix.clone()));
+    let actor = col(&|e| e.origin.actor.clone());
+    let roles = col(&|e| Some(array_text(&e.origin.roles)));
     let kinds = col(&|e| Some(array_text(&e.kinds)));
     let tables = col(&|e| Some(array_text(&e.tables)));
     let verdict = col(&|e| Some(e.verdict.as_str().to_owned()));
     let reason = col(&|e| e.reason.clone());
     let sqlstate = col(&|e| e.sqlstate.clone());
-    let policy = col(&|e| e.policy_version.clone());
-    let hash = col(&|e| e.sql_hash.clone());
+    let policy = col(&|e| e.policy_version.as_deref().map(str::to_owned));
+    let hash = col(&|e| e.sql_hash.as_deref().map(str::to_owned));
     let rows: Vec<i64> = batch.iter().map(|a| int(a.event.rows)).collect();
     let dur: Vec<i64> =
         batch.iter().map(|a| int(u64::try_from(a.event.duration.as_micros()).unwrap_or(u64::MAX))).collect();
@@ -604,7 +613,14 @@ mod tests {
             actor_type: ActorType::User,
             actor_id: "t1".into(),
         };
-        Event::new(&Caller::Environment(actor), "sk_dev_abc", Verdict::Rewritten)
+        Event::new(&Origin::of(&Caller::Environment(actor), "sk_dev_abc"), Verdict::Rewritten)
+    }
+
+    /// `e` decided by an origin that differs as `f` says.
+    fn from_origin(e: &mut Event, f: impl Fn(&mut Origin)) {
+        let mut o = (*e.origin).clone();
+        f(&mut o);
+        e.origin = Arc::new(o);
     }
 
     #[test]
@@ -627,15 +643,15 @@ mod tests {
             with(5, 1, &|e| e.sql_hash = Some("h2".into())),
             with(5, 1, &|e| e.verdict = Verdict::Refused),
             with(5, 1, &|e| e.reason = Some("r".into())),
-            with(5, 1, &|e| e.organization = Some("globex".into())),
-            with(5, 1, &|e| e.actor = Some("user:t2".into())),
-            with(5, 1, &|e| e.roles = vec!["admin".into()]),
-            with(5, 1, &|e| e.environment = Some(Environment::Production)),
-            with(5, 1, &|e| e.key_prefix = "sk_dev_other".into()),
+            with(5, 1, &|e| from_origin(e, |o| o.organization = Some("globex".into()))),
+            with(5, 1, &|e| from_origin(e, |o| o.actor = Some("user:t2".into()))),
+            with(5, 1, &|e| from_origin(e, |o| o.roles = vec!["admin".into()])),
+            with(5, 1, &|e| from_origin(e, |o| o.environment = Some(Environment::Production))),
+            with(5, 1, &|e| from_origin(e, |o| o.key_prefix = "sk_dev_other".into())),
             with(5, 1, &|e| e.policy_version = Some("v9".into())),
             with(5, 1, &|e| e.sqlstate = Some("22012".into())),
-            with(5, 1, &|e| e.tables = vec!["users".into()]),
-            with(5, 1, &|e| e.kinds = vec!["UpdateStmt".into()]),
+            with(5, 1, &|e| e.tables = Arc::from(vec!["users".to_owned()])),
+            with(5, 1, &|e| e.kinds = Arc::from(vec!["UpdateStmt".to_owned()])),
         ];
         let rows = aggregate(batch);
         assert_eq!(rows.len(), 13, "the first three are one row; each other differs in one field");
@@ -657,7 +673,7 @@ mod tests {
         let (done, _) = log.ready();
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].rows, 5);
-        assert_eq!(done[0].actor.as_deref(), Some("user:t1"));
+        assert_eq!(done[0].origin.actor.as_deref(), Some("user:t1"));
     }
 
     #[test]
@@ -694,7 +710,7 @@ mod tests {
         log.decided(ev(), false);
         log.boundary_sent();
         let mut b = ev();
-        b.kinds = vec!["b".into()];
+        b.kinds = Arc::from(vec!["b".to_owned()]);
         log.decided(b, false);
         log.boundary_sent();
         log.command_complete("INSERT 0 1");
@@ -703,7 +719,7 @@ mod tests {
         log.command_complete("DELETE 4");
         let (second, _) = log.ready();
         assert_eq!(second.len(), 1);
-        assert_eq!((second[0].kinds.as_slice(), second[0].rows), (&["b".to_owned()][..], 4));
+        assert_eq!((&second[0].kinds[..], second[0].rows), (&["b".to_owned()][..], 4));
         assert!(log.ready().0.is_empty());
     }
 

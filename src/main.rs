@@ -7,8 +7,7 @@ use struere_proxy::cli::{Cli, Command};
 use struere_proxy::config::{ConfigSource, LogFormat};
 use struere_proxy::{app, demo, logging};
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The file, the environment and the flags, layered; read again by every reload.
     let source: ConfigSource = {
@@ -24,6 +23,23 @@ async fn main() -> std::process::ExitCode {
     };
     let _log_guard =
         logging::init(raw.log_format.unwrap_or(LogFormat::Text), raw.log_level.as_deref().unwrap_or("info"));
+    let runtime = match struere_proxy::config::worker_threads(raw.worker_threads).and_then(|threads| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .map_err(|e| struere_proxy::config::ConfigError::Invalid { name: "worker_threads", reason: e.to_string() })
+    }) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    runtime.block_on(run(cli, source, raw))
+}
+
+async fn run(cli: Cli, source: ConfigSource, raw: struere_proxy::config::RawConfig) -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve => app::serve(source).await,
         Command::Init => app::init(&raw).await,

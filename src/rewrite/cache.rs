@@ -150,9 +150,9 @@ mod tests {
     fn out(sql: &str) -> Arc<Rewritten> {
         Arc::new(Rewritten {
             sql: sql.into(),
-            statement_kinds: vec!["SelectStmt".into()],
-            tables: vec![],
-            sql_hash: String::new(),
+            statement_kinds: Arc::from(vec!["SelectStmt".to_owned()]),
+            tables: Arc::default(),
+            sql_hash: Arc::from(""),
             bound: None,
             policy_version: None,
         })

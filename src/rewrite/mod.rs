@@ -75,13 +75,14 @@ pub struct Rewritten {
     /// answers EmptyQueryResponse).
     pub sql: String,
     /// pg_query node name of each statement, in order, e.g. `SelectStmt`, `TransactionStmt`.
-    pub statement_kinds: Vec<String>,
+    /// (This and the next three are shared by every fill of a template and every audit event.)
+    pub statement_kinds: Arc<[String]>,
     /// The relations the client's statements name (CTE names excluded), for audit events.
-    pub tables: Vec<String>,
+    pub tables: Arc<[String]>,
     /// Hash of `sql` (of `bound.sql` when there is one) and the policy version (audit events):
     /// computed once, cached with the rest.
-    pub sql_hash: String,
-    pub policy_version: Option<String>,
+    pub sql_hash: Arc<str>,
+    pub policy_version: Option<Arc<str>>,
     /// The same statement with its value literals as parameters (literal-normalised texts with
     /// a template, `shape.rs`): a session may prepare `sql` once per upstream connection and
     /// bind the values, so the server plans it once instead of once per execution.
@@ -303,10 +304,10 @@ fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Re
         return Ok(Rewritten {
             sql_hash: crate::events::sql_hash(""),
             sql: String::new(),
-            statement_kinds: Vec::new(),
-            tables: Vec::new(),
+            statement_kinds: Arc::default(),
+            tables: Arc::default(),
             bound: None,
-            policy_version: policy.version(actor),
+            policy_version: policy.version(actor).map(Arc::from),
         });
     }
     let tokens =
@@ -333,10 +334,10 @@ fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Re
     Ok(Rewritten {
         sql_hash: crate::events::sql_hash(&out),
         sql: out,
-        statement_kinds: kinds,
+        statement_kinds: Arc::from(kinds),
         tables: tables.into_iter().collect(),
         bound: None,
-        policy_version: policy.version(actor),
+        policy_version: policy.version(actor).map(Arc::from),
     })
 }
 

@@ -253,7 +253,7 @@ struct ParamForm {
     types: Arc<[u32]>,
     /// `events::sql_hash` of `sql`: the audit events of every fill name the statement, not
     /// its values (identical decisions then share an events row).
-    hash: String,
+    hash: Arc<str>,
 }
 
 /// PostgreSQL's type of a literal of this class in the same position (`pg_type` OIDs); 0 leaves
@@ -326,10 +326,10 @@ impl Template {
             None => None,
         };
         Some(Rewritten {
-            sql_hash: self.params.as_ref().map_or_else(|| crate::events::sql_hash(&sql), |p| p.hash.clone()),
+            sql_hash: self.params.as_ref().map_or_else(|| crate::events::sql_hash(&sql), |p| Arc::clone(&p.hash)),
             sql,
-            statement_kinds: self.base.statement_kinds.clone(),
-            tables: self.base.tables.clone(),
+            statement_kinds: Arc::clone(&self.base.statement_kinds),
+            tables: Arc::clone(&self.base.tables),
             policy_version: self.base.policy_version.clone(),
             bound,
         })

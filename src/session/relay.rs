@@ -23,7 +23,7 @@ use crate::auth::store::KeyStatus;
 use crate::cancel::CancelTarget;
 use crate::config::SessionTimeouts;
 use crate::error::SessionEnd;
-use crate::events::{Event, StatementLog, Usage, UsageKey, Verdict};
+use crate::events::{Event, Origin, StatementLog, Usage, UsageKey, Verdict};
 use crate::metrics::SessionLimit;
 use crate::net::stream::ClientStream;
 use crate::protocol::backend::parse_error_fields;
@@ -117,7 +117,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         discard_until_sync: false,
         extended_open: false,
         unnamed: None,
-        key_prefix: &key_prefix,
+        origin: Origin::of(&caller, &key_prefix),
         pooled: pool_key.is_some(),
     };
     let notify_prefix = match &caller {
@@ -209,7 +209,8 @@ struct ClientToUpstream<'a> {
     extended_open: bool,
     /// The proxy's prepared statement that stands for the client's unnamed statement now.
     unnamed: Option<Arc<str>>,
-    key_prefix: &'a str,
+    /// Who this session's decisions are made for (audit events).
+    origin: Arc<Origin>,
     /// The upstream connection may go back to the pool: Terminate is not forwarded.
     pooled: bool,
 }
@@ -512,32 +513,33 @@ impl ClientToUpstream<'_> {
 
     /// Record a decision; it is reported once the server has answered its segment.
     fn decided(&self, event: Event, own_boundary: bool) {
-        self.proxy.metrics.statement(event.environment, event.verdict);
+        self.proxy.metrics.statement(event.origin.environment, event.verdict);
         lock(&self.tracker).statements.decided(event, own_boundary);
     }
 
     fn forwarded(&self, sql: &str) -> Event {
-        let mut e = Event::new(self.caller, self.key_prefix, Verdict::Allowed);
+        let mut e = Event::new(&self.origin, Verdict::Allowed);
         e.sql_hash = Some(crate::events::sql_hash(sql));
         e
     }
 
     /// A rewritten text's event: everything but the caller comes from the (cached) rewrite.
     fn rewritten(&self, rw: &Rewritten) -> Event {
-        let mut e = Event::new(self.caller, self.key_prefix, Verdict::Rewritten);
-        e.kinds = rw.statement_kinds.clone();
-        e.tables = rw.tables.clone();
+        let mut e = Event::new(&self.origin, Verdict::Rewritten);
+        e.kinds = Arc::clone(&rw.statement_kinds);
+        e.tables = Arc::clone(&rw.tables);
         e.policy_version = rw.policy_version.clone();
-        e.sql_hash = Some(rw.sql_hash.clone());
+        e.sql_hash = Some(Arc::clone(&rw.sql_hash));
         e
     }
 
     fn refused(&self, refusal: &Refusal, actor: Option<&ActorContext>, sql: &str) -> Event {
-        let mut e = Event::new(self.caller, self.key_prefix, Verdict::Refused);
-        (e.kinds, e.tables) = crate::rewrite::kinds_and_relations_named(sql);
+        let mut e = Event::new(&self.origin, Verdict::Refused);
+        let (kinds, tables) = crate::rewrite::kinds_and_relations_named(sql);
+        (e.kinds, e.tables) = (Arc::from(kinds), Arc::from(tables));
         e.reason = Some(refusal.to_string());
         e.sqlstate = Some(refusal.sqlstate().code().to_owned());
-        e.policy_version = actor.map(|a| self.proxy.policy_version(a.environment));
+        e.policy_version = actor.map(|a| Arc::from(self.proxy.policy_version(a.environment)));
         e
     }
 }
