@@ -8,7 +8,9 @@
 //!    each one's kind. It is the authority: the text is only ever cut where PostgreSQL cuts it.
 //! 3. sqlparser parses each statement on its own, with a recursion limit. A statement sqlparser
 //!    cannot parse is forwarded verbatim only when PostgreSQL says it is a kind that touches no
-//!    data (`TransactionStmt`, `VariableShowStmt`, `ConstraintsSetStmt`); otherwise refused.
+//!    data (`TransactionStmt`, `VariableShowStmt`, `ConstraintsSetStmt`); DDL of the kinds in
+//!    `ddl::KINDS` is checked on PostgreSQL's own tree against an allowlist and the policy's
+//!    scratch-object rules, and printed by PostgreSQL's own printer (`ddl`); otherwise refused.
 //! 4. `gate` — rules the printer's safety depends on (no changing pinned settings), on both
 //!    trees; then the `StatementPolicy` (the policy engine, `engine/`).
 //! 5. `printer` — prints without ever letting sqlparser's `Display` write client data.
@@ -24,6 +26,7 @@
 
 mod cache;
 mod classify;
+mod ddl;
 pub mod engine;
 mod gate;
 mod lexer;
@@ -44,11 +47,11 @@ use crate::auth::identity::ActorContext;
 use crate::protocol::sqlstate::SqlState;
 
 pub use gate::PINNED_SETTINGS;
-pub use policy::StatementPolicy;
+pub use policy::{DdlTarget, StatementPolicy};
 pub use printer::quoted_ident;
 
 use classify::PgParseError;
-use verify::{Expected, PieceCheck};
+use verify::{Expected, Form, PieceCheck};
 
 /// Largest SQL text the rewriter accepts (1 MiB).
 pub const MAX_SQL_BYTES: usize = 1024 * 1024;
@@ -319,13 +322,13 @@ fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Re
     let mut tables = std::collections::BTreeSet::new();
     for (i, stmt) in statements.into_iter().enumerate() {
         tables.extend(pgtree::relations(&stmt.node));
-        let (text, expected) = rewrite_statement(sql, &tokens, &stmt, &statement_label(i, total), actor, policy)?;
+        let (text, form) = rewrite_statement(sql, &tokens, &stmt, &statement_label(i, total), actor, policy)?;
         if !out.is_empty() {
             out.push_str("; ");
         }
         let start = out.len();
         out.push_str(&text);
-        checks.push(PieceCheck { kind: stmt.kind.clone(), range: start..out.len(), expected });
+        checks.push(PieceCheck { kind: stmt.kind.clone(), range: start..out.len(), form });
         kinds.push(stmt.kind);
     }
 
@@ -340,8 +343,8 @@ fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Re
     })
 }
 
-/// Steps 3–5 for one statement: its text to forward, and what the verifier must find in it
-/// (`None` when the client's text is forwarded verbatim).
+/// Steps 3–5 for one statement: its text to forward, and how it was made (what the verifier
+/// must find in it).
 fn rewrite_statement(
     sql: &str,
     tokens: &[lexer::Tok],
@@ -349,7 +352,7 @@ fn rewrite_statement(
     label: &str,
     actor: &ActorContext,
     policy: &dyn StatementPolicy,
-) -> Result<(String, Option<Expected>), Refusal> {
+) -> Result<(String, Form), Refusal> {
     gate::check_pg(&stmt.node)?;
     policy.check_pg(&stmt.node, actor)?;
     let bool_ops = lexer::count_boolean_operators(tokens, stmt.range.clone());
@@ -378,14 +381,20 @@ fn rewrite_statement(
             // verifier compares PostgreSQL's reading of both texts.
             let same_as = if parsed == before_policy { Some(shape_of(&stmt.node, label)?) } else { None };
             let printed = printer::print(parsed)?;
-            Ok((printed.text, Some(Expected { emitted: printed.emitted, same_as })))
+            Ok((printed.text, Form::Printed(Expected { emitted: printed.emitted, same_as })))
         }
         // PostgreSQL proved this statement touches no data, so the client's own text may go
         // through unchanged (minus leading/trailing comments, see `trim_to_tokens`).
         Err(_) if DATA_FREE_KINDS.contains(&stmt.kind.as_str()) => {
             let verbatim =
                 lexer::trim_to_tokens(tokens, stmt.range.clone()).and_then(|r| sql.get(r)).ok_or_else(not_located)?;
-            Ok((verbatim.to_string(), None))
+            Ok((verbatim.to_string(), Form::Verbatim))
+        }
+        // DDL sqlparser cannot read: checked on PostgreSQL's tree, printed by PostgreSQL's
+        // printer, and verified to read back as the same tree.
+        Err(SqlParseError::Syntax(_) | SqlParseError::Count(_)) if ddl::KINDS.contains(&stmt.kind.as_str()) => {
+            let text = ddl::print(&stmt.node, label, &mut |target| policy.check_ddl_target(target, actor))?;
+            Ok((text, Form::Deparsed { same_as: shape_of(&stmt.node, label)? }))
         }
         Err(SqlParseError::TooDeep) => Err(Refusal::TooComplex(format!(
             "refused: {label} is nested too deeply for the proxy (recursion limit {SQLPARSER_RECURSION_LIMIT})"
