@@ -321,6 +321,34 @@ mod tests {
     }
 
     #[test]
+    fn deparsed_statements_must_read_back_as_the_clients_tree() {
+        let piece = |text: &str, client: &str| PieceCheck {
+            kind: "AlterSeqStmt".into(),
+            range: 0..text.len(),
+            form: Form::Deparsed { same_as: shape_of(client) },
+        };
+        let ok = "ALTER SEQUENCE s RESTART 1";
+        check(ok, &[piece(ok, "alter sequence \"s\" restart with 1")]).unwrap();
+        // Strings and identifiers are compared through the tree, so E'' strings pass.
+        let text = "COMMENT ON CONSTRAINT c ON t IS E'a\\\\b'";
+        let comment = PieceCheck {
+            kind: "CommentStmt".into(),
+            range: 0..text.len(),
+            form: Form::Deparsed { same_as: shape_of("COMMENT ON CONSTRAINT c ON t IS 'a\\b'") },
+        };
+        check(text, &[comment]).unwrap();
+        for (text, client) in [
+            ("ALTER SEQUENCE s RESTART 2", ok),
+            ("ALTER SEQUENCE \"S\" RESTART 1", ok),
+            ("ALTER SEQUENCE s RESTART /* c */ 1", ok),
+            ("ALTER SEQUENCE U&\"s\" RESTART 1", ok),
+        ] {
+            let r = check(text, &[piece(text, client)]);
+            assert!(matches!(r, Err(Refusal::Unverifiable(_))), "{text}: {r:?}");
+        }
+    }
+
+    #[test]
     fn runs_the_gate_on_the_output() {
         let text = "SELECT set_config('a', 'b', false)";
         let r = check(text, &[printed("SelectStmt", 0..text.len(), vec![s("a"), s("b")])]);
