@@ -70,6 +70,45 @@ pub(crate) fn print(node: &NodeEnum, label: &str, check: &mut Check<'_>) -> Resu
         .map_err(|e| Refusal::Unverifiable(format!("refused: PostgreSQL's printer cannot print {label}: {e}")))
 }
 
+/// For every statement, whichever parser reads it: the tables its foreign keys reference follow
+/// the DDL rules (a foreign key probes and pins the rows it references; pg_query's own node
+/// iterator does not reach constraints), and its tablespaces are `pg_default`. Types and
+/// collations of its columns stay in the catalog or the caller's own schemas.
+pub(crate) fn check_names(node: &NodeEnum, check: &mut Check<'_>) -> Result<(), Refusal> {
+    fn column(c: &pb::ColumnDef, check: &mut Check<'_>) -> Result<(), Refusal> {
+        if let Some(t) = &c.type_name {
+            uses(&strings(&t.names, "a type name")?, "type", check)?;
+        }
+        if let Some(coll) = &c.coll_clause {
+            uses(&strings(&coll.collname, "a collation name")?, "collation", check)?;
+        }
+        c.constraints.iter().try_for_each(|k| element(k, check))
+    }
+    fn element(n: &Node, check: &mut Check<'_>) -> Result<(), Refusal> {
+        match &n.node {
+            Some(NodeEnum::ColumnDef(c)) => column(c, check),
+            Some(NodeEnum::Constraint(k)) => {
+                tablespace(&k.indexspace)?;
+                k.pktable.as_ref().map_or(Ok(()), |t| relation(t, "reference", false, check))
+            }
+            _ => Ok(()),
+        }
+    }
+    match node {
+        NodeEnum::CreateStmt(s) => {
+            tablespace(&s.tablespacename)?;
+            s.table_elts.iter().try_for_each(|e| element(e, check))
+        }
+        NodeEnum::AlterTableStmt(s) => s.cmds.iter().try_for_each(|c| match &c.node {
+            Some(NodeEnum::AlterTableCmd(c)) => c.def.as_deref().map_or(Ok(()), |d| element(d, check)),
+            _ => Ok(()),
+        }),
+        NodeEnum::IndexStmt(s) => tablespace(&s.table_space),
+        NodeEnum::CreateTableAsStmt(s) => s.into.as_ref().map_or(Ok(()), |i| tablespace(&i.table_space_name)),
+        _ => Ok(()),
+    }
+}
+
 fn refuse(what: impl std::fmt::Display) -> Refusal {
     Refusal::Denied(format!("refused: {what} is not allowed in DDL through an environment key"))
 }

@@ -355,6 +355,7 @@ fn rewrite_statement(
 ) -> Result<(String, Form), Refusal> {
     gate::check_pg(&stmt.node)?;
     policy.check_pg(&stmt.node, actor)?;
+    ddl::check_names(&stmt.node, &mut |target| policy.check_ddl_target(target, actor))?;
     let bool_ops = lexer::count_boolean_operators(tokens, stmt.range.clone());
     if bool_ops > MAX_BOOLEAN_OPERATORS {
         return Err(Refusal::TooComplex(format!(

@@ -515,3 +515,45 @@ async fn scratch_ddl_sqlparser_cannot_read_refuses_everything_else() {
 
     acme.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
 }
+
+/// A foreign key is a probe of the rows it references (an insert fails or not) and pins them
+/// (their owner can no longer delete them): its target follows the scratch-object rules, whichever
+/// parser reads the statement. So do tablespaces, which are cluster-wide.
+#[tokio::test]
+async fn foreign_keys_reference_only_the_callers_own_scratch_tables() {
+    let f = fixture();
+    let acme = f.dev().await;
+    let t = unique("compat_fk_target");
+    acme.batch_execute(&format!("CREATE TABLE {t} (id int PRIMARY KEY); INSERT INTO {t} VALUES (42)")).await.unwrap();
+    let schema: String = acme
+        .query_one(&format!("SELECT table_schema::text FROM information_schema.tables WHERE table_name = '{t}'"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let globex = f.as_actor("globex", Environment::Development, "admin", ActorType::User, "globex-fk").await;
+    let k = unique("compat_fk_probe");
+    for sql in [
+        format!("CREATE TABLE {k} (a int REFERENCES \"{schema}\".{t} (id))"),
+        format!("CREATE TABLE {k} (a int, FOREIGN KEY (a) REFERENCES \"{schema}\".{t})"),
+        format!("CREATE TABLE {k} (a int)"),
+        format!("ALTER TABLE {k} ADD CONSTRAINT probe FOREIGN KEY (a) REFERENCES \"{schema}\".{t} (id)"),
+        format!("ALTER TABLE {k} ADD COLUMN b int REFERENCES \"{schema}\".{t} (id)"),
+        format!("CREATE TABLE {k}_2 (a int REFERENCES entities (id))"),
+        format!("CREATE TABLE {k}_3 (a int) TABLESPACE pg_global"),
+    ] {
+        if sql == format!("CREATE TABLE {k} (a int)") {
+            globex.batch_execute(&sql).await.unwrap();
+            continue;
+        }
+        let e = globex.batch_execute(&sql).await.expect_err(&sql);
+        assert_eq!(code(&e), "42501", "{sql}: {e}");
+    }
+    globex.batch_execute(&format!("DROP TABLE {k}")).await.unwrap();
+    // Its own scratch tables: as before.
+    acme.batch_execute(&format!(
+        "CREATE TABLE {k} (a int REFERENCES {t} (id)); ALTER TABLE {k} ADD COLUMN b int REFERENCES \"{schema}\".{t}; \
+         INSERT INTO {k} VALUES (42, 42); DROP TABLE {k}; DROP TABLE {t}"
+    ))
+    .await
+    .unwrap();
+}

@@ -297,3 +297,30 @@ fn mixed_with_other_statements() {
         dev("BEGIN; ALTER SEQUENCE s RESTART WITH 1; SELECT 1; DROP INDEX CONCURRENTLY IF EXISTS i; COMMIT").unwrap();
     assert_eq!(out, "BEGIN; ALTER SEQUENCE s RESTART 1; SELECT 1; DROP INDEX CONCURRENTLY IF EXISTS i; COMMIT");
 }
+
+/// Foreign-key targets, tablespaces, types and collations are checked on PostgreSQL's tree for
+/// DDL sqlparser reads too (pg_query's node iterator never reaches a constraint).
+#[test]
+fn references_and_tablespaces_of_ddl_sqlparser_reads() {
+    for sql in [
+        "CREATE TABLE x (a int REFERENCES t (id))",
+        "ALTER TABLE x ADD CONSTRAINT f FOREIGN KEY (a) REFERENCES t (id) DEFERRABLE INITIALLY DEFERRED",
+        "CREATE TABLE x (a text COLLATE \"C\", b pg_catalog.int4) TABLESPACE pg_default",
+    ] {
+        dev(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    for (sql, needle) in [
+        ("CREATE TABLE x (a int REFERENCES scratch_0123456789.t (id))", "scratch schema"),
+        ("CREATE TABLE x (a int, FOREIGN KEY (a) REFERENCES entities)", "managed table entities"),
+        ("CREATE TABLE x (a int REFERENCES public.entities (id))", "managed table entities"),
+        ("ALTER TABLE x ADD CONSTRAINT f FOREIGN KEY (a) REFERENCES scratch_0123456789.t (id)", "scratch schema"),
+        ("ALTER TABLE x ADD COLUMN b int REFERENCES public.other", "public.other"),
+        ("CREATE TABLE x (a scratch_0123456789.mood)", "the type scratch_0123456789.mood"),
+        ("CREATE TABLE x (a text COLLATE scratch_0123456789.c)", "the collation"),
+        ("CREATE TABLE x (a int) TABLESPACE foo", "tablespace foo"),
+        ("CREATE TABLE x (a int PRIMARY KEY USING INDEX TABLESPACE foo)", "tablespace foo"),
+        ("CREATE TABLE x TABLESPACE foo AS SELECT 1 AS a", "tablespace foo"),
+    ] {
+        refused(sql, needle);
+    }
+}
