@@ -373,11 +373,35 @@ fn rewrite_statement(
     } else {
         parse_one(piece)
     };
+    // DDL sqlparser cannot read: checked on PostgreSQL's tree and printed by PostgreSQL's
+    // printer (`ddl`), then verified to read back as the same tree. When sqlparser can read
+    // that printing (the client's spelling was the obstacle, e.g. a `U&"…"` name), it takes the
+    // usual way from there, so that what the proxy forwards is a fixed point of the pipeline.
+    let mut deparsed = false;
+    let parsed = match parsed {
+        Err(SqlParseError::Syntax(_) | SqlParseError::Count(_)) if ddl::KINDS.contains(&stmt.kind.as_str()) => {
+            let text = ddl::print(&stmt.node, label, &mut |target| policy.check_ddl_target(target, actor))?;
+            match parse_one(&text) {
+                Ok(parsed) => {
+                    deparsed = true;
+                    Ok(parsed)
+                }
+                Err(_) => return Ok((text, Form::Deparsed { same_as: shape_of(&stmt.node, label)? })),
+            }
+        }
+        other => other,
+    };
     match parsed {
         Ok(mut parsed) => {
             gate::check_sql(&parsed)?;
             let before_policy = parsed.clone();
             policy.apply(&mut parsed, actor)?;
+            // Text PostgreSQL's printer wrote is forwarded only as the client's own tree.
+            if deparsed && parsed != before_policy {
+                return Err(Refusal::Unverifiable(format!(
+                    "refused: the proxy would change {label}, which only PostgreSQL's parser reads as sent"
+                )));
+            }
             // A statement the policy left alone must mean exactly what the client wrote: the
             // verifier compares PostgreSQL's reading of both texts.
             let same_as = if parsed == before_policy { Some(shape_of(&stmt.node, label)?) } else { None };
@@ -390,12 +414,6 @@ fn rewrite_statement(
             let verbatim =
                 lexer::trim_to_tokens(tokens, stmt.range.clone()).and_then(|r| sql.get(r)).ok_or_else(not_located)?;
             Ok((verbatim.to_string(), Form::Verbatim))
-        }
-        // DDL sqlparser cannot read: checked on PostgreSQL's tree, printed by PostgreSQL's
-        // printer, and verified to read back as the same tree.
-        Err(SqlParseError::Syntax(_) | SqlParseError::Count(_)) if ddl::KINDS.contains(&stmt.kind.as_str()) => {
-            let text = ddl::print(&stmt.node, label, &mut |target| policy.check_ddl_target(target, actor))?;
-            Ok((text, Form::Deparsed { same_as: shape_of(&stmt.node, label)? }))
         }
         Err(SqlParseError::TooDeep) => Err(Refusal::TooComplex(format!(
             "refused: {label} is nested too deeply for the proxy (recursion limit {SQLPARSER_RECURSION_LIMIT})"
