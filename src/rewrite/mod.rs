@@ -373,47 +373,17 @@ fn rewrite_statement(
     } else {
         parse_one(piece)
     };
-    // DDL sqlparser cannot read: checked on PostgreSQL's tree and printed by PostgreSQL's
-    // printer (`ddl`), then verified to read back as the same tree. When sqlparser can read
-    // that printing (the client's spelling was the obstacle, e.g. a `U&"…"` name), it takes the
-    // usual way from there, so that what the proxy forwards is a fixed point of the pipeline.
-    let mut deparsed = false;
-    let parsed = match parsed {
-        Err(SqlParseError::Syntax(_) | SqlParseError::Count(_)) if ddl::KINDS.contains(&stmt.kind.as_str()) => {
-            let text = ddl::print(&stmt.node, label, &mut |target| policy.check_ddl_target(target, actor))?;
-            match parse_one(&text) {
-                Ok(parsed) => {
-                    deparsed = true;
-                    Ok(parsed)
-                }
-                Err(_) => return Ok((text, Form::Deparsed { same_as: shape_of(&stmt.node, label)? })),
-            }
-        }
-        other => other,
-    };
     match parsed {
-        Ok(mut parsed) => {
-            gate::check_sql(&parsed)?;
-            let before_policy = parsed.clone();
-            policy.apply(&mut parsed, actor)?;
-            // Text PostgreSQL's printer wrote is forwarded only as the client's own tree.
-            if deparsed && parsed != before_policy {
-                return Err(Refusal::Unverifiable(format!(
-                    "refused: the proxy would change {label}, which only PostgreSQL's parser reads as sent"
-                )));
-            }
-            // A statement the policy left alone must mean exactly what the client wrote: the
-            // verifier compares PostgreSQL's reading of both texts.
-            let same_as = if parsed == before_policy { Some(shape_of(&stmt.node, label)?) } else { None };
-            let printed = printer::print(parsed)?;
-            Ok((printed.text, Form::Printed(Expected { emitted: printed.emitted, same_as })))
-        }
+        Ok(parsed) => policy_and_print(parsed, stmt, label, actor, policy, false),
         // PostgreSQL proved this statement touches no data, so the client's own text may go
         // through unchanged (minus leading/trailing comments, see `trim_to_tokens`).
         Err(_) if DATA_FREE_KINDS.contains(&stmt.kind.as_str()) => {
             let verbatim =
                 lexer::trim_to_tokens(tokens, stmt.range.clone()).and_then(|r| sql.get(r)).ok_or_else(not_located)?;
             Ok((verbatim.to_string(), Form::Verbatim))
+        }
+        Err(SqlParseError::Syntax(_) | SqlParseError::Count(_)) if ddl::KINDS.contains(&stmt.kind.as_str()) => {
+            deparsed_ddl(stmt, label, actor, policy)
         }
         Err(SqlParseError::TooDeep) => Err(Refusal::TooComplex(format!(
             "refused: {label} is nested too deeply for the proxy (recursion limit {SQLPARSER_RECURSION_LIMIT})"
@@ -429,6 +399,49 @@ fn rewrite_statement(
             "refused: the proxy cannot parse {label} ({}): it reads {n} statements where PostgreSQL reads one",
             stmt.kind
         ))),
+    }
+}
+
+/// Steps 4–5 for a statement sqlparser read: the gate, the policy, the printer. `deparsed`: the
+/// text sqlparser read is PostgreSQL's printing of the client's statement (`deparsed_ddl`).
+fn policy_and_print(
+    mut parsed: Statement,
+    stmt: &classify::PgStatement,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+    deparsed: bool,
+) -> Result<(String, Form), Refusal> {
+    gate::check_sql(&parsed)?;
+    let before_policy = parsed.clone();
+    policy.apply(&mut parsed, actor)?;
+    // Text PostgreSQL's printer wrote is forwarded only as the client's own tree.
+    if deparsed && parsed != before_policy {
+        return Err(Refusal::Unverifiable(format!(
+            "refused: the proxy would change {label}, which only PostgreSQL's parser reads as sent"
+        )));
+    }
+    // A statement the policy left alone must mean exactly what the client wrote: the
+    // verifier compares PostgreSQL's reading of both texts.
+    let same_as = if parsed == before_policy { Some(shape_of(&stmt.node, label)?) } else { None };
+    let printed = printer::print(parsed)?;
+    Ok((printed.text, Form::Printed(Expected { emitted: printed.emitted, same_as })))
+}
+
+/// DDL sqlparser cannot read: checked on PostgreSQL's tree and printed by PostgreSQL's printer
+/// (`ddl`), then verified to read back as the same tree. When sqlparser can read that printing
+/// (the client's spelling was the obstacle, e.g. a `U&"…"` name), it takes the usual way from
+/// there, so that what the proxy forwards is a fixed point of the pipeline.
+fn deparsed_ddl(
+    stmt: &classify::PgStatement,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Result<(String, Form), Refusal> {
+    let text = ddl::print(&stmt.node, label, &mut |target| policy.check_ddl_target(target, actor))?;
+    match parse_one(&text) {
+        Ok(parsed) => policy_and_print(parsed, stmt, label, actor, policy, true),
+        Err(_) => Ok((text, Form::Deparsed { same_as: shape_of(&stmt.node, label)? })),
     }
 }
 
