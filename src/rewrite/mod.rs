@@ -30,6 +30,7 @@ mod ddl;
 pub mod engine;
 mod gate;
 mod lexer;
+mod locking;
 mod pgtree;
 mod policy;
 mod printer;
@@ -374,7 +375,7 @@ fn rewrite_statement(
         parse_one(piece)
     };
     match parsed {
-        Ok(parsed) => policy_and_print(parsed, stmt, label, actor, policy, false),
+        Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, false),
         // PostgreSQL proved this statement touches no data, so the client's own text may go
         // through unchanged (minus leading/trailing comments, see `trim_to_tokens`).
         Err(_) if DATA_FREE_KINDS.contains(&stmt.kind.as_str()) => {
@@ -388,6 +389,9 @@ fn rewrite_statement(
         Err(SqlParseError::TooDeep) => Err(Refusal::TooComplex(format!(
             "refused: {label} is nested too deeply for the proxy (recursion limit {SQLPARSER_RECURSION_LIMIT})"
         ))),
+        Err(SqlParseError::Syntax(_)) if let Some(split) = locking::split(&stmt.node) => {
+            locked_select(split, label, actor, policy)
+        }
         Err(SqlParseError::Syntax(e)) => match pgtree::unsupported_construct(&stmt.node) {
             // PostgreSQL's tree names what the proxy's parser could not read.
             Some(construct) => {
@@ -406,7 +410,7 @@ fn rewrite_statement(
 /// text sqlparser read is PostgreSQL's printing of the client's statement (`deparsed_ddl`).
 fn policy_and_print(
     mut parsed: Statement,
-    stmt: &classify::PgStatement,
+    node: &pg_query::NodeEnum,
     label: &str,
     actor: &ActorContext,
     policy: &dyn StatementPolicy,
@@ -423,7 +427,7 @@ fn policy_and_print(
     }
     // A statement the policy left alone must mean exactly what the client wrote: the
     // verifier compares PostgreSQL's reading of both texts.
-    let same_as = if parsed == before_policy { Some(shape_of(&stmt.node, label)?) } else { None };
+    let same_as = if parsed == before_policy { Some(shape_of(node, label)?) } else { None };
     let printed = printer::print(parsed)?;
     Ok((printed.text, Form::Printed(Expected { emitted: printed.emitted, same_as })))
 }
@@ -440,9 +444,36 @@ fn deparsed_ddl(
 ) -> Result<(String, Form), Refusal> {
     let text = ddl::print(&stmt.node, label, &mut |target| policy.check_ddl_target(target, actor))?;
     match parse_one(&text) {
-        Ok(parsed) => policy_and_print(parsed, stmt, label, actor, policy, true),
+        Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, true),
         Err(_) => Ok((text, Form::Deparsed { same_as: shape_of(&stmt.node, label)? })),
     }
+}
+
+/// A top-level SELECT whose locking clause sqlparser cannot read (`locking`): rewritten without
+/// it, verified, and printed by PostgreSQL's printer with the client's clause put back.
+fn locked_select(
+    (bare, locks): (pg_query::NodeEnum, Vec<pg_query::protobuf::Node>),
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Result<(String, Form), Refusal> {
+    locking::check_names(&locks)?;
+    let text = locking::print_exactly(&bare, label)?;
+    let parsed = parse_one(&text).map_err(|_| match pgtree::unsupported_construct(&bare) {
+        Some(construct) => {
+            Refusal::Syntax(format!("refused: {label} uses {construct}, which the proxy does not support yet"))
+        }
+        None => Refusal::Syntax(format!("refused: the proxy cannot parse {label} (SelectStmt)")),
+    })?;
+    let (rewritten, form) = policy_and_print(parsed, &bare, label, actor, policy, false)?;
+    let piece = PieceCheck { kind: "SelectStmt".to_owned(), range: 0..rewritten.len(), form };
+    verify::verify(&rewritten, std::slice::from_ref(&piece), policy, actor)?;
+    let locked = locking::reattach(&rewritten, locks, label)?;
+    let same_as = shape_of(&locked, label)?;
+    let text = locked
+        .deparse(pg_query::DeparseOptions::default())
+        .map_err(|e| Refusal::Unverifiable(format!("refused: PostgreSQL's printer cannot print {label}: {e}")))?;
+    Ok((text, Form::Deparsed { same_as }))
 }
 
 fn shape_of(node: &pg_query::NodeEnum, label: &str) -> Result<String, Refusal> {

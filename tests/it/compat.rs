@@ -557,3 +557,61 @@ async fn foreign_keys_reference_only_the_callers_own_scratch_tables() {
     .await
     .unwrap();
 }
+
+/// Django's `select_for_update(no_key=True)` and `select_for_update(of=(…))`: `FOR NO KEY UPDATE`,
+/// `FOR KEY SHARE` and `FOR UPDATE OF a, b`, which sqlparser cannot read, lock exactly the rows the
+/// caller's SELECT returns (rewrite/locking.rs).
+#[tokio::test]
+async fn locking_clauses_sqlparser_cannot_read() {
+    let f = fixture();
+    let acme = f.dev().await;
+    acme.batch_execute("BEGIN").await.unwrap();
+    let rows =
+        acme.query("SELECT organization_id || '/' || environment FROM entities FOR NO KEY UPDATE", &[]).await.unwrap();
+    assert!(!rows.is_empty());
+    assert!(rows.iter().all(|r| r.get::<_, String>(0) == "acme/development"));
+    // The caller's rows are locked: another session of the tenant cannot take them.
+    let other = f.dev().await;
+    other.batch_execute("BEGIN").await.unwrap();
+    let e = other.query("SELECT id FROM entities FOR UPDATE NOWAIT", &[]).await.unwrap_err();
+    assert_eq!(code(&e), "55P03", "{e}");
+    other.batch_execute("ROLLBACK").await.unwrap();
+    // Other tenants' rows are not: their own sessions lock them at once.
+    let prod = f.connect(&f.prod_key).await.unwrap();
+    prod.batch_execute("BEGIN").await.unwrap();
+    assert!(!prod.query("SELECT id FROM entities FOR UPDATE NOWAIT", &[]).await.unwrap().is_empty());
+    prod.batch_execute("ROLLBACK").await.unwrap();
+    acme.batch_execute("ROLLBACK").await.unwrap();
+
+    for sql in [
+        "SELECT e.id FROM entities e JOIN threads t ON true FOR UPDATE OF e, t",
+        "SELECT e.id FROM entities e, threads t FOR KEY SHARE OF e FOR NO KEY UPDATE OF t SKIP LOCKED",
+    ] {
+        acme.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    // Scratch tables too (Django's select_for_update tests lock their own tables).
+    let t = unique("compat_lock");
+    acme.batch_execute(&format!(
+        "CREATE TABLE {t}_a (id int PRIMARY KEY); CREATE TABLE {t}_b (id int PRIMARY KEY); \
+         INSERT INTO {t}_a VALUES (1); INSERT INTO {t}_b VALUES (1)"
+    ))
+    .await
+    .unwrap();
+    let n = acme
+        .query(&format!("SELECT a.id FROM {t}_a a JOIN {t}_b b USING (id) FOR NO KEY UPDATE OF a, b"), &[])
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(n, 1);
+    acme.batch_execute(&format!("DROP TABLE {t}_a; DROP TABLE {t}_b")).await.unwrap();
+    for (sql, sqlstate) in [
+        ("SELECT id FROM entities FOR NO KEY UPDATE OF __struere_1", "42501"),
+        ("SELECT pg_read_file('/etc/passwd') FROM entities FOR KEY SHARE", "42501"),
+        ("SELECT * FROM (SELECT id FROM entities FOR NO KEY UPDATE) s", "42601"),
+    ] {
+        let e = acme.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(code(&e), sqlstate, "{sql}: {e}");
+    }
+    let one: i32 = acme.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
