@@ -38,7 +38,7 @@ use libfuzzer_sys::fuzz_target;
 use sqlparser::ast::Statement;
 use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
 use struere_proxy::rewrite::engine::PolicyEngine;
-use struere_proxy::rewrite::{Refusal, Rewriter, Rewritten, StatementPolicy};
+use struere_proxy::rewrite::{DdlTarget, Refusal, Rewriter, Rewritten, StatementPolicy};
 
 /// Changes nothing: the pipeline's own properties are fuzzed without a policy set.
 struct PassThrough;
@@ -49,6 +49,10 @@ impl StatementPolicy for PassThrough {
     }
 
     fn apply(&self, _stmt: &mut Statement, _actor: &ActorContext) -> Result<(), Refusal> {
+        Ok(())
+    }
+
+    fn check_ddl_target(&self, _target: &DdlTarget<'_>, _actor: &ActorContext) -> Result<(), Refusal> {
         Ok(())
     }
 

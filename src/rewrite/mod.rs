@@ -8,7 +8,9 @@
 //!    each one's kind. It is the authority: the text is only ever cut where PostgreSQL cuts it.
 //! 3. sqlparser parses each statement on its own, with a recursion limit. A statement sqlparser
 //!    cannot parse is forwarded verbatim only when PostgreSQL says it is a kind that touches no
-//!    data (`TransactionStmt`, `VariableShowStmt`, `ConstraintsSetStmt`); otherwise refused.
+//!    data (`TransactionStmt`, `VariableShowStmt`, `ConstraintsSetStmt`); DDL of the kinds in
+//!    `ddl::KINDS` is checked on PostgreSQL's own tree against an allowlist and the policy's
+//!    scratch-object rules, and printed by PostgreSQL's own printer (`ddl`); otherwise refused.
 //! 4. `gate` — rules the printer's safety depends on (no changing pinned settings), on both
 //!    trees; then the `StatementPolicy` (the policy engine, `engine/`).
 //! 5. `printer` — prints without ever letting sqlparser's `Display` write client data.
@@ -24,9 +26,11 @@
 
 mod cache;
 mod classify;
+mod ddl;
 pub mod engine;
 mod gate;
 mod lexer;
+mod locking;
 mod pgtree;
 mod policy;
 mod printer;
@@ -44,11 +48,11 @@ use crate::auth::identity::ActorContext;
 use crate::protocol::sqlstate::SqlState;
 
 pub use gate::PINNED_SETTINGS;
-pub use policy::StatementPolicy;
+pub use policy::{DdlTarget, StatementPolicy};
 pub use printer::quoted_ident;
 
 use classify::PgParseError;
-use verify::{Expected, PieceCheck};
+use verify::{Expected, Form, PieceCheck};
 
 /// Largest SQL text the rewriter accepts (1 MiB).
 pub const MAX_SQL_BYTES: usize = 1024 * 1024;
@@ -320,13 +324,13 @@ fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Re
     let mut tables = std::collections::BTreeSet::new();
     for (i, stmt) in statements.into_iter().enumerate() {
         tables.extend(pgtree::relations(&stmt.node));
-        let (text, expected) = rewrite_statement(sql, &tokens, &stmt, &statement_label(i, total), actor, policy)?;
+        let (text, form) = rewrite_statement(sql, &tokens, &stmt, &statement_label(i, total), actor, policy)?;
         if !out.is_empty() {
             out.push_str("; ");
         }
         let start = out.len();
         out.push_str(&text);
-        checks.push(PieceCheck { kind: stmt.kind.clone(), range: start..out.len(), expected });
+        checks.push(PieceCheck { kind: stmt.kind.clone(), range: start..out.len(), form });
         kinds.push(stmt.kind);
     }
 
@@ -341,8 +345,8 @@ fn pipeline(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Re
     })
 }
 
-/// Steps 3–5 for one statement: its text to forward, and what the verifier must find in it
-/// (`None` when the client's text is forwarded verbatim).
+/// Steps 3–5 for one statement: its text to forward, and how it was made (what the verifier
+/// must find in it).
 fn rewrite_statement(
     sql: &str,
     tokens: &[lexer::Tok],
@@ -350,9 +354,10 @@ fn rewrite_statement(
     label: &str,
     actor: &ActorContext,
     policy: &dyn StatementPolicy,
-) -> Result<(String, Option<Expected>), Refusal> {
+) -> Result<(String, Form), Refusal> {
     gate::check_pg(&stmt.node)?;
     policy.check_pg(&stmt.node, actor)?;
+    ddl::check_names(&stmt.node, &mut |target| policy.check_ddl_target(target, actor))?;
     let bool_ops = lexer::count_boolean_operators(tokens, stmt.range.clone());
     if bool_ops > MAX_BOOLEAN_OPERATORS {
         return Err(Refusal::TooComplex(format!(
@@ -371,26 +376,23 @@ fn rewrite_statement(
         parse_one(piece)
     };
     match parsed {
-        Ok(mut parsed) => {
-            gate::check_sql(&parsed)?;
-            let before_policy = parsed.clone();
-            policy.apply(&mut parsed, actor)?;
-            // A statement the policy left alone must mean exactly what the client wrote: the
-            // verifier compares PostgreSQL's reading of both texts.
-            let same_as = if parsed == before_policy { Some(shape_of(&stmt.node, label)?) } else { None };
-            let printed = printer::print(parsed)?;
-            Ok((printed.text, Some(Expected { emitted: printed.emitted, same_as })))
-        }
+        Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, false),
         // PostgreSQL proved this statement touches no data, so the client's own text may go
         // through unchanged (minus leading/trailing comments, see `trim_to_tokens`).
         Err(_) if DATA_FREE_KINDS.contains(&stmt.kind.as_str()) => {
             let verbatim =
                 lexer::trim_to_tokens(tokens, stmt.range.clone()).and_then(|r| sql.get(r)).ok_or_else(not_located)?;
-            Ok((verbatim.to_string(), None))
+            Ok((verbatim.to_string(), Form::Verbatim))
+        }
+        Err(SqlParseError::Syntax(_) | SqlParseError::Count(_)) if ddl::KINDS.contains(&stmt.kind.as_str()) => {
+            deparsed_ddl(stmt, label, actor, policy)
         }
         Err(SqlParseError::TooDeep) => Err(Refusal::TooComplex(format!(
             "refused: {label} is nested too deeply for the proxy (recursion limit {SQLPARSER_RECURSION_LIMIT})"
         ))),
+        Err(SqlParseError::Syntax(_)) if let Some(split) = locking::split(&stmt.node) => {
+            locked_select(split, label, actor, policy)
+        }
         Err(SqlParseError::Syntax(e)) => match pgtree::unsupported_construct(&stmt.node) {
             // PostgreSQL's tree names what the proxy's parser could not read.
             Some(construct) => {
@@ -403,6 +405,76 @@ fn rewrite_statement(
             stmt.kind
         ))),
     }
+}
+
+/// Steps 4–5 for a statement sqlparser read: the gate, the policy, the printer. `deparsed`: the
+/// text sqlparser read is PostgreSQL's printing of the client's statement (`deparsed_ddl`).
+fn policy_and_print(
+    mut parsed: Statement,
+    node: &pg_query::NodeEnum,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+    deparsed: bool,
+) -> Result<(String, Form), Refusal> {
+    gate::check_sql(&parsed)?;
+    let before_policy = parsed.clone();
+    policy.apply(&mut parsed, actor)?;
+    // Text PostgreSQL's printer wrote is forwarded only as the client's own tree.
+    if deparsed && parsed != before_policy {
+        return Err(Refusal::Unverifiable(format!(
+            "refused: the proxy would change {label}, which only PostgreSQL's parser reads as sent"
+        )));
+    }
+    // A statement the policy left alone must mean exactly what the client wrote: the
+    // verifier compares PostgreSQL's reading of both texts.
+    let same_as = if parsed == before_policy { Some(shape_of(node, label)?) } else { None };
+    let printed = printer::print(parsed)?;
+    Ok((printed.text, Form::Printed(Expected { emitted: printed.emitted, same_as })))
+}
+
+/// DDL sqlparser cannot read: checked on PostgreSQL's tree and printed by PostgreSQL's printer
+/// (`ddl`), then verified to read back as the same tree. When sqlparser can read that printing
+/// (the client's spelling was the obstacle, e.g. a `U&"…"` name), it takes the usual way from
+/// there, so that what the proxy forwards is a fixed point of the pipeline.
+fn deparsed_ddl(
+    stmt: &classify::PgStatement,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Result<(String, Form), Refusal> {
+    let text = ddl::print(&stmt.node, label, &mut |target| policy.check_ddl_target(target, actor))?;
+    match parse_one(&text) {
+        Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, true),
+        Err(_) => Ok((text, Form::Deparsed { same_as: shape_of(&stmt.node, label)? })),
+    }
+}
+
+/// A top-level SELECT whose locking clause sqlparser cannot read (`locking`): rewritten without
+/// it, verified, and printed by PostgreSQL's printer with the client's clause put back.
+fn locked_select(
+    (bare, locks): (pg_query::NodeEnum, Vec<pg_query::protobuf::Node>),
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Result<(String, Form), Refusal> {
+    locking::check_names(&locks)?;
+    let text = locking::print_exactly(&bare, label)?;
+    let parsed = parse_one(&text).map_err(|_| match pgtree::unsupported_construct(&bare) {
+        Some(construct) => {
+            Refusal::Syntax(format!("refused: {label} uses {construct}, which the proxy does not support yet"))
+        }
+        None => Refusal::Syntax(format!("refused: the proxy cannot parse {label} (SelectStmt)")),
+    })?;
+    let (rewritten, form) = policy_and_print(parsed, &bare, label, actor, policy, false)?;
+    let piece = PieceCheck { kind: "SelectStmt".to_owned(), range: 0..rewritten.len(), form };
+    verify::verify(&rewritten, std::slice::from_ref(&piece), policy, actor)?;
+    let locked = locking::reattach(&rewritten, locks, label)?;
+    let same_as = shape_of(&locked, label)?;
+    let text = locked
+        .deparse(pg_query::DeparseOptions::default())
+        .map_err(|e| Refusal::Unverifiable(format!("refused: PostgreSQL's printer cannot print {label}: {e}")))?;
+    Ok((text, Form::Deparsed { same_as }))
 }
 
 fn shape_of(node: &pg_query::NodeEnum, label: &str) -> Result<String, Refusal> {

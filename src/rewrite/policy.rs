@@ -10,6 +10,18 @@ use sqlparser::ast::Statement;
 use super::Refusal;
 use crate::auth::identity::ActorContext;
 
+/// A name in DDL that only PostgreSQL's parser could read (`ddl.rs`), for the policy's
+/// scratch-object rules. Names are folded as PostgreSQL folds them (its tree holds them so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DdlTarget<'a> {
+    /// A relation (table, index or sequence) the statement creates, changes, drops, comments
+    /// on or references: the rules DDL read by sqlparser gets (`verb` words the refusal).
+    /// `creates`: `Some(temporary)` when the statement creates it.
+    Relation { parts: &'a [String], verb: &'a str, creates: Option<bool> },
+    /// A type, collation or operator class the statement names (`what` words the refusal).
+    Uses { parts: &'a [String], what: &'a str },
+}
+
 /// Rewrites one parsed statement for a caller, in place, or refuses it.
 pub trait StatementPolicy: Send + Sync {
     /// Checks PostgreSQL's own reading of the statement, before anything else; this is the only
@@ -18,6 +30,10 @@ pub trait StatementPolicy: Send + Sync {
     fn check_pg(&self, node: &pg_query::NodeEnum, actor: &ActorContext) -> Result<(), Refusal>;
 
     fn apply(&self, stmt: &mut Statement, actor: &ActorContext) -> Result<(), Refusal>;
+
+    /// Checks one name of DDL sqlparser could not read, which is forwarded as PostgreSQL's own
+    /// printer prints PostgreSQL's tree (`ddl.rs`): every name it holds is checked here.
+    fn check_ddl_target(&self, target: &DdlTarget<'_>, actor: &ActorContext) -> Result<(), Refusal>;
 
     /// Checks PostgreSQL's reading of the text about to be forwarded (defence in depth against
     /// anything the sqlparser tree represented differently).
@@ -42,6 +58,10 @@ impl StatementPolicy for PassThrough {
     }
 
     fn apply(&self, _stmt: &mut Statement, _actor: &ActorContext) -> Result<(), Refusal> {
+        Ok(())
+    }
+
+    fn check_ddl_target(&self, _target: &DdlTarget<'_>, _actor: &ActorContext) -> Result<(), Refusal> {
         Ok(())
     }
 

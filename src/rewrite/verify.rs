@@ -10,7 +10,9 @@
 //!   one, so a comment would mean text was swallowed).
 //!
 //! Statements forwarded verbatim are the client's own data-free text (see `mod.rs`); only
-//! their kind, position and the gate are checked.
+//! their kind, position and the gate are checked. Statements PostgreSQL's deparser printed from
+//! the client's own tree (DDL sqlparser cannot read, `ddl.rs`) must parse back to exactly that
+//! tree (every node, field and value; only byte offsets may differ), with no comment.
 //!
 //! Invariant: no text goes upstream unless PostgreSQL's parser reads it as exactly the statements, kinds and string
 //! literals the proxy printed; any difference is a refusal, never a best effort.
@@ -32,8 +34,19 @@ pub(crate) struct PieceCheck {
     pub kind: String,
     /// Byte range of the statement in the built text.
     pub range: Range<usize>,
-    /// `None` for a statement forwarded verbatim.
-    pub expected: Option<Expected>,
+    pub form: Form,
+}
+
+/// How a statement of the built text was made, and so what it must hold.
+#[derive(Debug, Clone)]
+pub(crate) enum Form {
+    /// The client's own text of a data-free statement.
+    Verbatim,
+    /// Printed by the proxy's printer.
+    Printed(Expected),
+    /// Printed by PostgreSQL's deparser from the client's tree, which the policy checked and
+    /// left alone: PostgreSQL must read it as a tree of exactly this shape (`pgtree::shape`).
+    Deparsed { same_as: String },
 }
 
 /// What a printed statement must contain.
@@ -82,7 +95,12 @@ pub(crate) fn verify(
         }
         gate::check_pg(&stmt.node)?;
         policy.check_output(&stmt.node, actor)?;
-        if let Some(same_as) = piece.expected.as_ref().and_then(|e| e.same_as.as_ref())
+        let same_as = match &piece.form {
+            Form::Verbatim => None,
+            Form::Printed(e) => e.same_as.as_ref(),
+            Form::Deparsed { same_as } => Some(same_as),
+        };
+        if let Some(same_as) = same_as
             && pgtree::shape(&stmt.node).as_ref() != Some(same_as)
         {
             return Err(unverifiable(format!(
@@ -109,8 +127,10 @@ fn check_tokens(text: &str, tokens: &[Tok], pieces: &[PieceCheck]) -> Result<(),
                 if inside.last().is_some_and(|t| t.end > p.range.end) {
                     return Err(unverifiable(format!("a token runs past the end of statement {}", next_piece + 1)));
                 }
-                if let Some(expected) = &p.expected {
-                    check_printed(text, inside, &expected.emitted, next_piece + 1)?;
+                match &p.form {
+                    Form::Verbatim => {}
+                    Form::Printed(expected) => check_printed(text, inside, &expected.emitted, next_piece + 1)?,
+                    Form::Deparsed { .. } => check_deparsed(inside, next_piece + 1)?,
                 }
                 idx += inside.len();
                 next_piece += 1;
@@ -122,6 +142,24 @@ fn check_tokens(text: &str, tokens: &[Tok], pieces: &[PieceCheck]) -> Result<(),
     }
     if next_piece != pieces.len() {
         return Err(unverifiable("a statement has no tokens"));
+    }
+    Ok(())
+}
+
+/// The deparser writes no comment and no Unicode escape; its strings and identifiers are
+/// checked by the tree comparison (`verify`).
+fn check_deparsed(tokens: &[Tok], n: usize) -> Result<(), Refusal> {
+    for tok in tokens {
+        match tok.token {
+            None => return Err(unverifiable(format!("statement {n} contains a token the proxy does not know"))),
+            Some(Token::SqlComment | Token::CComment) => {
+                return Err(unverifiable(format!("statement {n} contains a comment")));
+            }
+            Some(Token::Usconst | Token::Uident) => {
+                return Err(unverifiable(format!("statement {n} contains a Unicode-escape token")));
+            }
+            Some(_) => {}
+        }
     }
     Ok(())
 }
@@ -200,7 +238,7 @@ mod tests {
     }
 
     fn printed(kind: &str, range: Range<usize>, emitted: Vec<Emitted>) -> PieceCheck {
-        PieceCheck { kind: kind.into(), range, expected: Some(Expected { emitted, same_as: None }) }
+        PieceCheck { kind: kind.into(), range, form: Form::Printed(Expected { emitted, same_as: None }) }
     }
 
     fn shape_of(sql: &str) -> String {
@@ -217,7 +255,7 @@ mod tests {
         let text = "SELECT 'a''b', \"X\" FROM t; BEGIN /* c */ READ ONLY";
         let pieces = [
             printed("SelectStmt", 0..25, vec![s("a'b"), Emitted::QuotedIdent("X".into())]),
-            PieceCheck { kind: "TransactionStmt".into(), range: 27..text.len(), expected: None },
+            PieceCheck { kind: "TransactionStmt".into(), range: 27..text.len(), form: Form::Verbatim },
         ];
         check(text, &pieces).unwrap();
     }
@@ -273,12 +311,40 @@ mod tests {
         let piece = |same_as: String| PieceCheck {
             kind: "SelectStmt".into(),
             range: 0..text.len(),
-            expected: Some(Expected { emitted: emitted.clone(), same_as: Some(same_as) }),
+            form: Form::Printed(Expected { emitted: emitted.clone(), same_as: Some(same_as) }),
         };
         check(text, &[piece(client)]).unwrap();
         for other in ["SELECT 'it''s'::int, \"a\", b FROM t", "SELECT 'it''s'::int, \"A\", b FROM t LIMIT 1"] {
             let r = check(text, &[piece(shape_of(other))]);
             assert!(matches!(&r, Err(Refusal::Unverifiable(m)) if m.contains("differently")), "{other}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn deparsed_statements_must_read_back_as_the_clients_tree() {
+        let piece = |text: &str, client: &str| PieceCheck {
+            kind: "AlterSeqStmt".into(),
+            range: 0..text.len(),
+            form: Form::Deparsed { same_as: shape_of(client) },
+        };
+        let ok = "ALTER SEQUENCE s RESTART 1";
+        check(ok, &[piece(ok, "alter sequence \"s\" restart with 1")]).unwrap();
+        // Strings and identifiers are compared through the tree, so E'' strings pass.
+        let text = "COMMENT ON CONSTRAINT c ON t IS E'a\\\\b'";
+        let comment = PieceCheck {
+            kind: "CommentStmt".into(),
+            range: 0..text.len(),
+            form: Form::Deparsed { same_as: shape_of("COMMENT ON CONSTRAINT c ON t IS 'a\\b'") },
+        };
+        check(text, &[comment]).unwrap();
+        for (text, client) in [
+            ("ALTER SEQUENCE s RESTART 2", ok),
+            ("ALTER SEQUENCE \"S\" RESTART 1", ok),
+            ("ALTER SEQUENCE s RESTART /* c */ 1", ok),
+            ("ALTER SEQUENCE U&\"s\" RESTART 1", ok),
+        ] {
+            let r = check(text, &[piece(text, client)]);
+            assert!(matches!(r, Err(Refusal::Unverifiable(_))), "{text}: {r:?}");
         }
     }
 

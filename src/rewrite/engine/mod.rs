@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use sqlparser::ast::{CopySource, CopyTarget, CreateTable, ObjectName, Reset, ResetStatement, Set, Statement};
 
+use super::policy::DdlTarget;
 use super::{Refusal, StatementPolicy};
 use crate::auth::identity::{ActorContext, Environment};
 use crate::catalog::CatalogSnapshot;
@@ -199,6 +200,36 @@ impl StatementPolicy for PolicyEngine {
         let mut walker = Walker::new(&ctx, &self.allow_functions);
         self.statement(stmt, &mut walker)
     }
+
+    fn check_ddl_target(&self, target: &DdlTarget<'_>, actor: &ActorContext) -> Result<(), Refusal> {
+        let set = self.policies.for_env(actor.environment);
+        let ctx = Ctx::new(actor, set, &self.catalog);
+        let w = Walker::new(&ctx, &self.allow_functions);
+        match *target {
+            DdlTarget::Relation { parts, verb, creates } => {
+                if let Some(temporary) = creates {
+                    self.temporary_shadow(&w, parts, temporary)?;
+                }
+                self.ddl_target_parts(&w, parts, verb)
+            }
+            DdlTarget::Uses { parts, what } => used_by_ddl(parts, what, actor),
+        }
+    }
+}
+
+/// A type, collation or operator class named in scratch DDL: unqualified (found through the
+/// pinned search_path: the catalog, the session's temporary schema, the caller's scratch schema,
+/// public), or qualified with `pg_catalog`, the caller's own scratch schema or `pg_temp`. Another
+/// tenant's scratch objects are never reached, nor any other schema's.
+fn used_by_ddl(parts: &[String], what: &str, actor: &ActorContext) -> Result<(), Refusal> {
+    match parts {
+        [_] => Ok(()),
+        [schema, _] if schema == "pg_catalog" || schema == "pg_temp" || *schema == scratch_schema(actor) => Ok(()),
+        _ => Err(denied(format!(
+            "the {what} {} is outside the catalog and the tenant's own scratch schema",
+            parts.join(".")
+        ))),
+    }
 }
 
 impl PolicyEngine {
@@ -343,9 +374,16 @@ impl PolicyEngine {
     /// DDL: only on unmanaged tables, only in development, only with the grant, only in the
     /// tenant's own scratch schema (unqualified names land there through the pinned search_path).
     fn ddl_target(&self, w: &Walker, name: &ObjectName, verb: &str) -> Result<(), Refusal> {
-        let (schema, table) = self.resolve_target(w, name)?;
+        let parts = name_parts(name).ok_or_else(|| denied(format!("relation name {name} is not supported")))?;
+        self.ddl_target_parts(w, &parts, verb)
+    }
+
+    /// [`Self::ddl_target`] on a folded name: the one place the scratch-object rules for DDL live,
+    /// for DDL sqlparser reads and DDL only PostgreSQL's parser reads (`rewrite/ddl.rs`).
+    fn ddl_target_parts(&self, w: &Walker, parts: &[String], verb: &str) -> Result<(), Refusal> {
+        let (schema, table) = self.resolve_target(w, parts)?;
         w.ctx.set.managed(&schema, &table).map_err(denied)?;
-        let qualified = name.0.len() > 1;
+        let qualified = parts.len() > 1;
         // `pg_temp` (exactly: the session's own temporary schema) holds session-local objects
         // like the temporary tables an unqualified `CREATE TEMP TABLE` makes.
         let own_schema = schema == scratch_schema(w.ctx.actor) || schema == "pg_temp";
@@ -371,22 +409,28 @@ impl PolicyEngine {
         Ok(())
     }
 
-    fn resolve_target(&self, w: &Walker, name: &ObjectName) -> Result<(String, String), Refusal> {
-        let parts = name_parts(name).ok_or_else(|| denied(format!("relation name {name} is not supported")))?;
-        match w.resolve(&parts).map_err(denied)? {
-            Resolved::Cte => Err(denied(format!("{name} names a CTE, which cannot be the target here"))),
+    fn resolve_target(&self, w: &Walker, parts: &[String]) -> Result<(String, String), Refusal> {
+        match w.resolve(parts).map_err(denied)? {
+            Resolved::Cte => Err(denied(format!("{} names a CTE, which cannot be the target here", parts.join(".")))),
             Resolved::Relation { schema, name } => Ok((schema, name)),
         }
     }
 
-    fn create_table(&self, w: &mut Walker, ct: &mut CreateTable) -> Result<(), Refusal> {
-        let (schema, table) = self.resolve_target(w, &ct.name)?;
-        // A temporary table may not shadow a managed one, even though the proxy always names
-        // managed tables schema-qualified.
-        if (ct.temporary || schema.starts_with("pg_temp")) && w.ctx.set.tables.by_name.contains_key(&table) {
+    /// A temporary table may not shadow a managed one, even though the proxy always names
+    /// managed tables schema-qualified.
+    fn temporary_shadow(&self, w: &Walker, parts: &[String], temporary: bool) -> Result<(), Refusal> {
+        let (schema, table) = self.resolve_target(w, parts)?;
+        if (temporary || schema.starts_with("pg_temp")) && w.ctx.set.tables.by_name.contains_key(&table) {
             return Err(denied(format!("a temporary table may not be named like the managed table {table}")));
         }
-        self.ddl_target(w, &ct.name, "create")?;
+        Ok(())
+    }
+
+    fn create_table(&self, w: &mut Walker, ct: &mut CreateTable) -> Result<(), Refusal> {
+        let parts =
+            name_parts(&ct.name).ok_or_else(|| denied(format!("relation name {} is not supported", ct.name)))?;
+        self.temporary_shadow(w, &parts, ct.temporary)?;
+        self.ddl_target_parts(w, &parts, "create")?;
         // `PARTITION BY RANGE (a)` / `LIST` / `HASH`: sqlparser reads the strategy as a call; it
         // is checked here (columns only) and kept out of the function check.
         let partition_by = ct.partition_by.take();
@@ -422,7 +466,9 @@ impl PolicyEngine {
                     }
                     return Ok(());
                 }
-                let (schema, table) = self.resolve_target(w, table_name)?;
+                let parts = name_parts(table_name)
+                    .ok_or_else(|| denied(format!("relation name {table_name} is not supported")))?;
+                let (schema, table) = self.resolve_target(w, &parts)?;
                 if w.ctx.set.tables.table(&schema, &table).is_none() {
                     return w.check_plain_relation(&schema, &table).map_err(denied);
                 }

@@ -380,9 +380,10 @@ fn a_cte_named_like_a_managed_table_is_a_cte() {
 #[test]
 fn constructs_the_parser_cannot_read_are_named_and_cursor_moves_pass() {
     for (sql, construct) in [
-        ("SELECT id FROM entities FOR NO KEY UPDATE", "FOR NO KEY UPDATE"),
-        ("SELECT id FROM entities FOR KEY SHARE", "FOR KEY SHARE"),
-        ("SELECT e.id FROM entities e, threads t FOR UPDATE OF e, t", "several tables"),
+        // Locking clauses sqlparser cannot read are supported on the top-level SELECT only.
+        ("SELECT id FROM (SELECT id FROM entities FOR NO KEY UPDATE) s", "FOR NO KEY UPDATE"),
+        ("SELECT (SELECT id FROM entities FOR KEY SHARE)", "FOR KEY SHARE"),
+        ("WITH c AS (SELECT e.id FROM entities e, threads t FOR UPDATE OF e, t) SELECT * FROM c", "several tables"),
         ("UPDATE agent_configs SET tools[1] = '1'", "array element"),
     ] {
         let e = run(&admin_dev(), sql).unwrap_err();
@@ -564,4 +565,48 @@ fn setval_names_the_callers_scratch_schema() {
     assert_eq!(out, format!("SELECT setval('\"{scratch}\".\"S\"'::REGCLASS, 5, true)"));
     let out = run(&admin_dev(), "SELECT setval('pg_temp.s', 1)").unwrap();
     assert_eq!(out, "SELECT setval('\"pg_temp\".\"s\"', 1)");
+}
+
+/// `FOR NO KEY UPDATE`, `FOR KEY SHARE`, `FOR UPDATE OF a, b` (sqlparser reads none of them) on
+/// the top-level SELECT: the rest is rewritten and verified as usual, and the client's locking
+/// clause is put back on PostgreSQL's tree of the rewrite (rewrite/locking.rs).
+#[test]
+fn locking_clauses_sqlparser_cannot_read_lock_the_secure_relations() {
+    let cases: &[(&str, &str)] = &[
+        ("SELECT id FROM entities WHERE id = 'x' FOR NO KEY UPDATE", " FOR NO KEY UPDATE"),
+        ("SELECT id FROM entities FOR KEY SHARE NOWAIT", " FOR KEY SHARE NOWAIT"),
+        ("SELECT e.id FROM entities e, threads t WHERE t.id = e.id FOR UPDATE OF e, t", " FOR UPDATE OF e, t"),
+        (
+            "SELECT e.id FROM entities e JOIN threads t ON true FOR NO KEY UPDATE OF e FOR SHARE OF t SKIP LOCKED",
+            " FOR NO KEY UPDATE OF e FOR SHARE OF t SKIP LOCKED",
+        ),
+        ("SELECT relname FROM pg_class c, pg_namespace n FOR KEY SHARE OF c, n", " FOR KEY SHARE OF c, n"),
+    ];
+    for (sql, tail) in cases {
+        let out = run(&admin_dev(), sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert!(out.ends_with(tail), "{sql}: {out}");
+        if sql.contains("entities") {
+            // PostgreSQL's printer quotes only where needed.
+            assert!(out.contains("FROM public.entities __struere_"), "{sql}: {out}");
+            assert!(out.contains("'acme'") && out.contains("'development'"), "{sql}: {out}");
+        }
+        // What the sqlparser way makes of the same statement with FOR UPDATE, save the clause.
+        let plain = run(&admin_dev(), &sql.replace(tail.trim(), "")).unwrap();
+        let without = out.strip_suffix(tail).unwrap();
+        assert_eq!(shape(without), shape(&plain), "{sql}: {out}");
+    }
+    // Everything the rewrite refuses without the clause is refused with it.
+    for sql in [
+        "SELECT pg_sleep(1) FROM entities FOR NO KEY UPDATE",
+        "SELECT * FROM pg_stats FOR KEY SHARE",
+        "SELECT * FROM struere.api_keys k, entities e FOR UPDATE OF k, e",
+        "SELECT * FROM entities FOR NO KEY UPDATE OF __struere_1",
+    ] {
+        let e = run(&admin_dev(), sql).unwrap_err();
+        assert!(matches!(e, Refusal::Denied(_) | Refusal::Unverifiable(_)), "{sql}: {e:?}");
+    }
+}
+
+fn shape(sql: &str) -> String {
+    crate::rewrite::pgtree::shape(&crate::rewrite::classify::parse(sql).unwrap().remove(0).node).unwrap()
 }

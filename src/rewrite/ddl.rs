@@ -1,0 +1,776 @@
+//! Step 3, second way: DDL on the caller's own scratch objects that sqlparser cannot read
+//! (`ALTER SEQUENCE`, `ALTER COLUMN … DROP IDENTITY`, `CREATE INDEX … TABLESPACE`,
+//! `DROP INDEX CONCURRENTLY`, `COMMENT ON CONSTRAINT`, `ON DELETE SET NULL (col)`, …).
+//!
+//! Used only when sqlparser fails on a statement PostgreSQL classifies as one of [`KINDS`].
+//! PostgreSQL's own tree is walked against an explicit allowlist: every node type and every
+//! field of the statements below is named here (structs are destructured without `..`, so a
+//! field a new pg_query adds does not compile until it is decided), and anything not allowed is
+//! refused (42501) with a message naming the construct.
+//!
+//! - Every relation the statement creates, changes, drops, comments on or references — table,
+//!   index, sequence; the table of a constraint or column — goes to the policy's DDL rules
+//!   ([`DdlTarget::Relation`], the same rules as DDL sqlparser reads); every type, collation and
+//!   operator class to [`DdlTarget::Uses`].
+//! - Expressions (defaults, `USING`, `CHECK`, index expressions) may only be constants, casts,
+//!   `COLLATE` and, where PostgreSQL reads them as the target's columns, column names. Function
+//!   calls, operators, subqueries and anything else are refused.
+//! - Tablespaces are cluster-wide: only `pg_default`. Storage parameters and index access
+//!   methods come from short lists.
+//!
+//! The statement is then printed by PostgreSQL's own printer (pg_query's deparser, which quotes
+//! identifiers with `quote_identifier` and writes strings as `'…'`/`E'…'` with every quote and
+//! backslash doubled: no escaping guesses), and `verify` requires PostgreSQL to read the printed
+//! text as exactly the client's tree (every node, field and value; only byte offsets may differ).
+//!
+//! Invariant: a statement leaves this module only if every node of PostgreSQL's tree is on the
+//! allowlist and every name in it passed the policy; the text forwarded is PostgreSQL's
+//! printing of that same tree, and is refused unless it parses back to it.
+
+use pg_query::NodeEnum;
+use pg_query::protobuf::{self as pb, Node};
+
+use super::Refusal;
+use super::engine::walk::RESERVED_PREFIX;
+use super::pgtree;
+use super::policy::DdlTarget;
+
+/// The statement kinds (pg_query node names) this way may handle.
+pub(crate) const KINDS: &[&str] =
+    &["AlterSeqStmt", "AlterTableStmt", "IndexStmt", "DropStmt", "CommentStmt", "CreateStmt", "RenameStmt"];
+
+/// The only tablespace scratch objects may name: tablespaces are cluster-wide.
+const TABLESPACE: &str = "pg_default";
+
+/// Index access methods built into PostgreSQL.
+const INDEX_METHODS: &[&str] = &["btree", "hash", "gist", "gin", "brin", "spgist"];
+
+/// Storage parameters (`WITH (…)`) of scratch tables and indexes: layout and maintenance only.
+const STORAGE_PARAMETERS: &[&str] = &[
+    "fillfactor",
+    "deduplicate_items",
+    "fastupdate",
+    "gin_pending_list_limit",
+    "pages_per_range",
+    "autosummarize",
+    "buffering",
+];
+
+/// Sequence options of `ALTER SEQUENCE` and identity columns (not `SEQUENCE NAME`, which
+/// could name a sequence anywhere).
+const SEQUENCE_OPTIONS: &[&str] = &["as", "increment", "minvalue", "maxvalue", "start", "restart", "cache", "cycle"];
+
+/// Checks one name against the policy (`StatementPolicy::check_ddl_target`).
+pub(crate) type Check<'a> = dyn FnMut(&DdlTarget<'_>) -> Result<(), Refusal> + 'a;
+
+/// Checks the statement against the allowlist and prints it with PostgreSQL's printer.
+pub(crate) fn print(node: &NodeEnum, label: &str, check: &mut Check<'_>) -> Result<String, Refusal> {
+    statement(node, check)?;
+    node.deparse(pg_query::DeparseOptions::default())
+        .map_err(|e| Refusal::Unverifiable(format!("refused: PostgreSQL's printer cannot print {label}: {e}")))
+}
+
+/// For every statement, whichever parser reads it: the tables its foreign keys reference follow
+/// the DDL rules (a foreign key probes and pins the rows it references; pg_query's own node
+/// iterator does not reach constraints), and its tablespaces are `pg_default`. Types and
+/// collations of its columns stay in the catalog or the caller's own schemas.
+pub(crate) fn check_names(node: &NodeEnum, check: &mut Check<'_>) -> Result<(), Refusal> {
+    fn column(c: &pb::ColumnDef, check: &mut Check<'_>) -> Result<(), Refusal> {
+        if let Some(t) = &c.type_name {
+            uses(&strings(&t.names, "a type name")?, "type", check)?;
+        }
+        if let Some(coll) = &c.coll_clause {
+            uses(&strings(&coll.collname, "a collation name")?, "collation", check)?;
+        }
+        c.constraints.iter().try_for_each(|k| element(k, check))
+    }
+    fn element(n: &Node, check: &mut Check<'_>) -> Result<(), Refusal> {
+        match &n.node {
+            Some(NodeEnum::ColumnDef(c)) => column(c, check),
+            Some(NodeEnum::Constraint(k)) => {
+                tablespace(&k.indexspace)?;
+                k.pktable.as_ref().map_or(Ok(()), |t| relation(t, "reference", false, check))
+            }
+            _ => Ok(()),
+        }
+    }
+    match node {
+        NodeEnum::CreateStmt(s) => {
+            tablespace(&s.tablespacename)?;
+            s.table_elts.iter().try_for_each(|e| element(e, check))
+        }
+        NodeEnum::AlterTableStmt(s) => s.cmds.iter().try_for_each(|c| match &c.node {
+            Some(NodeEnum::AlterTableCmd(c)) => c.def.as_deref().map_or(Ok(()), |d| element(d, check)),
+            _ => Ok(()),
+        }),
+        NodeEnum::IndexStmt(s) => tablespace(&s.table_space),
+        NodeEnum::CreateTableAsStmt(s) => s.into.as_ref().map_or(Ok(()), |i| tablespace(&i.table_space_name)),
+        _ => Ok(()),
+    }
+}
+
+fn refuse(what: impl std::fmt::Display) -> Refusal {
+    Refusal::Denied(format!("refused: {what} is not allowed in DDL through an environment key"))
+}
+
+fn statement(node: &NodeEnum, check: &mut Check<'_>) -> Result<(), Refusal> {
+    match node {
+        NodeEnum::AlterSeqStmt(s) => alter_sequence(s, check),
+        NodeEnum::AlterTableStmt(s) => alter_table(s, check),
+        NodeEnum::IndexStmt(s) => create_index(s, check),
+        NodeEnum::DropStmt(s) => drop(s, check),
+        NodeEnum::CommentStmt(s) => comment(s, check),
+        NodeEnum::CreateStmt(s) => create_table(s, check),
+        NodeEnum::RenameStmt(s) => rename(s, check),
+        other => Err(refuse(format!("the statement {}", pgtree::node_kind(other)))),
+    }
+}
+
+// ---- statements ----
+
+fn alter_sequence(s: &pb::AlterSeqStmt, check: &mut Check<'_>) -> Result<(), Refusal> {
+    let pb::AlterSeqStmt { sequence, options, for_identity, missing_ok: _ } = s;
+    if *for_identity {
+        return Err(refuse("ALTER SEQUENCE of an identity column"));
+    }
+    relation(required(sequence.as_ref(), "ALTER SEQUENCE")?, "alter", false, check)?;
+    options.iter().try_for_each(|o| sequence_option(o, check))
+}
+
+fn alter_table(s: &pb::AlterTableStmt, check: &mut Check<'_>) -> Result<(), Refusal> {
+    let pb::AlterTableStmt { relation: rel, cmds, objtype, missing_ok: _ } = s;
+    if *objtype != pb::ObjectType::ObjectTable as i32 {
+        return Err(refuse(format!("ALTER {}", object_type_name(*objtype))));
+    }
+    relation(required(rel.as_ref(), "ALTER TABLE")?, "alter", false, check)?;
+    for cmd in cmds {
+        let Some(NodeEnum::AlterTableCmd(cmd)) = &cmd.node else {
+            return Err(refuse(format!("ALTER TABLE with {}", node_name(cmd))));
+        };
+        alter_table_cmd(cmd, check)?;
+    }
+    Ok(())
+}
+
+fn alter_table_cmd(cmd: &pb::AlterTableCmd, check: &mut Check<'_>) -> Result<(), Refusal> {
+    use pb::AlterTableType as T;
+    let pb::AlterTableCmd { subtype, name: column, num, newowner, def, behavior: _, missing_ok: _, recurse } = cmd;
+    let subtype = T::try_from(*subtype).unwrap_or(T::Undefined);
+    let what = || format!("ALTER TABLE … {}", subtype.as_str_name().trim_start_matches("AT_"));
+    if newowner.is_some() || *recurse || *num != 0 {
+        return Err(refuse(what()));
+    }
+    let def = def.as_deref();
+    match subtype {
+        // Column (or constraint) name only.
+        T::AtDropIdentity | T::AtSetNotNull | T::AtDropNotNull | T::AtDropColumn | T::AtDropConstraint
+            if def.is_none() =>
+        {
+            name(column)
+        }
+        T::AtSetStatistics => {
+            name(column)?;
+            match def.and_then(|d| d.node.as_ref()) {
+                None | Some(NodeEnum::Integer(_)) => Ok(()),
+                Some(_) => Err(refuse(what())),
+            }
+        }
+        T::AtColumnDefault => {
+            name(column)?;
+            def.map_or(Ok(()), |d| expr(d, false, check))
+        }
+        T::AtAlterColumnType => {
+            name(column)?;
+            match def.and_then(|d| d.node.as_ref()) {
+                Some(NodeEnum::ColumnDef(c)) => column_def(c, ColumnUse::AlterType, check),
+                _ => Err(refuse(what())),
+            }
+        }
+        T::AtAddColumn if column.is_empty() => match def.and_then(|d| d.node.as_ref()) {
+            Some(NodeEnum::ColumnDef(c)) => column_def(c, ColumnUse::Define, check),
+            _ => Err(refuse(what())),
+        },
+        T::AtAddConstraint if column.is_empty() => match def.and_then(|d| d.node.as_ref()) {
+            Some(NodeEnum::Constraint(c)) => constraint(c, check),
+            _ => Err(refuse(what())),
+        },
+        _ => Err(refuse(what())),
+    }
+}
+
+fn create_index(s: &pb::IndexStmt, check: &mut Check<'_>) -> Result<(), Refusal> {
+    let pb::IndexStmt {
+        idxname,
+        relation: rel,
+        access_method,
+        table_space,
+        index_params,
+        index_including_params,
+        options,
+        where_clause,
+        exclude_op_names,
+        idxcomment,
+        index_oid,
+        old_number,
+        old_create_subid,
+        old_first_relfilelocator_subid,
+        unique: _,
+        nulls_not_distinct: _,
+        primary,
+        isconstraint,
+        iswithoutoverlaps,
+        deferrable,
+        initdeferred,
+        transformed,
+        concurrent: _,
+        if_not_exists: _,
+        reset_default_tblspc,
+    } = s;
+    let internal = !exclude_op_names.is_empty()
+        || !idxcomment.is_empty()
+        || *index_oid != 0
+        || *old_number != 0
+        || *old_create_subid != 0
+        || *old_first_relfilelocator_subid != 0
+        || *primary
+        || *isconstraint
+        || *iswithoutoverlaps
+        || *deferrable
+        || *initdeferred
+        || *transformed
+        || *reset_default_tblspc;
+    if internal {
+        return Err(refuse("this form of CREATE INDEX"));
+    }
+    relation(required(rel.as_ref(), "CREATE INDEX")?, "create an index on", false, check)?;
+    // The index lands in its table's schema: its name is checked like a relation created there.
+    if !idxname.is_empty() {
+        name(idxname)?;
+        check(&DdlTarget::Relation {
+            parts: std::slice::from_ref(idxname),
+            verb: "create the index",
+            creates: Some(false),
+        })?;
+    }
+    if !INDEX_METHODS.contains(&access_method.as_str()) {
+        return Err(refuse(format!("the index access method {access_method}")));
+    }
+    tablespace(table_space)?;
+    for p in index_params {
+        index_elem(p, true, check)?;
+    }
+    for p in index_including_params {
+        index_elem(p, false, check)?;
+    }
+    storage_parameters(options)?;
+    where_clause.as_deref().map_or(Ok(()), |w| expr(w, true, check))
+}
+
+fn index_elem(node: &Node, with_expressions: bool, check: &mut Check<'_>) -> Result<(), Refusal> {
+    let Some(NodeEnum::IndexElem(e)) = &node.node else {
+        return Err(refuse(format!("an index column given as {}", node_name(node))));
+    };
+    let pb::IndexElem {
+        name: column,
+        expr: expression,
+        indexcolname,
+        collation,
+        opclass,
+        opclassopts,
+        ordering: _,
+        nulls_ordering: _,
+    } = &**e;
+    if !indexcolname.is_empty() || !opclassopts.is_empty() {
+        return Err(refuse("operator class options"));
+    }
+    match (column.is_empty(), expression.as_deref()) {
+        (false, None) => name(column)?,
+        (true, Some(x)) if with_expressions => expr(x, true, check)?,
+        _ => return Err(refuse("this index column")),
+    }
+    if !collation.is_empty() {
+        uses(&strings(collation, "a collation name")?, "collation", check)?;
+    }
+    if !opclass.is_empty() {
+        uses(&strings(opclass, "an operator class name")?, "operator class", check)?;
+    }
+    Ok(())
+}
+
+fn drop(s: &pb::DropStmt, check: &mut Check<'_>) -> Result<(), Refusal> {
+    use pb::ObjectType as O;
+    let pb::DropStmt { objects, remove_type, behavior: _, missing_ok: _, concurrent: _ } = s;
+    if ![O::ObjectIndex, O::ObjectTable, O::ObjectSequence].iter().any(|t| *t as i32 == *remove_type) {
+        return Err(refuse(format!("DROP {}", object_type_name(*remove_type))));
+    }
+    // Every object, so one statement cannot mix a scratch object with anything else.
+    for object in objects {
+        let Some(NodeEnum::List(list)) = &object.node else {
+            return Err(refuse(format!("DROP of {}", node_name(object))));
+        };
+        qualified(&strings(&list.items, "an object name")?, "drop", check)?;
+    }
+    Ok(())
+}
+
+fn comment(s: &pb::CommentStmt, check: &mut Check<'_>) -> Result<(), Refusal> {
+    use pb::ObjectType as O;
+    let pb::CommentStmt { objtype, object, comment: _ } = s;
+    let Some(NodeEnum::List(list)) = object.as_deref().and_then(|o| o.node.as_ref()) else {
+        return Err(refuse(format!("COMMENT ON {}", object_type_name(*objtype))));
+    };
+    let mut parts = strings(&list.items, "an object name")?;
+    match O::try_from(*objtype) {
+        Ok(O::ObjectTable | O::ObjectIndex | O::ObjectSequence) => {}
+        // The constraint's or column's name comes last; the rest names its table.
+        Ok(O::ObjectTabconstraint | O::ObjectColumn) if parts.len() >= 2 => {
+            let last = parts.pop().unwrap_or_default();
+            name(&last)?;
+        }
+        _ => return Err(refuse(format!("COMMENT ON {}", object_type_name(*objtype)))),
+    }
+    qualified(&parts, "comment on", check)
+}
+
+fn create_table(s: &pb::CreateStmt, check: &mut Check<'_>) -> Result<(), Refusal> {
+    let pb::CreateStmt {
+        relation: rel,
+        table_elts,
+        inh_relations,
+        partbound,
+        partspec,
+        of_typename,
+        constraints,
+        nnconstraints,
+        options,
+        oncommit: _,
+        tablespacename,
+        access_method,
+        if_not_exists: _,
+    } = s;
+    if !inh_relations.is_empty() {
+        return Err(refuse("INHERITS"));
+    }
+    if partbound.is_some() || partspec.is_some() {
+        return Err(refuse("partitioning"));
+    }
+    if of_typename.is_some() {
+        return Err(refuse("CREATE TABLE … OF type"));
+    }
+    if !constraints.is_empty() || !nnconstraints.is_empty() {
+        return Err(refuse("this form of CREATE TABLE"));
+    }
+    if !access_method.is_empty() && access_method != "heap" {
+        return Err(refuse(format!("the table access method {access_method}")));
+    }
+    relation(required(rel.as_ref(), "CREATE TABLE")?, "create", true, check)?;
+    tablespace(tablespacename)?;
+    storage_parameters(options)?;
+    for element in table_elts {
+        match &element.node {
+            Some(NodeEnum::ColumnDef(c)) => column_def(c, ColumnUse::Define, check)?,
+            Some(NodeEnum::Constraint(c)) => constraint(c, check)?,
+            // LIKE copies another table's definition.
+            _ => return Err(refuse(format!("CREATE TABLE with {}", node_name(element)))),
+        }
+    }
+    Ok(())
+}
+
+fn rename(s: &pb::RenameStmt, check: &mut Check<'_>) -> Result<(), Refusal> {
+    let pb::RenameStmt {
+        rename_type,
+        relation_type: _,
+        relation: rel,
+        object,
+        subname,
+        newname,
+        behavior: _,
+        missing_ok: _,
+    } = s;
+    // Tables are renamed through sqlparser's path; indexes are altered by no environment key.
+    if *rename_type != pb::ObjectType::ObjectSequence as i32 || object.is_some() || !subname.is_empty() {
+        return Err(refuse(format!("renaming {}", object_type_name(*rename_type))));
+    }
+    relation(required(rel.as_ref(), "ALTER SEQUENCE … RENAME")?, "rename", false, check)?;
+    // The new name lands in the sequence's schema: checked like a relation created there.
+    name(newname)?;
+    check(&DdlTarget::Relation { parts: std::slice::from_ref(newname), verb: "rename to", creates: Some(false) })
+}
+
+// ---- parts of statements ----
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ColumnUse {
+    /// A column of CREATE TABLE or ALTER TABLE … ADD COLUMN.
+    Define,
+    /// ALTER COLUMN … TYPE: a type, a collation and a `USING` expression over the columns.
+    AlterType,
+}
+
+fn column_def(c: &pb::ColumnDef, usage: ColumnUse, check: &mut Check<'_>) -> Result<(), Refusal> {
+    let pb::ColumnDef {
+        colname,
+        type_name: typ,
+        compression,
+        inhcount,
+        is_local: _,
+        is_not_null,
+        is_from_type,
+        storage,
+        storage_name,
+        raw_default,
+        cooked_default,
+        identity,
+        identity_sequence,
+        generated,
+        coll_clause,
+        coll_oid,
+        constraints,
+        fdwoptions,
+        location: _,
+    } = c;
+    // Fields set only after parse analysis, or by syntax the proxy does not allow (STORAGE and
+    // COMPRESSION are printed without quoting by pg_query's printer).
+    let other = !compression.is_empty()
+        || *inhcount != 0
+        || *is_not_null
+        || *is_from_type
+        || !storage.is_empty()
+        || !storage_name.is_empty()
+        || cooked_default.is_some()
+        || !identity.is_empty()
+        || identity_sequence.is_some()
+        || !generated.is_empty()
+        || *coll_oid != 0
+        || !fdwoptions.is_empty();
+    if other {
+        return Err(refuse("this column definition (STORAGE, COMPRESSION or OPTIONS)"));
+    }
+    type_name(required(typ.as_ref(), "a column definition")?, check)?;
+    if let Some(coll) = coll_clause {
+        let pb::CollateClause { arg, collname, location: _ } = &**coll;
+        if arg.is_some() {
+            return Err(refuse("this COLLATE clause"));
+        }
+        uses(&strings(collname, "a collation name")?, "collation", check)?;
+    }
+    match usage {
+        ColumnUse::Define => {
+            name(colname)?;
+            if raw_default.is_some() {
+                return Err(refuse("this column default"));
+            }
+            for c in constraints {
+                match &c.node {
+                    Some(NodeEnum::Constraint(c)) => constraint(c, check)?,
+                    _ => return Err(refuse(format!("a column constraint given as {}", node_name(c)))),
+                }
+            }
+            Ok(())
+        }
+        ColumnUse::AlterType => {
+            if !colname.is_empty() || !constraints.is_empty() {
+                return Err(refuse("this ALTER COLUMN … TYPE"));
+            }
+            raw_default.as_deref().map_or(Ok(()), |u| expr(u, true, check))
+        }
+    }
+}
+
+fn constraint(c: &pb::Constraint, check: &mut Check<'_>) -> Result<(), Refusal> {
+    use pb::ConstrType as C;
+    let pb::Constraint {
+        contype,
+        conname,
+        deferrable: _,
+        initdeferred: _,
+        is_enforced: _,
+        skip_validation: _,
+        initially_valid: _,
+        is_no_inherit: _,
+        raw_expr,
+        cooked_expr,
+        generated_when,
+        generated_kind,
+        nulls_not_distinct: _,
+        keys,
+        without_overlaps,
+        including,
+        exclusions,
+        options,
+        indexname,
+        indexspace,
+        reset_default_tblspc,
+        access_method,
+        where_clause,
+        pktable,
+        fk_attrs,
+        pk_attrs,
+        fk_with_period,
+        pk_with_period,
+        fk_matchtype: _,
+        fk_upd_action: _,
+        fk_del_action: _,
+        fk_del_set_cols,
+        old_conpfeqop,
+        old_pktable_oid,
+        location: _,
+    } = c;
+    let contype = C::try_from(*contype).unwrap_or(C::Undefined);
+    let what = || format!("the constraint {}", contype.as_str_name().trim_start_matches("CONSTR_"));
+    match contype {
+        C::ConstrNull
+        | C::ConstrNotnull
+        | C::ConstrDefault
+        | C::ConstrIdentity
+        | C::ConstrCheck
+        | C::ConstrPrimary
+        | C::ConstrUnique
+        | C::ConstrForeign
+        | C::ConstrAttrDeferrable
+        | C::ConstrAttrNotDeferrable
+        | C::ConstrAttrDeferred
+        | C::ConstrAttrImmediate => {}
+        // Generated columns (expressions), exclusion constraints (operators), ENFORCED.
+        _ => return Err(refuse(what())),
+    }
+    let other = !cooked_expr.is_empty()
+        || !generated_kind.is_empty()
+        || *without_overlaps
+        || !exclusions.is_empty()
+        || !indexname.is_empty()
+        || *reset_default_tblspc
+        || !access_method.is_empty()
+        || where_clause.is_some()
+        || *fk_with_period
+        || *pk_with_period
+        || !old_conpfeqop.is_empty()
+        || *old_pktable_oid != 0
+        || !(generated_when.is_empty() || contype == C::ConstrIdentity);
+    if other {
+        return Err(refuse(what()));
+    }
+    if !conname.is_empty() {
+        name(conname)?;
+    }
+    if let Some(e) = raw_expr.as_deref() {
+        match contype {
+            C::ConstrDefault => expr(e, false, check)?,
+            C::ConstrCheck => expr(e, true, check)?,
+            _ => return Err(refuse(what())),
+        }
+    }
+    for list in [keys, including, fk_attrs, pk_attrs, fk_del_set_cols] {
+        strings(list, "a column name")?.iter().try_for_each(|c| name(c))?;
+    }
+    tablespace(indexspace)?;
+    if contype == C::ConstrIdentity {
+        options.iter().try_for_each(|o| sequence_option(o, check))?;
+    } else {
+        storage_parameters(options)?;
+    }
+    if let Some(t) = pktable {
+        relation(t, "reference", false, check)?;
+    }
+    Ok(())
+}
+
+/// A relation named by a RangeVar: checked by the policy (`verb`: what the statement does to
+/// it; `creating`: CREATE TABLE, whose persistence decides whether it is temporary).
+fn relation(rv: &pb::RangeVar, verb: &str, creating: bool, check: &mut Check<'_>) -> Result<(), Refusal> {
+    let pb::RangeVar { catalogname, schemaname, relname, inh: _, relpersistence, alias, location: _ } = rv;
+    if alias.is_some() {
+        return Err(refuse("an alias"));
+    }
+    let temporary = match relpersistence.as_str() {
+        "p" => false,
+        "t" if creating => true,
+        "u" if creating => false,
+        _ => return Err(refuse("this relation persistence")),
+    };
+    let parts: Vec<String> =
+        [catalogname, schemaname, relname].into_iter().filter(|p| !p.is_empty()).cloned().collect();
+    parts.iter().try_for_each(|p| name(p))?;
+    check(&DdlTarget::Relation { parts: &parts, verb, creates: creating.then_some(temporary) })
+}
+
+/// A relation named by a list of names (DROP, COMMENT).
+fn qualified(parts: &[String], verb: &str, check: &mut Check<'_>) -> Result<(), Refusal> {
+    parts.iter().try_for_each(|p| name(p))?;
+    check(&DdlTarget::Relation { parts, verb, creates: None })
+}
+
+fn uses(parts: &[String], what: &str, check: &mut Check<'_>) -> Result<(), Refusal> {
+    parts.iter().try_for_each(|p| name(p))?;
+    check(&DdlTarget::Uses { parts, what })
+}
+
+fn type_name(t: &pb::TypeName, check: &mut Check<'_>) -> Result<(), Refusal> {
+    let pb::TypeName { names, type_oid, setof, pct_type, typmods, typemod, array_bounds, location: _ } = t;
+    if *type_oid != 0 || *setof || *typemod != -1 {
+        return Err(refuse("this type name"));
+    }
+    // `t.col%TYPE` reads another relation's column.
+    if *pct_type {
+        return Err(refuse("%TYPE"));
+    }
+    uses(&strings(names, "a type name")?, "type", check)?;
+    for m in typmods {
+        match &m.node {
+            Some(NodeEnum::AConst(pb::AConst {
+                val: Some(pb::a_const::Val::Ival(_) | pb::a_const::Val::Sval(_)),
+                ..
+            })) => {}
+            _ => return Err(refuse(format!("a type modifier given as {}", node_name(m)))),
+        }
+    }
+    for b in array_bounds {
+        if !matches!(b.node, Some(NodeEnum::Integer(_))) {
+            return Err(refuse("this array bound"));
+        }
+    }
+    Ok(())
+}
+
+/// An expression: constants, casts, `COLLATE`, and (`columns`) plain column names, which
+/// PostgreSQL reads as the target's own columns in these positions. Nothing that runs code
+/// beyond a type's input or cast.
+fn expr(node: &Node, columns: bool, check: &mut Check<'_>) -> Result<(), Refusal> {
+    match &node.node {
+        Some(NodeEnum::AConst(pb::AConst { isnull: _, location: _, val: _ })) => Ok(()),
+        Some(NodeEnum::TypeCast(c)) => {
+            let pb::TypeCast { arg, type_name: typ, location: _ } = &**c;
+            expr(required(arg.as_deref(), "a cast")?, columns, check)?;
+            type_name(required(typ.as_ref(), "a cast")?, check)
+        }
+        Some(NodeEnum::CollateClause(c)) => {
+            let pb::CollateClause { arg, collname, location: _ } = &**c;
+            expr(required(arg.as_deref(), "COLLATE")?, columns, check)?;
+            uses(&strings(collname, "a collation name")?, "collation", check)
+        }
+        Some(NodeEnum::ColumnRef(pb::ColumnRef { fields, location: _ })) if columns => match fields.as_slice() {
+            [Node { node: Some(NodeEnum::String(s)) }] => name(&s.sval),
+            _ => Err(refuse("a qualified column reference")),
+        },
+        _ => Err(refuse(expression_name(node))),
+    }
+}
+
+fn expression_name(node: &Node) -> String {
+    match &node.node {
+        Some(NodeEnum::FuncCall(_)) => "a function call".to_owned(),
+        Some(NodeEnum::SubLink(_)) => "a subquery".to_owned(),
+        Some(NodeEnum::AExpr(_)) => "an operator".to_owned(),
+        Some(NodeEnum::BoolExpr(_)) => "AND/OR/NOT".to_owned(),
+        Some(NodeEnum::ColumnRef(_)) => "a column reference here".to_owned(),
+        Some(NodeEnum::ParamRef(_)) => "a parameter".to_owned(),
+        _ => format!("the expression {}", node_name(node)),
+    }
+}
+
+fn sequence_option(node: &Node, check: &mut Check<'_>) -> Result<(), Refusal> {
+    let Some(NodeEnum::DefElem(d)) = &node.node else {
+        return Err(refuse(format!("a sequence option given as {}", node_name(node))));
+    };
+    let pb::DefElem { defnamespace, defname, arg, defaction, location: _, arg_location: _ } = &**d;
+    let option = || format!("the sequence option {defname}");
+    if !defnamespace.is_empty() || *defaction != pb::DefElemAction::DefelemUnspec as i32 {
+        return Err(refuse(option()));
+    }
+    let arg = arg.as_deref().and_then(|a| a.node.as_ref());
+    match (defname.as_str(), arg) {
+        ("owned_by", Some(NodeEnum::List(list))) => {
+            let mut parts = strings(&list.items, "a column name")?;
+            // OWNED BY NONE, or OWNED BY table.column: the table is checked like any target.
+            if matches!(parts.as_slice(), [none] if none == "none") {
+                return Ok(());
+            }
+            let column = parts.pop().unwrap_or_default();
+            name(&column)?;
+            if parts.is_empty() {
+                return Err(refuse(option()));
+            }
+            qualified(&parts, "own a sequence by", check)
+        }
+        ("as", Some(NodeEnum::TypeName(t))) => type_name(t, check),
+        ("cycle", Some(NodeEnum::Boolean(_))) => Ok(()),
+        // NO MINVALUE / NO MAXVALUE, RESTART without a value.
+        ("minvalue" | "maxvalue" | "restart", None) => Ok(()),
+        (o, Some(NodeEnum::Integer(_) | NodeEnum::Float(_))) if SEQUENCE_OPTIONS.contains(&o) && o != "as" => Ok(()),
+        _ => Err(refuse(option())),
+    }
+}
+
+fn storage_parameters(options: &[Node]) -> Result<(), Refusal> {
+    for o in options {
+        let Some(NodeEnum::DefElem(d)) = &o.node else {
+            return Err(refuse(format!("a storage parameter given as {}", node_name(o))));
+        };
+        let pb::DefElem { defnamespace, defname, arg, defaction, location: _, arg_location: _ } = &**d;
+        let known = defnamespace.is_empty()
+            && STORAGE_PARAMETERS.contains(&defname.as_str())
+            && *defaction == pb::DefElemAction::DefelemUnspec as i32;
+        // A value is a number, a string, or a bare word (`off`), which PostgreSQL's parser
+        // reads as a one-part type name.
+        let value = match arg.as_deref().and_then(|a| a.node.as_ref()) {
+            None | Some(NodeEnum::Integer(_) | NodeEnum::Float(_) | NodeEnum::String(_) | NodeEnum::Boolean(_)) => true,
+            Some(NodeEnum::TypeName(t)) => {
+                t.names.len() == 1 && t.typmods.is_empty() && t.array_bounds.is_empty() && !t.setof && !t.pct_type
+            }
+            Some(_) => false,
+        };
+        if !known || !value {
+            return Err(refuse(format!("the storage parameter {defname}")));
+        }
+    }
+    Ok(())
+}
+
+fn tablespace(name: &str) -> Result<(), Refusal> {
+    if name.is_empty() || name == TABLESPACE {
+        Ok(())
+    } else {
+        Err(Refusal::Denied(format!(
+            "refused: the tablespace {name} is not allowed: tablespaces are shared by the whole cluster (only {TABLESPACE})"
+        )))
+    }
+}
+
+/// An identifier the statement names: never one of the proxy's reserved names.
+fn name(n: &str) -> Result<(), Refusal> {
+    if n.to_ascii_lowercase().starts_with(RESERVED_PREFIX) {
+        return Err(Refusal::Denied(format!(
+            "refused: names starting with {RESERVED_PREFIX} are reserved by the proxy"
+        )));
+    }
+    Ok(())
+}
+
+/// The strings of a list of `String` nodes; anything else in it is refused.
+fn strings(nodes: &[Node], what: &str) -> Result<Vec<String>, Refusal> {
+    nodes
+        .iter()
+        .map(|n| match &n.node {
+            Some(NodeEnum::String(s)) => Ok(s.sval.clone()),
+            _ => Err(refuse(format!("{what} given as {}", node_name(n)))),
+        })
+        .collect()
+}
+
+fn required<'n, T>(node: Option<&'n T>, what: &str) -> Result<&'n T, Refusal> {
+    node.ok_or_else(|| refuse(format!("this form of {what}")))
+}
+
+fn node_name(node: &Node) -> String {
+    node.node.as_ref().map_or_else(|| "nothing".to_owned(), pgtree::node_kind)
+}
+
+fn object_type_name(t: i32) -> String {
+    pb::ObjectType::try_from(t)
+        .map(|t| t.as_str_name().trim_start_matches("OBJECT_").replace('_', " "))
+        .unwrap_or_else(|_| "this object".to_owned())
+}
+
+#[cfg(test)]
+mod tests;
