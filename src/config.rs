@@ -591,4 +591,13 @@ mod tests {
         assert_eq!(applied.listen, old.listen);
         assert!(!format!("{applied:?}").contains("token"));
     }
+
+    #[test]
+    fn worker_threads_default_to_one_and_zero_means_one_per_core() {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        assert_eq!(worker_threads(None).unwrap(), 1);
+        assert_eq!(worker_threads(Some(3)).unwrap(), 3);
+        assert_eq!(worker_threads(Some(0)).unwrap(), cores);
+        assert!(worker_threads(Some(MAX_WORKER_THREADS + 1)).is_err());
+    }
 }
