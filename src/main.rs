@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use struere_proxy::cli::{Cli, Command};
-use struere_proxy::config::{ConfigSource, LogFormat};
+use struere_proxy::config::{ConfigError, ConfigSource, LogFormat};
 use struere_proxy::{app, demo, logging};
 
 fn main() -> std::process::ExitCode {
@@ -23,13 +23,7 @@ fn main() -> std::process::ExitCode {
     };
     let _log_guard =
         logging::init(raw.log_format.unwrap_or(LogFormat::Text), raw.log_level.as_deref().unwrap_or("info"));
-    let runtime = match struere_proxy::config::worker_threads(raw.worker_threads).and_then(|threads| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-            .map_err(|e| struere_proxy::config::ConfigError::Invalid { name: "worker_threads", reason: e.to_string() })
-    }) {
+    let runtime = match session_runtime(raw.worker_threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -37,6 +31,16 @@ fn main() -> std::process::ExitCode {
         }
     };
     runtime.block_on(run(cli, source, raw))
+}
+
+/// The runtime sessions run on, with `worker_threads` threads (`config::worker_threads`).
+fn session_runtime(setting: Option<usize>) -> Result<tokio::runtime::Runtime, ConfigError> {
+    let threads = struere_proxy::config::worker_threads(setting)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .map_err(|e| ConfigError::Invalid { name: "worker_threads", reason: e.to_string() })
 }
 
 async fn run(cli: Cli, source: ConfigSource, raw: struere_proxy::config::RawConfig) -> std::process::ExitCode {
