@@ -31,6 +31,17 @@ fn expect_end(msg: &'static str, rest: &[u8]) -> Result<(), DecodeError> {
     if rest.is_empty() { Ok(()) } else { Err(DecodeError::Malformed(msg, "trailing bytes after the message")) }
 }
 
+/// The SQL text of a Query (`b'Q'`) or Parse (`b'P'`) body as far as it reads, invalid UTF-8
+/// replaced: for the audit log of operator sessions, which forward messages as sent and may use
+/// any client encoding.
+pub fn statement_text_lossy(tag: u8, body: &[u8]) -> std::borrow::Cow<'_, str> {
+    let mut strings = body.split(|b| *b == 0);
+    if tag == b'P' {
+        strings.next();
+    }
+    String::from_utf8_lossy(strings.next().unwrap_or_default())
+}
+
 /// Query: exactly one NUL-terminated UTF-8 string and nothing after it.
 pub fn decode_query(body: &[u8]) -> Result<&str, DecodeError> {
     let (sql, rest) = cstr("Query", body)?;

@@ -111,6 +111,9 @@ pub enum ParamVerdict {
     Consume,
     /// A protocol extension (`_pq_.*`): reported unsupported via NegotiateProtocolVersion.
     ProtocolOption,
+    /// Forwarded for operator keys (their statements go as sent, never parsed); refused with
+    /// this reason for environment keys.
+    OperatorOnly(String),
     /// Refused with a reason: the session does not start.
     Refuse(String),
 }
@@ -142,7 +145,9 @@ pub fn classify_param(name: &str, value: &str) -> ParamVerdict {
             if v == "utf8" || v == "unicode" {
                 ParamVerdict::Consume
             } else {
-                ParamVerdict::Refuse(format!("client_encoding {value:?} is not supported: the proxy requires UTF8"))
+                ParamVerdict::OperatorOnly(format!(
+                    "client_encoding {value:?} is not supported for environment keys: the proxy parses their SQL as UTF8"
+                ))
             }
         }
         "options" if value.trim().is_empty() => ParamVerdict::Consume,
@@ -224,8 +229,8 @@ mod tests {
         assert_eq!(classify_param("client_encoding", "UTF8"), ParamVerdict::Consume);
         assert_eq!(classify_param("client_encoding", "utf-8"), ParamVerdict::Consume);
         assert_eq!(classify_param("client_encoding", "'utf-8'"), ParamVerdict::Consume);
-        assert!(matches!(classify_param("client_encoding", "SJIS"), ParamVerdict::Refuse(_)));
-        assert!(matches!(classify_param("client_encoding", "GBK"), ParamVerdict::Refuse(_)));
+        assert!(matches!(classify_param("client_encoding", "SJIS"), ParamVerdict::OperatorOnly(_)));
+        assert!(matches!(classify_param("client_encoding", "GBK"), ParamVerdict::OperatorOnly(_)));
         assert!(matches!(classify_param("options", "-c role=admin"), ParamVerdict::Refuse(_)));
         assert_eq!(classify_param("options", " "), ParamVerdict::Consume);
         assert!(matches!(classify_param("search_path", "evil"), ParamVerdict::Refuse(_)));

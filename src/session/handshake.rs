@@ -61,7 +61,8 @@ pub enum Outcome {
 }
 
 /// Settings the proxy pins in the upstream startup packet. Because they are startup values,
-/// `RESET ALL` and `DISCARD ALL` restore them.
+/// `RESET ALL` and `DISCARD ALL` restore them. An operator session's client encoding is the
+/// client's own (`operator_only`).
 fn pinned_params(proxy: &Proxy, caller: &Caller) -> Vec<(String, String)> {
     let search_path = match caller {
         // The tenant's scratch schema first: unqualified DDL lands there, never in a schema
@@ -145,7 +146,7 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
     // 2. Startup parameters.
     let user = startup.get("user").unwrap_or_default().to_owned();
     let database = startup.get("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_owned();
-    let (forwarded, unsupported) = screen_params(&startup)?;
+    let Screened { forwarded, unsupported, operator_only } = screen_params(&startup)?;
     let mut out = BytesMut::new();
     if startup.minor > 0 || !unsupported.is_empty() {
         backend::negotiate_protocol_version(&mut out, unsupported);
@@ -233,6 +234,20 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
     let target = if caller.is_operator() { &proxy.admin_upstream } else { &proxy.upstream };
     let mut params = forwarded;
     params.extend(pinned_params(proxy, &caller));
+    // Operator keys' statements go as sent: the client's encoding is the server's business. An
+    // environment key's text is parsed as UTF-8, so another encoding is refused.
+    match (&caller, operator_only.first()) {
+        (Caller::Operator, _) => {
+            for (name, value, _) in operator_only {
+                params.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
+                params.push((name, value));
+            }
+        }
+        (Caller::Environment(_), Some((_, _, reason))) => {
+            return Err(SessionEnd::fatal(SqlState::INSUFFICIENT_PRIVILEGE, format!("refused: {reason}")).into());
+        }
+        (Caller::Environment(_), None) => {}
+    }
     if let Caller::Environment(actor) = &caller {
         proxy.ensure_scratch_schema(actor).await;
     }
@@ -271,25 +286,33 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
     Ok(Some(Admitted { upstream, caller, key_hash, key_prefix, cancel, pool_key, key_slot }))
 }
 
-/// Split the client's startup parameters into the ones forwarded upstream and the `_pq_.`
-/// options to report as unsupported; any refused parameter ends the session.
-/// Parameters to forward upstream, and `_pq_.` options to report as unsupported.
-type ScreenedParams = (Vec<(String, String)>, Vec<String>);
+/// The client's startup parameters, screened before the key is known.
+struct Screened {
+    /// Forwarded upstream.
+    forwarded: Vec<(String, String)>,
+    /// `_pq_.` options, reported as unsupported.
+    unsupported: Vec<String>,
+    /// Forwarded for operator keys, refused (with the reason) for environment keys.
+    operator_only: Vec<(String, String, String)>,
+}
 
-fn screen_params(m: &StartupMessage) -> Result<ScreenedParams, SessionEnd> {
+/// Screen the client's startup parameters; any refused parameter ends the session.
+fn screen_params(m: &StartupMessage) -> Result<Screened, SessionEnd> {
     let mut forwarded = Vec::new();
     let mut unsupported = Vec::new();
+    let mut operator_only = Vec::new();
     for (name, value) in &m.params {
         match classify_param(name, value) {
             ParamVerdict::Forward => forwarded.push((name.clone(), value.clone())),
             ParamVerdict::Consume => {}
             ParamVerdict::ProtocolOption => unsupported.push(name.clone()),
+            ParamVerdict::OperatorOnly(reason) => operator_only.push((name.clone(), value.clone(), reason)),
             ParamVerdict::Refuse(reason) => {
                 return Err(SessionEnd::fatal(SqlState::INSUFFICIENT_PRIVILEGE, format!("refused: {reason}")));
             }
         }
     }
-    Ok((forwarded, unsupported))
+    Ok(Screened { forwarded, unsupported, operator_only })
 }
 
 async fn negotiate_tls(proxy: &Proxy, client: &mut ClientConn) -> Result<(), SessionEnd> {

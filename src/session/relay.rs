@@ -31,7 +31,7 @@ use crate::protocol::backend::{self, Severity, parse_parameter_status};
 use crate::protocol::frame::{self, Frame};
 use crate::protocol::frontend::{
     decode_bind_names, decode_parse, decode_query, decode_target, encode_bind_renamed, encode_bind_text,
-    encode_execute_sync, encode_parse, encode_query, encode_target,
+    encode_execute_sync, encode_parse, encode_query, encode_target, statement_text_lossy,
 };
 use crate::protocol::sqlstate::SqlState;
 use crate::rewrite::{Bound, Refusal, Rewritten};
@@ -259,62 +259,69 @@ impl ClientToUpstream<'_> {
         }
         match frame.tag {
             b'Q' => {
-                let sql = decode_query(&frame.body)?;
                 // A simple Query ends the unnamed statement (as the server does).
                 self.unnamed = None;
                 lock(&self.tracker).boundary_sent();
                 match self.caller {
+                    // Forwarded as sent, in whatever encoding the client chose.
                     Caller::Operator => {
-                        self.operator_statement(sql);
-                        self.decided(self.forwarded(sql), true);
+                        let sql = statement_text_lossy(b'Q', &frame.body);
+                        self.operator_statement(&sql);
+                        self.decided(self.forwarded(&sql), true);
                         out.extend_from_slice(&frame.raw);
                     }
-                    Caller::Environment(actor) => match self.rewrite(sql, actor) {
-                        Ok(rw) => {
-                            self.decided(self.rewritten(&rw), true);
-                            if statements::forgets_statements(&rw.statement_kinds) {
-                                lock(&self.tracker).prepared.clear();
+                    Caller::Environment(actor) => {
+                        let sql = decode_query(&frame.body)?;
+                        match self.rewrite(sql, actor) {
+                            Ok(rw) => {
+                                self.decided(self.rewritten(&rw), true);
+                                if statements::forgets_statements(&rw.statement_kinds) {
+                                    lock(&self.tracker).prepared.clear();
+                                }
+                                let bound = rw.bound.as_ref().filter(|_| statements::preparable(&rw.statement_kinds));
+                                if !bound.is_some_and(|b| !self.extended_open && self.send_bound(b, out)) {
+                                    encode_query(out, &rw.sql)
+                                }
                             }
-                            let bound = rw.bound.as_ref().filter(|_| statements::preparable(&rw.statement_kinds));
-                            if !bound.is_some_and(|b| !self.extended_open && self.send_bound(b, out)) {
-                                encode_query(out, &rw.sql)
+                            Err(refusal) => {
+                                let injected = self.refuse(&refusal);
+                                self.decided(self.refused(&refusal, Some(actor), sql), true);
+                                encode_query(out, &injected);
                             }
                         }
-                        Err(refusal) => {
-                            let injected = self.refuse(&refusal);
-                            self.decided(self.refused(&refusal, Some(actor), sql), true);
-                            encode_query(out, &injected);
-                        }
-                    },
+                    }
                 }
             }
             b'P' => {
                 self.extended_open = true;
-                let parse = decode_parse(&frame.body)?;
                 match self.caller {
                     Caller::Operator => {
-                        self.operator_statement(parse.query);
-                        self.decided(self.forwarded(parse.query), false);
+                        let sql = statement_text_lossy(b'P', &frame.body);
+                        self.operator_statement(&sql);
+                        self.decided(self.forwarded(&sql), false);
                         out.extend_from_slice(&frame.raw);
                     }
-                    Caller::Environment(actor) => match self.rewrite_one(parse.query, actor) {
-                        Ok(rw) if statements::is_reserved(parse.name) => {
-                            drop(rw);
-                            self.refuse_extended(reserved_name(parse.name), Some(actor), parse.query, out);
-                        }
-                        Ok(rw) => {
-                            self.decided(self.rewritten(&rw), false);
-                            if parse.name.is_empty() {
-                                self.unnamed = None;
-                                if statements::preparable(&rw.statement_kinds) {
-                                    self.parse_unnamed(&rw.sql, &parse.param_types, out);
-                                    return Ok(());
-                                }
+                    Caller::Environment(actor) => {
+                        let parse = decode_parse(&frame.body)?;
+                        match self.rewrite_one(parse.query, actor) {
+                            Ok(rw) if statements::is_reserved(parse.name) => {
+                                drop(rw);
+                                self.refuse_extended(reserved_name(parse.name), Some(actor), parse.query, out);
                             }
-                            encode_parse(out, parse.name, &rw.sql, &parse.param_types)
+                            Ok(rw) => {
+                                self.decided(self.rewritten(&rw), false);
+                                if parse.name.is_empty() {
+                                    self.unnamed = None;
+                                    if statements::preparable(&rw.statement_kinds) {
+                                        self.parse_unnamed(&rw.sql, &parse.param_types, out);
+                                        return Ok(());
+                                    }
+                                }
+                                encode_parse(out, parse.name, &rw.sql, &parse.param_types)
+                            }
+                            Err(refusal) => self.refuse_extended(refusal, Some(actor), parse.query, out),
                         }
-                        Err(refusal) => self.refuse_extended(refusal, Some(actor), parse.query, out),
-                    },
+                    }
                 }
             }
             b'F' => {

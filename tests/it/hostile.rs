@@ -84,18 +84,28 @@ impl Raw {
 
     /// `session` with the proxy at `addr`.
     pub(crate) async fn session_at(addr: std::net::SocketAddr) -> Raw {
-        let f = fixture();
+        Raw::session_with(addr, &fixture().dev_key, &[]).await.0
+    }
+
+    /// A session with `key` and extra startup parameters; also returns the startup's messages.
+    pub(crate) async fn session_with(
+        addr: std::net::SocketAddr,
+        key: &str,
+        params: &[(&str, &str)],
+    ) -> (Raw, Vec<(u8, Vec<u8>)>) {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&startup_packet(0, &[("user", "raw"), ("database", "app")])).await.unwrap();
+        let all: Vec<(&str, &str)> =
+            [("user", "raw"), ("database", "app")].into_iter().chain(params.iter().copied()).collect();
+        s.write_all(&startup_packet(0, &all)).await.unwrap();
         let mut raw = Raw { s, buf: Vec::new(), pid: 0, secret: 0 };
         let r = raw.until(|m| m.0 == b'R').await;
         assert_eq!(r.last().unwrap().1, 3i32.to_be_bytes(), "cleartext password requested");
-        raw.s.write_all(&msg(b'p', &cstr(&f.dev_key))).await.unwrap();
+        raw.s.write_all(&msg(b'p', &cstr(key))).await.unwrap();
         let msgs = raw.until_ready().await;
         let k = msgs.iter().find(|m| m.0 == b'K').expect("BackendKeyData");
         raw.pid = i32::from_be_bytes(k.1[0..4].try_into().unwrap());
         raw.secret = i32::from_be_bytes(k.1[4..8].try_into().unwrap());
-        raw
+        (raw, msgs)
     }
 
     pub(crate) async fn until(&mut self, stop: impl Fn(&(u8, Vec<u8>)) -> bool) -> Vec<(u8, Vec<u8>)> {
@@ -294,13 +304,30 @@ async fn password_that_is_not_utf8() {
 }
 
 #[tokio::test]
-async fn encodings_other_than_utf8_are_refused() {
+async fn encodings_other_than_utf8_are_refused_for_environment_keys() {
     let mut s = Raw::connect().await;
     s.write_all(&startup_packet(0, &[("user", "raw"), ("database", "app"), ("client_encoding", "SJIS")]))
         .await
         .unwrap();
+    s.write_all(&msg(b'p', &cstr(&fixture().dev_key))).await.unwrap();
     let out = read_to_end(&mut s).await;
     assert_eq!(fatal_code(&out), "42501");
+}
+
+/// An operator key's statements go as sent, so its client may use any encoding the server
+/// knows: the bytes of a LATIN1 client reach the server and come back unchanged.
+#[tokio::test]
+async fn operator_keys_keep_the_clients_encoding() {
+    let f = fixture();
+    let (mut raw, startup) = Raw::session_with(f.addr, &f.operator_key, &[("client_encoding", "LATIN1")]).await;
+    let status: Vec<&[u8]> = startup.iter().filter(|m| m.0 == b'S').map(|m| m.1.as_slice()).collect();
+    assert!(status.contains(&&b"client_encoding\0LATIN1\0"[..]), "ParameterStatus: {status:?}");
+    // 'café' in LATIN1 (é = 0xE9), not valid UTF-8; the server reads it as LATIN1.
+    raw.send(&msg(b'Q', b"SELECT 'caf\xe9' AS w, length('caf\xe9') AS n\0")).await;
+    let msgs = raw.until_ready().await;
+    let row = msgs.iter().find(|m| m.0 == b'D').unwrap_or_else(|| panic!("no row: {msgs:?}"));
+    // DataRow: 2 columns, 'caf\xe9' (4 bytes) and '4'.
+    assert_eq!(row.1, [&[0u8, 2][..], &4i32.to_be_bytes(), b"caf\xe9", &1i32.to_be_bytes(), b"4"].concat());
 }
 
 #[tokio::test]
