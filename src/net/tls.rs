@@ -35,14 +35,20 @@ pub fn acceptor(cert_path: &Path, key_path: &Path) -> Result<TlsAcceptor, TlsErr
         .map_err(|source| TlsError::Read { path: key_path.to_owned(), source })?
         .ok_or_else(|| TlsError::NoKey(key_path.to_owned()))?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
+    // PostgreSQL 17's protocol name: a client offering ALPN must offer this one (as the server
+    // requires), and direct TLS (no SSLRequest) is accepted only when it was negotiated.
+    config.alpn_protocols = vec![POSTGRESQL_ALPN.to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
+
+/// The ALPN protocol name of PostgreSQL connections.
+pub const POSTGRESQL_ALPN: &[u8] = b"postgresql";
 
 /// Write a self-signed certificate for `localhost`/`127.0.0.1` into `dir`; returns (cert, key) paths.
 /// The key file is created with mode 0600.

@@ -120,7 +120,11 @@ impl<E: Into<SessionEnd>> From<E> for Early {
 type Steps = Option<Admitted>;
 
 async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) -> Result<Steps, Early> {
-    // 1. Special requests until a StartupMessage.
+    // 1. Direct TLS (a ClientHello where SSLRequest would be), then special requests until a
+    // StartupMessage.
+    if opens_with_tls(client).await? {
+        direct_tls(proxy, client).await?;
+    }
     let startup = loop {
         let Some(packet) = client.read_startup().await? else {
             return Ok(None);
@@ -332,6 +336,42 @@ async fn negotiate_tls(proxy: &Proxy, client: &mut ClientConn) -> Result<(), Ses
         return Err(SessionEnd::fatal(SqlState::PROTOCOL_VIOLATION, "SSLRequest on a detached stream"));
     };
     let tls = acceptor.accept(tcp).await?;
+    client.stream = ClientStream::Tls(Box::new(tls));
+    Ok(())
+}
+
+/// The TLS record type of a handshake message: no PostgreSQL startup packet starts with it (its
+/// first byte is the high byte of a length, at most 0x00 for any packet the proxy accepts).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Whether a plain connection's first byte starts a TLS record (PostgreSQL 17's
+/// `sslnegotiation=direct`). Peeked, so a startup packet is read as usual.
+async fn opens_with_tls(client: &ClientConn) -> Result<bool, SessionEnd> {
+    let ClientStream::Plain(tcp) = &client.stream else { return Ok(false) };
+    if !client.buf.is_empty() {
+        return Ok(false);
+    }
+    let mut first = [0u8; 1];
+    let n = tcp.peek(&mut first).await?;
+    Ok(n == 1 && first[0] == TLS_HANDSHAKE_RECORD)
+}
+
+/// Direct TLS: the handshake starts at once, and (as PostgreSQL requires) the client must have
+/// negotiated the `postgresql` ALPN protocol; otherwise the connection is closed, since a
+/// plaintext error could not be read by a TLS client.
+async fn direct_tls(proxy: &Proxy, client: &mut ClientConn) -> Result<(), SessionEnd> {
+    let Some(acceptor) = proxy.tls.as_ref() else {
+        tracing::info!("direct TLS connection without a configured certificate: closed");
+        return Err(SessionEnd::ClientClosed);
+    };
+    let ClientStream::Plain(tcp) = std::mem::replace(&mut client.stream, ClientStream::Detached) else {
+        return Err(SessionEnd::ClientClosed);
+    };
+    let tls = acceptor.accept(tcp).await?;
+    if tls.get_ref().1.alpn_protocol() != Some(crate::net::tls::POSTGRESQL_ALPN) {
+        tracing::info!("direct TLS connection without the postgresql ALPN protocol: closed");
+        return Err(SessionEnd::ClientClosed);
+    }
     client.stream = ClientStream::Tls(Box::new(tls));
     Ok(())
 }

@@ -173,3 +173,95 @@ async fn a_key_holds_at_most_max_connections_per_key_sessions() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// A TLS client that accepts any certificate (the fixture's is self-signed) and offers `alpn`.
+fn direct_tls_connector(alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    use rustls::DigitallySignedStruct;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    #[derive(Debug)]
+    struct AcceptAny(std::sync::Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for AcceptAny {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// PostgreSQL 17's `sslnegotiation=direct`: TLS from the first byte, with the `postgresql` ALPN
+/// protocol; without it the proxy closes the connection, as the server does.
+#[tokio::test]
+async fn direct_tls_needs_the_postgresql_alpn_protocol() {
+    use crate::hostile::{cstr, msg, split, startup_packet};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+
+    let tcp = tokio::net::TcpStream::connect(f.addr).await.unwrap();
+    let mut tls = direct_tls_connector(&[b"postgresql"]).connect(name.clone(), tcp).await.expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
+    tls.write_all(&startup_packet(0, &[("user", "raw"), ("database", "app")])).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    let mut read_until = async |tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>, tag: u8| loop {
+        let msgs = split(&buf);
+        if let Some(i) = msgs.iter().position(|m| m.0 == tag) {
+            buf.drain(..msgs[..=i].iter().map(|m| m.1.len() + 5).sum::<usize>());
+            return msgs[..=i].to_vec();
+        }
+        let n = tokio::time::timeout(Duration::from_secs(20), tls.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "closed early: {msgs:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let auth = read_until(&mut tls, b'R').await;
+    assert_eq!(auth.last().unwrap().1, 3i32.to_be_bytes(), "cleartext password requested");
+    tls.write_all(&msg(b'p', &cstr(&f.dev_key))).await.unwrap();
+    read_until(&mut tls, b'Z').await;
+    tls.write_all(&msg(b'Q', &cstr("SELECT 40 + 2"))).await.unwrap();
+    let answer = read_until(&mut tls, b'Z').await;
+    let row = answer.iter().find(|m| m.0 == b'D').expect("a row");
+    assert_eq!(row.1, [&[0u8, 1][..], &2i32.to_be_bytes(), b"42"].concat());
+
+    // No ALPN: the handshake completes, then the proxy closes without a word.
+    let tcp = tokio::net::TcpStream::connect(f.addr).await.unwrap();
+    let mut tls = direct_tls_connector(&[]).connect(name, tcp).await.expect("handshake");
+    tls.write_all(&startup_packet(0, &[("user", "raw"), ("database", "app")])).await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), tls.read_to_end(&mut rest)).await.unwrap();
+    assert!(read.is_err() || rest.is_empty(), "nothing is answered: {rest:?}");
+}

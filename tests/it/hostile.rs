@@ -37,7 +37,7 @@ pub(crate) fn cstr(s: &str) -> Vec<u8> {
 }
 
 /// Backend messages as (tag, body).
-fn split(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+pub(crate) fn split(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();
     while b.len() >= 5 {
         let len = i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
