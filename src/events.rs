@@ -254,12 +254,12 @@ pub struct UsageKey {
 }
 
 impl UsageKey {
-    pub fn of(caller: &Caller, key_prefix: &str) -> UsageKey {
-        let (environment, organization) = match caller {
-            Caller::Environment(a) => (a.environment.as_str().to_owned(), a.organization.clone()),
-            Caller::Operator => ("operator".to_owned(), String::new()),
-        };
-        UsageKey { key_prefix: key_prefix.to_owned(), environment, organization }
+    pub fn of(origin: &Origin) -> UsageKey {
+        UsageKey {
+            key_prefix: origin.key_prefix.clone(),
+            environment: origin.environment.map_or("operator", |e| e.as_str()).to_owned(),
+            organization: origin.organization.clone().unwrap_or_default(),
+        }
     }
 }
 

@@ -97,6 +97,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
     let (client_r, mut client_w) = tokio::io::split(client.stream);
     let UpstreamConn { stream, parameters, backend_pid, backend_secret, transaction_status, read_buf } = upstream;
     let (up_r, up_w) = tokio::io::split(stream);
+    let origin = Origin::of(&caller, &key_prefix);
     let tracker: Tracker = Arc::new(Mutex::new(Book {
         refusals: RefusalTracker::new(proxy.refusal_nonce.clone()),
         statements: StatementLog::default(),
@@ -117,7 +118,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         discard_until_sync: false,
         extended_open: false,
         unnamed: None,
-        origin: Origin::of(&caller, &key_prefix),
+        origin: Arc::clone(&origin),
         pooled: pool_key.is_some(),
     };
     let notify_prefix = match &caller {
@@ -132,7 +133,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         reader: up_r,
         buf: read_buf,
         tracker: Arc::clone(&tracker),
-        usage: UsageKey::of(&caller, &key_prefix),
+        usage: UsageKey::of(&origin),
         last_status: transaction_status,
         cancel_target: proxy.cancels.resolve(cancel.pid, cancel.secret),
         started: Instant::now(),
