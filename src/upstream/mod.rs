@@ -13,7 +13,7 @@ mod config;
 mod connect;
 mod error;
 mod stream;
-mod tls;
+pub mod tls;
 mod wire;
 
 #[cfg(test)]

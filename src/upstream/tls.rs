@@ -56,8 +56,9 @@ impl ServerCertVerifier for AcceptAnyCertificate {
     }
 }
 
-/// The client configuration, built once per process.
-fn client_config() -> Result<Arc<ClientConfig>, UpstreamError> {
+/// The client configuration, built once per process (also what tests use to reach the proxy
+/// the way libpq's `sslmode=require` does).
+pub fn client_config() -> Result<Arc<ClientConfig>, UpstreamError> {
     static CONFIG: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
