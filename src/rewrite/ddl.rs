@@ -66,8 +66,7 @@ pub(crate) type Check<'a> = dyn FnMut(&DdlTarget<'_>) -> Result<(), Refusal> + '
 /// Checks the statement against the allowlist and prints it with PostgreSQL's printer.
 pub(crate) fn print(node: &NodeEnum, label: &str, check: &mut Check<'_>) -> Result<String, Refusal> {
     statement(node, check)?;
-    node.deparse(pg_query::DeparseOptions::default())
-        .map_err(|e| Refusal::Unverifiable(format!("refused: PostgreSQL's printer cannot print {label}: {e}")))
+    super::deparse(node, label)
 }
 
 /// For every statement, whichever parser reads it: the tables its foreign keys reference follow

@@ -67,14 +67,12 @@ pub(crate) fn check_names(locks: &[Node]) -> Result<(), Refusal> {
 
 /// PostgreSQL's printing of `node`, which must read back as exactly `node`.
 pub(crate) fn print_exactly(node: &NodeEnum, label: &str) -> Result<String, Refusal> {
-    let unverifiable = |what: &str| Refusal::Unverifiable(format!("refused: {label}: {what}"));
-    let text = node
-        .deparse(pg_query::DeparseOptions::default())
-        .map_err(|e| unverifiable(&format!("PostgreSQL's printer cannot print it ({e})")))?;
-    let back = classify::parse(&text).map_err(|_| unverifiable("PostgreSQL cannot parse its own printing of it"))?;
-    match back.as_slice() {
-        [one] if pgtree::shape(&one.node).is_some() && pgtree::shape(&one.node) == pgtree::shape(node) => Ok(text),
-        _ => Err(unverifiable("PostgreSQL's printing of it reads differently")),
+    let text = super::deparse(node, label)?;
+    let differs = || Refusal::Unverifiable(format!("refused: {label}: PostgreSQL's printing of it reads differently"));
+    let back = classify::parse(&text).map_err(|_| differs())?;
+    match (back.as_slice(), pgtree::shape(node)) {
+        ([one], Some(want)) if pgtree::shape(&one.node).as_ref() == Some(&want) => Ok(text),
+        _ => Err(differs()),
     }
 }
 

@@ -470,11 +470,14 @@ fn locked_select(
     let piece = PieceCheck { kind: "SelectStmt".to_owned(), range: 0..rewritten.len(), form };
     verify::verify(&rewritten, std::slice::from_ref(&piece), policy, actor)?;
     let locked = locking::reattach(&rewritten, locks, label)?;
-    let same_as = shape_of(&locked, label)?;
-    let text = locked
-        .deparse(pg_query::DeparseOptions::default())
-        .map_err(|e| Refusal::Unverifiable(format!("refused: PostgreSQL's printer cannot print {label}: {e}")))?;
-    Ok((text, Form::Deparsed { same_as }))
+    Ok((deparse(&locked, label)?, Form::Deparsed { same_as: shape_of(&locked, label)? }))
+}
+
+/// PostgreSQL's printing of a tree (pg_query's deparser); what it printed is verified by the
+/// caller (`Form::Deparsed`, or a read-back).
+fn deparse(node: &pg_query::NodeEnum, label: &str) -> Result<String, Refusal> {
+    node.deparse(pg_query::DeparseOptions::default())
+        .map_err(|e| Refusal::Unverifiable(format!("refused: PostgreSQL's printer cannot print {label}: {e}")))
 }
 
 fn shape_of(node: &pg_query::NodeEnum, label: &str) -> Result<String, Refusal> {
