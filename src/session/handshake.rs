@@ -61,9 +61,9 @@ pub enum Outcome {
 }
 
 /// Settings the proxy pins in the upstream startup packet. Because they are startup values,
-/// `RESET ALL` and `DISCARD ALL` restore them. An operator session's client encoding is the
-/// client's own (`operator_only`).
-fn pinned_params(proxy: &Proxy, caller: &Caller) -> Vec<(String, String)> {
+/// `RESET ALL` and `DISCARD ALL` restore them. `client_encoding` is UTF8 but for an operator
+/// session whose client asked for another (`Screened::operator_encoding`).
+fn pinned_params(proxy: &Proxy, caller: &Caller, client_encoding: String) -> Vec<(String, String)> {
     let search_path = match caller {
         // The tenant's scratch schema first: unqualified DDL lands there, never in a schema
         // other tenants share. Managed tables are always printed schema-qualified.
@@ -75,7 +75,7 @@ fn pinned_params(proxy: &Proxy, caller: &Caller) -> Vec<(String, String)> {
     vec![
         ("search_path".to_owned(), search_path),
         ("standard_conforming_strings".to_owned(), "on".to_owned()),
-        ("client_encoding".to_owned(), "UTF8".to_owned()),
+        ("client_encoding".to_owned(), client_encoding),
     ]
 }
 
@@ -150,7 +150,7 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
     // 2. Startup parameters.
     let user = startup.get("user").unwrap_or_default().to_owned();
     let database = startup.get("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_owned();
-    let Screened { forwarded, unsupported, operator_only } = screen_params(&startup)?;
+    let Screened { forwarded, unsupported, operator_encoding } = screen_params(&startup)?;
     let mut out = BytesMut::new();
     if startup.minor > 0 || !unsupported.is_empty() {
         backend::negotiate_protocol_version(&mut out, unsupported);
@@ -236,22 +236,17 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
 
     // 5. Upstream: environment keys use the least-privilege role, operator keys the owner role.
     let target = if caller.is_operator() { &proxy.admin_upstream } else { &proxy.upstream };
-    let mut params = forwarded;
-    params.extend(pinned_params(proxy, &caller));
-    // Operator keys' statements go as sent: the client's encoding is the server's business. An
-    // environment key's text is parsed as UTF-8, so another encoding is refused.
-    match (&caller, operator_only.first()) {
-        (Caller::Operator, _) => {
-            for (name, value, _) in operator_only {
-                params.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
-                params.push((name, value));
-            }
-        }
-        (Caller::Environment(_), Some((_, _, reason))) => {
+    // An environment key's text is parsed as UTF-8, so another encoding is refused. Operator
+    // keys' statements go as sent: their client keeps its own encoding.
+    let client_encoding = match (&caller, operator_encoding) {
+        (Caller::Environment(_), Some((_, reason))) => {
             return Err(SessionEnd::fatal(SqlState::INSUFFICIENT_PRIVILEGE, format!("refused: {reason}")).into());
         }
-        (Caller::Environment(_), None) => {}
-    }
+        (Caller::Operator, Some((value, _))) => value,
+        (_, None) => "UTF8".to_owned(),
+    };
+    let mut params = forwarded;
+    params.extend(pinned_params(proxy, &caller, client_encoding));
     if let Caller::Environment(actor) = &caller {
         proxy.ensure_scratch_schema(actor).await;
     }
@@ -296,27 +291,31 @@ struct Screened {
     forwarded: Vec<(String, String)>,
     /// `_pq_.` options, reported as unsupported.
     unsupported: Vec<String>,
-    /// Forwarded for operator keys, refused (with the reason) for environment keys.
-    operator_only: Vec<(String, String, String)>,
+    /// A `client_encoding` other than UTF8 and why an environment key may not use it: kept for
+    /// operator keys, refused for environment keys.
+    operator_encoding: Option<(String, String)>,
 }
 
 /// Screen the client's startup parameters; any refused parameter ends the session.
 fn screen_params(m: &StartupMessage) -> Result<Screened, SessionEnd> {
     let mut forwarded = Vec::new();
     let mut unsupported = Vec::new();
-    let mut operator_only = Vec::new();
+    let mut operator_encoding = None;
     for (name, value) in &m.params {
         match classify_param(name, value) {
             ParamVerdict::Forward => forwarded.push((name.clone(), value.clone())),
             ParamVerdict::Consume => {}
             ParamVerdict::ProtocolOption => unsupported.push(name.clone()),
-            ParamVerdict::OperatorOnly(reason) => operator_only.push((name.clone(), value.clone(), reason)),
-            ParamVerdict::Refuse(reason) => {
+            ParamVerdict::OperatorOnly(reason) if name.eq_ignore_ascii_case("client_encoding") => {
+                operator_encoding = Some((value.clone(), reason));
+            }
+            // Anything else only an operator may send would need its own handling: refused.
+            ParamVerdict::OperatorOnly(reason) | ParamVerdict::Refuse(reason) => {
                 return Err(SessionEnd::fatal(SqlState::INSUFFICIENT_PRIVILEGE, format!("refused: {reason}")));
             }
         }
     }
-    Ok(Screened { forwarded, unsupported, operator_only })
+    Ok(Screened { forwarded, unsupported, operator_encoding })
 }
 
 async fn negotiate_tls(proxy: &Proxy, client: &mut ClientConn) -> Result<(), SessionEnd> {
