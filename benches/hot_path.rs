@@ -3,6 +3,10 @@
 
 use std::hint::black_box;
 
+/// The allocator the binary uses (`src/main.rs`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use bytes::BytesMut;
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::sync::Arc;

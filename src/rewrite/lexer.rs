@@ -16,9 +16,10 @@ pub(crate) struct Tok {
 
 /// Scans `sql` with PostgreSQL's lexer. Errors carry PostgreSQL's message.
 pub(crate) fn scan(sql: &str) -> Result<Vec<Tok>, String> {
-    let result = pg_query::scan(sql).map_err(|e| e.to_string())?;
-    let mut tokens = Vec::with_capacity(result.tokens.len());
-    for t in &result.tokens {
+    // `scan_tokens` reads the C scanner's tokens directly, without a protobuf round trip.
+    let result = pg_query::scan_tokens(sql).map_err(|e| e.to_string())?;
+    let mut tokens = Vec::with_capacity(result.len());
+    for t in &result {
         let (Ok(start), Ok(end)) = (usize::try_from(t.start), usize::try_from(t.end)) else {
             return Err("lexer returned a negative offset".to_string());
         };
