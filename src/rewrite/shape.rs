@@ -243,8 +243,12 @@ pub(crate) struct Template {
     fixed: Vec<(usize, String)>,
     /// Kinds, tables and policy version of the statements (the same for every fill).
     base: Arc<Rewritten>,
-    /// The text with `$k` for slot k (one parameter per slot) and its parameter types.
-    params: Option<ParamForm>,
+    /// The class of the literal each slot takes (the key fixes them).
+    slot_classes: Vec<Class>,
+    /// The text with `$k` for slot k (one parameter per slot) and its parameter types. Built
+    /// on the first fill, not on the miss: it costs a parse by PostgreSQL's parser, which a
+    /// statement seen only once never needs.
+    params: std::sync::OnceLock<Option<ParamForm>>,
 }
 
 #[derive(Debug)]
@@ -279,18 +283,19 @@ fn param_value(lit: &Lit) -> Option<String> {
 const MAX_PARAMS: usize = 1000;
 
 /// The parameterised form of a template (see the module docs), if PostgreSQL reads it right.
-fn param_form(pieces: &[String], slots: &[usize], shape: &Shape, kinds: &[String]) -> Option<ParamForm> {
-    if kinds.len() != 1 || slots.is_empty() || slots.len() > MAX_PARAMS {
+fn param_form(pieces: &[String], classes: &[Class], kinds: &[String]) -> Option<ParamForm> {
+    let slots = classes.len();
+    if kinds.len() != 1 || slots == 0 || slots > MAX_PARAMS {
         return None;
     }
-    let mut sql = String::with_capacity(pieces.iter().map(String::len).sum::<usize>() + 6 * slots.len());
-    let mut types = Vec::with_capacity(slots.len());
+    let mut sql = String::with_capacity(pieces.iter().map(String::len).sum::<usize>() + 6 * slots);
+    let mut types = Vec::with_capacity(slots);
     for (k, piece) in pieces.iter().enumerate() {
         sql.push_str(piece);
-        if let Some(&lit) = slots.get(k) {
+        if let Some(&class) = classes.get(k) {
             sql.push('$');
             sql.push_str(&(k + 1).to_string());
-            types.push(param_type(shape.literals.get(lit)?.class));
+            types.push(param_type(class));
         }
     }
     let statements = super::classify::parse(&sql).ok()?;
@@ -300,7 +305,7 @@ fn param_form(pieces: &[String], slots: &[usize], shape: &Shape, kinds: &[String
     }
     let mut numbers = super::pgtree::param_numbers(&statement.node)?;
     numbers.sort_unstable();
-    let expected: Vec<i32> = (1..=i32::try_from(slots.len()).ok()?).collect();
+    let expected: Vec<i32> = (1..=i32::try_from(slots).ok()?).collect();
     (numbers == expected).then(|| ParamForm {
         hash: crate::events::sql_hash(&sql),
         sql: Arc::from(sql),
@@ -317,7 +322,9 @@ impl Template {
             }
         }
         let sql = self.render(shape)?;
-        let bound = match &self.params {
+        let params =
+            self.params.get_or_init(|| param_form(&self.pieces, &self.slot_classes, &self.base.statement_kinds));
+        let bound = match params {
             Some(p) => Some(super::Bound {
                 sql: Arc::clone(&p.sql),
                 types: Arc::clone(&p.types),
@@ -326,7 +333,7 @@ impl Template {
             None => None,
         };
         Some(Rewritten {
-            sql_hash: self.params.as_ref().map_or_else(|| crate::events::sql_hash(&sql), |p| Arc::clone(&p.hash)),
+            sql_hash: params.as_ref().map_or_else(|| crate::events::sql_hash(&sql), |p| Arc::clone(&p.hash)),
             sql,
             statement_kinds: Arc::clone(&self.base.statement_kinds),
             tables: Arc::clone(&self.base.tables),
@@ -417,8 +424,9 @@ impl Template {
             .filter(|(i, _)| !slot_of.get(*i).copied().unwrap_or(false))
             .map(|(i, l)| (i, l.text.to_owned()))
             .collect();
-        let params = param_form(&pieces, &slots, shape, &original.statement_kinds);
-        let template = Template { pieces, slots, fixed, base: Arc::clone(original), params };
+        let slot_classes = slots.iter().map(|&i| shape.literals.get(i).map(|l| l.class)).collect::<Option<_>>()?;
+        let template =
+            Template { pieces, slots, fixed, base: Arc::clone(original), slot_classes, params: Default::default() };
         // Filled with the original literals it must give exactly the original's rewrite.
         (template.render(shape)? == original.sql && rewritten.statement_kinds == original.statement_kinds)
             .then_some(template)
