@@ -610,3 +610,23 @@ fn locking_clauses_sqlparser_cannot_read_lock_the_secure_relations() {
 fn shape(sql: &str) -> String {
     crate::rewrite::pgtree::shape(&crate::rewrite::classify::parse(sql).unwrap().remove(0).node).unwrap()
 }
+
+#[test]
+fn the_columns_row_rules_read_are_found_in_the_generated_predicates() {
+    let e = engine();
+    let a = teacher();
+    let set = e.policies.for_env(Environment::Development);
+    let ctx = super::secure::Ctx::new(&a, set, &e.catalog);
+    let entities = set.tables.table("public", "entities").unwrap();
+    let update = ctx.access(entities, crate::policy::Action::Update).unwrap();
+    for (column, reads) in
+        [("data", true), ("entity_type", true), ("environment", true), ("created_at", false), ("id", false)]
+    {
+        assert_eq!(ctx.reads_column(entities, &update, column).unwrap(), reads, "{column}");
+    }
+    let admin = admin_dev();
+    let ctx = super::secure::Ctx::new(&admin, set, &e.catalog);
+    let update = ctx.access(entities, crate::policy::Action::Update).unwrap();
+    assert!(!ctx.reads_column(entities, &update, "data").unwrap());
+    assert!(ctx.reads_column(entities, &update, "organization_id").unwrap());
+}
