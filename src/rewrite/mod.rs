@@ -459,18 +459,32 @@ fn locked_select(
     policy: &dyn StatementPolicy,
 ) -> Result<(String, Form), Refusal> {
     locking::check_names(&locks)?;
-    let text = locking::print_exactly(&bare, label)?;
-    let parsed = parse_one(&text).map_err(|_| match pgtree::unsupported_construct(&bare) {
+    let rewritten = rewrite_cut(&bare, "SelectStmt", label, actor, policy)?;
+    let locked = locking::reattach(&rewritten, locks, label)?;
+    Ok((deparse(&locked, label)?, Form::Deparsed { same_as: shape_of(&locked, label)? }))
+}
+
+/// A client statement cut down on PostgreSQL's tree to what sqlparser reads (`bare`, of kind
+/// `kind`): printed by PostgreSQL's printer (which must read back as exactly `bare`), then
+/// rewritten and verified on its own like any statement. Returns the verified rewrite.
+fn rewrite_cut(
+    bare: &pg_query::NodeEnum,
+    kind: &str,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Result<String, Refusal> {
+    let text = locking::print_exactly(bare, label)?;
+    let parsed = parse_one(&text).map_err(|_| match pgtree::unsupported_construct(bare) {
         Some(construct) => {
             Refusal::Syntax(format!("refused: {label} uses {construct}, which the proxy does not support yet"))
         }
-        None => Refusal::Syntax(format!("refused: the proxy cannot parse {label} (SelectStmt)")),
+        None => Refusal::Syntax(format!("refused: the proxy cannot parse {label} ({kind})")),
     })?;
-    let (rewritten, form) = policy_and_print(parsed, &bare, label, actor, policy, false)?;
-    let piece = PieceCheck { kind: "SelectStmt".to_owned(), range: 0..rewritten.len(), form };
+    let (rewritten, form) = policy_and_print(parsed, bare, label, actor, policy, false)?;
+    let piece = PieceCheck { kind: kind.to_owned(), range: 0..rewritten.len(), form };
     verify::verify(&rewritten, std::slice::from_ref(&piece), policy, actor)?;
-    let locked = locking::reattach(&rewritten, locks, label)?;
-    Ok((deparse(&locked, label)?, Form::Deparsed { same_as: shape_of(&locked, label)? }))
+    Ok(rewritten)
 }
 
 /// PostgreSQL's printing of a tree (pg_query's deparser); what it printed is verified by the
