@@ -35,6 +35,7 @@ mod pgtree;
 mod policy;
 mod printer;
 mod shape;
+mod subscript;
 mod verify;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -393,6 +394,9 @@ fn rewrite_statement(
         Err(SqlParseError::Syntax(_)) if let Some(split) = locking::split(&stmt.node) => {
             locked_select(split, label, actor, policy)
         }
+        Err(SqlParseError::Syntax(_)) if let Some(split) = subscript::split(&stmt.node) => {
+            subscripted_update(split, label, actor, policy)
+        }
         Err(SqlParseError::Syntax(e)) => match pgtree::unsupported_construct(&stmt.node) {
             // PostgreSQL's tree names what the proxy's parser could not read.
             Some(construct) => {
@@ -462,6 +466,24 @@ fn locked_select(
     let rewritten = rewrite_cut(&bare, "SelectStmt", label, actor, policy)?;
     let locked = locking::reattach(&rewritten, locks, label)?;
     Ok((deparse(&locked, label)?, Form::Deparsed { same_as: shape_of(&locked, label)? }))
+}
+
+/// A top-level UPDATE with subscripted assignment targets sqlparser cannot read (`subscript`):
+/// allowed by the policy column by column, rewritten with whole-column assignments, verified,
+/// and printed by PostgreSQL's printer with the client's subscripts put back.
+fn subscripted_update(
+    split: subscript::Split,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Result<(String, Form), Refusal> {
+    subscript::check(&split)?;
+    for target in &split.targets {
+        policy.check_partial_assignment(&split.relation, &target.column, actor)?;
+    }
+    let rewritten = rewrite_cut(&split.bare, "UpdateStmt", label, actor, policy)?;
+    let updated = subscript::reattach(&rewritten, split, label)?;
+    Ok((deparse(&updated, label)?, Form::Deparsed { same_as: shape_of(&updated, label)? }))
 }
 
 /// A client statement cut down on PostgreSQL's tree to what sqlparser reads (`bare`, of kind
