@@ -10,7 +10,10 @@
 //!    cannot parse is forwarded verbatim only when PostgreSQL says it is a kind that touches no
 //!    data (`TransactionStmt`, `VariableShowStmt`, `ConstraintsSetStmt`); DDL of the kinds in
 //!    `ddl::KINDS` is checked on PostgreSQL's own tree against an allowlist and the policy's
-//!    scratch-object rules, and printed by PostgreSQL's own printer (`ddl`); otherwise refused.
+//!    scratch-object rules, and printed by PostgreSQL's own printer (`ddl`); a top-level SELECT's
+//!    locking clause (`locking`) or a top-level UPDATE's subscripted targets (`subscript`) come
+//!    off PostgreSQL's tree, the rest takes the usual way and they go back on the verified
+//!    rewrite's tree; otherwise refused.
 //! 4. `gate` — rules the printer's safety depends on (no changing pinned settings), on both
 //!    trees; then the `StatementPolicy` (the policy engine, `engine/`).
 //! 5. `printer` — prints without ever letting sqlparser's `Display` write client data.

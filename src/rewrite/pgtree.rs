@@ -86,7 +86,7 @@ pub(crate) fn relations(node: &NodeEnum) -> Vec<String> {
 
 /// A construct of PostgreSQL's tree that the proxy's SQL parser is known not to read, named for
 /// a refusal (locking strengths other than FOR UPDATE/FOR SHARE, locking several tables,
-/// assignments to an array element or a field).
+/// assignments to an array element or a field where `subscript.rs` does not apply).
 pub(crate) fn unsupported_construct(node: &NodeEnum) -> Option<&'static str> {
     use pg_query::protobuf::LockClauseStrength as S;
     for (n, ..) in node.nodes() {
