@@ -652,6 +652,8 @@ fn subscripted_assignments_only_where_no_decision_reads_the_column() {
         // The subscripts are not rewritten, so they are constants.
         (&admin_dev(), "UPDATE s SET a[(SELECT count(*) FROM entities)] = 1", "subscript of a[…]"),
         (&admin_dev(), "UPDATE s SET a[b] = 1", "subscript of a[…]"),
+        (&admin_dev(), "UPDATE s SET \"__struere_raw_a\"[1] = 1", "reserved"),
+        (&admin_dev(), "UPDATE s SET c[1].__struere_in_scope = 1", "reserved"),
         // Other tenants' tables stay out of reach.
         (&admin_dev(), "UPDATE scratch_0000000000.t SET a[1] = 1", "another tenant's scratch schema"),
         (&admin_dev(), "UPDATE s SET a[1] = (SELECT count(*) FROM entities)", "may not read managed tables"),
