@@ -56,6 +56,15 @@ impl StatementPolicy for PassThrough {
         Ok(())
     }
 
+    fn check_partial_assignment(
+        &self,
+        _target: &[String],
+        _column: &str,
+        _actor: &ActorContext,
+    ) -> Result<(), Refusal> {
+        Ok(())
+    }
+
     fn check_output(&self, _node: &pg_query::NodeEnum, _actor: &ActorContext) -> Result<(), Refusal> {
         Ok(())
     }

@@ -10,7 +10,10 @@
 //!    cannot parse is forwarded verbatim only when PostgreSQL says it is a kind that touches no
 //!    data (`TransactionStmt`, `VariableShowStmt`, `ConstraintsSetStmt`); DDL of the kinds in
 //!    `ddl::KINDS` is checked on PostgreSQL's own tree against an allowlist and the policy's
-//!    scratch-object rules, and printed by PostgreSQL's own printer (`ddl`); otherwise refused.
+//!    scratch-object rules, and printed by PostgreSQL's own printer (`ddl`); a top-level SELECT's
+//!    locking clause (`locking`) or a top-level UPDATE's subscripted targets (`subscript`) come
+//!    off PostgreSQL's tree, the rest takes the usual way and they go back on the verified
+//!    rewrite's tree; otherwise refused.
 //! 4. `gate` — rules the printer's safety depends on (no changing pinned settings), on both
 //!    trees; then the `StatementPolicy` (the policy engine, `engine/`).
 //! 5. `printer` — prints without ever letting sqlparser's `Display` write client data.
@@ -35,6 +38,7 @@ mod pgtree;
 mod policy;
 mod printer;
 mod shape;
+mod subscript;
 mod verify;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -393,6 +397,9 @@ fn rewrite_statement(
         Err(SqlParseError::Syntax(_)) if let Some(split) = locking::split(&stmt.node) => {
             locked_select(split, label, actor, policy)
         }
+        Err(SqlParseError::Syntax(_)) if let Some(split) = subscript::split(&stmt.node) => {
+            subscripted_update(split, label, actor, policy)
+        }
         Err(SqlParseError::Syntax(e)) => match pgtree::unsupported_construct(&stmt.node) {
             // PostgreSQL's tree names what the proxy's parser could not read.
             Some(construct) => {
@@ -459,18 +466,50 @@ fn locked_select(
     policy: &dyn StatementPolicy,
 ) -> Result<(String, Form), Refusal> {
     locking::check_names(&locks)?;
-    let text = locking::print_exactly(&bare, label)?;
-    let parsed = parse_one(&text).map_err(|_| match pgtree::unsupported_construct(&bare) {
+    let rewritten = rewrite_cut(&bare, "SelectStmt", label, actor, policy)?;
+    let locked = locking::reattach(&rewritten, locks, label)?;
+    Ok((deparse(&locked, label)?, Form::Deparsed { same_as: shape_of(&locked, label)? }))
+}
+
+/// A top-level UPDATE with subscripted assignment targets sqlparser cannot read (`subscript`):
+/// allowed by the policy column by column, rewritten with whole-column assignments, verified,
+/// and printed by PostgreSQL's printer with the client's subscripts put back.
+fn subscripted_update(
+    split: subscript::Split,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Result<(String, Form), Refusal> {
+    subscript::check(&split)?;
+    for target in &split.targets {
+        policy.check_partial_assignment(&split.relation, &target.column, actor)?;
+    }
+    let rewritten = rewrite_cut(&split.bare, "UpdateStmt", label, actor, policy)?;
+    let updated = subscript::reattach(&rewritten, split, label)?;
+    Ok((deparse(&updated, label)?, Form::Deparsed { same_as: shape_of(&updated, label)? }))
+}
+
+/// A client statement cut down on PostgreSQL's tree to what sqlparser reads (`bare`, of kind
+/// `kind`): printed by PostgreSQL's printer (which must read back as exactly `bare`), then
+/// rewritten and verified on its own like any statement. Returns the verified rewrite.
+fn rewrite_cut(
+    bare: &pg_query::NodeEnum,
+    kind: &str,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Result<String, Refusal> {
+    let text = locking::print_exactly(bare, label)?;
+    let parsed = parse_one(&text).map_err(|_| match pgtree::unsupported_construct(bare) {
         Some(construct) => {
             Refusal::Syntax(format!("refused: {label} uses {construct}, which the proxy does not support yet"))
         }
-        None => Refusal::Syntax(format!("refused: the proxy cannot parse {label} (SelectStmt)")),
+        None => Refusal::Syntax(format!("refused: the proxy cannot parse {label} ({kind})")),
     })?;
-    let (rewritten, form) = policy_and_print(parsed, &bare, label, actor, policy, false)?;
-    let piece = PieceCheck { kind: "SelectStmt".to_owned(), range: 0..rewritten.len(), form };
+    let (rewritten, form) = policy_and_print(parsed, bare, label, actor, policy, false)?;
+    let piece = PieceCheck { kind: kind.to_owned(), range: 0..rewritten.len(), form };
     verify::verify(&rewritten, std::slice::from_ref(&piece), policy, actor)?;
-    let locked = locking::reattach(&rewritten, locks, label)?;
-    Ok((deparse(&locked, label)?, Form::Deparsed { same_as: shape_of(&locked, label)? }))
+    Ok(rewritten)
 }
 
 /// PostgreSQL's printing of a tree (pg_query's deparser); what it printed is verified by the

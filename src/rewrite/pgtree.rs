@@ -86,7 +86,7 @@ pub(crate) fn relations(node: &NodeEnum) -> Vec<String> {
 
 /// A construct of PostgreSQL's tree that the proxy's SQL parser is known not to read, named for
 /// a refusal (locking strengths other than FOR UPDATE/FOR SHARE, locking several tables,
-/// assignments to an array element or a field).
+/// assignments to an array element or a field where `subscript.rs` does not apply).
 pub(crate) fn unsupported_construct(node: &NodeEnum) -> Option<&'static str> {
     use pg_query::protobuf::LockClauseStrength as S;
     for (n, ..) in node.nodes() {
@@ -106,19 +106,26 @@ pub(crate) fn unsupported_construct(node: &NodeEnum) -> Option<&'static str> {
                     }
                 }
             }
-            pg_query::NodeRef::UpdateStmt(u) => {
-                let indirect = u.target_list.iter().any(|t| match &t.node {
-                    Some(NodeEnum::ResTarget(r)) => !r.indirection.is_empty(),
-                    _ => false,
-                });
-                if indirect {
-                    return Some("an assignment to an array element or a field (SET col[i] = …)");
-                }
+            pg_query::NodeRef::UpdateStmt(u) if subscripted(&u.target_list) => {
+                return Some(
+                    "an assignment to an array element or a field (SET col[i] = …) in an UPDATE inside another statement",
+                );
+            }
+            pg_query::NodeRef::OnConflictClause(c) if subscripted(&c.target_list) => {
+                return Some("an assignment to an array element or a field in ON CONFLICT DO UPDATE SET col[i] = …");
+            }
+            pg_query::NodeRef::InsertStmt(i) if subscripted(&i.cols) => {
+                return Some("an array element or a field in an INSERT column list (INSERT INTO t (col[i]) …)");
             }
             _ => {}
         }
     }
     None
+}
+
+/// A target list with an element or field target (`col[i]`, `col.f`).
+fn subscripted(targets: &[pg_query::protobuf::Node]) -> bool {
+    targets.iter().any(|t| matches!(&t.node, Some(NodeEnum::ResTarget(r)) if !r.indirection.is_empty()))
 }
 
 pub(crate) fn shape(node: &NodeEnum) -> Option<String> {

@@ -35,6 +35,13 @@ pub trait StatementPolicy: Send + Sync {
     /// printer prints PostgreSQL's tree (`ddl.rs`): every name it holds is checked here.
     fn check_ddl_target(&self, target: &DdlTarget<'_>, actor: &ActorContext) -> Result<(), Refusal>;
 
+    /// An UPDATE of the relation `target` (its name as the client wrote it, folded) assigns only
+    /// part of `column`: an element, a slice or a field (`SET col[i] = …`, `rewrite/subscript.rs`).
+    /// The statement is rewritten as if it assigned the whole column, so this must refuse unless
+    /// no decision of the policy for this caller reads the column's new value (scope rules, WITH
+    /// CHECK, tenant predicates, column or JSON-field masks).
+    fn check_partial_assignment(&self, target: &[String], column: &str, actor: &ActorContext) -> Result<(), Refusal>;
+
     /// Checks PostgreSQL's reading of the text about to be forwarded (defence in depth against
     /// anything the sqlparser tree represented differently).
     fn check_output(&self, node: &pg_query::NodeEnum, actor: &ActorContext) -> Result<(), Refusal>;
@@ -62,6 +69,15 @@ impl StatementPolicy for PassThrough {
     }
 
     fn check_ddl_target(&self, _target: &DdlTarget<'_>, _actor: &ActorContext) -> Result<(), Refusal> {
+        Ok(())
+    }
+
+    fn check_partial_assignment(
+        &self,
+        _target: &[String],
+        _column: &str,
+        _actor: &ActorContext,
+    ) -> Result<(), Refusal> {
         Ok(())
     }
 

@@ -446,6 +446,8 @@ const KNOWN_REFUSALS: &[(&str, &str)] = &[
     ("SELECT (a).b, (a).* FROM t", "cannot parse"),
     ("SELECT * FROM (SELECT * FROM t FOR NO KEY UPDATE) s", "uses FOR NO KEY UPDATE, which the proxy does not support"),
     ("UPDATE t SET a = DEFAULT WHERE CURRENT OF c", "cannot parse"),
+    ("WITH w AS (UPDATE t SET a[1] = 1 RETURNING a) SELECT * FROM w", "SET col[i] = …) in an UPDATE inside"),
+    ("INSERT INTO t (a[1]) VALUES (1)", "INSERT column list"),
     ("SELECT * FROM t WHERE b NOTNULL AND c ISNULL", "cannot parse"),
     ("TABLE t", "cannot parse"),
 ];
@@ -502,6 +504,8 @@ const CORPUS: &[&str] = &[
     "INSERT INTO t (a) SELECT a FROM u ON CONFLICT ON CONSTRAINT t_pkey DO NOTHING",
     "INSERT INTO t AS x (a) VALUES (1) ON CONFLICT (a) WHERE a > 0 DO UPDATE SET a = x.a + 1 WHERE x.a < 10 RETURNING x.a",
     "UPDATE t SET (a, b) = (1, 2) FROM u WHERE t.id = u.id RETURNING t.*",
+    "UPDATE t SET a[1] = 5, j['k']['l'] = $1::jsonb, b[1:2] = '{1,2}', c[$2::int][2] = 3 WHERE id = 1 RETURNING a",
+    "WITH u AS (SELECT 1 AS id) UPDATE t SET a[1] = 5, (b[1], c) = (SELECT 1, 2) FROM u WHERE t.id = u.id",
     "DELETE FROM t USING u WHERE t.id = u.id RETURNING *",
     "MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN UPDATE SET a = u.a WHEN NOT MATCHED THEN INSERT (id, a) VALUES (u.id, u.a)",
     "CREATE TABLE IF NOT EXISTS t (id bigserial PRIMARY KEY, a text NOT NULL UNIQUE, b int REFERENCES u(id) ON DELETE CASCADE, c timestamptz DEFAULT now(), CHECK (b > 0))",

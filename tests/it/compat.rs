@@ -615,3 +615,105 @@ async fn locking_clauses_sqlparser_cannot_read() {
     let one: i32 = acme.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
 }
+
+/// SQLAlchemy's array and jsonb element updates: `UPDATE … SET arr[i] = …` and `SET jb['k'] = …`,
+/// which sqlparser cannot read, change exactly that element of the caller's own tables
+/// (rewrite/subscript.rs). Where a rule or mask of the caller reads the column, where the write is
+/// rewritten around a managed table, or where the table is another tenant's, they are refused.
+#[tokio::test]
+async fn subscripted_assignments_sqlparser_cannot_read() {
+    let f = fixture();
+    let acme = f.dev().await;
+    let t = unique("compat_subscript");
+    acme.batch_execute(&format!(
+        "CREATE TABLE {t} (id int PRIMARY KEY, a int[], m int[], j jsonb); \
+         INSERT INTO {t} VALUES (1, '{{1,2,3}}', '{{{{1,2}},{{3,4}}}}', '{{\"k\": 1, \"l\": {{\"x\": 1}}}}'), \
+                                (2, '{{1,2,3}}', NULL, '{{}}')"
+    ))
+    .await
+    .unwrap();
+    acme.batch_execute(&format!("UPDATE {t} SET a[2] = 20, m[2][1] = 30, j['k'] = '\"v\"' WHERE id = 1"))
+        .await
+        .unwrap();
+    // Parameters in the subscripts and the values (SQLAlchemy with psycopg 3 sends these).
+    let n = acme
+        .execute(
+            &format!("UPDATE {t} SET a[$1::int] = $2::int, j['l']['x'] = $3::text::jsonb WHERE id = $4::int"),
+            &[&3i32, &33i32, &"2", &1i32],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    acme.batch_execute(&format!("UPDATE {t} SET a[1:2] = '{{7,8}}' WHERE id = 2")).await.unwrap();
+    let rows = acme.query(&format!("SELECT a::text, m::text, j::text FROM {t} ORDER BY id"), &[]).await.unwrap();
+    let got: Vec<(String, Option<String>, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        got,
+        [
+            ("{1,20,33}".to_owned(), Some("{{1,2},{30,4}}".to_owned()), r#"{"k": "v", "l": {"x": 2}}"#.to_owned()),
+            ("{7,8,3}".to_owned(), None, "{}".to_owned()),
+        ]
+    );
+    // A RETURNING list and a FROM item are rewritten as usual.
+    let a: String = acme
+        .query_one(
+            &format!("UPDATE {t} SET a[1] = 0 FROM (SELECT 2 AS id) s WHERE {t}.id = s.id RETURNING a::text"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(a, "{0,8,3}");
+
+    // The subscripts are not rewritten: constants and parameters only.
+    for sql in [
+        format!("UPDATE {t} SET a[(SELECT count(*) FROM entities)::int] = 1"),
+        format!("UPDATE {t} SET a[id] = 1"),
+        format!("UPDATE {t} SET a[1] = (SELECT count(*) FROM entities)::int"),
+    ] {
+        let e = acme.batch_execute(&sql).await.expect_err(&sql);
+        assert_eq!(code(&e), "42501", "{sql}: {e}");
+    }
+    // Managed tables: a row rule of the teacher reads `data` (its sessions are those whose
+    // data.teacherId is the teacher's), a mask hides part of `email` from support, and writes by
+    // admin are rebuilt around the table (the value moves into a subquery): all refused, nothing
+    // written.
+    let teacher = f.as_actor("acme", Environment::Development, "teacher", ActorType::User, "acme-teacher-1").await;
+    let support = f.as_actor("acme", Environment::Development, "support", ActorType::User, "acme-support-1").await;
+    for (who, sql) in [
+        (
+            &teacher,
+            "UPDATE entities SET data['teacherId'] = '\"acme-teacher-2\"' WHERE id = 'acme-development-session-2'",
+        ),
+        (&teacher, "UPDATE entities SET data['status'] = '\"done\"' WHERE id = 'acme-development-session-2'"),
+        (&support, "UPDATE users SET email[1] = 'x' WHERE id = 'acme-teacher-1'"),
+        (&acme, "UPDATE entities SET data['status'] = '\"done\"' WHERE id = 'acme-development-session-2'"),
+    ] {
+        let e = who.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(code(&e), "42501", "{sql}: {e}");
+    }
+    let owner = f.admin().await;
+    let data: String = owner
+        .query_one("SELECT data::text FROM entities WHERE id = 'acme-development-session-2'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(data.contains("\"teacherId\": \"acme-teacher-1\"") && data.contains("\"status\": \"scheduled\""), "{data}");
+
+    // Another tenant's scratch table stays out of reach.
+    let globex = f.as_actor("globex", Environment::Development, "admin", ActorType::User, "globex-subscript").await;
+    let k = unique("compat_subscript_globex");
+    globex.batch_execute(&format!("CREATE TABLE {k} (a int[]); INSERT INTO {k} VALUES ('{{1}}')")).await.unwrap();
+    let schema: String = globex
+        .query_one(&format!("SELECT table_schema::text FROM information_schema.tables WHERE table_name = '{k}'"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(schema.starts_with("scratch_"), "{schema}");
+    let e = acme.batch_execute(&format!("UPDATE \"{schema}\".{k} SET a[1] = 9")).await.unwrap_err();
+    assert_eq!(code(&e), "42501", "{e}");
+    let a: String = globex.query_one(&format!("SELECT a::text FROM {k}"), &[]).await.unwrap().get(0);
+    assert_eq!(a, "{1}");
+    globex.batch_execute(&format!("DROP TABLE {k}")).await.unwrap();
+    acme.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+}

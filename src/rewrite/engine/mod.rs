@@ -215,6 +215,18 @@ impl StatementPolicy for PolicyEngine {
             DdlTarget::Uses { parts, what } => used_by_ddl(parts, what, actor),
         }
     }
+
+    fn check_partial_assignment(&self, target: &[String], column: &str, actor: &ActorContext) -> Result<(), Refusal> {
+        let set = self.policies.for_env(actor.environment);
+        let ctx = Ctx::new(actor, set, &self.catalog);
+        let w = Walker::new(&ctx, &self.allow_functions);
+        // Resolved as the walk resolves a write's target; whether the caller may write it at all
+        // is the walk's to decide (an unmanaged table has no rules that could read the column).
+        let (schema, table) = w.resolve_table_parts(target).map_err(denied)?;
+        let Some(spec) = set.managed(&schema, &table).map_err(denied)? else { return Ok(()) };
+        let t = writes::Target::new(&ctx, spec).map_err(denied)?;
+        writes::partial_assignment(&t, column).map_err(denied)
+    }
 }
 
 /// A type, collation or operator class named in scratch DDL: unqualified (found through the

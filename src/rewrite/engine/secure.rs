@@ -197,6 +197,29 @@ impl<'a> Ctx<'a> {
         Ok(if conj.is_empty() { None } else { Some(format!("({})", conj.join(" AND "))) })
     }
 
+    /// Whether a row decision of `access` on `table` reads `column` of the row: the tenant
+    /// predicate, the denied resource types, or the type restriction or scope rules of any part
+    /// (each part on its own: `column_value` picks a part's masks by its predicate, and
+    /// `scope_predicate` stops at the first part that covers every row). Found by building the
+    /// predicates over a row whose `column` cannot be read, so the answer is what the generated
+    /// SQL reads, not a second reading of the rules.
+    pub fn reads_column(&self, table: &TableSpec, access: &TableAccess, column: &str) -> Result<bool, String> {
+        if self.tenant_values(table).iter().any(|(c, _)| *c == column) {
+            return Ok(true);
+        }
+        let values = std::collections::BTreeMap::new();
+        let (readable, unreadable) =
+            (std::collections::BTreeSet::new(), std::collections::BTreeSet::from([column.to_owned()]));
+        let row = |unknown| RowRef::Values { values: &values, fallback: Some("r"), unknown };
+        // Any other failure is the caller's to report, not a read of the column.
+        self.scope_predicate(table, &row(&readable), access)?;
+        for part in &access.parts {
+            self.part_predicate(table, &row(&readable), part)?;
+        }
+        Ok(self.scope_predicate(table, &row(&unreadable), access).is_err()
+            || access.parts.iter().any(|p| self.part_predicate(table, &row(&unreadable), p).is_err()))
+    }
+
     fn field(&self, row: &RowRef, f: &FieldRef) -> Result<String, String> {
         let col = row.col(&f.column)?;
         Ok(if f.path.is_empty() {

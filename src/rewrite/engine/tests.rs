@@ -384,7 +384,9 @@ fn constructs_the_parser_cannot_read_are_named_and_cursor_moves_pass() {
         ("SELECT id FROM (SELECT id FROM entities FOR NO KEY UPDATE) s", "FOR NO KEY UPDATE"),
         ("SELECT (SELECT id FROM entities FOR KEY SHARE)", "FOR KEY SHARE"),
         ("WITH c AS (SELECT e.id FROM entities e, threads t FOR UPDATE OF e, t) SELECT * FROM c", "several tables"),
-        ("UPDATE agent_configs SET tools[1] = '1'", "array element"),
+        ("WITH u AS (UPDATE agent_configs SET tools[1] = '1' RETURNING id) SELECT * FROM u", "array element"),
+        ("INSERT INTO agent_configs (tools[1]) VALUES ('1')", "INSERT column list"),
+        ("INSERT INTO s (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET a[1] = 2", "ON CONFLICT"),
     ] {
         let e = run(&admin_dev(), sql).unwrap_err();
         assert!(e.to_string().contains(construct), "{sql}: {e}");
@@ -609,4 +611,86 @@ fn locking_clauses_sqlparser_cannot_read_lock_the_secure_relations() {
 
 fn shape(sql: &str) -> String {
     crate::rewrite::pgtree::shape(&crate::rewrite::classify::parse(sql).unwrap().remove(0).node).unwrap()
+}
+
+/// `SET col[i] = …`, `SET jb['k'] = …` (sqlparser reads neither): rewritten as whole-column
+/// assignments and verified, the subscripts put back (rewrite/subscript.rs); only where no
+/// decision of the policy reads the column and the rewrite forwards its value as written.
+#[test]
+fn subscripted_assignments_only_where_no_decision_reads_the_column() {
+    for (sql, want) in [
+        ("UPDATE s SET a[1] = 5 WHERE id = 1", "UPDATE s SET a[1] = 5 WHERE id = 1"),
+        ("update s set j['k'] = '\"v\"'::jsonb, b = 2", "UPDATE s SET j['k'] = '\"v\"'::jsonb, b = 2"),
+        ("UPDATE s SET a[$1::int] = $2::int, a[2:3] = '{7,8}'", "UPDATE s SET a[$1::int] = $2::int, a[2:3] = '{7,8}'"),
+        (
+            "UPDATE s SET a[1][2] = 1 FROM u WHERE u.id = s.id RETURNING *",
+            "UPDATE s SET a[1][2] = 1 FROM u WHERE u.id = s.id RETURNING *",
+        ),
+        ("UPDATE s SET c[1].f = 1", "UPDATE s SET c[1].f = 1"),
+        ("UPDATE s SET a[1] = 1, a[2] = 2, (b[1], c) = (3, 4)", "UPDATE s SET a[1] = 1, a[2] = 2, (b[1], c) = (3, 4)"),
+        (
+            "UPDATE s SET data[$1::VARCHAR] = $2::JSONB WHERE s.name = $3::VARCHAR",
+            "UPDATE s SET data[$1::varchar] = $2::jsonb WHERE s.name = $3::varchar",
+        ),
+    ] {
+        assert_eq!(run(&admin_dev(), sql).unwrap_or_else(|e| panic!("{sql}: {e}")), want);
+    }
+    // The rest of the statement is rewritten as usual: a managed table read elsewhere in it
+    // becomes a secure relation.
+    let out = run(&admin_dev(), "UPDATE s SET a[1] = 1 WHERE s.id IN (SELECT id FROM threads)").unwrap_err();
+    assert!(out.to_string().contains("may not read managed tables"), "{out}");
+    let support = actor(Environment::Development, &["support"], "s-1");
+    let cases: &[(&ActorContext, &str, &str)] = &[
+        // A row rule (update scope, types) or a mask reads the column.
+        (&teacher(), "UPDATE entities SET data['status'] = '\"done\"'", "row rule of the caller's roles reads it"),
+        (&teacher(), "UPDATE entities SET entity_type[1] = 'x'", "row rule of the caller's roles reads it"),
+        (&admin_dev(), "UPDATE entities SET environment[1] = 'x'", "environment or organization column"),
+        (&support, "UPDATE users SET organization_id[1] = 'x'", "environment or organization column"),
+        (&support, "UPDATE users SET email[1] = 'x'", "masked or partly hidden"),
+        (&teacher(), "UPDATE entities SET nope[1] = 'x'", "has no column nope"),
+        (&teacher(), "UPDATE threads SET agent_id[1] = 'x'", "may not select threads"),
+        // The subscripts are not rewritten, so they are constants.
+        (&admin_dev(), "UPDATE s SET a[(SELECT count(*) FROM entities)] = 1", "subscript of a[…]"),
+        (&admin_dev(), "UPDATE s SET a[b] = 1", "subscript of a[…]"),
+        (&admin_dev(), "UPDATE s SET \"__struere_raw_a\"[1] = 1", "reserved"),
+        (&admin_dev(), "UPDATE s SET c[1].__struere_in_scope = 1", "reserved"),
+        // Other tenants' tables stay out of reach.
+        (&admin_dev(), "UPDATE scratch_0000000000.t SET a[1] = 1", "another tenant's scratch schema"),
+        (&admin_dev(), "UPDATE s SET a[1] = (SELECT count(*) FROM entities)", "may not read managed tables"),
+        (&admin_dev(), "UPDATE s SET a[1] = pg_read_file('x')", "pg_read_file"),
+    ];
+    for (who, sql, want) in cases {
+        let e = run(who, sql).unwrap_err();
+        assert!(matches!(e, Refusal::Denied(_)) && e.to_string().contains(want), "{sql}: {e:?}");
+    }
+    // No rule reads the column, but the write's rewrite computes its value in a subquery: the
+    // subscript cannot go back on it.
+    for (who, sql) in [
+        (&admin_dev(), "UPDATE entities SET data['status'] = '\"done\"' WHERE id = 'x'"),
+        (&support, "UPDATE users SET name[1] = 'x'"),
+        (&admin_dev(), "UPDATE agent_configs SET tools[1] = '1'"),
+    ] {
+        let e = run(who, sql).unwrap_err();
+        assert!(matches!(&e, Refusal::Unverifiable(m) if m.contains("cannot put the subscripts back")), "{sql}: {e:?}");
+    }
+}
+
+#[test]
+fn the_columns_row_rules_read_are_found_in_the_generated_predicates() {
+    let e = engine();
+    let a = teacher();
+    let set = e.policies.for_env(Environment::Development);
+    let ctx = super::secure::Ctx::new(&a, set, &e.catalog);
+    let entities = set.tables.table("public", "entities").unwrap();
+    let update = ctx.access(entities, crate::policy::Action::Update).unwrap();
+    for (column, reads) in
+        [("data", true), ("entity_type", true), ("environment", true), ("created_at", false), ("id", false)]
+    {
+        assert_eq!(ctx.reads_column(entities, &update, column).unwrap(), reads, "{column}");
+    }
+    let admin = admin_dev();
+    let ctx = super::secure::Ctx::new(&admin, set, &e.catalog);
+    let update = ctx.access(entities, crate::policy::Action::Update).unwrap();
+    assert!(!ctx.reads_column(entities, &update, "data").unwrap());
+    assert!(ctx.reads_column(entities, &update, "organization_id").unwrap());
 }

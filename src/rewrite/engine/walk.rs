@@ -188,7 +188,12 @@ impl<'c, 'a> Walker<'c, 'a> {
     /// Resolve the target of a write: CTE names never apply to it (as in PostgreSQL).
     pub fn resolve_table(&self, name: &ObjectName) -> Result<(String, String), String> {
         let parts = name_parts(name).ok_or_else(|| format!("relation name {name} is not supported"))?;
-        match parts.as_slice() {
+        self.resolve_table_parts(&parts)
+    }
+
+    /// [`Self::resolve_table`] on a folded name.
+    pub fn resolve_table_parts(&self, parts: &[String]) -> Result<(String, String), String> {
+        match parts {
             [name] => {
                 let schema =
                     if self.ctx.catalog.relation("pg_catalog", name).is_some() { "pg_catalog" } else { "public" };

@@ -552,6 +552,44 @@ fn refuse_hidden(t: &Target, select: &TableAccess, exprs: &[&Expr]) -> Result<()
     }
 }
 
+/// Whether an UPDATE may assign only part of `column` (an element, slice or field: `SET col[i] =
+/// …`, `rewrite/subscript.rs`). Such a statement is rewritten and checked as a whole-column
+/// assignment, so nothing the rewrite decides may read the column's new value: not the tenant
+/// predicate, not a row rule of select or update (the row predicate, the WITH CHECK, the choice of
+/// a part's masks), not a reference check into a managed table; and the caller must see and
+/// write the column unmasked (a masked or partly visible column is written through a merge of
+/// its new value).
+pub fn partial_assignment(t: &Target, column: &str) -> Result<(), String> {
+    let select = t.access(Action::Select, "UPDATE reads the rows it changes")?;
+    let update = t.access(Action::Update, "UPDATE")?;
+    let col = t.column(column)?;
+    let refused = |why: &str| {
+        format!(
+            "the assignment to part of column {column} of {} (SET {column}[…] = …) cannot be checked: {why}; the \
+             proxy checks only whole values of such a column (assign the whole column)",
+            t.spec.name
+        )
+    };
+    if t.is_tenant_column(column) {
+        return Err(refused("it is the environment or organization column"));
+    }
+    for (action, access) in [(Action::Select, &select), (Action::Update, &update)] {
+        if t.ctx.reads_column(t.spec, access, column)? {
+            return Err(refused(&format!("a {action} row rule of the caller's roles reads it")));
+        }
+    }
+    let plain = format!("{}.{}", ident("c"), ident(column));
+    if t.ctx.column_value(t.spec, "c", col, &select)? != plain || writable(&update, col) != Writable::Whole {
+        return Err(refused("it is masked or partly hidden for the caller"));
+    }
+    let (values, unknown) = (BTreeMap::new(), BTreeSet::from([column.to_owned()]));
+    let row = RowRef::Values { values: &values, fallback: Some(TARGET), unknown: &unknown };
+    if t.reference_checks(&row, |c| c == column).is_err() {
+        return Err(refused("a reference check into a managed table reads it"));
+    }
+    Ok(())
+}
+
 pub fn update<'a>(t: &Target<'_, 'a>, u: &mut Update, guard: &mut Tracker<'a>) -> Result<Statement, String> {
     let select = t.access(Action::Select, "UPDATE reads the rows it changes")?;
     let access = t.access(Action::Update, "UPDATE")?;
