@@ -161,6 +161,13 @@ pub struct Rewriter {
     time_limit: std::time::Duration,
 }
 
+/// What the caches hold for a text: its rewrite, or a miss with the text's shape when a
+/// template should be built for it.
+enum Lookup<'s> {
+    Hit(Arc<Rewritten>),
+    Miss(Option<shape::Shape<'s>>),
+}
+
 /// How rewrites were found (metrics).
 #[derive(Debug, Default)]
 pub struct CacheStats {
@@ -212,6 +219,41 @@ impl Rewriter {
         (Arc::clone(&current.0), current.1)
     }
 
+    /// The rewrite of `sql` if the cache holds it (the text, or a template its literals fill):
+    /// a hash lookup and at most a lexer pass, cheap enough for the event loop. `None`: a miss,
+    /// which `rewrite` works out (sessions run that off the event loop).
+    pub fn cached(&self, sql: &str, actor: &ActorContext) -> Option<Arc<Rewritten>> {
+        match self.lookup(sql, actor) {
+            Lookup::Hit(hit) => Some(hit),
+            Lookup::Miss(_) => None,
+        }
+    }
+
+    fn lookup<'s>(&self, sql: &'s str, actor: &ActorContext) -> Lookup<'s> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if sql.len() > MAX_SQL_BYTES {
+            return Lookup::Miss(None);
+        }
+        if let Some(hit) = self.cache.get(actor, sql) {
+            self.stats.exact_hits.fetch_add(1, Relaxed);
+            return Lookup::Hit(hit);
+        }
+        // The same statement with other literal values was rewritten before: fill its template.
+        let shape = if sql.len() <= cache::MAX_CACHED_SQL_BYTES { shape::scan(sql) } else { None };
+        if let Some(s) = &shape
+            && let Some(known) = self.templates.get(actor, &s.key)
+        {
+            if let Some(filled) = known.as_ref().as_ref().and_then(|t| t.fill(s)) {
+                self.stats.template_hits.fetch_add(1, Relaxed);
+                return Lookup::Hit(Arc::new(filled));
+            }
+            // Tried before: no template for this shape, or one whose fixed literals differ
+            // from these. Building again would cost a second rewrite for nothing.
+            return Lookup::Miss(None);
+        }
+        Lookup::Miss(shape)
+    }
+
     /// Rewrite the text of one simple-Query message (may hold several statements) or one
     /// Parse message for an environment-key caller. Returns the exact text to forward upstream.
     pub fn rewrite(&self, sql: &str, actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
@@ -221,25 +263,11 @@ impl Rewriter {
                 sql.len()
             )));
         }
-        use std::sync::atomic::Ordering::Relaxed;
-        if let Some(hit) = self.cache.get(actor, sql) {
-            self.stats.exact_hits.fetch_add(1, Relaxed);
-            return Ok(hit);
-        }
-        // The same statement with other literal values was rewritten before: fill its template.
-        let mut shape = if sql.len() <= cache::MAX_CACHED_SQL_BYTES { shape::scan(sql) } else { None };
-        if let Some(s) = &shape
-            && let Some(known) = self.templates.get(actor, &s.key)
-        {
-            if let Some(filled) = known.as_ref().as_ref().and_then(|t| t.fill(s)) {
-                self.stats.template_hits.fetch_add(1, Relaxed);
-                return Ok(Arc::new(filled));
-            }
-            // Tried before: no template for this shape, or one whose fixed literals differ
-            // from these. Building again would cost a second rewrite for nothing.
-            shape = None;
-        }
-        self.stats.misses.fetch_add(1, Relaxed);
+        let shape = match self.lookup(sql, actor) {
+            Lookup::Hit(hit) => return Ok(hit),
+            Lookup::Miss(shape) => shape,
+        };
+        self.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
         let (policy, generation) = self.current_policy();
         let rewritten = Arc::new(rewrite_uncached(sql, actor, policy.as_ref())?);

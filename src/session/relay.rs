@@ -120,6 +120,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         unnamed: None,
         origin: Arc::clone(&origin),
         pooled: pool_key.is_some(),
+        ahead: None,
     };
     let notify_prefix = match &caller {
         Caller::Environment(actor) => Some(crate::rewrite::engine::notify_prefix(actor)),
@@ -214,6 +215,15 @@ struct ClientToUpstream<'a> {
     origin: Arc<Origin>,
     /// The upstream connection may go back to the pool: Terminate is not forwarded.
     pooled: bool,
+    /// The rewrite of the message about to be handled, worked out off the event loop (a
+    /// cache miss); taken by the next `rewrite`.
+    ahead: Option<Ahead>,
+}
+
+/// A rewrite worked out on a blocking thread, and how long it took there.
+struct Ahead {
+    result: Result<Arc<Rewritten>, Refusal>,
+    took: std::time::Duration,
 }
 
 impl ClientToUpstream<'_> {
@@ -233,7 +243,10 @@ impl ClientToUpstream<'_> {
                     let _ = self.upstream.shutdown().await;
                     return Ok(false);
                 }
-                self.handle(frame, &mut out)?;
+                self.rewrite_ahead(&frame).await;
+                let handled = self.handle(frame, &mut out);
+                self.ahead = None;
+                handled?;
             }
             if !out.is_empty() {
                 self.upstream.write_all(&out).await?;
@@ -246,6 +259,36 @@ impl ClientToUpstream<'_> {
                 return Err(SessionEnd::ClientClosed);
             }
         }
+    }
+
+    /// A Query or Parse of an environment session whose rewrite the cache does not hold: work
+    /// it out on a blocking thread. A miss costs from a few hundred microseconds up to
+    /// `max_rewrite_ms`; on the event loop (one worker thread by default) it would stall every
+    /// other session meanwhile. Hits (a lookup, at most a template fill) stay inline.
+    async fn rewrite_ahead(&mut self, frame: &Frame) {
+        let Caller::Environment(actor) = self.caller else { return };
+        if self.discard_until_sync {
+            return;
+        }
+        let sql = match frame.tag {
+            b'Q' => decode_query(&frame.body).ok(),
+            b'P' => decode_parse(&frame.body).ok().map(|p| p.query),
+            _ => None,
+        };
+        // A malformed message is `handle`'s to report.
+        let Some(sql) = sql else { return };
+        let started = Instant::now();
+        let result = match self.proxy.rewriter.cached(sql, actor) {
+            Some(hit) => Ok(hit),
+            None => {
+                let (proxy, sql, actor) = (Arc::clone(self.proxy), sql.to_owned(), actor.clone());
+                tokio::task::spawn_blocking(move || proxy.rewriter.rewrite(&sql, &actor)).await.unwrap_or_else(|_| {
+                    // `rewrite` catches the rewriter's panics; this is the thread itself failing.
+                    Err(Refusal::Unverifiable("refused: internal error in the proxy's SQL rewriter".to_owned()))
+                })
+            }
+        };
+        self.ahead = Some(Ahead { result, took: started.elapsed() });
     }
 
     fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), SessionEnd> {
@@ -474,12 +517,17 @@ impl ClientToUpstream<'_> {
     }
 
     /// Rewrite a text for an environment key; DDL that went through schedules a catalog re-read.
-    fn rewrite(&self, sql: &str, actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
+    fn rewrite(&mut self, sql: &str, actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
         let span = tracing::debug_span!("statement", bytes = sql.len());
         let _g = span.enter();
-        let started = std::time::Instant::now();
-        let r = self.proxy.rewriter.rewrite(sql, actor);
-        self.proxy.metrics.rewrite_latency.observe(started.elapsed());
+        let (r, took) = match self.ahead.take() {
+            Some(Ahead { result, took }) => (result, took),
+            None => {
+                let started = std::time::Instant::now();
+                (self.proxy.rewriter.rewrite(sql, actor), started.elapsed())
+            }
+        };
+        self.proxy.metrics.rewrite_latency.observe(took);
         match &r {
             Ok(rw) => {
                 tracing::debug!(kinds = ?rw.statement_kinds, "rewritten");
@@ -496,7 +544,7 @@ impl ClientToUpstream<'_> {
     }
 
     /// A Parse message holds at most one statement, as the server requires.
-    fn rewrite_one(&self, sql: &str, actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
+    fn rewrite_one(&mut self, sql: &str, actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
         let rw = self.rewrite(sql, actor)?;
         if rw.statement_kinds.len() > 1 {
             return Err(Refusal::Syntax("cannot insert multiple commands into a prepared statement".to_owned()));
