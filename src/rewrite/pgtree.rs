@@ -15,6 +15,7 @@
 //! Invariant: a walk visits every node and string of PostgreSQL's tree (no node type is skipped), so a rule built on it
 //! cannot miss a function call or relation in an unusual position.
 
+use std::collections::BTreeSet;
 use std::fmt::{self, Write as _};
 
 use pg_query::NodeEnum;
@@ -82,6 +83,35 @@ pub(crate) fn relations(node: &NodeEnum) -> Vec<String> {
         }
     }
     names.into_iter().filter(|n| !ctes.contains(n)).collect()
+}
+
+/// Every relation named anywhere in the tree (PostgreSQL's `RangeVar`s: FROM items, write
+/// targets, locked relations…) as (schema, name), the schema empty where not written, and the
+/// names of its CTEs. A complete walk, unlike pg_query's `nodes()`, which skips some clauses
+/// (locking clauses, LIMIT, VALUES lists). `None` only if serde fails (fail closed).
+pub(crate) fn relations_and_ctes(node: &NodeEnum) -> Option<(Vec<(String, String)>, BTreeSet<String>)> {
+    let (mut relations, mut ctes, mut schema) = (Vec::new(), BTreeSet::new(), String::new());
+    walk_strings::<()>(node, &mut |path, v| {
+        match path.last() {
+            Some(("RangeVar", "schemaname")) => schema = v.to_owned(),
+            Some(("RangeVar", "relname")) => relations.push((std::mem::take(&mut schema), v.to_owned())),
+            Some(("CommonTableExpr", "ctename")) => {
+                ctes.insert(v.to_owned());
+            }
+            _ => {}
+        }
+        Ok(())
+    })
+    .ok()?;
+    Some((relations, ctes))
+}
+
+/// Whether the tree holds a node of this kind anywhere (e.g. `LockingClause`); `true` if serde
+/// fails (fail closed).
+pub(crate) fn contains_node(node: &NodeEnum, kind: &str) -> bool {
+    // The canonical rendering opens each node as `Kind{` and quotes strings, so no string can
+    // imitate one.
+    shape(node).is_none_or(|s| s.contains(&format!("{kind}{{")))
 }
 
 /// A construct of PostgreSQL's tree that the proxy's SQL parser is known not to read, named for

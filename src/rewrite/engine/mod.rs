@@ -123,7 +123,7 @@ impl StatementPolicy for PolicyEngine {
                 functions::check(&self.catalog, &parts, &self.allow_functions).map_err(denied)?;
             }
         }
-        Ok(())
+        self.check_locking(node, actor)
     }
 
     fn check_output(&self, node: &pg_query::NodeEnum, actor: &ActorContext) -> Result<(), Refusal> {
@@ -226,6 +226,42 @@ impl StatementPolicy for PolicyEngine {
         let Some(spec) = set.managed(&schema, &table).map_err(denied)? else { return Ok(()) };
         let t = writes::Target::new(&ctx, spec).map_err(denied)?;
         writes::partial_assignment(&t, column).map_err(denied)
+    }
+}
+
+impl PolicyEngine {
+    /// A locking clause (`FOR UPDATE`, `FOR NO KEY UPDATE`, `FOR SHARE`, `FOR KEY SHARE`) holds
+    /// rows locked against writers until the transaction ends, which PostgreSQL allows only with
+    /// UPDATE privilege on the table. A role that may only read a managed table must not be able
+    /// to block its writers, so a statement with any locking clause needs update access to
+    /// every managed table it names (stricter than PostgreSQL for `FOR UPDATE OF t`, which locks
+    /// only `t`'s rows: the simpler rule fails closed).
+    fn check_locking(&self, node: &pg_query::NodeEnum, actor: &ActorContext) -> Result<(), Refusal> {
+        if !super::pgtree::contains_node(node, "LockingClause") {
+            return Ok(());
+        }
+        let unreadable = || denied("the statement's relations could not be read for its locking clause");
+        let (relations, ctes) = super::pgtree::relations_and_ctes(node).ok_or_else(unreadable)?;
+        let set = self.policies.for_env(actor.environment);
+        let ctx = Ctx::new(actor, set, &self.catalog);
+        let w = Walker::new(&ctx, &self.allow_functions);
+        for (schema, name) in relations {
+            let parts = match schema.is_empty() {
+                true if ctes.contains(&name) => continue,
+                true => vec![name],
+                false => vec![schema, name],
+            };
+            // A name the walk cannot resolve is refused there; only managed tables matter here.
+            let Ok((schema, table)) = w.resolve_table_parts(&parts) else { continue };
+            let Some(spec) = set.managed(&schema, &table).map_err(denied)? else { continue };
+            if ctx.access(spec, crate::policy::Action::Update).is_err() {
+                return Err(denied(format!(
+                    "a locking clause (FOR UPDATE, FOR NO KEY UPDATE, FOR SHARE, FOR KEY SHARE) needs update access \
+                     to {table}, which the caller's roles may only read (locked rows would block its writers)"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -694,3 +694,32 @@ fn the_columns_row_rules_read_are_found_in_the_generated_predicates() {
     assert!(!ctx.reads_column(entities, &update, "data").unwrap());
     assert!(ctx.reads_column(entities, &update, "organization_id").unwrap());
 }
+
+#[test]
+fn locking_clauses_need_update_access_to_every_managed_table_named() {
+    let guardian = actor(Environment::Development, &["guardian"], "g1");
+    let teacher = actor(Environment::Development, &["teacher"], "t1");
+    for (who, sql) in [
+        (&guardian, "SELECT id FROM entities FOR UPDATE"),
+        (&guardian, "SELECT id FROM entities FOR SHARE"),
+        (&guardian, "SELECT id FROM entities FOR NO KEY UPDATE"),
+        (&guardian, "SELECT id FROM entities FOR KEY SHARE SKIP LOCKED"),
+        (&teacher, "SELECT id FROM organizations FOR UPDATE"),
+        // Only update access to what is locked would be PostgreSQL's rule; the proxy asks it of
+        // every managed table the statement names.
+        (&teacher, "SELECT e.id FROM entities e JOIN organizations o ON true FOR UPDATE OF e"),
+        (&teacher, "SELECT id FROM entities WHERE organization_id IN (SELECT id FROM organizations) FOR UPDATE"),
+    ] {
+        let err = run(who, sql).unwrap_err();
+        assert!(matches!(err, Refusal::Denied(_)) && err.to_string().contains("locking clause"), "{sql}: {err:?}");
+    }
+    for (who, sql) in [
+        (&teacher, "SELECT id FROM entities FOR UPDATE"),
+        (&teacher, "SELECT id FROM entities FOR NO KEY UPDATE OF entities"),
+        (&teacher, "WITH organizations AS (SELECT 1 AS id) SELECT e.id FROM entities e, organizations FOR UPDATE OF e"),
+        (&guardian, "SELECT id FROM entities"),
+        (&admin_dev(), "SELECT id FROM organizations FOR SHARE"),
+    ] {
+        run(who, sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+}
