@@ -52,7 +52,8 @@ pub(crate) enum WalkError<E> {
 /// Calls `on_str(path, value)` for every string anywhere in the tree, in tree order. The walk
 /// stops at the first `Err`, which is returned.
 pub(crate) fn walk_strings<E>(node: &NodeEnum, on_str: &mut OnStr<'_, E>) -> Result<(), WalkError<E>> {
-    let mut walker = Walker { path: Vec::with_capacity(32), on_str: Some(on_str), stopped: None, shape: None };
+    let mut walker =
+        Walker { path: Vec::with_capacity(32), on_str: Some(on_str), stopped: None, shape: None, calls: None };
     match node.serialize(&mut walker) {
         Ok(()) => Ok(()),
         Err(WalkStop) => Err(walker.stopped.map_or(WalkError::Serializer, WalkError::Stopped)),
@@ -106,12 +107,29 @@ pub(crate) fn relations_and_ctes(node: &NodeEnum) -> Option<(Vec<(String, String
     Some((relations, ctes))
 }
 
+/// The name of every function call anywhere in the tree (`["pg_catalog", "now"]`, `["f"]`), in
+/// tree order: a complete walk, unlike pg_query's `nodes()`, which skips some clauses (VALUES
+/// lists, LIMIT, locking clauses). `None` only if serde fails (fail closed).
+pub(crate) fn function_names(node: &NodeEnum) -> Option<Vec<Vec<String>>> {
+    Some(gather(node)?.names.into_iter().map(|(_, parts)| parts).collect())
+}
+
 /// Whether the tree holds a node of this kind anywhere (e.g. `LockingClause`); `true` if serde
 /// fails (fail closed).
 pub(crate) fn contains_node(node: &NodeEnum, kind: &str) -> bool {
-    // The canonical rendering opens each node as `Kind{` and quotes strings, so no string can
-    // imitate one.
-    shape(node).is_none_or(|s| s.contains(&format!("{kind}{{")))
+    gather(node).is_none_or(|g| g.kinds.contains(kind))
+}
+
+fn gather(node: &NodeEnum) -> Option<Calls> {
+    let mut walker = Walker::<()> {
+        path: Vec::with_capacity(32),
+        on_str: None,
+        stopped: None,
+        shape: None,
+        calls: Some(Calls::default()),
+    };
+    node.serialize(&mut walker).ok()?;
+    walker.calls
 }
 
 /// A construct of PostgreSQL's tree that the proxy's SQL parser is known not to read, named for
@@ -161,8 +179,13 @@ fn subscripted(targets: &[pg_query::protobuf::Node]) -> bool {
 pub(crate) fn shape(node: &NodeEnum) -> Option<String> {
     let normalized = without_null_limits(node);
     let node = normalized.as_ref().unwrap_or(node);
-    let mut walker: Walker<'_, ()> =
-        Walker { path: Vec::with_capacity(32), on_str: None, stopped: None, shape: Some(String::with_capacity(1024)) };
+    let mut walker: Walker<'_, ()> = Walker {
+        path: Vec::with_capacity(32),
+        on_str: None,
+        stopped: None,
+        shape: Some(String::with_capacity(1024)),
+        calls: None,
+    };
     node.serialize(&mut walker).ok()?;
     walker.shape
 }
@@ -245,6 +268,16 @@ struct Walker<'a, E> {
     stopped: Option<E>,
     /// When set, a canonical rendering of the whole tree is appended here (see `shape`).
     shape: Option<String>,
+    /// When set, the names of the function calls are gathered here (see `function_names`).
+    calls: Option<Calls>,
+}
+
+/// What a gathering walk met so far: each function call's name parts with the path depth of its
+/// `FuncCall`, and the kinds of node entered.
+#[derive(Default)]
+struct Calls {
+    names: Vec<(usize, Vec<String>)>,
+    kinds: BTreeSet<&'static str>,
 }
 
 /// Fields that record byte offsets into the parsed text (`location`, `name_location`,
@@ -258,6 +291,20 @@ fn is_position_field(key: &str) -> bool {
 
 impl<E> Walker<'_, E> {
     fn string(&mut self, v: &str) -> Result<(), WalkStop> {
+        if let Some(calls) = &mut self.calls {
+            // A part of a call's name: a `String` node under the `funcname` of the nearest
+            // enclosing `FuncCall`, which was the last one entered at that depth.
+            let nearest = self.path.iter().rposition(|(name, _)| *name == "FuncCall");
+            if let Some(depth) = nearest
+                && self.path.get(depth).is_some_and(|(_, field)| *field == "funcname")
+                && self.path.last().is_some_and(|(name, field)| *name == "String" && *field == "sval")
+            {
+                match calls.names.iter_mut().rev().find(|(d, _)| *d == depth) {
+                    Some((_, parts)) => parts.push(v.to_owned()),
+                    None => return Err(WalkStop),
+                }
+            }
+        }
         if let Some(shape) = &mut self.shape {
             // Debug-quoted so that string contents cannot imitate structure.
             write!(shape, "{v:?} ").map_err(|_| WalkStop)?;
@@ -405,6 +452,12 @@ impl<E> ser::Serializer for &mut Walker<'_, E> {
         Ok(self)
     }
     fn serialize_struct(self, name: &'static str, _: usize) -> Result<Self, WalkStop> {
+        if let Some(calls) = &mut self.calls {
+            if name == "FuncCall" {
+                calls.names.push((self.path.len(), Vec::new()));
+            }
+            calls.kinds.insert(name);
+        }
         self.path.push((name, ""));
         self.record(format_args!("{name}{{"))?;
         Ok(self)
@@ -642,6 +695,31 @@ mod tests {
         assert_ne!(sh("SELECT a FROM t LIMIT 0"), sh("SELECT a FROM t"));
         assert_ne!(sh("SELECT a FROM t LIMIT $1"), sh("SELECT a FROM t"));
         assert_ne!(sh("SELECT a FROM t LIMIT 'x'"), sh("SELECT a FROM t"));
+    }
+
+    #[test]
+    fn complete_walks_find_what_nodes_skips() {
+        let calls = |sql: &str| function_names(&first_stmt(sql)).unwrap();
+        let names = |v: &[&[&str]]| {
+            v.iter().map(|p| p.iter().map(|s| s.to_string()).collect::<Vec<String>>()).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            calls("INSERT INTO t VALUES (now(), pg_catalog.lower('X'))"),
+            names(&[&["now"], &["pg_catalog", "lower"]])
+        );
+        assert_eq!(calls("SELECT 1 LIMIT f(g(1), h())"), names(&[&["f"], &["g"], &["h"]]));
+        // Sibling calls with no string between them stay apart.
+        assert_eq!(calls("SELECT ARRAY[a(), b()], c.d()"), names(&[&["a"], &["b"], &["c", "d"]]));
+        assert_eq!(calls("SELECT 'f()' AS \"g()\""), names(&[]));
+        let (relations, ctes) = relations_and_ctes(&first_stmt(
+            "WITH c AS (SELECT 1) SELECT 1 FROM s.t, c, u LIMIT (SELECT count(*) FROM v) FOR UPDATE OF t",
+        ))
+        .unwrap();
+        let pairs: Vec<(&str, &str)> = relations.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert_eq!(pairs, [("s", "t"), ("", "c"), ("", "u"), ("", "v"), ("", "t")]);
+        assert_eq!(ctes.into_iter().collect::<Vec<_>>(), ["c"]);
+        assert!(contains_node(&first_stmt("SELECT 1 FROM t FOR KEY SHARE"), "LockingClause"));
+        assert!(!contains_node(&first_stmt("SELECT ' LockingClause{' FROM t"), "LockingClause"));
     }
 
     fn strings(sql: &str) -> Vec<(Vec<Frame>, String)> {

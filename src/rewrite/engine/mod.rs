@@ -123,6 +123,15 @@ impl StatementPolicy for PolicyEngine {
                 functions::check(&self.catalog, &parts, &self.allow_functions).map_err(denied)?;
             }
         }
+        // `nodes()` skips some clauses (VALUES lists, LIMIT, locking clauses): every call there
+        // is checked too. pg_notify and setval are left to the tree walk and `check_output`.
+        let calls = super::pgtree::function_names(node)
+            .ok_or_else(|| denied("the statement's function calls could not be read"))?;
+        for parts in calls {
+            if !walk::is_pg_notify(&parts) && !is_setval(&parts) {
+                functions::check(&self.catalog, &parts, &self.allow_functions).map_err(denied)?;
+            }
+        }
         self.check_locking(node, actor)
     }
 

@@ -723,3 +723,22 @@ fn locking_clauses_need_update_access_to_every_managed_table_named() {
         run(who, sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 }
+
+#[test]
+fn function_calls_are_checked_in_every_clause_of_postgresqls_tree() {
+    // pg_query's nodes() does not visit VALUES lists, LIMIT or locking clauses; the backstop
+    // check on PostgreSQL's tree must still see every call there.
+    let node = |sql: &str| crate::rewrite::classify::parse(sql).unwrap().remove(0).node;
+    let e = engine();
+    let a = admin_dev();
+    for sql in [
+        "INSERT INTO struere_scratch VALUES (pg_read_file('/etc/passwd'))",
+        "SELECT 1 LIMIT (SELECT length(pg_read_file('/etc/passwd')))",
+        "SELECT 1 OFFSET pg_sleep(1)::text::int",
+    ] {
+        let err = crate::rewrite::StatementPolicy::check_pg(e.as_ref(), &node(sql), &a).unwrap_err();
+        assert!(matches!(err, Refusal::Denied(_)), "{sql}: {err:?}");
+    }
+    crate::rewrite::StatementPolicy::check_pg(e.as_ref(), &node("INSERT INTO t VALUES (now(), lower('X'))"), &a)
+        .unwrap();
+}
