@@ -86,11 +86,14 @@ pub(crate) fn relations(node: &NodeEnum) -> Vec<String> {
     names.into_iter().filter(|n| !ctes.contains(n)).collect()
 }
 
+/// A relation as written: (schema, empty where not written; name).
+pub(crate) type SchemaAndName = (String, String);
+
 /// Every relation named anywhere in the tree (PostgreSQL's `RangeVar`s: FROM items, write
 /// targets, locked relations…) as (schema, name), the schema empty where not written, and the
 /// names of its CTEs. A complete walk, unlike pg_query's `nodes()`, which skips some clauses
 /// (locking clauses, LIMIT, VALUES lists). `None` only if serde fails (fail closed).
-pub(crate) fn relations_and_ctes(node: &NodeEnum) -> Option<(Vec<(String, String)>, BTreeSet<String>)> {
+pub(crate) fn relations_and_ctes(node: &NodeEnum) -> Option<(Vec<SchemaAndName>, BTreeSet<String>)> {
     let (mut relations, mut ctes, mut schema) = (Vec::new(), BTreeSet::new(), String::new());
     walk_strings::<()>(node, &mut |path, v| {
         match path.last() {
