@@ -160,10 +160,8 @@ pub fn options_settings(options: &str) -> Vec<String> {
     while let Some(w) = words.next() {
         let setting = if w == "-c" {
             words.next()
-        } else if let Some(rest) = w.strip_prefix("--").or_else(|| w.strip_prefix("-c")) {
-            Some(rest.to_owned())
         } else {
-            None
+            w.strip_prefix("--").or_else(|| w.strip_prefix("-c")).map(str::to_owned)
         };
         if let Some(name) = setting.as_deref().and_then(|s| s.split_once('=')).map(|(n, _)| n) {
             names.push(name.to_ascii_lowercase().replace('-', "_"));
