@@ -5,6 +5,8 @@
 # ("Client compatibility").
 #
 #   bash scripts/compat.sh [--suites psql,jdbc,tokio-postgres,sqlalchemy,django] [--quick] [--modes …]
+#   bash scripts/compat.sh --serve NAME,… [--debug]   the cluster, proxy and keys only, for suites run
+#                                                   by hand (prints a TARGET line per name and mode)
 #
 # Downloads (suite sources, Python packages, crates) go to ${STRUERE_COMPAT_DIR:-~/.cache/struere-compat}.
 set -euo pipefail

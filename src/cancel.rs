@@ -1,5 +1,6 @@
-//! Cancel keys. Each client gets the proxy's own random BackendKeyData; a CancelRequest carrying
-//! it is translated into the upstream's key for exactly that session. A wrong secret does nothing.
+//! Cancel keys. Each client gets the proxy's own random BackendKeyData (an operator session: its
+//! backend's own pid, with the proxy's random secret); a CancelRequest carrying it is translated
+//! into the upstream's key for exactly that session. A wrong secret does nothing.
 
 use std::sync::Arc;
 
@@ -55,7 +56,27 @@ impl CancelRegistry {
         upstream_pid: i32,
         upstream_secret: i32,
     ) -> CancelGuard {
+        self.register_preferring(upstream, upstream_pid, upstream_secret, None)
+    }
+
+    /// As `register`, with `pid` as the session's pid while no other session has it (an operator
+    /// session shows its backend's own pid, as the server would: `pg_backend_pid()`,
+    /// `pg_terminate_backend(pid)` and the pid of its own notifications agree with it). The
+    /// secret is the proxy's own either way.
+    pub fn register_preferring(
+        self: &Arc<Self>,
+        upstream: Arc<UpstreamConfig>,
+        upstream_pid: i32,
+        upstream_secret: i32,
+        pid: Option<i32>,
+    ) -> CancelGuard {
         let secret = random_i32();
+        if let Some(pid) = pid.filter(|&p| p > 0)
+            && let dashmap::Entry::Vacant(v) = self.targets.entry(pid)
+        {
+            v.insert(CancelTarget { secret, upstream, upstream_pid, upstream_secret });
+            return CancelGuard { registry: Arc::clone(self), pid, secret };
+        }
         loop {
             // Positive pids look like real backend pids to clients that print them.
             let pid = random_i32() & 0x7fff_ffff;

@@ -17,6 +17,11 @@ pub enum SessionEnd {
     Fatal { code: String, message: String },
     #[error("client closed the connection")]
     ClientClosed,
+    /// Ended without a further word to the client, as PostgreSQL ends it: the server already
+    /// sent its own FATAL (relayed as it came), or the first bytes were not a startup packet
+    /// (PostgreSQL's "invalid length of startup packet" is only logged, never sent).
+    #[error("{0}")]
+    Unheard(String),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -637,6 +638,50 @@ def differences(results: dict[str, Result], refusals: list[tuple[str, int]]) -> 
     return " — ".join(parts) if parts else "none"
 
 
+def build(debug: bool) -> Path:
+    target_dir = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
+    profile = "debug" if debug else "release"
+    log(f"building the proxy ({profile})")
+    run(nice(["cargo", "build", "--manifest-path", str(ROOT / "Cargo.toml"), "--bin", "struere-proxy",
+              *([] if debug else ["--release"])]))
+    return target_dir / profile / "struere-proxy"
+
+
+def serve(names: list[str], debug: bool) -> int:
+    """The targets of `names` (as for suites of those names), for suites run by hand (README,
+    "Suites run from their public source"). One line per target on stdout:
+    TARGET <name> <mode> PGHOST=… PGPORT=… PGUSER=… PGPASSWORD=… PGDATABASE=…, then READY."""
+    for name in names:
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+            sys.exit(f"compat: {name!r}: a name is lower-case letters, digits, '-' and '_'")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    binary = build(debug)
+    base = CACHE / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-serve"
+    base.mkdir(parents=True)
+    env = Env(base, binary, names)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        env.start()
+        for name in names:
+            for mode in MODES:
+                t = env.target(name, mode)
+                print(f"TARGET {name} {mode} PGHOST={t.host} PGPORT={t.port} PGUSER={t.user} "
+                      f"PGPASSWORD={t.password} PGDATABASE={t.dbname}", flush=True)
+        print("READY", flush=True)
+        log(f"proxy log: {base / 'proxy.log'}; Ctrl-C ends")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for name in names:
+            refusals = env.refusals(name)
+            if refusals:
+                (base / f"{name}-refusals.txt").write_text("".join(f"{n} {r}\n" for r, n in refusals))
+        env.stop()
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suites", default="psql,jdbc,tokio-postgres,sqlalchemy,sqlalchemy-asyncpg,django",
@@ -645,19 +690,19 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a small subset of each suite")
     ap.add_argument("--debug", action="store_true", help="a debug build of the proxy (default: release)")
     ap.add_argument("--keep", action="store_true", help="keep the cluster and proxy running at the end (Ctrl-C)")
+    ap.add_argument("--serve", metavar="NAMES",
+                    help="run no suite: start the cluster and the proxy with the three targets of each of these "
+                         "comma-separated names, print them, and wait (Ctrl-C) while a suite run by hand uses them")
     args = ap.parse_args()
+    if args.serve:
+        return serve([s for s in args.serve.split(",") if s], args.debug)
     suites = [s for s in args.suites.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
     for s in suites:
         if s not in SUITES:
             sys.exit(f"compat: unknown suite {s} (known: {', '.join(SUITES)})")
     CACHE.mkdir(parents=True, exist_ok=True)
-    target_dir = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
-    profile = "debug" if args.debug else "release"
-    log(f"building the proxy ({profile})")
-    run(nice(["cargo", "build", "--manifest-path", str(ROOT / "Cargo.toml"), "--bin", "struere-proxy",
-              *([] if args.debug else ["--release"])]))
-    binary = target_dir / profile / "struere-proxy"
+    binary = build(args.debug)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = CACHE / "runs" / f"{stamp}-{os.getpid()}"
     base.mkdir(parents=True)

@@ -119,7 +119,8 @@ pub enum ParamVerdict {
 }
 
 /// Startup parameters that only change how values are presented or how long things may take.
-/// Anything else could change what a statement means (search_path, role, ...) and is refused.
+/// Anything else could change what a statement means (search_path, role, ...) and is refused
+/// for environment keys (operator keys' are forwarded: their statements go as sent).
 const FORWARDED_PARAMS: &[&str] = &[
     "application_name",
     "datestyle",
@@ -132,6 +133,42 @@ const FORWARDED_PARAMS: &[&str] = &[
     "idle_in_transaction_session_timeout",
     "geqo",
 ];
+
+/// The names of the settings an `options` startup parameter sets (`-c name=value`,
+/// `-cname=value`, `--name=value`), lower-cased with `-` read as `_`, as PostgreSQL splits and
+/// reads it (`pg_split_opts`: whitespace separates, a backslash takes the next byte literally).
+pub fn options_settings(options: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_ascii_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut names = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(w) = words.next() {
+        let setting = if w == "-c" {
+            words.next()
+        } else {
+            w.strip_prefix("--").or_else(|| w.strip_prefix("-c")).map(str::to_owned)
+        };
+        if let Some(name) = setting.as_deref().and_then(|s| s.split_once('=')).map(|(n, _)| n) {
+            names.push(name.to_ascii_lowercase().replace('-', "_"));
+        }
+    }
+    names
+}
 
 /// Decide what happens to one startup parameter.
 pub fn classify_param(name: &str, value: &str) -> ParamVerdict {
@@ -151,14 +188,20 @@ pub fn classify_param(name: &str, value: &str) -> ParamVerdict {
             }
         }
         "options" if value.trim().is_empty() => ParamVerdict::Consume,
-        "options" => ParamVerdict::Refuse(
+        "options" => ParamVerdict::OperatorOnly(
             "the startup parameter \"options\" is refused: it can set any server setting (role, search_path, ...)"
                 .to_owned(),
         ),
         "replication" => ParamVerdict::Refuse("replication connections are not supported through the proxy".to_owned()),
         n if n.starts_with("_pq_.") => ParamVerdict::ProtocolOption,
-        n if FORWARDED_PARAMS.contains(&n) => ParamVerdict::Forward,
-        _ => ParamVerdict::Refuse(format!("the startup parameter {name:?} is not allowed through the proxy")),
+        // And the settings an environment key may SET (asyncpg's `server_settings` send
+        // `client_min_messages` here): as a startup value it is what `SET` would make it.
+        n if FORWARDED_PARAMS.contains(&n) || crate::rewrite::engine::ALLOWED_SETTINGS.contains(&n) => {
+            ParamVerdict::Forward
+        }
+        // Any other server setting, as PostgreSQL takes it in a startup packet (asyncpg's
+        // `server_settings`, `search_path=…`): an operator key's, as sent.
+        _ => ParamVerdict::OperatorOnly(format!("the startup parameter {name:?} is not allowed through the proxy")),
     }
 }
 
@@ -226,15 +269,24 @@ mod tests {
     fn parameter_policy() {
         assert_eq!(classify_param("application_name", "psql"), ParamVerdict::Forward);
         assert_eq!(classify_param("DateStyle", "ISO"), ParamVerdict::Forward);
+        assert_eq!(classify_param("client_min_messages", "debug"), ParamVerdict::Forward);
         assert_eq!(classify_param("client_encoding", "UTF8"), ParamVerdict::Consume);
         assert_eq!(classify_param("client_encoding", "utf-8"), ParamVerdict::Consume);
         assert_eq!(classify_param("client_encoding", "'utf-8'"), ParamVerdict::Consume);
         assert!(matches!(classify_param("client_encoding", "SJIS"), ParamVerdict::OperatorOnly(_)));
         assert!(matches!(classify_param("client_encoding", "GBK"), ParamVerdict::OperatorOnly(_)));
-        assert!(matches!(classify_param("options", "-c role=admin"), ParamVerdict::Refuse(_)));
+        assert!(matches!(classify_param("options", "-c role=admin"), ParamVerdict::OperatorOnly(_)));
         assert_eq!(classify_param("options", " "), ParamVerdict::Consume);
-        assert!(matches!(classify_param("search_path", "evil"), ParamVerdict::Refuse(_)));
-        assert!(matches!(classify_param("role", "postgres"), ParamVerdict::Refuse(_)));
+        assert!(matches!(classify_param("search_path", "evil"), ParamVerdict::OperatorOnly(_)));
+        assert!(matches!(classify_param("role", "postgres"), ParamVerdict::OperatorOnly(_)));
         assert!(matches!(classify_param("replication", "true"), ParamVerdict::Refuse(_)));
+    }
+
+    #[test]
+    fn reads_the_settings_of_options() {
+        assert_eq!(options_settings("-c search_path=foo"), ["search_path"]);
+        assert_eq!(options_settings("  -cSearch-Path=a\\ b --geqo=off -x -c"), ["search_path", "geqo"]);
+        assert_eq!(options_settings("-c a\\=b=c"), ["a"]);
+        assert!(options_settings("-c nothing").is_empty());
     }
 }

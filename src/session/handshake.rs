@@ -62,7 +62,8 @@ pub enum Outcome {
 
 /// Settings the proxy pins in the upstream startup packet. Because they are startup values,
 /// `RESET ALL` and `DISCARD ALL` restore them. `client_encoding` is UTF8 but for an operator
-/// session whose client asked for another (`Screened::operator_encoding`).
+/// session whose client asked for another (`Screened::operator_only`); an operator session
+/// leaves out the ones its client set itself.
 fn pinned_params(proxy: &Proxy, caller: &Caller, client_encoding: String) -> Vec<(String, String)> {
     let search_path = match caller {
         // The tenant's scratch schema first: unqualified DDL lands there, never in a schema
@@ -150,7 +151,7 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
     // 2. Startup parameters.
     let user = startup.get("user").unwrap_or_default().to_owned();
     let database = startup.get("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_owned();
-    let Screened { forwarded, unsupported, operator_encoding } = screen_params(&startup)?;
+    let Screened { forwarded, unsupported, operator_only } = screen_params(&startup)?;
     let mut out = BytesMut::new();
     if startup.minor > 0 || !unsupported.is_empty() {
         backend::negotiate_protocol_version(&mut out, unsupported);
@@ -236,17 +237,40 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
 
     // 5. Upstream: environment keys use the least-privilege role, operator keys the owner role.
     let target = if caller.is_operator() { &proxy.admin_upstream } else { &proxy.upstream };
-    // An environment key's text is parsed as UTF-8, so another encoding is refused. Operator
-    // keys' statements go as sent: their client keeps its own encoding.
-    let client_encoding = match (&caller, operator_encoding) {
-        (Caller::Environment(_), Some((_, reason))) => {
-            return Err(SessionEnd::fatal(SqlState::INSUFFICIENT_PRIVILEGE, format!("refused: {reason}")).into());
-        }
-        (Caller::Operator, Some((value, _))) => value,
-        (_, None) => "UTF8".to_owned(),
-    };
+    // An environment key's text is parsed as UTF-8, so another encoding is refused, and so is
+    // any setting that could change what a statement means. Operator keys' statements go as
+    // sent: their client keeps its own encoding, `options` and settings, which win over the
+    // proxy's pins as they would over the server's defaults.
     let mut params = forwarded;
-    params.extend(pinned_params(proxy, &caller, client_encoding));
+    let mut client_encoding = "UTF8".to_owned();
+    match &caller {
+        Caller::Environment(_) => {
+            if let Some((_, _, reason)) = operator_only.first() {
+                return Err(SessionEnd::fatal(SqlState::INSUFFICIENT_PRIVILEGE, format!("refused: {reason}")).into());
+            }
+        }
+        Caller::Operator => {
+            for (name, value, _) in operator_only {
+                if name.eq_ignore_ascii_case("client_encoding") {
+                    client_encoding = value;
+                } else {
+                    params.push((name, value));
+                }
+            }
+        }
+    }
+    let client_set: Vec<String> = params
+        .iter()
+        .flat_map(|(name, value)| {
+            if name.eq_ignore_ascii_case("options") {
+                crate::protocol::startup::options_settings(value)
+            } else {
+                vec![name.to_ascii_lowercase()]
+            }
+        })
+        .collect();
+    let pinned = pinned_params(proxy, &caller, client_encoding);
+    params.extend(pinned.into_iter().filter(|(name, _)| !(caller.is_operator() && client_set.contains(name))));
     if let Caller::Environment(actor) = &caller {
         proxy.ensure_scratch_schema(actor).await;
     }
@@ -266,7 +290,12 @@ async fn steps(proxy: &Arc<Proxy>, client: &mut ClientConn, peer: SocketAddr) ->
                 .map_err(upstream_failure)?
         }
     };
-    let cancel = proxy.cancels.register(Arc::clone(target), upstream.backend_pid, upstream.backend_secret);
+    let cancel = proxy.cancels.register_preferring(
+        Arc::clone(target),
+        upstream.backend_pid,
+        upstream.backend_secret,
+        caller.is_operator().then_some(upstream.backend_pid),
+    );
 
     // 6. Tell the client it is in, as the server would.
     let mut out = BytesMut::new();
@@ -291,31 +320,29 @@ struct Screened {
     forwarded: Vec<(String, String)>,
     /// `_pq_.` options, reported as unsupported.
     unsupported: Vec<String>,
-    /// A `client_encoding` other than UTF8 and why an environment key may not use it: kept for
-    /// operator keys, refused for environment keys.
-    operator_encoding: Option<(String, String)>,
+    /// Parameters only an operator key may send (a `client_encoding` other than UTF8, `options`,
+    /// any other server setting) and why an environment key may not: forwarded for operator
+    /// keys, refused for environment keys once the key is known.
+    operator_only: Vec<(String, String, String)>,
 }
 
 /// Screen the client's startup parameters; any refused parameter ends the session.
 fn screen_params(m: &StartupMessage) -> Result<Screened, SessionEnd> {
     let mut forwarded = Vec::new();
     let mut unsupported = Vec::new();
-    let mut operator_encoding = None;
+    let mut operator_only = Vec::new();
     for (name, value) in &m.params {
         match classify_param(name, value) {
             ParamVerdict::Forward => forwarded.push((name.clone(), value.clone())),
             ParamVerdict::Consume => {}
             ParamVerdict::ProtocolOption => unsupported.push(name.clone()),
-            ParamVerdict::OperatorOnly(reason) if name.eq_ignore_ascii_case("client_encoding") => {
-                operator_encoding = Some((value.clone(), reason));
-            }
-            // Anything else only an operator may send would need its own handling: refused.
-            ParamVerdict::OperatorOnly(reason) | ParamVerdict::Refuse(reason) => {
+            ParamVerdict::OperatorOnly(reason) => operator_only.push((name.clone(), value.clone(), reason)),
+            ParamVerdict::Refuse(reason) => {
                 return Err(SessionEnd::fatal(SqlState::INSUFFICIENT_PRIVILEGE, format!("refused: {reason}")));
             }
         }
     }
-    Ok(Screened { forwarded, unsupported, operator_encoding })
+    Ok(Screened { forwarded, unsupported, operator_only })
 }
 
 async fn negotiate_tls(proxy: &Proxy, client: &mut ClientConn) -> Result<(), SessionEnd> {

@@ -19,10 +19,16 @@ impl ClientConn {
         ClientConn { stream, buf: BytesMut::with_capacity(8192), max_message }
     }
 
-    /// Read one untyped startup packet body. `Ok(None)` on a clean EOF before any byte.
+    /// Read one untyped startup packet body. `Ok(None)` on a clean EOF before any byte. A
+    /// length PostgreSQL would not read as a startup packet's ends the connection unheard, as
+    /// PostgreSQL does (its "invalid length of startup packet" is logged, not sent): a client
+    /// that wrote Terminate before its startup packet (node-postgres' `connect(); end()`) sees a
+    /// clean close, not an error.
     pub async fn read_startup(&mut self) -> Result<Option<Bytes>, SessionEnd> {
         loop {
-            if let Some(p) = frame::split_startup(&mut self.buf)? {
+            let packet = frame::split_startup(&mut self.buf)
+                .map_err(|e| SessionEnd::Unheard(format!("invalid startup packet: {e}")))?;
+            if let Some(p) = packet {
                 return Ok(Some(p));
             }
             if self.fill().await? == 0 {

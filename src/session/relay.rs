@@ -141,6 +141,8 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         cancel_sent: false,
         pending_usage: Usage::default(),
         usage_pushed: Instant::now(),
+        server_ended: false,
+        own_pid: (backend_pid != cancel.pid).then_some((backend_pid, cancel.pid)),
     };
     // Ok(true): the client sent Terminate, which was kept from the (pooled) upstream.
     let result = {
@@ -162,7 +164,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
             let _ = client_w.flush().await;
         }
         Ok(()) | Err(SessionEnd::ClientClosed) => {}
-        Err(SessionEnd::Io(_)) => {}
+        Err(SessionEnd::Io(_) | SessionEnd::Unheard(_)) => {}
     }
     let _ = client_w.shutdown().await;
     outbound.push_usage();
@@ -683,6 +685,13 @@ struct UpstreamToClient<'a> {
     /// Usage counted since the last push to the process-wide counters.
     pending_usage: Usage,
     usage_pushed: Instant,
+    /// The server sent a FATAL (or PANIC) ErrorResponse, relayed to the client: the close that
+    /// follows is the one the client expects, with no error of the proxy's after it.
+    server_ended: bool,
+    /// The upstream backend's pid and the one this client was given, where they differ: the
+    /// session's own notifications (NOTIFY on a channel it listens to) carry the client's, as
+    /// they would from the server.
+    own_pid: Option<(i32, i32)>,
 }
 
 impl UpstreamToClient<'_> {
@@ -711,6 +720,12 @@ impl UpstreamToClient<'_> {
                 () = tokio::time::sleep_until(deadline), if limit.is_some() => self.limit_reached()?,
                 n = read_more(&mut self.reader, &mut self.buf) => {
                     if n? == 0 {
+                        // After the server's own FATAL (`pg_terminate_backend`, an admin
+                        // shutdown) the client has heard why, and expects only the close, as
+                        // from the server itself.
+                        if self.server_ended {
+                            return Err(SessionEnd::Unheard("the upstream database ended the session".to_owned()));
+                        }
                         return Err(SessionEnd::fatal(
                             SqlState::CONNECTION_FAILURE,
                             "the upstream database closed the connection",
@@ -833,9 +848,16 @@ impl UpstreamToClient<'_> {
                 b'A' if self.notify_prefix.is_some() => {
                     let prefix = self.notify_prefix.as_deref().unwrap_or_default();
                     // Another tenant's channel (or a malformed message) never reaches this client.
-                    if let Some(own) = strip_channel_prefix(&frame.body, prefix) {
+                    if let Some(mut own) = strip_channel_prefix(&frame.body, prefix) {
+                        own_notification_pid(&mut own, self.own_pid);
                         out.extend_from_slice(&own);
                     }
+                    continue;
+                }
+                b'A' => {
+                    let start = out.len();
+                    out.extend_from_slice(&frame.raw);
+                    own_notification_pid(&mut out[start..], self.own_pid);
                     continue;
                 }
                 b'S' if !self.is_operator => check_parameter(&frame.body)?,
@@ -886,6 +908,9 @@ impl UpstreamToClient<'_> {
                     BackendAction::Forward => (parse_error_fields(&frame.body), false),
                     BackendAction::Replace(b) => (parse_error_fields(b.get(5..).unwrap_or_default()), true),
                 };
+                if matches!(fields.severity.as_str(), "FATAL" | "PANIC") {
+                    self.server_ended = true;
+                }
                 tracker.statements.failed(&fields.code, ours.then_some(fields.message.as_str()));
             }
             drop(tracker);
@@ -921,6 +946,17 @@ async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> std::
         buf.reserve(32 * 1024);
     }
     r.read_buf(buf).await
+}
+
+/// In a whole NotificationResponse message, the upstream backend's own pid becomes the one its
+/// client was given (`own`: upstream, client); any other pid is left as the server sent it.
+fn own_notification_pid(message: &mut [u8], own: Option<(i32, i32)>) {
+    let Some((upstream, client)) = own else { return };
+    if let Some(pid) = message.get_mut(5..9)
+        && *pid == upstream.to_be_bytes()
+    {
+        pid.copy_from_slice(&client.to_be_bytes());
+    }
 }
 
 /// A NotificationResponse body (pid, channel, payload) on one of this tenant's channels,

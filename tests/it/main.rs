@@ -22,5 +22,6 @@ mod plans;
 mod pool;
 mod prepared;
 mod psql;
+mod suites;
 mod wire;
 mod writes;

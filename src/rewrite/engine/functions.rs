@@ -147,6 +147,12 @@ pub fn check(catalog: &CatalogSnapshot, parts: &[String], configured: &BTreeSet<
             schema.unwrap_or_default()
         ));
     }
+    // Releases the session's own advisory locks, and an environment session can take none
+    // (every other `pg_advisory*` is refused; operator sessions are never pooled): asyncpg's
+    // pool sends it whenever it releases a connection.
+    if name == "pg_advisory_unlock_all" {
+        return Ok(());
+    }
     if DENIED_PREFIXES.iter().any(|p| name.starts_with(p)) {
         return Err(format!("function {name} is not allowed through the proxy"));
     }
@@ -180,6 +186,8 @@ mod tests {
             ("pg_stat_get_numscans", 's'),
             ("pg_backend_pid", 's'),
             ("lo_import", 'v'),
+            ("pg_advisory_lock", 'v'),
+            ("pg_advisory_unlock_all", 'v'),
         ] {
             c.functions.insert(
                 name.into(),
@@ -209,6 +217,11 @@ mod tests {
         assert!(!ok(&["pg_read_file"]));
         assert!(!ok(&["pg_stat_get_numscans"]));
         assert!(!ok(&["lo_import"]));
+        // No advisory lock can be taken, so releasing them all (asyncpg's pool reset) is a no-op.
+        assert!(!ok(&["pg_advisory_lock"]));
+        assert!(ok(&["pg_advisory_unlock_all"]));
+        assert!(ok(&["pg_catalog", "pg_advisory_unlock_all"]));
+        assert!(!ok(&["public", "pg_advisory_unlock_all"]));
         assert!(!ok(&["mine"]));
         assert!(!ok(&["public", "mine"]));
         assert!(!ok(&["nonexistent"]));
