@@ -44,6 +44,19 @@ fn is_pinned(name: &str) -> bool {
     PINNED_SETTINGS.iter().any(|p| p.eq_ignore_ascii_case(name))
 }
 
+/// Whether `value` is the value the proxy pins `name` to, spelled as PostgreSQL accepts it:
+/// setting it again changes nothing (psycopg sets `client_encoding` to `utf8` on every
+/// connection; ORMs set `standard_conforming_strings` to `on`).
+fn keeps_pinned_value(name: &str, value: &str) -> bool {
+    if name.eq_ignore_ascii_case("client_encoding") {
+        // PostgreSQL compares encoding names without case and without non-alphanumerics.
+        let clean: String = value.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
+        return matches!(clean.as_str(), "utf8" | "unicode");
+    }
+    name.eq_ignore_ascii_case("standard_conforming_strings")
+        && ["on", "true", "yes"].iter().any(|v| v.eq_ignore_ascii_case(value))
+}
+
 fn pinned_refusal(verb: &str, name: &str) -> Refusal {
     Refusal::Denied(format!(
         "refused: {verb} {} is not allowed through the proxy: the proxy pins it",
@@ -66,6 +79,13 @@ pub(crate) fn check_pg(node: &NodeEnum) -> Result<(), Refusal> {
     if let NodeEnum::VariableSetStmt(set) = node
         && is_pinned(&set.name)
     {
+        if let (Ok(VariableSetKind::VarSetValue), [value]) = (VariableSetKind::try_from(set.kind), set.args.as_slice())
+            && let Some(NodeEnum::AConst(c)) = &value.node
+            && let Some(pg_query::protobuf::a_const::Val::Sval(v)) = &c.val
+            && keeps_pinned_value(&set.name, &v.sval)
+        {
+            return Ok(());
+        }
         let verb = match VariableSetKind::try_from(set.kind) {
             Ok(VariableSetKind::VarReset) => "RESET",
             _ if set.is_local => "SET LOCAL",
@@ -150,6 +170,7 @@ pub(crate) fn check_sql(stmt: &Statement) -> Result<(), Refusal> {
 fn check_statement_form(stmt: &Statement) -> Result<(), Refusal> {
     match stmt {
         Statement::Set(set) => match set {
+            Set::SingleAssignment { variable, values, .. } if sets_pinned_value(variable, values) => Ok(()),
             Set::SingleAssignment { variable, .. } => check_name("SET", variable),
             Set::ParenthesizedAssignments { variables, .. } => variables.iter().try_for_each(|v| check_name("SET", v)),
             Set::MultipleAssignments { assignments } => assignments.iter().try_for_each(|a| check_name("SET", &a.name)),
@@ -175,6 +196,25 @@ fn check_statement_form(stmt: &Statement) -> Result<(), Refusal> {
             _ => Ok(()),
         },
         _ => Ok(()),
+    }
+}
+
+/// `SET <variable> = <values>` (sqlparser's tree) sets a pinned setting to the value it is
+/// pinned to (`keeps_pinned_value`), which changes nothing.
+pub(crate) fn sets_pinned_value(variable: &ObjectName, values: &[sqlparser::ast::Expr]) -> bool {
+    use sqlparser::ast::{Expr, Value};
+    let value = match values {
+        [Expr::Value(v)] => match &v.value {
+            Value::SingleQuotedString(s) => Some(s.as_str()),
+            Value::Boolean(true) => Some("on"),
+            _ => None,
+        },
+        [Expr::Identifier(i)] if i.quote_style.is_none() => Some(i.value.as_str()),
+        _ => None,
+    };
+    match (variable.0.as_slice(), value) {
+        ([part], Some(value)) => part.as_ident().is_some_and(|i| keeps_pinned_value(&i.value, value)),
+        _ => false,
     }
 }
 
@@ -289,6 +329,35 @@ mod tests {
             assert_eq!(sp(sql), Ok(()), "sqlparser tree: {sql}");
         }
         assert_eq!(pg("DISCARD ALL"), Ok(()));
+    }
+
+    #[test]
+    fn both_trees_allow_setting_a_pinned_setting_to_its_pinned_value() {
+        for sql in [
+            "SET client_encoding TO utf8",
+            "SET client_encoding = 'UTF-8'",
+            "SET LOCAL client_encoding TO 'unicode'",
+            "SET standard_conforming_strings = on",
+            "SET standard_conforming_strings TO 'true'",
+        ] {
+            assert_eq!(pg(sql), Ok(()), "pg tree: {sql}");
+            assert_eq!(sp(sql), Ok(()), "sqlparser tree: {sql}");
+        }
+        for sql in [
+            "SET client_encoding TO latin1",
+            "SET client_encoding TO DEFAULT",
+            "SET client_encoding TO 'utf8', 'x'",
+            "SET standard_conforming_strings = off",
+            "SET standard_conforming_strings = 0",
+            "SET search_path = 'utf8'",
+            "SET role = 'on'",
+            "RESET client_encoding",
+        ] {
+            assert!(matches!(pg(sql), Err(Refusal::Denied(_))), "pg tree: {sql}");
+            if let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+                assert!(matches!(check_sql(&stmts[0]), Err(Refusal::Denied(_))), "sqlparser tree: {sql}");
+            }
+        }
     }
 
     #[test]

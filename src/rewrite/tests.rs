@@ -225,7 +225,8 @@ fn gate_refuses_pinned_settings() {
             "SET standard_conforming_strings = off",
             "SET standard_conforming_strings is not allowed through the proxy: the proxy pins it",
         ),
-        ("SET standard_conforming_strings TO on", "standard_conforming_strings"),
+        ("SET standard_conforming_strings TO 'off'", "standard_conforming_strings"),
+        ("SET client_encoding TO sql_ascii", "client_encoding"),
         ("set Standard_Conforming_Strings = off", "standard_conforming_strings"),
         ("SET \"standard_conforming_strings\" = off", "standard_conforming_strings"),
         ("SET backslash_quote = on", "backslash_quote"),
@@ -285,6 +286,9 @@ fn gate_allows_restoring_settings() {
     ok("DISCARD ALL");
     ok("SET search_path_extra.x = 1");
     ok("SHOW standard_conforming_strings");
+    // Setting a pinned setting to the value it is pinned to changes nothing.
+    assert_eq!(ok("SET standard_conforming_strings TO on").sql, "SET standard_conforming_strings = on");
+    assert_eq!(ok("SET client_encoding TO 'UTF-8'").sql, "SET client_encoding = 'UTF-8'");
 }
 
 #[test]

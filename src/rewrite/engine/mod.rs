@@ -546,6 +546,10 @@ impl PolicyEngine {
 
     fn set(&self, s: &Set) -> Result<(), Refusal> {
         match s {
+            // A pinned setting set to its pinned value (psycopg's `SET client_encoding TO utf8`).
+            Set::SingleAssignment { variable, values, .. } if super::gate::sets_pinned_value(variable, values) => {
+                Ok(())
+            }
             Set::SingleAssignment { variable, .. } => self.setting_allowed(variable),
             Set::ParenthesizedAssignments { variables, .. } => {
                 variables.iter().try_for_each(|v| self.setting_allowed(v))
