@@ -412,6 +412,16 @@ async fn scratch_ddl_sqlparser_cannot_read() {
     ))
     .await;
     assert_eq!(statistics.as_deref(), Some("100"));
+    // Django's change of type and collation at once: the proxy prints `TYPE … COLLATE … USING …`
+    // itself (PostgreSQL's printer puts the COLLATE after the USING expression).
+    one(format!("ALTER TABLE \"{t}\" ALTER COLUMN \"c\" TYPE varchar(20) COLLATE \"POSIX\" USING \"c\"::varchar(20)"))
+        .await;
+    let column = value(format!(
+        "SELECT data_type::text || '(' || character_maximum_length || ') ' || collation_name::text \
+         FROM information_schema.columns WHERE table_name = '{t}' AND column_name = 'c'"
+    ))
+    .await;
+    assert_eq!(column.as_deref(), Some("character varying(20) POSIX"));
 
     // CREATE INDEX … TABLESPACE pg_default, DROP INDEX CONCURRENTLY IF EXISTS (outside a
     // transaction block: one statement per simple Query).
