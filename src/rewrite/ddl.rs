@@ -14,7 +14,13 @@
 //!   operator class to [`DdlTarget::Uses`].
 //! - Expressions (defaults, `USING`, `CHECK`, index expressions) may only be constants, casts,
 //!   `COLLATE` and, where PostgreSQL reads them as the target's columns, column names. Function
-//!   calls, operators, subqueries and anything else are refused.
+//!   calls, operators, subqueries and anything else are refused, with one way round for indexes:
+//!   a `CREATE INDEX … TABLESPACE pg_default` whose expressions or predicate the allowlist does
+//!   not read, but whose every other part it accepts, goes the usual way without its tablespace
+//!   (sqlparser, the policy's CREATE INDEX rules and function allowlist, the printer, the
+//!   verifier), and the tablespace goes back on PostgreSQL's tree of the verified rewrite
+//!   (`index_without_tablespace`, `with_default_tablespace`): the index the client could create
+//!   by sending the statement without the clause, in the one tablespace DDL may name.
 //! - Tablespaces are cluster-wide: only `pg_default`. Storage parameters and index access
 //!   methods come from short lists.
 //!
@@ -22,10 +28,15 @@
 //! identifiers with `quote_identifier` and writes strings as `'…'`/`E'…'` with every quote and
 //! backslash doubled: no escaping guesses), and `verify` requires PostgreSQL to read the printed
 //! text as exactly the client's tree (every node, field and value; only byte offsets may differ).
+//! The one form that printer gets wrong, `ALTER COLUMN … TYPE … COLLATE … USING …` (it writes the
+//! COLLATE after the USING expression), is printed here from the allowlisted tree with the
+//! printer's quoting (`print_alter_column_types`) and verified the same way.
 //!
 //! Invariant: a statement leaves this module only if every node of PostgreSQL's tree is on the
-//! allowlist and every name in it passed the policy; the text forwarded is PostgreSQL's
-//! printing of that same tree, and is refused unless it parses back to it.
+//! allowlist and every name in it passed the policy; the text forwarded is a printing of that
+//! same tree (PostgreSQL's, or the proxy's for `ALTER COLUMN … TYPE … COLLATE … USING`), and is
+//! refused unless it parses back to it. (An index's expressions that only the policy read leave
+//! through `super::index_in_default_tablespace`, verified like any rewrite.)
 
 use pg_query::NodeEnum;
 use pg_query::protobuf::{self as pb, Node};
@@ -72,6 +83,39 @@ pub(crate) fn print(node: &NodeEnum, label: &str, check: &mut Check<'_>) -> Resu
         NodeEnum::AlterTableStmt(s) if s.cmds.iter().any(collation_and_using) => print_alter_column_types(s),
         _ => super::deparse(node, label),
     }
+}
+
+/// `CREATE INDEX … TABLESPACE pg_default` without its tablespace: for an index whose expressions
+/// or predicate the allowlist does not read (a function call, an operator), the statement takes
+/// the usual way (sqlparser, the policy's CREATE INDEX rules, the printer, the verifier), and
+/// `with_default_tablespace` puts the clause back on the verified rewrite. The tablespace is the
+/// only one DDL may name (`check_names`), so the index is the one the client could create by
+/// sending the statement without it, stored where the clause says.
+/// Everything but the expressions and the predicate still passes this allowlist (names, access
+/// method, operator classes, collations, storage parameters).
+pub(crate) fn index_without_tablespace(node: &NodeEnum, check: &mut Check<'_>) -> Result<Option<NodeEnum>, Refusal> {
+    let NodeEnum::IndexStmt(index) = node else { return Ok(None) };
+    if index.table_space != TABLESPACE {
+        return Ok(None);
+    }
+    create_index(index, Expressions::Policy, check)?;
+    let mut bare = index.clone();
+    bare.table_space.clear();
+    Ok(Some(NodeEnum::IndexStmt(bare)))
+}
+
+/// PostgreSQL's tree of the verified rewrite `rewritten` (one CREATE INDEX without a tablespace),
+/// with `TABLESPACE pg_default` put back.
+pub(crate) fn with_default_tablespace(rewritten: &str, label: &str) -> Result<NodeEnum, Refusal> {
+    let refused = || Refusal::Unverifiable(format!("refused: the proxy cannot put the tablespace back on {label}"));
+    let mut statements = super::classify::parse(rewritten).map_err(|_| refused())?;
+    let (Some(statement), true) = (statements.pop(), statements.is_empty()) else { return Err(refused()) };
+    let NodeEnum::IndexStmt(mut index) = statement.node else { return Err(refused()) };
+    if !index.table_space.is_empty() {
+        return Err(refused());
+    }
+    index.table_space = TABLESPACE.to_owned();
+    Ok(NodeEnum::IndexStmt(index))
 }
 
 /// `ALTER COLUMN … TYPE … COLLATE … USING …`: pg_query 18.1's printer writes the COLLATE after the
@@ -262,7 +306,7 @@ fn statement(node: &NodeEnum, check: &mut Check<'_>) -> Result<(), Refusal> {
     match node {
         NodeEnum::AlterSeqStmt(s) => alter_sequence(s, check),
         NodeEnum::AlterTableStmt(s) => alter_table(s, check),
-        NodeEnum::IndexStmt(s) => create_index(s, check),
+        NodeEnum::IndexStmt(s) => create_index(s, Expressions::Allowlist, check),
         NodeEnum::DropStmt(s) => drop(s, check),
         NodeEnum::CommentStmt(s) => comment(s, check),
         NodeEnum::CreateStmt(s) => create_table(s, check),
@@ -343,7 +387,16 @@ fn alter_table_cmd(cmd: &pb::AlterTableCmd, check: &mut Check<'_>) -> Result<(),
     }
 }
 
-fn create_index(s: &pb::IndexStmt, check: &mut Check<'_>) -> Result<(), Refusal> {
+/// Who decides on an index's expressions and predicate.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expressions {
+    /// This allowlist (`expr`): constants, casts, COLLATE, column names.
+    Allowlist,
+    /// The policy, on sqlparser's reading of the statement (`index_without_tablespace`).
+    Policy,
+}
+
+fn create_index(s: &pb::IndexStmt, expressions: Expressions, check: &mut Check<'_>) -> Result<(), Refusal> {
     let pb::IndexStmt {
         idxname,
         relation: rel,
@@ -402,16 +455,20 @@ fn create_index(s: &pb::IndexStmt, check: &mut Check<'_>) -> Result<(), Refusal>
     }
     tablespace(table_space)?;
     for p in index_params {
-        index_elem(p, true, check)?;
+        index_elem(p, Some(expressions), check)?;
     }
     for p in index_including_params {
-        index_elem(p, false, check)?;
+        index_elem(p, None, check)?;
     }
     storage_parameters(options)?;
-    where_clause.as_deref().map_or(Ok(()), |w| expr(w, true, check))
+    match (where_clause.as_deref(), expressions) {
+        (Some(w), Expressions::Allowlist) => expr(w, true, check),
+        _ => Ok(()),
+    }
 }
 
-fn index_elem(node: &Node, with_expressions: bool, check: &mut Check<'_>) -> Result<(), Refusal> {
+/// `expressions`: `None` where an expression may not stand (INCLUDE columns).
+fn index_elem(node: &Node, expressions: Option<Expressions>, check: &mut Check<'_>) -> Result<(), Refusal> {
     let Some(NodeEnum::IndexElem(e)) = &node.node else {
         return Err(refuse(format!("an index column given as {}", node_name(node))));
     };
@@ -428,9 +485,10 @@ fn index_elem(node: &Node, with_expressions: bool, check: &mut Check<'_>) -> Res
     if !indexcolname.is_empty() || !opclassopts.is_empty() {
         return Err(refuse("operator class options"));
     }
-    match (column.is_empty(), expression.as_deref()) {
-        (false, None) => name(column)?,
-        (true, Some(x)) if with_expressions => expr(x, true, check)?,
+    match (column.is_empty(), expression.as_deref(), expressions) {
+        (false, None, _) => name(column)?,
+        (true, Some(x), Some(Expressions::Allowlist)) => expr(x, true, check)?,
+        (true, Some(_), Some(Expressions::Policy)) => {}
         _ => return Err(refuse("this index column")),
     }
     if !collation.is_empty() {

@@ -519,11 +519,39 @@ fn deparsed_ddl(
     actor: &ActorContext,
     policy: &dyn StatementPolicy,
 ) -> Result<(String, Form), Refusal> {
-    let text = ddl::print(&stmt.node, label, &mut |target| policy.check_ddl_target(target, actor))?;
+    let mut check = |target: &DdlTarget<'_>| policy.check_ddl_target(target, actor);
+    let text = match ddl::print(&stmt.node, label, &mut check) {
+        Ok(text) => text,
+        // An index expression or predicate the allowlist does not read, with `TABLESPACE
+        // pg_default` (which sqlparser cannot read): the rest of the statement on the allowlist,
+        // its expressions the usual way, without the tablespace.
+        Err(refusal) => {
+            return match ddl::index_without_tablespace(&stmt.node, &mut check)? {
+                Some(bare) => match index_in_default_tablespace(&bare, label, actor, policy) {
+                    Err(Refusal::Syntax(_)) => Err(refusal),
+                    done => done,
+                },
+                None => Err(refusal),
+            };
+        }
+    };
     match parse_one(&text) {
         Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, true, None),
         Err(_) => Ok((text, Form::Deparsed { same_as: shape_of(&stmt.node, label)? })),
     }
+}
+
+/// A CREATE INDEX … TABLESPACE pg_default the allowlist does not read (`ddl::index_without_tablespace`):
+/// rewritten without the tablespace, verified, and printed by PostgreSQL's printer with it put back.
+fn index_in_default_tablespace(
+    bare: &pg_query::NodeEnum,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Result<(String, Form), Refusal> {
+    let rewritten = rewrite_cut(bare, "IndexStmt", label, actor, policy)?;
+    let placed = ddl::with_default_tablespace(&rewritten, label)?;
+    Ok((deparse(&placed, label)?, Form::Deparsed { same_as: shape_of(&placed, label)? }))
 }
 
 /// A top-level SELECT whose locking clause sqlparser cannot read (`locking`): rewritten without

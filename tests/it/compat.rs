@@ -431,6 +431,26 @@ async fn scratch_ddl_sqlparser_cannot_read() {
     .await;
     one(format!("DROP INDEX CONCURRENTLY IF EXISTS \"{t}_c\"")).await;
     one(format!("DROP INDEX CONCURRENTLY IF EXISTS \"{t}_c\"")).await;
+    // Partial and expression indexes with TABLESPACE pg_default (Django's `*_partial_tablespace`
+    // tests): the expressions take the usual way, the tablespace goes back on the rewrite.
+    one(format!(
+        "CREATE INDEX \"{t}_p\" ON \"{t}\" ((LOWER(\"c\")) text_pattern_ops DESC) TABLESPACE \"pg_default\" \
+         WHERE \"c\"::text LIKE '%China%'"
+    ))
+    .await;
+    one(format!("CREATE INDEX \"{t}_l\" ON \"{t}\" (\"d\") TABLESPACE \"pg_default\" WHERE LENGTH(\"d\") = 40")).await;
+    let definitions = value(format!(
+        "SELECT string_agg(indexdef, ' / ' ORDER BY indexname)::text FROM pg_indexes \
+         WHERE indexname IN ('{t}_p', '{t}_l')"
+    ))
+    .await
+    .unwrap_or_default();
+    assert!(
+        definitions.contains("(lower((c)::text) text_pattern_ops DESC) WHERE ((c)::text ~~ '%China%'::text)")
+            && definitions.contains("(d) WHERE (length(d) = 40)"),
+        "{definitions}"
+    );
+    one(format!("DROP INDEX \"{t}_p\"; DROP INDEX \"{t}_l\"")).await;
 
     // COMMENT ON CONSTRAINT, with a string PostgreSQL's printer writes as E''.
     one(format!("COMMENT ON CONSTRAINT {t}_pkey ON {t} IS 'it''s a \\ key'")).await;
