@@ -20,7 +20,11 @@
 //!    statement as usual; on sqlparser's tree of the rewrite each wrapper, still exactly
 //!    `SELECT * FROM (…) <marker>`, is replaced by the subquery it holds, and the proxy's printer
 //!    prints the result, which the verifier checks like any rewrite. The marker is a name found
-//!    nowhere in the client's tree; a statement whose output still holds it is refused.
+//!    nowhere in the client's tree; a statement whose output still holds it is refused. Only the
+//!    sublinks pg_query's node iterator reaches are wrapped (the select list, WHERE, JOIN … ON,
+//!    GROUP BY, HAVING, ORDER BY, CASE, COALESCE, function arguments, `UPDATE … SET`, CTE and
+//!    FROM subqueries, …); elsewhere (`IS TRUE`, `LIMIT`, `FILTER`, `RETURNING`, `VALUES`,
+//!    `SET (a, b) = …`) sqlparser's refusal stands.
 //!
 //! Why unwrapping is sound: `(SELECT * FROM (q) m)` and `(q)` give a scalar, `ANY` or `ALL`
 //! sublink the same rows and columns (the order of rows matters to none of them, which is why
