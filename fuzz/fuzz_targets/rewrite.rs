@@ -19,7 +19,9 @@
 //!      many statements as `statement_kinds` lists;
 //!    - `y` re-prints to itself: the pipeline without a policy (`PassThrough`) either returns `y` unchanged with the
 //!      same `statement_kinds`, or refuses it only as too complex (54000: the secure relations nest deeper or hold
-//!      more AND/OR than a client's text may);
+//!      more AND/OR than a client's text may); where sqlparser cannot read `y` as printed (a set operation in an
+//!      expression whose first operand keeps its parentheses, put back after the policy: `rewrite/respell.rs`), the
+//!      pipeline forwards its own spelling of the same statement, which PostgreSQL's printer prints as it prints `y`;
 //!    - `y` is not accepted back as client text when it carries the proxy's machinery: if the engine introduced the
 //!      reserved `__struere` prefix (absent from `x`), the engine refuses `y` (42501, or 54000 when it is too deep
 //!      to read), so a client cannot submit a forged "already secured" relation;
@@ -194,7 +196,12 @@ fn check_engine_output(sql: &str, rw: &Rewritten, passed: Option<&Rewritten>, ac
     }
     match Rewriter::new(0, pass()).rewrite(y, actor) {
         Ok(again) => {
-            assert_eq!(&again.sql, y, "engine output does not re-print to itself for {sql:?}");
+            if again.sql != *y && unreadable_by_sqlparser(y) {
+                let printed = |s: &str| pg_query::parse(s, 0).and_then(|p| p.deparse(pg_query::DeparseOptions::default())).ok();
+                assert_eq!(printed(&again.sql), printed(y), "engine output is respelled as another statement for {sql:?}");
+            } else {
+                assert_eq!(&again.sql, y, "engine output does not re-print to itself for {sql:?}");
+            }
             assert_eq!(again.statement_kinds, rw.statement_kinds, "engine output changes kinds for {sql:?}");
         }
         Err(Refusal::TooComplex(_)) => {}
@@ -216,4 +223,9 @@ fn check_engine_output(sql: &str, rw: &Rewritten, passed: Option<&Rewritten>, ac
             Err(e) => panic!("engine refuses its own unchanged output: {sql:?} -> {y:?}: {e}"),
         }
     }
+}
+
+/// sqlparser cannot read `sql` as written, so the pipeline reads another spelling of it (`rewrite/respell.rs`).
+fn unreadable_by_sqlparser(sql: &str) -> bool {
+    sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql).is_err()
 }

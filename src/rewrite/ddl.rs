@@ -14,7 +14,13 @@
 //!   operator class to [`DdlTarget::Uses`].
 //! - Expressions (defaults, `USING`, `CHECK`, index expressions) may only be constants, casts,
 //!   `COLLATE` and, where PostgreSQL reads them as the target's columns, column names. Function
-//!   calls, operators, subqueries and anything else are refused.
+//!   calls, operators, subqueries and anything else are refused, with one way round for indexes:
+//!   a `CREATE INDEX … TABLESPACE pg_default` whose expressions or predicate the allowlist does
+//!   not read, but whose every other part it accepts, goes the usual way without its tablespace
+//!   (sqlparser, the policy's CREATE INDEX rules and function allowlist, the printer, the
+//!   verifier), and the tablespace goes back on PostgreSQL's tree of the verified rewrite
+//!   (`index_without_tablespace`, `with_default_tablespace`): the index the client could create
+//!   by sending the statement without the clause, in the one tablespace DDL may name.
 //! - Tablespaces are cluster-wide: only `pg_default`. Storage parameters and index access
 //!   methods come from short lists.
 //!
@@ -22,10 +28,15 @@
 //! identifiers with `quote_identifier` and writes strings as `'…'`/`E'…'` with every quote and
 //! backslash doubled: no escaping guesses), and `verify` requires PostgreSQL to read the printed
 //! text as exactly the client's tree (every node, field and value; only byte offsets may differ).
+//! The one form that printer gets wrong, `ALTER COLUMN … TYPE … COLLATE … USING …` (it writes the
+//! COLLATE after the USING expression), is printed here from the allowlisted tree with the
+//! printer's quoting (`print_alter_column_types`) and verified the same way.
 //!
 //! Invariant: a statement leaves this module only if every node of PostgreSQL's tree is on the
-//! allowlist and every name in it passed the policy; the text forwarded is PostgreSQL's
-//! printing of that same tree, and is refused unless it parses back to it.
+//! allowlist and every name in it passed the policy; the text forwarded is a printing of that
+//! same tree (PostgreSQL's, or the proxy's for `ALTER COLUMN … TYPE … COLLATE … USING`), and is
+//! refused unless it parses back to it. (An index's expressions that only the policy read leave
+//! through `super::index_in_default_tablespace`, verified like any rewrite.)
 
 use pg_query::NodeEnum;
 use pg_query::protobuf::{self as pb, Node};
@@ -34,6 +45,7 @@ use super::Refusal;
 use super::engine::walk::RESERVED_PREFIX;
 use super::pgtree;
 use super::policy::DdlTarget;
+use super::printer;
 
 /// The statement kinds (pg_query node names) this way may handle.
 pub(crate) const KINDS: &[&str] =
@@ -63,10 +75,188 @@ const SEQUENCE_OPTIONS: &[&str] = &["as", "increment", "minvalue", "maxvalue", "
 /// Checks one name against the policy (`StatementPolicy::check_ddl_target`).
 pub(crate) type Check<'a> = dyn FnMut(&DdlTarget<'_>) -> Result<(), Refusal> + 'a;
 
-/// Checks the statement against the allowlist and prints it with PostgreSQL's printer.
+/// Checks the statement against the allowlist and prints it with PostgreSQL's printer (or, for
+/// the one form that printer gets wrong, `print_alter_column_types`).
 pub(crate) fn print(node: &NodeEnum, label: &str, check: &mut Check<'_>) -> Result<String, Refusal> {
     statement(node, check)?;
-    super::deparse(node, label)
+    match node {
+        NodeEnum::AlterTableStmt(s) if s.cmds.iter().any(collation_and_using) => print_alter_column_types(s),
+        _ => super::deparse(node, label),
+    }
+}
+
+/// `CREATE INDEX … TABLESPACE pg_default` without its tablespace: for an index whose expressions
+/// or predicate the allowlist does not read (a function call, an operator), the statement takes
+/// the usual way (sqlparser, the policy's CREATE INDEX rules, the printer, the verifier), and
+/// `with_default_tablespace` puts the clause back on the verified rewrite. The tablespace is the
+/// only one DDL may name (`check_names`), so the index is the one the client could create by
+/// sending the statement without it, stored where the clause says.
+/// Everything but the expressions and the predicate still passes this allowlist (names, access
+/// method, operator classes, collations, storage parameters).
+pub(crate) fn index_without_tablespace(node: &NodeEnum, check: &mut Check<'_>) -> Result<Option<NodeEnum>, Refusal> {
+    let NodeEnum::IndexStmt(index) = node else { return Ok(None) };
+    if index.table_space != TABLESPACE {
+        return Ok(None);
+    }
+    create_index(index, Expressions::Policy, check)?;
+    let mut bare = index.clone();
+    bare.table_space.clear();
+    Ok(Some(NodeEnum::IndexStmt(bare)))
+}
+
+/// PostgreSQL's tree of the verified rewrite `rewritten` (one CREATE INDEX without a tablespace),
+/// with `TABLESPACE pg_default` put back.
+pub(crate) fn with_default_tablespace(rewritten: &str, label: &str) -> Result<NodeEnum, Refusal> {
+    let refused = || Refusal::Unverifiable(format!("refused: the proxy cannot put the tablespace back on {label}"));
+    let mut statements = super::classify::parse(rewritten).map_err(|_| refused())?;
+    let (Some(statement), true) = (statements.pop(), statements.is_empty()) else { return Err(refused()) };
+    let NodeEnum::IndexStmt(mut index) = statement.node else { return Err(refused()) };
+    if !index.table_space.is_empty() {
+        return Err(refused());
+    }
+    index.table_space = TABLESPACE.to_owned();
+    Ok(NodeEnum::IndexStmt(index))
+}
+
+/// `ALTER COLUMN … TYPE … COLLATE … USING …`: pg_query 18.1's printer writes the COLLATE after the
+/// USING expression, where PostgreSQL reads it as a collation of that expression.
+fn collation_and_using(cmd: &Node) -> bool {
+    matches!(
+        &cmd.node,
+        Some(NodeEnum::AlterTableCmd(c)) if c.subtype == pb::AlterTableType::AtAlterColumnType as i32
+            && matches!(c.def.as_deref().and_then(|d| d.node.as_ref()),
+                Some(NodeEnum::ColumnDef(d)) if d.coll_clause.is_some() && d.raw_default.is_some())
+    )
+}
+
+/// Prints an `ALTER TABLE` whose subcommands are all `ALTER COLUMN … TYPE`, from a tree the
+/// allowlist accepted: every name quoted (`printer::push_quoted_ident`), every string through the
+/// printer's literal (`standard_conforming_strings` is pinned on), in the grammar's order
+/// `TYPE t COLLATE c USING e`. The verifier then requires PostgreSQL to read the text as exactly
+/// the client's tree (`Form::Deparsed`), so a slip here is a refusal, never another statement.
+fn print_alter_column_types(s: &pb::AlterTableStmt) -> Result<String, Refusal> {
+    let unexpected = || refuse("this form of ALTER TABLE … ALTER COLUMN … TYPE … COLLATE … USING");
+    let pb::AlterTableStmt { relation: rel, cmds, objtype: _, missing_ok } = s;
+    let rel = rel.as_ref().ok_or_else(unexpected)?;
+    let mut out = String::from("ALTER TABLE ");
+    if *missing_ok {
+        out.push_str("IF EXISTS ");
+    }
+    if !rel.inh {
+        out.push_str("ONLY ");
+    }
+    let parts = [&rel.catalogname, &rel.schemaname, &rel.relname];
+    print_names(&mut out, parts.into_iter().filter(|p| !p.is_empty()));
+    for (i, cmd) in cmds.iter().enumerate() {
+        let Some(NodeEnum::AlterTableCmd(cmd)) = &cmd.node else { return Err(unexpected()) };
+        let Some(NodeEnum::ColumnDef(def)) = cmd.def.as_deref().and_then(|d| d.node.as_ref()) else {
+            return Err(refuse("ALTER COLUMN … TYPE … COLLATE … USING together with other subcommands"));
+        };
+        if cmd.subtype != pb::AlterTableType::AtAlterColumnType as i32 {
+            return Err(refuse("ALTER COLUMN … TYPE … COLLATE … USING together with other subcommands"));
+        }
+        out.push_str(if i == 0 { " ALTER COLUMN " } else { ", ALTER COLUMN " });
+        printer::push_quoted_ident(&mut out, &cmd.name);
+        out.push_str(" TYPE ");
+        print_type(&mut out, def.type_name.as_ref().ok_or_else(unexpected)?)?;
+        if let Some(coll) = &def.coll_clause {
+            out.push_str(" COLLATE ");
+            print_names(&mut out, strings(&coll.collname, "a collation name")?.iter());
+        }
+        if let Some(using) = &def.raw_default {
+            out.push_str(" USING ");
+            print_expr(&mut out, using)?;
+        }
+    }
+    Ok(out)
+}
+
+/// `"a"."b"`.
+fn print_names<'a>(out: &mut String, names: impl Iterator<Item = &'a String>) {
+    for (i, n) in names.enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        printer::push_quoted_ident(out, n);
+    }
+}
+
+/// A type name as the allowlist accepts it: names, constant modifiers, array bounds.
+fn print_type(out: &mut String, t: &pb::TypeName) -> Result<(), Refusal> {
+    print_names(out, strings(&t.names, "a type name")?.iter());
+    if !t.typmods.is_empty() {
+        out.push('(');
+        for (i, m) in t.typmods.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            print_expr(out, m)?;
+        }
+        out.push(')');
+    }
+    for b in &t.array_bounds {
+        match &b.node {
+            Some(NodeEnum::Integer(i)) if i.ival < 0 => out.push_str("[]"),
+            Some(NodeEnum::Integer(i)) => out.push_str(&format!("[{}]", i.ival)),
+            _ => return Err(refuse("this array bound")),
+        }
+    }
+    Ok(())
+}
+
+/// An expression as the allowlist accepts it (`expr`): constants, casts, COLLATE, column names.
+fn print_expr(out: &mut String, node: &Node) -> Result<(), Refusal> {
+    use pb::a_const::Val;
+    match &node.node {
+        Some(NodeEnum::AConst(c)) => match &c.val {
+            None if c.isnull => out.push_str("NULL"),
+            Some(Val::Ival(i)) => out.push_str(&i.ival.to_string()),
+            Some(Val::Boolval(b)) => out.push_str(if b.boolval { "true" } else { "false" }),
+            Some(Val::Sval(v)) => printer::push_string_literal(out, &v.sval),
+            // PostgreSQL keeps a numeric constant's text and a bit string's digits after its
+            // kind letter; anything else is not a constant it wrote.
+            Some(Val::Fval(f)) if is_numeric(&f.fval) => out.push_str(&f.fval),
+            Some(Val::Bsval(b)) => match b.bsval.split_at_checked(1) {
+                Some(("b", digits)) if digits.chars().all(|c| c == '0' || c == '1') => {
+                    out.push('B');
+                    printer::push_string_literal(out, digits);
+                }
+                Some(("x", digits)) if digits.chars().all(|c| c.is_ascii_hexdigit()) => {
+                    out.push('X');
+                    printer::push_string_literal(out, digits);
+                }
+                _ => return Err(refuse("this bit string")),
+            },
+            _ => return Err(refuse("this constant")),
+        },
+        Some(NodeEnum::TypeCast(c)) => {
+            out.push_str("CAST(");
+            print_expr(out, c.arg.as_deref().ok_or_else(|| refuse("this cast"))?)?;
+            out.push_str(" AS ");
+            print_type(out, c.type_name.as_ref().ok_or_else(|| refuse("this cast"))?)?;
+            out.push(')');
+        }
+        Some(NodeEnum::CollateClause(c)) => {
+            out.push('(');
+            print_expr(out, c.arg.as_deref().ok_or_else(|| refuse("this COLLATE"))?)?;
+            out.push_str(") COLLATE ");
+            print_names(out, strings(&c.collname, "a collation name")?.iter());
+        }
+        Some(NodeEnum::ColumnRef(pb::ColumnRef { fields, location: _ })) => match fields.as_slice() {
+            [Node { node: Some(NodeEnum::String(s)) }] => printer::push_quoted_ident(out, &s.sval),
+            _ => return Err(refuse("a qualified column reference")),
+        },
+        _ => return Err(refuse(expression_name(node))),
+    }
+    Ok(())
+}
+
+/// A numeric constant as PostgreSQL's lexer wrote it: digits, one point, an exponent, a sign.
+fn is_numeric(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty()
+        && digits.chars().next().is_some_and(|c| c.is_ascii_digit() || c == '.')
+        && digits.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-'))
 }
 
 /// For every statement, whichever parser reads it: the tables its foreign keys reference follow
@@ -116,7 +306,7 @@ fn statement(node: &NodeEnum, check: &mut Check<'_>) -> Result<(), Refusal> {
     match node {
         NodeEnum::AlterSeqStmt(s) => alter_sequence(s, check),
         NodeEnum::AlterTableStmt(s) => alter_table(s, check),
-        NodeEnum::IndexStmt(s) => create_index(s, check),
+        NodeEnum::IndexStmt(s) => create_index(s, Expressions::Allowlist, check),
         NodeEnum::DropStmt(s) => drop(s, check),
         NodeEnum::CommentStmt(s) => comment(s, check),
         NodeEnum::CreateStmt(s) => create_table(s, check),
@@ -197,7 +387,16 @@ fn alter_table_cmd(cmd: &pb::AlterTableCmd, check: &mut Check<'_>) -> Result<(),
     }
 }
 
-fn create_index(s: &pb::IndexStmt, check: &mut Check<'_>) -> Result<(), Refusal> {
+/// Who decides on an index's expressions and predicate.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Expressions {
+    /// This allowlist (`expr`): constants, casts, COLLATE, column names.
+    Allowlist,
+    /// The policy, on sqlparser's reading of the statement (`index_without_tablespace`).
+    Policy,
+}
+
+fn create_index(s: &pb::IndexStmt, expressions: Expressions, check: &mut Check<'_>) -> Result<(), Refusal> {
     let pb::IndexStmt {
         idxname,
         relation: rel,
@@ -256,16 +455,20 @@ fn create_index(s: &pb::IndexStmt, check: &mut Check<'_>) -> Result<(), Refusal>
     }
     tablespace(table_space)?;
     for p in index_params {
-        index_elem(p, true, check)?;
+        index_elem(p, Some(expressions), check)?;
     }
     for p in index_including_params {
-        index_elem(p, false, check)?;
+        index_elem(p, None, check)?;
     }
     storage_parameters(options)?;
-    where_clause.as_deref().map_or(Ok(()), |w| expr(w, true, check))
+    match (where_clause.as_deref(), expressions) {
+        (Some(w), Expressions::Allowlist) => expr(w, true, check),
+        _ => Ok(()),
+    }
 }
 
-fn index_elem(node: &Node, with_expressions: bool, check: &mut Check<'_>) -> Result<(), Refusal> {
+/// `expressions`: `None` where an expression may not stand (INCLUDE columns).
+fn index_elem(node: &Node, expressions: Option<Expressions>, check: &mut Check<'_>) -> Result<(), Refusal> {
     let Some(NodeEnum::IndexElem(e)) = &node.node else {
         return Err(refuse(format!("an index column given as {}", node_name(node))));
     };
@@ -282,9 +485,10 @@ fn index_elem(node: &Node, with_expressions: bool, check: &mut Check<'_>) -> Res
     if !indexcolname.is_empty() || !opclassopts.is_empty() {
         return Err(refuse("operator class options"));
     }
-    match (column.is_empty(), expression.as_deref()) {
-        (false, None) => name(column)?,
-        (true, Some(x)) if with_expressions => expr(x, true, check)?,
+    match (column.is_empty(), expression.as_deref(), expressions) {
+        (false, None, _) => name(column)?,
+        (true, Some(x), Some(Expressions::Allowlist)) => expr(x, true, check)?,
+        (true, Some(_), Some(Expressions::Policy)) => {}
         _ => return Err(refuse("this index column")),
     }
     if !collation.is_empty() {

@@ -13,7 +13,11 @@
 //!    scratch-object rules, and printed by PostgreSQL's own printer (`ddl`); a top-level SELECT's
 //!    locking clause (`locking`) or a top-level UPDATE's subscripted targets (`subscript`) come
 //!    off PostgreSQL's tree, the rest takes the usual way and they go back on the verified
-//!    rewrite's tree; otherwise refused.
+//!    rewrite's tree; a statement sqlparser cannot read as spelled (Django's parenthesised set
+//!    operations in subqueries and under EXPLAIN) takes the usual way from another spelling of
+//!    it (`respell`: PostgreSQL's printing of the same tree, at most with the `COSTS OFF` the
+//!    policy adds to EXPLAIN anyway and wrappers taken off again before printing); otherwise
+//!    refused.
 //! 4. `gate` — rules the printer's safety depends on (no changing pinned settings), on both
 //!    trees; then the `StatementPolicy` (the policy engine, `engine/`).
 //! 5. `printer` — prints without ever letting sqlparser's `Display` write client data.
@@ -37,6 +41,7 @@ mod locking;
 mod pgtree;
 mod policy;
 mod printer;
+mod respell;
 mod shape;
 mod subscript;
 mod verify;
@@ -402,13 +407,14 @@ fn rewrite_statement(
 
     // sqlparser reads `U&"d\0061t"` as `U & "d\0061t"` (an operator between two columns),
     // which prints and verifies consistently but is not what the client meant.
-    let parsed = if lexer::contains_unicode_identifier(tokens, stmt.range.clone()) {
+    let unicode = lexer::contains_unicode_identifier(tokens, stmt.range.clone());
+    let parsed = if unicode {
         Err(SqlParseError::Syntax("Unicode-escaped identifiers (U&\"…\") are not supported by the proxy".to_string()))
     } else {
         parse_one(piece)
     };
     match parsed {
-        Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, false),
+        Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, false, None),
         // PostgreSQL proved this statement touches no data, so the client's own text may go
         // through unchanged (minus leading/trailing comments, see `trim_to_tokens`).
         Err(_) if DATA_FREE_KINDS.contains(&stmt.kind.as_str()) => {
@@ -428,6 +434,10 @@ fn rewrite_statement(
         Err(SqlParseError::Syntax(_)) if let Some(split) = subscript::split(&stmt.node) => {
             subscripted_update(split, label, actor, policy)
         }
+        // Another spelling of the same statement, which sqlparser reads (`respell`).
+        Err(SqlParseError::Syntax(_)) if !unicode && let Some(done) = respelled(&stmt.node, label, actor, policy) => {
+            done
+        }
         Err(SqlParseError::Syntax(e)) => match pgtree::unsupported_construct(&stmt.node) {
             // PostgreSQL's tree names what the proxy's parser could not read.
             Some(construct) => {
@@ -444,6 +454,8 @@ fn rewrite_statement(
 
 /// Steps 4–5 for a statement sqlparser read: the gate, the policy, the printer. `deparsed`: the
 /// text sqlparser read is PostgreSQL's printing of the client's statement (`deparsed_ddl`).
+/// `marker`: sqlparser read a respelling with wrappers (`respell`), taken off after the policy;
+/// `node` is the tree without them.
 fn policy_and_print(
     mut parsed: Statement,
     node: &pg_query::NodeEnum,
@@ -451,6 +463,7 @@ fn policy_and_print(
     actor: &ActorContext,
     policy: &dyn StatementPolicy,
     deparsed: bool,
+    marker: Option<&str>,
 ) -> Result<(String, Form), Refusal> {
     gate::check_sql(&parsed)?;
     let before_policy = parsed.clone();
@@ -464,8 +477,36 @@ fn policy_and_print(
     // A statement the policy left alone must mean exactly what the client wrote: the
     // verifier compares PostgreSQL's reading of both texts.
     let same_as = if parsed == before_policy { Some(shape_of(node, label)?) } else { None };
+    if let Some(marker) = marker {
+        respell::unwrap(&mut parsed, marker, label)?;
+    }
     let printed = printer::print(parsed)?;
+    // Every wrapper came off: the marker is in no string of the client's tree, and the
+    // policy's own text never holds it.
+    if let Some(marker) = marker
+        && printed.text.to_ascii_lowercase().contains(marker)
+    {
+        return Err(Refusal::Unverifiable(format!(
+            "refused: the proxy rewrote a set operation of {label} it had to respell for its parser, and cannot \
+             print it as the client wrote it"
+        )));
+    }
     Ok((printed.text, Form::Printed(Expected { emitted: printed.emitted, same_as })))
+}
+
+/// A statement sqlparser read through another spelling (`respell`): the policy and the printer
+/// as usual, with the respelling's wrappers taken off before printing. `None`: no spelling
+/// sqlparser reads. (Its own function: sqlparser's tree is large, and the usual way's frames
+/// must stay small.)
+#[inline(never)]
+fn respelled(
+    node: &pg_query::NodeEnum,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Option<Result<(String, Form), Refusal>> {
+    let respell::Reading { parsed, tree, marker } = respell::read(node, label)?;
+    Some(policy_and_print(parsed, &tree, label, actor, policy, false, marker.as_deref()))
 }
 
 /// DDL sqlparser cannot read: checked on PostgreSQL's tree and printed by PostgreSQL's printer
@@ -478,11 +519,39 @@ fn deparsed_ddl(
     actor: &ActorContext,
     policy: &dyn StatementPolicy,
 ) -> Result<(String, Form), Refusal> {
-    let text = ddl::print(&stmt.node, label, &mut |target| policy.check_ddl_target(target, actor))?;
+    let mut check = |target: &DdlTarget<'_>| policy.check_ddl_target(target, actor);
+    let text = match ddl::print(&stmt.node, label, &mut check) {
+        Ok(text) => text,
+        // An index expression or predicate the allowlist does not read, with `TABLESPACE
+        // pg_default` (which sqlparser cannot read): the rest of the statement on the allowlist,
+        // its expressions the usual way, without the tablespace.
+        Err(refusal) => {
+            return match ddl::index_without_tablespace(&stmt.node, &mut check)? {
+                Some(bare) => match index_in_default_tablespace(&bare, label, actor, policy) {
+                    Err(Refusal::Syntax(_)) => Err(refusal),
+                    done => done,
+                },
+                None => Err(refusal),
+            };
+        }
+    };
     match parse_one(&text) {
-        Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, true),
+        Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, true, None),
         Err(_) => Ok((text, Form::Deparsed { same_as: shape_of(&stmt.node, label)? })),
     }
+}
+
+/// A CREATE INDEX … TABLESPACE pg_default the allowlist does not read (`ddl::index_without_tablespace`):
+/// rewritten without the tablespace, verified, and printed by PostgreSQL's printer with it put back.
+fn index_in_default_tablespace(
+    bare: &pg_query::NodeEnum,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Result<(String, Form), Refusal> {
+    let rewritten = rewrite_cut(bare, "IndexStmt", label, actor, policy)?;
+    let placed = ddl::with_default_tablespace(&rewritten, label)?;
+    Ok((deparse(&placed, label)?, Form::Deparsed { same_as: shape_of(&placed, label)? }))
 }
 
 /// A top-level SELECT whose locking clause sqlparser cannot read (`locking`): rewritten without
@@ -527,14 +596,17 @@ fn rewrite_cut(
     actor: &ActorContext,
     policy: &dyn StatementPolicy,
 ) -> Result<String, Refusal> {
-    let text = locking::print_exactly(bare, label)?;
-    let parsed = parse_one(&text).map_err(|_| match pgtree::unsupported_construct(bare) {
-        Some(construct) => {
-            Refusal::Syntax(format!("refused: {label} uses {construct}, which the proxy does not support yet"))
-        }
-        None => Refusal::Syntax(format!("refused: the proxy cannot parse {label} ({kind})")),
+    // PostgreSQL's printing of `bare` (which must read back as exactly `bare`), or another
+    // spelling of it (`respell`).
+    locking::print_exactly(bare, label)?;
+    let (rewritten, form) = respelled(bare, label, actor, policy).unwrap_or_else(|| {
+        Err(match pgtree::unsupported_construct(bare) {
+            Some(construct) => {
+                Refusal::Syntax(format!("refused: {label} uses {construct}, which the proxy does not support yet"))
+            }
+            None => Refusal::Syntax(format!("refused: the proxy cannot parse {label} ({kind})")),
+        })
     })?;
-    let (rewritten, form) = policy_and_print(parsed, bare, label, actor, policy, false)?;
     let piece = PieceCheck { kind: kind.to_owned(), range: 0..rewritten.len(), form };
     verify::verify(&rewritten, std::slice::from_ref(&piece), policy, actor)?;
     Ok(rewritten)

@@ -76,6 +76,12 @@ pub(crate) fn push_string_literal(out: &mut String, value: &str) {
     push_doubled(out, value, '\'');
 }
 
+/// A quoted identifier for `name`, exactly as the printer writes one: `"` + the name with every
+/// `"` doubled + `"` (PostgreSQL reads it as exactly `name`, whatever it holds).
+pub(crate) fn push_quoted_ident(out: &mut String, name: &str) {
+    push_doubled(out, name, '"');
+}
+
 fn push_doubled(out: &mut String, value: &str, quote: char) {
     out.push(quote);
     for c in value.chars() {

@@ -210,9 +210,6 @@ fn code_tablespaces_and_other_constructs_are_refused() {
         ("ALTER TABLE t ALTER COLUMN c DROP IDENTITY, ALTER COLUMN d SET DEFAULT (SELECT 1)", "a subquery"),
         ("ALTER TABLE t ALTER COLUMN c TYPE text COLLATE \"C\" USING lower(c)", "a function call"),
         ("ALTER TABLE t ALTER COLUMN c TYPE text COLLATE \"C\" USING (SELECT data FROM entities)", "a subquery"),
-        ("CREATE INDEX i ON t (lower(c)) TABLESPACE pg_default", "a function call"),
-        ("CREATE INDEX i ON t (c) TABLESPACE pg_default WHERE c > 0", "an operator"),
-        ("CREATE INDEX i ON t (c) TABLESPACE pg_default WHERE c IN (SELECT id FROM entities)", "a subquery"),
         ("CREATE TABLE t3 (a int DEFAULT nextval('s') REFERENCES t ON DELETE SET NULL (a))", "a function call"),
         ("CREATE TABLE t3 (a int CHECK (a IS NULL) REFERENCES t ON DELETE SET NULL (a))", "NullTest"),
         // A call outside the allowlist is refused before the DDL walk (the complete walk of
@@ -255,15 +252,115 @@ fn code_tablespaces_and_other_constructs_are_refused() {
     }
 }
 
-/// The PostgreSQL printer's output is only forwarded if it reads back as the client's tree:
-/// pg_query 18.1 prints `TYPE … COLLATE c USING e` as `TYPE … USING e COLLATE c`, which
-/// PostgreSQL reads as a collation of the USING expression.
+/// Partial and expression indexes with `TABLESPACE pg_default` (Django's `*_partial_tablespace`
+/// tests): the allowlist reads no expression, so they take the usual way without the tablespace
+/// (the policy's CREATE INDEX rules and function allowlist), and PostgreSQL's printer prints the
+/// verified rewrite with the tablespace put back. Everything but the expressions still passes the
+/// allowlist.
 #[test]
-fn a_printing_that_changes_the_tree_is_refused() {
-    refused(
-        "ALTER TABLE \"t\" ALTER COLUMN \"c\" TYPE varchar(10) COLLATE \"C\" USING \"c\"::varchar(10)",
-        "differently from what the client sent",
-    );
+fn partial_and_expression_indexes_in_the_default_tablespace() {
+    for (sql, want) in [
+        (
+            "CREATE INDEX \"test_op_class_descending_partial_tablespace\" ON \"postgres_tests_textfieldmodel\" \
+             ((LOWER(\"field\")) text_pattern_ops DESC) TABLESPACE \"pg_default\" WHERE \"field\"::text LIKE '%China%'",
+            "CREATE INDEX test_op_class_descending_partial_tablespace ON postgres_tests_textfieldmodel USING btree \
+             (lower(field) text_pattern_ops DESC) TABLESPACE pg_default WHERE field::text LIKE '%China%'",
+        ),
+        (
+            "CREATE INDEX \"char_field_gin_partial_idx\" ON \"postgres_tests_charfieldmodel\" USING gin (\"field\") \
+             TABLESPACE \"pg_default\" WHERE LOWER(\"field\") = 'x'",
+            "CREATE INDEX char_field_gin_partial_idx ON postgres_tests_charfieldmodel USING gin (field) \
+             TABLESPACE pg_default WHERE lower(field) = 'x'",
+        ),
+        (
+            "CREATE UNIQUE INDEX IF NOT EXISTS i ON t (c, (d || 'x') COLLATE \"C\") INCLUDE (e) TABLESPACE pg_default WHERE c > 0",
+            "CREATE UNIQUE INDEX IF NOT EXISTS i ON t USING btree (c, (d || 'x') COLLATE \"C\") INCLUDE (e) \
+             TABLESPACE pg_default WHERE c > 0",
+        ),
+    ] {
+        let out = dev(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(out, want, "{sql}");
+        assert_eq!(first_tree(&out), first_tree(sql), "{sql}");
+    }
+    for (sql, needle) in [
+        // The policy decides on the expressions, as without the tablespace.
+        ("CREATE INDEX i ON t (pg_sleep(1)) TABLESPACE pg_default", "pg_sleep"),
+        ("CREATE INDEX i ON t (c) TABLESPACE pg_default WHERE pg_sleep(1) IS NULL", "pg_sleep"),
+        // The rest is the allowlist's.
+        ("CREATE INDEX entities ON t (lower(c)) TABLESPACE pg_default", "managed table entities"),
+        ("CREATE INDEX __struere_i ON t (lower(c)) TABLESPACE pg_default", "reserved"),
+        ("CREATE INDEX i ON entities (lower(c)) TABLESPACE pg_default", "entities"),
+        ("CREATE INDEX i ON t USING bloom (lower(c)) TABLESPACE pg_default", "access method bloom"),
+        ("CREATE INDEX i ON t (lower(c)) WITH (autovacuum_enabled = off) TABLESPACE pg_default", "autovacuum_enabled"),
+        ("CREATE INDEX i ON t (lower(c) public.my_ops) TABLESPACE pg_default", "operator class"),
+        ("CREATE INDEX i ON t (lower(c)) TABLESPACE other", "tablespace other"),
+        ("CREATE INDEX i ON t (c) TABLESPACE other WHERE c > 0", "tablespace other"),
+    ] {
+        refused(sql, needle);
+    }
+    let r = run(&actor(Environment::Production, "admin"), "CREATE INDEX i ON t (lower(c)) TABLESPACE pg_default");
+    assert!(matches!(r, Err(Refusal::Denied(_))), "{r:?}");
+}
+
+/// `ALTER COLUMN … TYPE … COLLATE … USING …` (Django's change of a column's type and collation):
+/// pg_query 18.1's printer writes the COLLATE after the USING expression, where PostgreSQL reads it
+/// as a collation of that expression, so the proxy prints this form itself from the allowlisted
+/// tree, and the verifier proves it reads back as the client's tree.
+#[test]
+fn alter_column_type_with_collate_and_using_is_printed_by_the_proxy() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "ALTER TABLE \"schema_note\" ALTER COLUMN \"info\" TYPE varchar(255) COLLATE \"sv-x-icu\" USING \"info\"::varchar(255)",
+            "ALTER TABLE \"schema_note\" ALTER COLUMN \"info\" TYPE \"pg_catalog\".\"varchar\"(255) COLLATE \"sv-x-icu\" \
+             USING CAST(\"info\" AS \"pg_catalog\".\"varchar\"(255))",
+        ),
+        (
+            "ALTER TABLE IF EXISTS ONLY t ALTER COLUMN \"A b\" SET DATA TYPE text[] COLLATE pg_catalog.\"default\" \
+             USING NULL, ALTER c TYPE numeric(10, 2) COLLATE \"C\" USING -1.5e3",
+            "ALTER TABLE IF EXISTS ONLY \"t\" ALTER COLUMN \"A b\" TYPE \"text\"[] COLLATE \"pg_catalog\".\"default\" USING NULL, \
+             ALTER COLUMN \"c\" TYPE \"pg_catalog\".\"numeric\"(10, 2) COLLATE \"C\" USING -1.5e3",
+        ),
+    ];
+    for (sql, want) in cases {
+        let out = dev(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(&out, want, "{sql}");
+        assert_eq!(first_tree(&out), first_tree(sql), "{sql}");
+    }
+    // Whatever the type, constant or quoting, the printing reads back as the client's tree.
+    let own = scratch_schema(&admin());
+    for (t, using) in [
+        ("timestamp(3) with time zone", "'2020-01-01 00:00'::timestamptz"),
+        ("interval day to second(3)", "CAST('1 day' AS interval hour)"),
+        ("\"char\"", "'x'"),
+        ("char", "E'it\\'s \\\\ \"q\"'"),
+        ("character varying(5)", "('x' COLLATE \"C\")::text"),
+        ("bit varying(5)", "B'0101'::varbit"),
+        ("bytea", "X'1F'::bytea"),
+        ("double precision", "-5"),
+        ("boolean", "true"),
+        ("int[3][]", "'{}'::int[]"),
+        ("\"My Type\"", "c::\"My Type\""),
+        (&format!("{own}.mood"), "c::text::mood"),
+        ("text", "$$dollar ' quoted$$"),
+        ("text", "U&'\\0041'"),
+    ] {
+        let sql = format!("ALTER TABLE t ALTER COLUMN c TYPE {t} COLLATE \"C\" USING {using}");
+        let out = dev(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(first_tree(&out), first_tree(&sql), "{sql} → {out}");
+    }
+    // Only the allowlist's expressions, and this form only on its own.
+    for (sql, needle) in [
+        ("ALTER TABLE t ALTER COLUMN c TYPE text COLLATE \"C\" USING c || 'x'", "an operator"),
+        ("ALTER TABLE t ALTER COLUMN c TYPE text COLLATE \"C\" USING t.c", "a qualified column reference"),
+        (
+            "ALTER TABLE t ALTER COLUMN c TYPE text COLLATE \"C\" USING c, ALTER COLUMN d DROP NOT NULL",
+            "together with other subcommands",
+        ),
+        ("ALTER TABLE entities ALTER COLUMN c TYPE text COLLATE \"C\" USING c", "entities"),
+        ("ALTER TABLE t ALTER COLUMN c TYPE text COLLATE public.\"C\" USING c", "the collation public.C"),
+    ] {
+        refused(sql, needle);
+    }
 }
 
 /// DDL rules follow the caller: production keys and roles without unmanaged tables run none.

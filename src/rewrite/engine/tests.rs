@@ -742,3 +742,70 @@ fn function_calls_are_checked_in_every_clause_of_postgresqls_tree() {
     crate::rewrite::StatementPolicy::check_pg(e.as_ref(), &node("INSERT INTO t VALUES (now(), lower('X'))"), &a)
         .unwrap();
 }
+
+/// Set operations sqlparser reads only through another spelling (`respell.rs`): Django's
+/// `((SELECT …) UNION (SELECT …))` subqueries and `EXPLAIN (SELECT …) UNION (SELECT …)`. Their
+/// managed tables are secured like any other (the arms of a set operation: fenced), nothing of the
+/// respelling is left in the output, and EXPLAIN keeps its rules.
+#[test]
+fn parenthesised_set_operations_sqlparser_cannot_read_are_secured() {
+    let fenced = |out: &str, n: usize| {
+        assert_eq!(out.matches("FROM \"public\".\"entities\" AS \"__struere_").count(), n, "{out}");
+        assert!(out.matches(" OFFSET 0)").count() >= n, "{out}");
+        assert!(!out.contains("struere_set_operation") && !out.contains("FROM entities"), "{out}");
+    };
+    // Django's `Subquery(qs1.union(qs2))` correlated with the outer row: PostgreSQL's printing.
+    let out = run(
+        &admin_dev(),
+        "SELECT t.id FROM threads t WHERE ((SELECT e.id FROM entities e WHERE e.id = t.id) UNION \
+         (SELECT e.id FROM entities e WHERE e.id < t.id)) IS NOT NULL",
+    )
+    .unwrap();
+    assert!(out.contains(") t WHERE (SELECT e.id FROM (SELECT"), "{out}");
+    fenced(&out, 2);
+    // A first arm that keeps its parentheses: wrapped for sqlparser, unwrapped after the policy.
+    for (sql, expected) in [
+        (
+            "SELECT t.id FROM threads t WHERE t.id = 'x' AND ((SELECT e.id FROM entities e WHERE e.id = t.id \
+             ORDER BY e.id LIMIT 1) UNION (SELECT e.id FROM entities e)) IS NOT NULL",
+            "AND ((SELECT e.id FROM (SELECT",
+        ),
+        (
+            "SELECT 1 WHERE 'x' = ANY ((SELECT id FROM entities LIMIT 1) UNION (SELECT id FROM entities))",
+            "= ANY((SELECT",
+        ),
+    ] {
+        let out = run(&admin_dev(), sql).unwrap();
+        assert!(out.contains(expected), "{out}");
+        assert!(
+            out.contains(" LIMIT 1) UNION SELECT id FROM (SELECT") || out.contains("LIMIT 1) UNION SELECT e.id"),
+            "{out}"
+        );
+        fenced(&out, 2);
+    }
+    // The policy's rules apply to the respelled statement as to any other.
+    let e = run(&admin_dev(), "SELECT ((SELECT pg_sleep(1) LIMIT 1) UNION (SELECT 2))").unwrap_err();
+    assert!(e.to_string().contains("pg_sleep"), "{e}");
+    let e = run(&admin_dev(), "SELECT ((SELECT 1 AS __struere_x LIMIT 1) UNION (SELECT 2))").unwrap_err();
+    assert!(e.to_string().contains("reserved"), "{e}");
+
+    // Django's `qs1.union(qs2).explain()`: the plan of the rewritten statement, without costs.
+    let out =
+        run(&admin_dev(), "EXPLAIN (SELECT id FROM entities) UNION (SELECT id FROM entities WHERE id = 'x')").unwrap();
+    assert!(out.starts_with("EXPLAIN (COSTS OFF) SELECT id FROM (SELECT"), "{out}");
+    fenced(&out, 2);
+    let out =
+        run(&admin_dev(), "EXPLAIN (SELECT id FROM entities ORDER BY id LIMIT 1) UNION (SELECT id FROM entities)")
+            .unwrap();
+    assert!(out.starts_with("EXPLAIN (COSTS OFF) (SELECT id FROM (SELECT"), "{out}");
+    fenced(&out, 2);
+    for sql in [
+        "EXPLAIN ANALYZE (SELECT id FROM entities LIMIT 1) UNION (SELECT id FROM entities)",
+        "EXPLAIN (ANALYZE) (SELECT id FROM entities LIMIT 1) UNION (SELECT id FROM entities)",
+        "EXPLAIN (COSTS) (SELECT id FROM entities LIMIT 1) UNION (SELECT id FROM entities)",
+        "EXPLAIN ANALYZE (SELECT id FROM entities) UNION (SELECT id FROM entities)",
+    ] {
+        let e = run(&admin_dev(), sql).unwrap_err();
+        assert!(matches!(e, Refusal::Denied(_)) && e.to_string().contains("EXPLAIN"), "{sql}: {e}");
+    }
+}
