@@ -65,17 +65,6 @@ pub(crate) fn check_names(locks: &[Node]) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// PostgreSQL's printing of `node`, which must read back as exactly `node`.
-pub(crate) fn print_exactly(node: &NodeEnum, label: &str) -> Result<String, Refusal> {
-    let text = super::deparse(node, label)?;
-    let differs = || Refusal::Unverifiable(format!("refused: {label}: PostgreSQL's printing of it reads differently"));
-    let back = classify::parse(&text).map_err(|_| differs())?;
-    match (back.as_slice(), pgtree::shape(node)) {
-        ([one], Some(want)) if pgtree::shape(&one.node).as_ref() == Some(&want) => Ok(text),
-        _ => Err(differs()),
-    }
-}
-
 /// PostgreSQL's tree of the verified rewrite `rewritten` (one SELECT without locking clauses),
 /// with the client's `locks` put back on it.
 pub(crate) fn reattach(rewritten: &str, locks: Vec<Node>, label: &str) -> Result<NodeEnum, Refusal> {
@@ -114,7 +103,7 @@ mod tests {
             assert!(split(&node(sql)).is_none(), "{sql}");
         }
         let (bare, locks) = split(&node("SELECT a FROM t WHERE a = 1 FOR NO KEY UPDATE OF t SKIP LOCKED")).unwrap();
-        assert_eq!(print_exactly(&bare, "x").unwrap(), "SELECT a FROM t WHERE a = 1");
+        assert_eq!(super::super::print_exactly(&bare, "x").unwrap(), "SELECT a FROM t WHERE a = 1");
         let back = reattach("SELECT a FROM t WHERE a = 1", locks, "x").unwrap();
         assert_eq!(
             pgtree::shape(&back),

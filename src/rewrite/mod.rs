@@ -79,7 +79,7 @@ pub const MAX_BOOLEAN_OPERATORS: usize = 200;
 const DATA_FREE_KINDS: &[&str] = &["TransactionStmt", "VariableShowStmt", "ConstraintsSetStmt", "FetchStmt"];
 
 /// The message of a refusal caused by a panic inside the pipeline.
-const INTERNAL_ERROR: &str = "refused: internal error in the proxy's SQL rewriter";
+pub(crate) const INTERNAL_ERROR: &str = "refused: internal error in the proxy's SQL rewriter";
 
 /// The rewritten text of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -598,7 +598,7 @@ fn rewrite_cut(
 ) -> Result<String, Refusal> {
     // PostgreSQL's printing of `bare` (which must read back as exactly `bare`), or another
     // spelling of it (`respell`).
-    locking::print_exactly(bare, label)?;
+    print_exactly(bare, label)?;
     let (rewritten, form) = respelled(bare, label, actor, policy).unwrap_or_else(|| {
         Err(match pgtree::unsupported_construct(bare) {
             Some(construct) => {
@@ -610,6 +610,18 @@ fn rewrite_cut(
     let piece = PieceCheck { kind: kind.to_owned(), range: 0..rewritten.len(), form };
     verify::verify(&rewritten, std::slice::from_ref(&piece), policy, actor)?;
     Ok(rewritten)
+}
+
+/// PostgreSQL's printing of `node`, which must read back as exactly `node` (the cut-down and
+/// respelled ways: `locking`, `subscript`, `respell`).
+pub(crate) fn print_exactly(node: &pg_query::NodeEnum, label: &str) -> Result<String, Refusal> {
+    let text = deparse(node, label)?;
+    let differs = || Refusal::Unverifiable(format!("refused: {label}: PostgreSQL's printing of it reads differently"));
+    let back = classify::parse(&text).map_err(|_| differs())?;
+    match (back.as_slice(), pgtree::shape(node)) {
+        ([one], Some(want)) if pgtree::shape(&one.node).as_ref() == Some(&want) => Ok(text),
+        _ => Err(differs()),
+    }
 }
 
 /// PostgreSQL's printing of a tree (pg_query's deparser); what it printed is verified by the

@@ -47,7 +47,7 @@ use pg_query::NodeEnum;
 use pg_query::protobuf::{self as pb, Node};
 use sqlparser::ast::{Expr, Query, SetExpr, Statement, TableFactor, VisitMut, VisitorMut};
 
-use super::{Refusal, classify, lexer, locking, pgtree};
+use super::{Refusal, classify, lexer, pgtree};
 
 /// A statement sqlparser read through another spelling of the client's.
 #[derive(Debug)]
@@ -84,7 +84,7 @@ pub(crate) fn read(node: &NodeEnum, label: &str) -> Option<Reading> {
 /// sqlparser's reading of PostgreSQL's printing of `tree`, when that printing reads back as
 /// exactly `tree` and holds no `U&"…"` identifier (which sqlparser misreads).
 fn readable(tree: &NodeEnum, label: &str) -> Option<Statement> {
-    let text = locking::print_exactly(tree, label).ok()?;
+    let text = super::print_exactly(tree, label).ok()?;
     let tokens = lexer::scan(&text).ok()?;
     if lexer::contains_unicode_identifier(&tokens, 0..text.len()) {
         return None;
@@ -183,7 +183,7 @@ pub(crate) fn unwrap(stmt: &mut Statement, marker: &str, label: &str) -> Result<
     if let Some(Node { node: Some(NodeEnum::RangeSubselect(from)) }) = shell.from_clause.first_mut() {
         from.subquery = parsed_alone("SELECT 1").map(|n| Box::new(Node { node: Some(n) }));
     }
-    let text = locking::print_exactly(&NodeEnum::SelectStmt(Box::new(shell)), label)?;
+    let text = super::print_exactly(&NodeEnum::SelectStmt(Box::new(shell)), label)?;
     let Ok(Statement::Query(template)) = super::parse_one(&text) else { return Err(refused()) };
     let placeholder = derived(&template, marker).cloned().ok_or_else(refused)?;
     let mut unwrapper = Unwrapper { marker, template: &template, placeholder: &placeholder };

@@ -286,7 +286,7 @@ impl ClientToUpstream<'_> {
                 let (proxy, sql, actor) = (Arc::clone(self.proxy), sql.to_owned(), actor.clone());
                 tokio::task::spawn_blocking(move || proxy.rewriter.rewrite(&sql, &actor)).await.unwrap_or_else(|_| {
                     // `rewrite` catches the rewriter's panics; this is the thread itself failing.
-                    Err(Refusal::Unverifiable("refused: internal error in the proxy's SQL rewriter".to_owned()))
+                    Err(Refusal::Unverifiable(crate::rewrite::INTERNAL_ERROR.to_owned()))
                 })
             }
         };

@@ -260,8 +260,8 @@ impl PolicyEngine {
                 true => vec![name],
                 false => vec![schema, name],
             };
-            // A name the walk cannot resolve is refused there; only managed tables matter here.
-            let Ok((schema, table)) = w.resolve_table_parts(&parts) else { continue };
+            // A name that cannot be resolved is refused (the walk refuses it too): fail closed.
+            let (schema, table) = w.resolve_table_parts(&parts).map_err(denied)?;
             let Some(spec) = set.managed(&schema, &table).map_err(denied)? else { continue };
             if ctx.access(spec, crate::policy::Action::Update).is_err() {
                 return Err(denied(format!(
