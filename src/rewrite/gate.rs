@@ -133,30 +133,35 @@ fn settable(name: &str) -> bool {
 
 /// The number of `set_config` calls in PostgreSQL's tree that name, as a constant, a setting an
 /// environment key may change (each accounts for one occurrence of the name).
+/// A complete walk (`pgtree::visit`): a call pg_query's `nodes()` skips (in VALUES, say) would
+/// otherwise not be counted, and its harmless name refused.
 fn harmless_set_config_calls_pg(node: &NodeEnum) -> usize {
-    node.nodes()
-        .into_iter()
-        .filter(|(n, ..)| {
-            let pg_query::NodeRef::FuncCall(f) = n else { return false };
-            let name: Vec<&str> = f
-                .funcname
-                .iter()
-                .filter_map(|n| match &n.node {
-                    Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
-                    _ => None,
-                })
-                .collect();
-            let named = matches!(name.as_slice(), [SET_CONFIG] | ["pg_catalog", SET_CONFIG]);
-            let first = f.args.first().and_then(|a| match &a.node {
-                Some(NodeEnum::AConst(c)) => match &c.val {
-                    Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.as_str()),
-                    _ => None,
-                },
+    let mut count = 0usize;
+    let walked = pgtree::visit::<()>(node, &mut |n| {
+        let pg_query::NodeRef::FuncCall(f) = n else { return Ok(()) };
+        let name: Vec<&str> = f
+            .funcname
+            .iter()
+            .filter_map(|n| match &n.node {
+                Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
                 _ => None,
-            });
-            named && f.args.len() == 3 && first.is_some_and(settable)
-        })
-        .count()
+            })
+            .collect();
+        let named = matches!(name.as_slice(), [SET_CONFIG] | ["pg_catalog", SET_CONFIG]);
+        let first = f.args.first().and_then(|a| match &a.node {
+            Some(NodeEnum::AConst(c)) => match &c.val {
+                Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.as_str()),
+                _ => None,
+            },
+            _ => None,
+        });
+        if named && f.args.len() == 3 && first.is_some_and(settable) {
+            count += 1;
+        }
+        Ok(())
+    });
+    // A tree that cannot be walked accounts for no harmless call (fail closed).
+    if walked.is_ok() { count } else { 0 }
 }
 
 /// Checks one statement of sqlparser's tree (the tree that will be printed).

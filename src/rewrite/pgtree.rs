@@ -18,7 +18,7 @@
 use std::collections::BTreeSet;
 use std::fmt::{self, Write as _};
 
-use pg_query::NodeEnum;
+use pg_query::{NodeEnum, NodeRef};
 use serde::Serialize;
 use serde::ser::{self, Impossible};
 
@@ -52,37 +52,29 @@ pub(crate) enum WalkError<E> {
 /// Calls `on_str(path, value)` for every string anywhere in the tree, in tree order. The walk
 /// stops at the first `Err`, which is returned.
 pub(crate) fn walk_strings<E>(node: &NodeEnum, on_str: &mut OnStr<'_, E>) -> Result<(), WalkError<E>> {
-    let mut walker =
-        Walker { path: Vec::with_capacity(32), on_str: Some(on_str), stopped: None, shape: None, calls: None };
+    let mut walker = Walker {
+        path: Vec::with_capacity(32),
+        on_str: Some(on_str),
+        on_node: None,
+        stopped: None,
+        shape: None,
+        kinds: None,
+    };
     match node.serialize(&mut walker) {
         Ok(()) => Ok(()),
         Err(WalkStop) => Err(walker.stopped.map_or(WalkError::Serializer, WalkError::Stopped)),
     }
 }
 
-/// A canonical rendering of the whole tree — every node, field, list and value, but no byte
-/// offsets — so that two statements PostgreSQL reads identically have equal shapes however
-/// they were spelled (`E'it\'s'` and `'it''s'`, `x::int` and `x::INT`, extra spaces…).
-/// `None` only if serde fails, which these types never do.
 /// The relations a statement names, schema-qualified where written (`public.t`, `t`), without
-/// the names of its CTEs.
+/// the names of its CTEs. Empty if the tree cannot be walked (it is only reported, never
+/// decided on).
 pub(crate) fn relations(node: &NodeEnum) -> Vec<String> {
-    let mut names = std::collections::BTreeSet::new();
-    let mut ctes = std::collections::BTreeSet::new();
-    for (n, ..) in node.nodes() {
-        match n {
-            pg_query::NodeRef::RangeVar(rv) if rv.schemaname.is_empty() => {
-                names.insert(rv.relname.clone());
-            }
-            pg_query::NodeRef::RangeVar(rv) => {
-                names.insert(format!("{}.{}", rv.schemaname, rv.relname));
-            }
-            pg_query::NodeRef::CommonTableExpr(c) => {
-                ctes.insert(c.ctename.clone());
-            }
-            _ => {}
-        }
-    }
+    let Some((found, ctes)) = relations_and_ctes(node) else { return Vec::new() };
+    let names: BTreeSet<String> = found
+        .into_iter()
+        .map(|(schema, name)| if schema.is_empty() { name } else { format!("{schema}.{name}") })
+        .collect();
     names.into_iter().filter(|n| !ctes.contains(n)).collect()
 }
 
@@ -110,29 +102,23 @@ pub(crate) fn relations_and_ctes(node: &NodeEnum) -> Option<(Vec<SchemaAndName>,
     Some((relations, ctes))
 }
 
-/// The name of every function call anywhere in the tree (`["pg_catalog", "now"]`, `["f"]`), in
-/// tree order: a complete walk, unlike pg_query's `nodes()`, which skips some clauses (VALUES
-/// lists, LIMIT, locking clauses). `None` only if serde fails (fail closed).
-pub(crate) fn function_names(node: &NodeEnum) -> Option<Vec<Vec<String>>> {
-    Some(gather(node)?.names.into_iter().map(|(_, parts)| parts).collect())
-}
-
 /// Whether the tree holds a node of this kind anywhere (e.g. `LockingClause`); `true` if serde
 /// fails (fail closed).
 pub(crate) fn contains_node(node: &NodeEnum, kind: &str) -> bool {
-    gather(node).is_none_or(|g| g.kinds.contains(kind))
+    node_kinds(node).is_none_or(|kinds| kinds.contains(kind))
 }
 
-fn gather(node: &NodeEnum) -> Option<Calls> {
+fn node_kinds(node: &NodeEnum) -> Option<BTreeSet<&'static str>> {
     let mut walker = Walker::<()> {
         path: Vec::with_capacity(32),
         on_str: None,
+        on_node: None,
         stopped: None,
         shape: None,
-        calls: Some(Calls::default()),
+        kinds: Some(BTreeSet::new()),
     };
     node.serialize(&mut walker).ok()?;
-    walker.calls
+    walker.kinds
 }
 
 /// A construct of PostgreSQL's tree that the proxy's SQL parser is known not to read, named for
@@ -140,38 +126,39 @@ fn gather(node: &NodeEnum) -> Option<Calls> {
 /// assignments to an array element or a field where `subscript.rs` does not apply).
 pub(crate) fn unsupported_construct(node: &NodeEnum) -> Option<&'static str> {
     use pg_query::protobuf::LockClauseStrength as S;
-    for (n, ..) in node.nodes() {
-        match n {
-            pg_query::NodeRef::SelectStmt(sel) => {
-                for l in sel.locking_clause.iter().filter_map(|n| match &n.node {
+    let found = visit(node, &mut |n| {
+        let unsupported = match n {
+            NodeRef::SelectStmt(sel) => sel
+                .locking_clause
+                .iter()
+                .filter_map(|n| match &n.node {
                     Some(NodeEnum::LockingClause(l)) => Some(l),
                     _ => None,
-                }) {
-                    match S::try_from(l.strength) {
-                        Ok(S::LcsFornokeyupdate) => return Some("FOR NO KEY UPDATE"),
-                        Ok(S::LcsForkeyshare) => return Some("FOR KEY SHARE"),
-                        _ if l.locked_rels.len() > 1 => {
-                            return Some("a locking clause naming several tables (FOR … OF a, b)");
-                        }
-                        _ => {}
-                    }
-                }
+                })
+                .find_map(|l| match S::try_from(l.strength) {
+                    Ok(S::LcsFornokeyupdate) => Some("FOR NO KEY UPDATE"),
+                    Ok(S::LcsForkeyshare) => Some("FOR KEY SHARE"),
+                    _ if l.locked_rels.len() > 1 => Some("a locking clause naming several tables (FOR … OF a, b)"),
+                    _ => None,
+                }),
+            NodeRef::UpdateStmt(u) if subscripted(&u.target_list) => Some(
+                "an assignment to an array element or a field (SET col[i] = …) in an UPDATE inside another statement",
+            ),
+            NodeRef::OnConflictClause(c) if subscripted(&c.target_list) => {
+                Some("an assignment to an array element or a field in ON CONFLICT DO UPDATE SET col[i] = …")
             }
-            pg_query::NodeRef::UpdateStmt(u) if subscripted(&u.target_list) => {
-                return Some(
-                    "an assignment to an array element or a field (SET col[i] = …) in an UPDATE inside another statement",
-                );
+            NodeRef::InsertStmt(i) if subscripted(&i.cols) => {
+                Some("an array element or a field in an INSERT column list (INSERT INTO t (col[i]) …)")
             }
-            pg_query::NodeRef::OnConflictClause(c) if subscripted(&c.target_list) => {
-                return Some("an assignment to an array element or a field in ON CONFLICT DO UPDATE SET col[i] = …");
-            }
-            pg_query::NodeRef::InsertStmt(i) if subscripted(&i.cols) => {
-                return Some("an array element or a field in an INSERT column list (INSERT INTO t (col[i]) …)");
-            }
-            _ => {}
-        }
+            _ => None,
+        };
+        unsupported.map_or(Ok(()), Err)
+    });
+    match found {
+        Ok(()) => None,
+        Err(WalkError::Stopped(what)) => Some(what),
+        Err(WalkError::Serializer) => Some("a statement whose tree could not be read"),
     }
-    None
 }
 
 /// A target list with an element or field target (`col[i]`, `col.f`).
@@ -179,15 +166,67 @@ fn subscripted(targets: &[pg_query::protobuf::Node]) -> bool {
     targets.iter().any(|t| matches!(&t.node, Some(NodeEnum::ResTarget(r)) if !r.indirection.is_empty()))
 }
 
+/// The callback of `visit`: one node of the kinds `typed_node` knows.
+pub(crate) type OnNode<'a, E> = dyn FnMut(NodeRef<'_>) -> Result<(), E> + 'a;
+
+/// Calls `on_node` for every node anywhere in the tree of the kinds PostgreSQL-side rules
+/// inspect (`FuncCall`, `RangeVar`, `SelectStmt`, `UpdateStmt`, `InsertStmt`,
+/// `OnConflictClause`, `CommonTableExpr`), in tree order, each once: the complete counterpart of
+/// pg_query's `nodes()`, which never enters VALUES lists, LIMIT/OFFSET, locking clauses,
+/// `ARRAY[…]`, subscripts, named arguments, window definitions and more. The walk stops at the
+/// first `Err`, which is returned.
+pub(crate) fn visit<E>(node: &NodeEnum, on_node: &mut OnNode<'_, E>) -> Result<(), WalkError<E>> {
+    let mut walker = Walker {
+        path: Vec::with_capacity(32),
+        on_str: None,
+        on_node: Some(on_node),
+        stopped: None,
+        shape: None,
+        kinds: None,
+    };
+    match node.serialize(&mut walker) {
+        Ok(()) => Ok(()),
+        Err(WalkStop) => Err(walker.stopped.map_or(WalkError::Serializer, WalkError::Stopped)),
+    }
+}
+
+/// `value` as a tree node, when it is one of the kinds `visit` reports (or a box of one).
+fn typed_node<T: ?Sized>(value: &T) -> Option<NodeRef<'_>> {
+    use pg_query::protobuf as pb;
+    use std::any::TypeId;
+    let id = typeid::of::<T>();
+    macro_rules! kinds {
+        ($($kind:ident),*) => {$(
+            if id == TypeId::of::<pb::$kind>() {
+                // SAFETY: `pb::$kind` is 'static and has no lifetime parameters, so a `T` with
+                // its TypeId (lifetimes erased, see `typeid::of`) is `pb::$kind` itself.
+                return Some(NodeRef::$kind(unsafe { &*(value as *const T).cast::<pb::$kind>() }));
+            }
+            if id == TypeId::of::<Box<pb::$kind>>() {
+                // SAFETY: as above, for `Box<pb::$kind>`.
+                let boxed = unsafe { &*(value as *const T).cast::<Box<pb::$kind>>() };
+                return Some(NodeRef::$kind(boxed));
+            }
+        )*};
+    }
+    kinds!(FuncCall, RangeVar, SelectStmt, UpdateStmt, InsertStmt, OnConflictClause, CommonTableExpr);
+    None
+}
+
+/// A canonical rendering of the whole tree — every node, field, list and value, but no byte
+/// offsets — so that two statements PostgreSQL reads identically have equal shapes however
+/// they were spelled (`E'it\'s'` and `'it''s'`, `x::int` and `x::INT`, extra spaces…).
+/// `None` only if serde fails, which these types never do.
 pub(crate) fn shape(node: &NodeEnum) -> Option<String> {
     let normalized = without_null_limits(node);
     let node = normalized.as_ref().unwrap_or(node);
     let mut walker: Walker<'_, ()> = Walker {
         path: Vec::with_capacity(32),
         on_str: None,
+        on_node: None,
         stopped: None,
         shape: Some(String::with_capacity(1024)),
-        calls: None,
+        kinds: None,
     };
     node.serialize(&mut walker).ok()?;
     walker.shape
@@ -268,19 +307,13 @@ impl ser::Error for WalkStop {
 struct Walker<'a, E> {
     path: Vec<Frame>,
     on_str: Option<&'a mut OnStr<'a, E>>,
+    /// When set, called with every node of the kinds `typed_node` knows (see `visit`).
+    on_node: Option<&'a mut OnNode<'a, E>>,
     stopped: Option<E>,
     /// When set, a canonical rendering of the whole tree is appended here (see `shape`).
     shape: Option<String>,
-    /// When set, the names of the function calls are gathered here (see `function_names`).
-    calls: Option<Calls>,
-}
-
-/// What a gathering walk met so far: each function call's name parts with the path depth of its
-/// `FuncCall`, and the kinds of node entered.
-#[derive(Default)]
-struct Calls {
-    names: Vec<(usize, Vec<String>)>,
-    kinds: BTreeSet<&'static str>,
+    /// When set, the kinds of node entered are gathered here (see `contains_node`).
+    kinds: Option<BTreeSet<&'static str>>,
 }
 
 /// Fields that record byte offsets into the parsed text (`location`, `name_location`,
@@ -294,26 +327,26 @@ fn is_position_field(key: &str) -> bool {
 
 impl<E> Walker<'_, E> {
     fn string(&mut self, v: &str) -> Result<(), WalkStop> {
-        if let Some(calls) = &mut self.calls {
-            // A part of a call's name: a `String` node under the `funcname` of the nearest
-            // enclosing `FuncCall`, which was the last one entered at that depth.
-            let nearest = self.path.iter().rposition(|(name, _)| *name == "FuncCall");
-            if let Some(depth) = nearest
-                && self.path.get(depth).is_some_and(|(_, field)| *field == "funcname")
-                && self.path.last().is_some_and(|(name, field)| *name == "String" && *field == "sval")
-            {
-                match calls.names.iter_mut().rev().find(|(d, _)| *d == depth) {
-                    Some((_, parts)) => parts.push(v.to_owned()),
-                    None => return Err(WalkStop),
-                }
-            }
-        }
         if let Some(shape) = &mut self.shape {
             // Debug-quoted so that string contents cannot imitate structure.
             write!(shape, "{v:?} ").map_err(|_| WalkStop)?;
         }
         let Some(on_str) = &mut self.on_str else { return Ok(()) };
         match on_str(&self.path, v) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.stopped = Some(e);
+                Err(WalkStop)
+            }
+        }
+    }
+
+    /// Reports `value` to `on_node` when it is a node of a kind `visit` reports. Called before
+    /// every value is serialized, so no node is missed whatever field or list holds it.
+    fn enter<T: ?Sized>(&mut self, value: &T) -> Result<(), WalkStop> {
+        let Some(on_node) = &mut self.on_node else { return Ok(()) };
+        let Some(node) = typed_node(value) else { return Ok(()) };
+        match on_node(node) {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.stopped = Some(e);
@@ -337,6 +370,7 @@ impl<E> Walker<'_, E> {
             top.1 = key;
         }
         self.record(key)?;
+        self.enter(value)?;
         value.serialize(self)
     }
 
@@ -403,6 +437,7 @@ impl<E> ser::Serializer for &mut Walker<'_, E> {
     }
     fn serialize_some<T: ?Sized + Serialize>(self, value: &T) -> Result<(), WalkStop> {
         self.record("Some")?;
+        self.enter(value)?;
         value.serialize(self)
     }
     fn serialize_unit(self) -> Result<(), WalkStop> {
@@ -416,6 +451,7 @@ impl<E> ser::Serializer for &mut Walker<'_, E> {
     }
     fn serialize_newtype_struct<T: ?Sized + Serialize>(self, name: &'static str, value: &T) -> Result<(), WalkStop> {
         self.record(name)?;
+        self.enter(value)?;
         value.serialize(self)
     }
     fn serialize_newtype_variant<T: ?Sized + Serialize>(
@@ -426,6 +462,7 @@ impl<E> ser::Serializer for &mut Walker<'_, E> {
         value: &T,
     ) -> Result<(), WalkStop> {
         self.record(variant)?;
+        self.enter(value)?;
         value.serialize(self)
     }
     fn serialize_seq(self, _: Option<usize>) -> Result<Self, WalkStop> {
@@ -455,11 +492,8 @@ impl<E> ser::Serializer for &mut Walker<'_, E> {
         Ok(self)
     }
     fn serialize_struct(self, name: &'static str, _: usize) -> Result<Self, WalkStop> {
-        if let Some(calls) = &mut self.calls {
-            if name == "FuncCall" {
-                calls.names.push((self.path.len(), Vec::new()));
-            }
-            calls.kinds.insert(name);
+        if let Some(kinds) = &mut self.kinds {
+            kinds.insert(name);
         }
         self.path.push((name, ""));
         self.record(format_args!("{name}{{"))?;
@@ -482,6 +516,7 @@ impl<E> ser::SerializeSeq for &mut Walker<'_, E> {
     type Ok = ();
     type Error = WalkStop;
     fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), WalkStop> {
+        self.enter(value)?;
         value.serialize(&mut **self)
     }
     fn end(self) -> Result<(), WalkStop> {
@@ -493,6 +528,7 @@ impl<E> ser::SerializeTuple for &mut Walker<'_, E> {
     type Ok = ();
     type Error = WalkStop;
     fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), WalkStop> {
+        self.enter(value)?;
         value.serialize(&mut **self)
     }
     fn end(self) -> Result<(), WalkStop> {
@@ -504,6 +540,7 @@ impl<E> ser::SerializeTupleStruct for &mut Walker<'_, E> {
     type Ok = ();
     type Error = WalkStop;
     fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), WalkStop> {
+        self.enter(value)?;
         value.serialize(&mut **self)
     }
     fn end(self) -> Result<(), WalkStop> {
@@ -515,6 +552,7 @@ impl<E> ser::SerializeTupleVariant for &mut Walker<'_, E> {
     type Ok = ();
     type Error = WalkStop;
     fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), WalkStop> {
+        self.enter(value)?;
         value.serialize(&mut **self)
     }
     fn end(self) -> Result<(), WalkStop> {
@@ -529,6 +567,7 @@ impl<E> ser::SerializeMap for &mut Walker<'_, E> {
         key.serialize(&mut **self)
     }
     fn serialize_value<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), WalkStop> {
+        self.enter(value)?;
         value.serialize(&mut **self)
     }
     fn end(self) -> Result<(), WalkStop> {
@@ -702,7 +741,25 @@ mod tests {
 
     #[test]
     fn complete_walks_find_what_nodes_skips() {
-        let calls = |sql: &str| function_names(&first_stmt(sql)).unwrap();
+        let calls = |sql: &str| {
+            let mut names = Vec::new();
+            visit::<()>(&first_stmt(sql), &mut |n| {
+                if let NodeRef::FuncCall(f) = n {
+                    names.push(
+                        f.funcname
+                            .iter()
+                            .filter_map(|p| match &p.node {
+                                Some(NodeEnum::String(s)) => Some(s.sval.clone()),
+                                _ => None,
+                            })
+                            .collect::<Vec<_>>(),
+                    );
+                }
+                Ok(())
+            })
+            .unwrap();
+            names
+        };
         let names = |v: &[&[&str]]| {
             v.iter().map(|p| p.iter().map(|s| s.to_string()).collect::<Vec<String>>()).collect::<Vec<_>>()
         };
@@ -723,6 +780,65 @@ mod tests {
         assert_eq!(ctes.into_iter().collect::<Vec<_>>(), ["c"]);
         assert!(contains_node(&first_stmt("SELECT 1 FROM t FOR KEY SHARE"), "LockingClause"));
         assert!(!contains_node(&first_stmt("SELECT ' LockingClause{' FROM t"), "LockingClause"));
+    }
+
+    /// `visit` reports every node of its kinds: as many as the canonical rendering (a complete
+    /// walk of another kind) holds, in clauses pg_query's `nodes()` skips too.
+    #[test]
+    fn visit_reports_every_node_of_its_kinds() {
+        let statements = [
+            "INSERT INTO t VALUES (f(1), (SELECT g() FROM u LIMIT h()))",
+            "SELECT ARRAY[a()], (b())[c()], d(x => e()), count(*) FILTER (WHERE i()) OVER (PARTITION BY j())",
+            "SELECT 1 FROM v LIMIT k() OFFSET (SELECT 1 FROM w) FOR UPDATE OF v",
+            "INSERT INTO t VALUES (1) ON CONFLICT (a) DO UPDATE SET a = l() WHERE m() RETURNING n()",
+            "WITH c AS (SELECT o() FROM x) UPDATE t SET a[p()] = q() FROM c WHERE r() IS NOT NULL",
+            "SELECT s() COLLATE \"C\", CASE WHEN t() THEN u() END, ROW(v()), GREATEST(w(), 1)",
+            "CREATE TABLE z (a int DEFAULT y() CHECK (a > x()))",
+            "COPY (SELECT f() FROM t) TO STDOUT",
+        ];
+        let (mut found_by_nodes, mut found_by_visit) = (0, 0);
+        for sql in statements {
+            let tree = first_stmt(sql);
+            let shape = shape(&tree).unwrap();
+            let mut seen = std::collections::BTreeMap::new();
+            visit::<()>(&tree, &mut |n| {
+                let kind = match n {
+                    NodeRef::FuncCall(_) => "FuncCall",
+                    NodeRef::RangeVar(_) => "RangeVar",
+                    NodeRef::SelectStmt(_) => "SelectStmt",
+                    NodeRef::UpdateStmt(_) => "UpdateStmt",
+                    NodeRef::InsertStmt(_) => "InsertStmt",
+                    NodeRef::OnConflictClause(_) => "OnConflictClause",
+                    NodeRef::CommonTableExpr(_) => "CommonTableExpr",
+                    _ => "other",
+                };
+                *seen.entry(kind).or_insert(0usize) += 1;
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(seen.get("other"), None, "{sql}");
+            for kind in [
+                "FuncCall",
+                "RangeVar",
+                "SelectStmt",
+                "UpdateStmt",
+                "InsertStmt",
+                "OnConflictClause",
+                "CommonTableExpr",
+            ] {
+                let want =
+                    shape.matches(&format!(" {kind}{{")).count() + usize::from(shape.starts_with(&format!("{kind}{{")));
+                assert_eq!(seen.get(kind).copied().unwrap_or(0), want, "{sql}: {kind}");
+            }
+            found_by_nodes += tree.nodes().iter().filter(|(n, ..)| matches!(n, NodeRef::FuncCall(_))).count();
+            found_by_visit += seen["FuncCall"];
+        }
+        assert!(found_by_nodes < found_by_visit, "nodes() now finds every call: the cases lost their point");
+        let stop = visit(&first_stmt("SELECT 1 LIMIT f()"), &mut |n| match n {
+            NodeRef::FuncCall(_) => Err("found"),
+            _ => Ok(()),
+        });
+        assert_eq!(stop, Err(WalkError::Stopped("found")));
     }
 
     fn strings(sql: &str) -> Vec<(Vec<Frame>, String)> {

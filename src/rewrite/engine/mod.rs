@@ -26,7 +26,7 @@ use super::policy::DdlTarget;
 use super::{Refusal, StatementPolicy};
 use crate::auth::identity::{ActorContext, Environment};
 use crate::catalog::CatalogSnapshot;
-use crate::policy::Policies;
+use crate::policy::{Policies, PolicySet};
 use secure::Ctx;
 use walk::{Resolved, Walker, name_parts};
 
@@ -107,29 +107,25 @@ impl StatementPolicy for PolicyEngine {
             ));
         }
         // Every function call PostgreSQL sees, whatever syntax sqlparser read it as
-        // (`LATERAL f()`, `ROWS FROM`, `EXTRACT`, …), must be on the allowlist.
-        for (n, ..) in node.nodes() {
-            if let pg_query::NodeRef::FuncCall(f) = n {
+        // (`LATERAL f()`, `ROWS FROM`, `EXTRACT`, …) and wherever it is, must be on the
+        // allowlist. pg_notify with a constant channel is namespaced by the tree walk (in FROM it
+        // stays refused there; any other form is refused by the walk too); setval is qualified
+        // by the tree walk; both are checked again on the output (`check_output`).
+        let checked = super::pgtree::visit(node, &mut |n| match n {
+            pg_query::NodeRef::FuncCall(f) => {
                 let parts = string_list(&f.funcname);
-                // pg_notify with a constant channel is namespaced by the tree walk (in FROM it
-                // stays refused there); any other form is refused by the walk too.
-                if walk::is_pg_notify(&parts) && f.args.len() == 2 {
-                    continue;
+                if (walk::is_pg_notify(&parts) && f.args.len() == 2) || is_setval(&parts) {
+                    return Ok(());
                 }
-                // setval is qualified by the tree walk and checked on the output (check_output).
-                if is_setval(&parts) {
-                    continue;
-                }
-                functions::check(&self.catalog, &parts, &self.allow_functions).map_err(denied)?;
+                functions::check(&self.catalog, &parts, &self.allow_functions).map_err(denied)
             }
-        }
-        // `nodes()` skips some clauses (VALUES lists, LIMIT, locking clauses): every call there
-        // is checked too. pg_notify and setval are left to the tree walk and `check_output`.
-        let calls = super::pgtree::function_names(node)
-            .ok_or_else(|| denied("the statement's function calls could not be read"))?;
-        for parts in calls {
-            if !walk::is_pg_notify(&parts) && !is_setval(&parts) {
-                functions::check(&self.catalog, &parts, &self.allow_functions).map_err(denied)?;
+            _ => Ok(()),
+        });
+        match checked {
+            Ok(()) => {}
+            Err(super::pgtree::WalkError::Stopped(refusal)) => return Err(refusal),
+            Err(super::pgtree::WalkError::Serializer) => {
+                return Err(denied("the statement's function calls could not be read"));
             }
         }
         self.check_locking(node, actor)
@@ -144,63 +140,36 @@ impl StatementPolicy for PolicyEngine {
         if let pg_query::NodeEnum::ExplainStmt(e) = node {
             explain_output_ok(e)?;
         }
-        for (n, ..) in node.nodes() {
-            // nextval/currval only on sequences of the caller's own scratch schema or shared
-            // schemas (another tenant's scratch sequence would be advanced or read).
-            if let pg_query::NodeRef::FuncCall(f) = n
-                && matches!(string_list(&f.funcname).as_slice(), [n] | [_, n] if n == "nextval" || n == "currval")
-            {
-                sequence_allowed(f.args.first(), actor)?;
-                continue;
-            }
-            if let pg_query::NodeRef::FuncCall(f) = n
-                && is_setval(&string_list(&f.funcname))
-            {
-                setval_output_allowed(f, actor)?;
-                continue;
-            }
-            // Every pg_notify that reaches the server sends on the caller's own namespace.
-            if let pg_query::NodeRef::FuncCall(f) = n
-                && walk::is_pg_notify(&string_list(&f.funcname))
-            {
-                let channel = f.args.first().and_then(|a| match &a.node {
-                    Some(pg_query::NodeEnum::AConst(c)) => match &c.val {
-                        Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.as_str()),
+        // A complete walk: pg_query's `nodes()` never enters VALUES lists, LIMIT, `ARRAY[…]`
+        // and other clauses, where these calls and references would go unchecked.
+        // The names of a locking clause (`FOR UPDATE OF e`) are FROM items, resolved against the
+        // query's own, never tables: SelectStmt comes before its clauses in the walk.
+        let mut lock_targets: Vec<*const pg_query::protobuf::RangeVar> = Vec::new();
+        let checked = super::pgtree::visit(node, &mut |n| {
+            match n {
+                pg_query::NodeRef::SelectStmt(s) => {
+                    let clauses = s.locking_clause.iter().filter_map(|c| match &c.node {
+                        Some(pg_query::NodeEnum::LockingClause(l)) => Some(l),
                         _ => None,
-                    },
-                    _ => None,
-                });
-                if !channel.is_some_and(|c| c.starts_with(&prefix)) {
-                    return Err(Refusal::Unverifiable(
-                        "refused: a pg_notify call would reach the server outside the caller's channel namespace"
-                            .to_owned(),
-                    ));
+                    });
+                    let named = clauses.flat_map(|l| &l.locked_rels).filter_map(|r| match &r.node {
+                        Some(pg_query::NodeEnum::RangeVar(rv)) => Some(std::ptr::from_ref(rv)),
+                        _ => None,
+                    });
+                    lock_targets.extend(named);
                 }
-                continue;
+                pg_query::NodeRef::RangeVar(rv) if lock_targets.iter().any(|p| std::ptr::eq(*p, rv)) => return Ok(()),
+                _ => {}
             }
-            let pg_query::NodeRef::RangeVar(rv) = n else { continue };
-            let schema = if !rv.schemaname.is_empty() {
-                rv.schemaname.clone()
-            } else if self.catalog.relation("pg_catalog", &rv.relname).is_some() {
-                "pg_catalog".to_owned()
-            } else {
-                "public".to_owned()
-            };
-            // A table only the other environment manages never reaches the server from here.
-            if set.managed(&schema, &rv.relname).map_err(|e| Refusal::Unverifiable(format!("refused: {e}")))?.is_none()
-            {
-                continue;
-            }
-            let ours = rv.alias.as_ref().is_some_and(|a| a.aliasname.starts_with(walk::RESERVED_PREFIX));
-            if !ours {
-                return Err(Refusal::Unverifiable(format!(
-                    "refused: a reference to the managed table {} would reach the server outside its secure relation \
-                     (a construct the proxy could not resolve names it)",
-                    rv.relname
-                )));
+            self.check_output_node(n, set, &prefix, actor)
+        });
+        match checked {
+            Ok(()) => Ok(()),
+            Err(super::pgtree::WalkError::Stopped(refusal)) => Err(refusal),
+            Err(super::pgtree::WalkError::Serializer) => {
+                Err(Refusal::Unverifiable("refused: the rewritten statement's tree could not be read".to_owned()))
             }
         }
-        Ok(())
     }
 
     fn apply(&self, stmt: &mut Statement, actor: &ActorContext) -> Result<(), Refusal> {
@@ -239,6 +208,70 @@ impl StatementPolicy for PolicyEngine {
 }
 
 impl PolicyEngine {
+    /// `check_output` for one node of PostgreSQL's tree of the rewritten statement.
+    fn check_output_node(
+        &self,
+        n: pg_query::NodeRef<'_>,
+        set: &PolicySet,
+        prefix: &str,
+        actor: &ActorContext,
+    ) -> Result<(), Refusal> {
+        // nextval/currval only on sequences of the caller's own scratch schema or shared
+        // schemas (another tenant's scratch sequence would be advanced or read).
+        if let pg_query::NodeRef::FuncCall(f) = n
+            && matches!(string_list(&f.funcname).as_slice(), [n] | [_, n] if n == "nextval" || n == "currval")
+        {
+            sequence_allowed(f.args.first(), actor)?;
+            return Ok(());
+        }
+        if let pg_query::NodeRef::FuncCall(f) = n
+            && is_setval(&string_list(&f.funcname))
+        {
+            setval_output_allowed(f, actor)?;
+            return Ok(());
+        }
+        // Every pg_notify that reaches the server sends on the caller's own namespace.
+        if let pg_query::NodeRef::FuncCall(f) = n
+            && walk::is_pg_notify(&string_list(&f.funcname))
+        {
+            let channel = f.args.first().and_then(|a| match &a.node {
+                Some(pg_query::NodeEnum::AConst(c)) => match &c.val {
+                    Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.as_str()),
+                    _ => None,
+                },
+                _ => None,
+            });
+            if !channel.is_some_and(|c| c.starts_with(prefix)) {
+                return Err(Refusal::Unverifiable(
+                    "refused: a pg_notify call would reach the server outside the caller's channel namespace"
+                        .to_owned(),
+                ));
+            }
+            return Ok(());
+        }
+        let pg_query::NodeRef::RangeVar(rv) = n else { return Ok(()) };
+        let schema = if !rv.schemaname.is_empty() {
+            rv.schemaname.clone()
+        } else if self.catalog.relation("pg_catalog", &rv.relname).is_some() {
+            "pg_catalog".to_owned()
+        } else {
+            "public".to_owned()
+        };
+        // A table only the other environment manages never reaches the server from here.
+        if set.managed(&schema, &rv.relname).map_err(|e| Refusal::Unverifiable(format!("refused: {e}")))?.is_none() {
+            return Ok(());
+        }
+        let ours = rv.alias.as_ref().is_some_and(|a| a.aliasname.starts_with(walk::RESERVED_PREFIX));
+        if !ours {
+            return Err(Refusal::Unverifiable(format!(
+                "refused: a reference to the managed table {} would reach the server outside its secure relation \
+                 (a construct the proxy could not resolve names it)",
+                rv.relname
+            )));
+        }
+        Ok(())
+    }
+
     /// A locking clause (`FOR UPDATE`, `FOR NO KEY UPDATE`, `FOR SHARE`, `FOR KEY SHARE`) holds
     /// rows locked against writers until the transaction ends, which PostgreSQL allows only with
     /// UPDATE privilege on the table. A role that may only read a managed table must not be able

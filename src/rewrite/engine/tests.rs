@@ -809,3 +809,37 @@ fn parenthesised_set_operations_sqlparser_cannot_read_are_secured() {
         assert!(matches!(e, Refusal::Denied(_)) && e.to_string().contains("EXPLAIN"), "{sql}: {e}");
     }
 }
+
+/// The output checks see every node of PostgreSQL's tree: VALUES lists, LIMIT/OFFSET, `ARRAY[…]`,
+/// subscripts and named arguments included, which pg_query's `nodes()` never enters (another
+/// tenant's scratch sequence was advanced through `VALUES (nextval(…))` and `LIMIT nextval(…)`).
+#[test]
+fn output_checks_reach_every_clause() {
+    use crate::rewrite::StatementPolicy;
+    let other = "'scratch_0123456789.notes_id_seq'";
+    for sql in [
+        format!("VALUES (nextval({other}))"),
+        format!("SELECT 1 LIMIT nextval({other})"),
+        format!("SELECT 1 OFFSET currval({other})"),
+        format!("SELECT ARRAY[nextval({other})]"),
+        format!("SELECT (ARRAY[1])[nextval({other})]"),
+        format!("SELECT * FROM (VALUES (1)) v(a) WHERE a = ANY (ARRAY[nextval({other})])"),
+        format!("SELECT count(*) FILTER (WHERE nextval({other}) > 0) FROM (VALUES (1)) v"),
+        format!("SELECT 1 FROM (VALUES (1)) v ORDER BY 1 FETCH FIRST (SELECT nextval({other})) ROWS ONLY"),
+    ] {
+        let r = run(&admin_dev(), &sql);
+        assert!(matches!(&r, Err(e) if e.to_string().contains("nextval/currval")), "{sql}: {r:?}");
+    }
+    // A managed table named where the rewrite would not have put its secure relation.
+    let engine = engine();
+    for text in [
+        "SELECT 1 LIMIT (SELECT count(*) FROM entities)",
+        "VALUES ((SELECT id FROM entities LIMIT 1))",
+        "SELECT ARRAY[(SELECT id FROM public.entities)]",
+        "SELECT 1 FROM (VALUES (1)) v FOR UPDATE OF v OFFSET (SELECT 1 FROM entities)",
+    ] {
+        let tree = crate::rewrite::classify::parse(text).unwrap();
+        let r = engine.check_output(&tree[0].node, &admin_dev());
+        assert!(matches!(&r, Err(e) if e.to_string().contains("outside its secure relation")), "{text}: {r:?}");
+    }
+}
