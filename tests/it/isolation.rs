@@ -321,10 +321,17 @@ async fn another_tenants_scratch_sequences_are_out_of_reach() {
         format!("SELECT nextval('{schema}.seq_probe_id_seq')"),
         format!("SELECT currval('\"{schema}\".seq_probe_id_seq'::regclass)"),
         "SELECT last_value FROM pg_sequences".to_owned(),
+        // Clauses pg_query's node iterator never enters (these reached the server once).
+        format!("VALUES (nextval('{schema}.seq_probe_id_seq'))"),
+        format!("SELECT 1 LIMIT nextval('{schema}.seq_probe_id_seq')"),
+        format!("SELECT ARRAY[nextval('{schema}.seq_probe_id_seq')]"),
     ] {
         let e = globex.simple_query(&sql).await.unwrap_err();
         assert_eq!(code(&e), "42501", "{sql}: {e:?}");
     }
+    // None of them advanced acme's sequence.
+    let next: i64 = acme.query_one("SELECT nextval('seq_probe_id_seq')", &[]).await.unwrap().get(0);
+    assert_eq!(next, own + 1);
 }
 
 #[tokio::test]
