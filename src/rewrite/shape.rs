@@ -427,7 +427,9 @@ impl Template {
         let slot_classes = slots.iter().map(|&i| shape.literals.get(i).map(|l| l.class)).collect::<Option<_>>()?;
         let template =
             Template { pieces, slots, fixed, base: Arc::clone(original), slot_classes, params: Default::default() };
-        // Filled with the original literals it must give exactly the original's rewrite.
+        // Filled with the original literals it must give exactly the original's rewrite. This
+        // exact equality with a verified text is also why the probe itself is not verified
+        // (`Output::TemplateProbe` in mod.rs): it must stay exact.
         (template.render(shape)? == original.sql && rewritten.statement_kinds == original.statement_kinds)
             .then_some(template)
     }
