@@ -93,6 +93,9 @@ pub fn snapshot() -> CatalogSnapshot {
     let mut pg_class = table("pg_class", &[("oid", "oid"), ("relname", "name")]);
     pg_class.schema = "pg_catalog".into();
     c.relations.insert(("pg_catalog".into(), "pg_class".into()), pg_class);
+    let mut prepared = table("pg_prepared_statements", &[("name", "text"), ("statement", "text")]);
+    prepared.schema = "pg_catalog".into();
+    c.relations.insert(("pg_catalog".into(), "pg_prepared_statements".into()), prepared);
     for (name, vol) in [
         ("lower", 'i'),
         ("count", 'i'),

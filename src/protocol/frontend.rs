@@ -89,6 +89,38 @@ pub fn decode_bind_names(body: &[u8]) -> Result<BindNames<'_>, DecodeError> {
     Ok(BindNames { portal, statement, rest })
 }
 
+/// The parameter values of a Bind, from its `rest` (after the names): `None` for NULL. The
+/// parameter format codes are checked and passed over; the result format codes are not read.
+pub fn decode_bind_values(rest: &[u8]) -> Result<Vec<Option<&[u8]>>, DecodeError> {
+    const M: &str = "Bind";
+    fn count(b: &[u8]) -> Result<(usize, &[u8]), DecodeError> {
+        let n = b.get(0..2).ok_or(DecodeError::Malformed(M, "missing a count"))?;
+        let n = i16::from_be_bytes([n[0], n[1]]);
+        let n = usize::try_from(n).map_err(|_| DecodeError::Malformed(M, "negative count"))?;
+        Ok((n, b.get(2..).unwrap_or_default()))
+    }
+    let (formats, rest) = count(rest)?;
+    let codes = rest.get(..2 * formats).ok_or(DecodeError::Malformed(M, "truncated format codes"))?;
+    if codes.chunks_exact(2).any(|c| c != [0, 0] && c != [0, 1]) {
+        return Err(DecodeError::Malformed(M, "format code is neither text nor binary"));
+    }
+    let (values, mut rest) = count(rest.get(2 * formats..).unwrap_or_default())?;
+    let mut out = Vec::with_capacity(values);
+    for _ in 0..values {
+        let len = rest.get(0..4).ok_or(DecodeError::Malformed(M, "truncated parameter"))?;
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        rest = rest.get(4..).unwrap_or_default();
+        if len == -1 {
+            out.push(None);
+            continue;
+        }
+        let len = usize::try_from(len).map_err(|_| DecodeError::Malformed(M, "negative parameter length"))?;
+        out.push(Some(rest.get(..len).ok_or(DecodeError::Malformed(M, "truncated parameter"))?));
+        rest = rest.get(len..).unwrap_or_default();
+    }
+    Ok(out)
+}
+
 /// Describe and Close: `S` (statement) or `P` (portal), then a name, and nothing after it.
 pub fn decode_target<'a>(msg: &'static str, body: &'a [u8]) -> Result<(u8, &'a str), DecodeError> {
     let (&kind, rest) = body.split_first().ok_or(DecodeError::Malformed(msg, "empty message"))?;
@@ -215,6 +247,28 @@ mod tests {
     }
 
     #[test]
+    fn bind_values_are_read_strictly() {
+        let mut out = BytesMut::new();
+        encode_bind_text(&mut out, "s1", &["jit".into(), "".into()]);
+        let names = decode_bind_names(&out[5..]).unwrap();
+        assert_eq!(decode_bind_values(names.rest), Ok(vec![Some(&b"jit"[..]), Some(&b""[..])]));
+        // One binary format code for all, a NULL, then the result formats (not read).
+        let rest = b"\0\x01\0\x01\0\x02\xff\xff\xff\xff\0\0\0\x01x\0\x01\0\x01";
+        assert_eq!(decode_bind_values(rest), Ok(vec![None, Some(&b"x"[..])]));
+        for bad in [
+            &b""[..],
+            b"\0\x01",                     // a format code missing
+            b"\0\x01\0\x02\0\0",           // format code 2
+            b"\xff\xff\0\0",               // negative count
+            b"\0\0\0\x01\0\0\0\x05abc",    // truncated value
+            b"\0\0\0\x01\xff\xff\xff\xfe", // length -2
+            b"\0\0\0\x02\0\0\0\0",         // a value missing
+        ] {
+            assert!(decode_bind_values(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn describe_and_close_targets_are_strict() {
         let mut out = BytesMut::new();
         encode_target(&mut out, b'D', b'S', "s1");
@@ -241,6 +295,7 @@ mod tests {
             let _ = decode_parse(&bytes);
             let _ = decode_password(&bytes);
             let _ = decode_bind_names(&bytes);
+            let _ = decode_bind_values(&bytes);
             let _ = decode_target("Describe", &bytes);
         }
 

@@ -154,6 +154,7 @@ mod tests {
             tables: Arc::default(),
             sql_hash: Arc::from(""),
             bound: None,
+            param_rules: Arc::default(),
             policy_version: None,
         })
     }

@@ -9,6 +9,15 @@
 //! SET`), or a call of `set_config`. `RESET ALL` and `DISCARD ALL` stay allowed: the pinned
 //! values come from the startup packet, so they are what those restore.
 //!
+//! `set_config` is accepted in three forms only, each call checked on its own: a constant
+//! name of a setting an environment key may `SET`; a constant pinned name with the constant
+//! value it is pinned to (a no-op); and, in a top-level SELECT (whose parameters are the ones a
+//! Bind supplies), a parameter as the name, or a parameter as the value of a pinned name. The
+//! last two depend on values the proxy has not seen yet: they come back as [`ParamRule`]s,
+//! which the rewrite carries (cached with it) and the session checks on every Bind of the
+//! statement before forwarding it (`session/relay.rs`); a simple Query cannot bind them and
+//! is refused.
+//!
 //! PostgreSQL's tree is authoritative and is checked completely (every string in it is
 //! visited, see `pgtree`); the sqlparser tree, which is what gets printed, is checked too. The
 //! verifier runs the PostgreSQL-side check again on the text actually forwarded.
@@ -72,8 +81,73 @@ fn set_config_refusal() -> Refusal {
     )
 }
 
-/// Checks one statement of PostgreSQL's tree.
-pub(crate) fn check_pg(node: &NodeEnum) -> Result<(), Refusal> {
+/// A condition on a value the client binds later, on which accepting a statement depends
+/// (`set_config` with a parameter). Numbers are the statement's `$n`, from 1.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ParamRule {
+    /// `set_config($n, …)`: the value must name a setting an environment key may `SET`.
+    SettingName { param: u16 },
+    /// `set_config('<pinned>', $n, …)`: the value must be the one `setting` is pinned to.
+    PinnedValue { param: u16, setting: &'static str },
+}
+
+/// Parameter types a rule's parameter may be declared with in Parse: unspecified (the server
+/// takes `text` from set_config's signature), `text` and `varchar`. Their input and receive
+/// functions give back exactly the bytes bound, in either format, so the value the proxy
+/// checks is the value the server uses.
+pub const RULE_PARAM_TYPES: &[u32] = &[0, 25, 1043];
+
+impl ParamRule {
+    pub fn param(&self) -> u16 {
+        match self {
+            ParamRule::SettingName { param } | ParamRule::PinnedValue { param, .. } => *param,
+        }
+    }
+
+    /// The Parse that prepares the statement declares `types`: each rule's parameter must be
+    /// one whose bound bytes the server reads as they are.
+    pub fn check_declared(&self, types: &[u32]) -> Result<(), Refusal> {
+        let declared = types.get(usize::from(self.param()) - 1).copied().unwrap_or(0);
+        if RULE_PARAM_TYPES.contains(&declared) {
+            return Ok(());
+        }
+        Err(Refusal::Denied(format!(
+            "refused: parameter ${} of set_config must be declared as text (or left unspecified), not type {declared}",
+            self.param()
+        )))
+    }
+
+    /// A Bind supplies `value` (`None`: NULL or not supplied) for the rule's parameter.
+    pub fn check(&self, value: Option<&[u8]>) -> Result<(), Refusal> {
+        let text = value.and_then(|v| std::str::from_utf8(v).ok()).filter(|t| !t.contains('\0'));
+        match self {
+            ParamRule::SettingName { param } => {
+                if text.is_some_and(settable) {
+                    return Ok(());
+                }
+                Err(Refusal::Denied(format!(
+                    "refused: set_config's setting name (parameter ${param}) must be a setting an environment key \
+                     may SET; the value bound is not one"
+                )))
+            }
+            ParamRule::PinnedValue { param, setting } => {
+                if text.is_some_and(|t| keeps_pinned_value(setting, t)) {
+                    return Ok(());
+                }
+                Err(Refusal::Denied(format!(
+                    "refused: set_config of {setting} (parameter ${param}) may only set the value the proxy pins \
+                     it to; the value bound is another"
+                )))
+            }
+        }
+    }
+}
+
+/// The pinned settings a statement may set to the value they are pinned to (canonical names).
+const PINNED_WITH_VALUE: &[&str] = &["client_encoding", "standard_conforming_strings"];
+
+/// Checks one statement of PostgreSQL's tree; the rules its bound values must pass.
+pub(crate) fn check_pg(node: &NodeEnum) -> Result<Vec<ParamRule>, Refusal> {
     // A top-level SET/RESET gets a message naming the exact form; anything nested (ALTER ROLE
     // … SET, CREATE FUNCTION … SET, …) is caught by the walk below.
     if let NodeEnum::VariableSetStmt(set) = node
@@ -84,7 +158,7 @@ pub(crate) fn check_pg(node: &NodeEnum) -> Result<(), Refusal> {
             && let Some(pg_query::protobuf::a_const::Val::Sval(v)) = &c.val
             && keeps_pinned_value(&set.name, &v.sval)
         {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let verb = match VariableSetKind::try_from(set.kind) {
             Ok(VariableSetKind::VarReset) => "RESET",
@@ -93,9 +167,10 @@ pub(crate) fn check_pg(node: &NodeEnum) -> Result<(), Refusal> {
         };
         return Err(pinned_refusal(verb, &set.name));
     }
-    // `set_config('<harmless setting>', …)` (asyncpg sends `set_config('jit', 'off', false)`)
-    // is the one accepted use of the name; every other occurrence is refused.
-    let mut harmless_calls = harmless_set_config_calls_pg(node);
+    // The accepted `set_config` calls (asyncpg sends `set_config('jit', 'off', false)`, psycopg
+    // `set_config($1, $2, false)` and `set_config('client_encoding', $1, false)`) are the
+    // accepted uses of the name; every other occurrence is refused.
+    let (mut harmless_calls, rules) = harmless_set_config_calls_pg(node);
     let result = pgtree::walk_strings(node, &mut |path, value| {
         let Some(&(message, field)) = path.last() else {
             return Ok(());
@@ -118,7 +193,7 @@ pub(crate) fn check_pg(node: &NodeEnum) -> Result<(), Refusal> {
         Ok(())
     });
     match result {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(rules),
         Err(WalkError::Stopped(refusal)) => Err(refusal),
         Err(WalkError::Serializer) => {
             Err(Refusal::Unverifiable("refused: the proxy could not inspect PostgreSQL's parse tree".to_string()))
@@ -131,12 +206,52 @@ fn settable(name: &str) -> bool {
     super::engine::ALLOWED_SETTINGS.iter().any(|s| s.eq_ignore_ascii_case(name)) && !is_pinned(name)
 }
 
-/// The number of `set_config` calls in PostgreSQL's tree that name, as a constant, a setting an
-/// environment key may change (each accounts for one occurrence of the name).
-/// A complete walk (`pgtree::visit`): a call pg_query's `nodes()` skips (in VALUES, say) would
-/// otherwise not be counted, and its harmless name refused.
-fn harmless_set_config_calls_pg(node: &NodeEnum) -> usize {
-    let mut count = 0usize;
+/// A `set_config` argument as the gate tells them apart.
+enum Arg<'a> {
+    Constant(&'a str),
+    Param(u16),
+    Other,
+}
+
+/// What a `set_config(name, value, is_local)` call with these arguments needs to be accepted:
+/// `None` refused; `Some(None)` accepted as it is; `Some(Some(rule))` accepted when its bound
+/// value passes `rule`. `params`: the statement's parameters are the ones a Bind supplies (a
+/// top-level SELECT: not a PREPARE's, nor a function body's).
+fn accepted_call(name: Arg, value: Arg, params: bool) -> Option<Option<ParamRule>> {
+    match (name, value) {
+        (Arg::Constant(n), _) if settable(n) => Some(None),
+        (Arg::Constant(n), Arg::Constant(v)) if keeps_pinned_value(n, v) => Some(None),
+        (Arg::Param(param), _) if params => Some(Some(ParamRule::SettingName { param })),
+        (Arg::Constant(n), Arg::Param(param)) if params => {
+            let setting = PINNED_WITH_VALUE.iter().find(|s| s.eq_ignore_ascii_case(n))?;
+            Some(Some(ParamRule::PinnedValue { param, setting }))
+        }
+        _ => None,
+    }
+}
+
+fn param_number(n: i64) -> Option<u16> {
+    u16::try_from(n).ok().filter(|n| *n > 0)
+}
+
+/// The `set_config` calls in PostgreSQL's tree that are accepted (each accounts for one
+/// occurrence of the name), and the rules of those that depend on bound values. A complete walk
+/// (`pgtree::visit`): a call pg_query's `nodes()` skips (in VALUES, say) would otherwise not be
+/// counted, and its accepted name refused.
+fn harmless_set_config_calls_pg(node: &NodeEnum) -> (usize, Vec<ParamRule>) {
+    let params = matches!(node, NodeEnum::SelectStmt(_));
+    fn arg(a: Option<&pg_query::protobuf::Node>) -> Arg<'_> {
+        match a.and_then(|a| a.node.as_ref()) {
+            Some(NodeEnum::AConst(c)) => match &c.val {
+                Some(pg_query::protobuf::a_const::Val::Sval(s)) => Arg::Constant(s.sval.as_str()),
+                _ => Arg::Other,
+            },
+            Some(NodeEnum::ParamRef(p)) => param_number(i64::from(p.number)).map_or(Arg::Other, Arg::Param),
+            _ => Arg::Other,
+        }
+    }
+    let mut count = 0;
+    let mut rules = Vec::new();
     let walked = pgtree::visit::<()>(node, &mut |n| {
         let pg_query::NodeRef::FuncCall(f) = n else { return Ok(()) };
         let name: Vec<&str> = f
@@ -148,26 +263,38 @@ fn harmless_set_config_calls_pg(node: &NodeEnum) -> usize {
             })
             .collect();
         let named = matches!(name.as_slice(), [SET_CONFIG] | ["pg_catalog", SET_CONFIG]);
-        let first = f.args.first().and_then(|a| match &a.node {
-            Some(NodeEnum::AConst(c)) => match &c.val {
-                Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.as_str()),
-                _ => None,
-            },
-            _ => None,
-        });
-        if named && f.args.len() == 3 && first.is_some_and(settable) {
+        // A plain call: three positional arguments, nothing else (`agg_*`, `over`, named
+        // arguments and VARIADIC make it something else).
+        let plain = f.args.len() == 3
+            && f.agg_order.is_empty()
+            && f.agg_filter.is_none()
+            && f.over.is_none()
+            && !f.agg_star
+            && !f.agg_distinct
+            && !f.func_variadic
+            && !f.agg_within_group;
+        if named
+            && plain
+            && let Some(rule) = accepted_call(arg(f.args.first()), arg(f.args.get(1)), params)
+        {
             count += 1;
+            rules.extend(rule);
         }
         Ok(())
     });
-    // A tree that cannot be walked accounts for no harmless call (fail closed).
-    if walked.is_ok() { count } else { 0 }
+    // A tree that cannot be walked accounts for no accepted call (fail closed).
+    if walked.is_err() {
+        return (0, Vec::new());
+    }
+    rules.sort();
+    (count, rules)
 }
 
 /// Checks one statement of sqlparser's tree (the tree that will be printed).
 pub(crate) fn check_sql(stmt: &Statement) -> Result<(), Refusal> {
     check_statement_form(stmt)?;
-    let mut finder = SetConfigFinder { harmless: 0, names: 0 };
+    let params = matches!(stmt, Statement::Query(_));
+    let mut finder = SetConfigFinder { harmless: 0, names: 0, params };
     let _ = stmt.visit(&mut finder);
     if finder.names > finder.harmless { Err(set_config_refusal()) } else { Ok(()) }
 }
@@ -235,10 +362,12 @@ fn check_name(verb: &str, name: &ObjectName) -> Result<(), Refusal> {
 }
 
 /// Counts identifiers spelled set_config (function name, any qualification, any case) and the
-/// harmless calls (`set_config('<settable>', …, …)`, unquoted name) that account for them.
+/// accepted calls (`accepted_call`, unquoted name) that account for them.
 struct SetConfigFinder {
     harmless: usize,
     names: usize,
+    /// The statement's parameters are the ones a Bind supplies (a query).
+    params: bool,
 }
 
 impl Visitor for SetConfigFinder {
@@ -255,14 +384,29 @@ impl Visitor for SetConfigFinder {
             _ => false,
         };
         let FunctionArguments::List(list) = &f.args else { return ControlFlow::Continue(()) };
-        let first = match list.args.first() {
-            Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))) => match &v.value {
-                Value::SingleQuotedString(s) => Some(s.as_str()),
-                _ => None,
-            },
-            _ => None,
-        };
-        if named && list.args.len() == 3 && list.clauses.is_empty() && first.is_some_and(settable) {
+        fn arg(a: Option<&FunctionArg>) -> Arg<'_> {
+            match a {
+                Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))) => match &v.value {
+                    Value::SingleQuotedString(s) => Arg::Constant(s.as_str()),
+                    Value::Placeholder(p) => p
+                        .strip_prefix('$')
+                        .filter(|d| d.bytes().all(|b| b.is_ascii_digit()))
+                        .and_then(|d| d.parse::<i64>().ok())
+                        .and_then(param_number)
+                        .map_or(Arg::Other, Arg::Param),
+                    _ => Arg::Other,
+                },
+                _ => Arg::Other,
+            }
+        }
+        let plain = list.args.len() == 3
+            && list.clauses.is_empty()
+            && list.duplicate_treatment.is_none()
+            && f.filter.is_none()
+            && f.over.is_none()
+            && f.within_group.is_empty()
+            && matches!(f.parameters, FunctionArguments::None);
+        if named && plain && accepted_call(arg(list.args.first()), arg(list.args.get(1)), self.params).is_some() {
             self.harmless += 1;
         }
         ControlFlow::Continue(())
@@ -282,9 +426,13 @@ mod tests {
     use sqlparser::dialect::PostgreSqlDialect;
     use sqlparser::parser::Parser;
 
-    fn pg(sql: &str) -> Result<(), Refusal> {
+    fn pg_rules(sql: &str) -> Result<Vec<ParamRule>, Refusal> {
         let parsed = pg_query::parse(sql, 0).unwrap();
         check_pg(parsed.protobuf.stmts[0].stmt.as_ref().unwrap().node.as_ref().unwrap())
+    }
+
+    fn pg(sql: &str) -> Result<(), Refusal> {
+        pg_rules(sql).map(|rules| assert_eq!(rules, [], "{sql}"))
     }
 
     fn sp(sql: &str) -> Result<(), Refusal> {
@@ -363,6 +511,91 @@ mod tests {
                 assert!(matches!(check_sql(&stmts[0]), Err(Refusal::Denied(_))), "sqlparser tree: {sql}");
             }
         }
+    }
+
+    /// `set_config` whose decision depends on a bound value: accepted only in a query (whose
+    /// parameters a Bind supplies), with the rule the session checks on every Bind.
+    #[test]
+    fn set_config_with_parameters_comes_with_rules() {
+        use ParamRule::{PinnedValue, SettingName};
+        for (sql, rules) in [
+            ("select set_config($1, $2, false)", vec![SettingName { param: 1 }]),
+            ("SELECT pg_catalog.set_config($2, 'x', true)", vec![SettingName { param: 2 }]),
+            (
+                "select set_config('client_encoding', $1, false)",
+                vec![PinnedValue { param: 1, setting: "client_encoding" }],
+            ),
+            (
+                "SELECT set_config('Standard_Conforming_Strings', $3, false)",
+                vec![PinnedValue { param: 3, setting: "standard_conforming_strings" }],
+            ),
+            (
+                "SELECT set_config($1, 'a', false), set_config('jit', $2, false) FROM (SELECT set_config($3, 'b', true)) s",
+                vec![SettingName { param: 1 }, SettingName { param: 3 }],
+            ),
+            ("SELECT set_config('client_encoding', 'UTF-8', false)", vec![]),
+            ("SELECT set_config('standard_conforming_strings', 'on', true)", vec![]),
+        ] {
+            assert_eq!(pg_rules(sql), Ok(rules), "pg tree: {sql}");
+            assert_eq!(sp(sql), Ok(()), "sqlparser tree: {sql}");
+        }
+        for sql in [
+            // Parameters that are not the Bind's: a PREPARE's, a function body's.
+            "PREPARE p AS SELECT set_config($1, 'x', false)",
+            "CREATE FUNCTION f(text) RETURNS text RETURN set_config($1, 'x', false)",
+            "INSERT INTO t VALUES (set_config($1, 'x', false))",
+            "UPDATE t SET a = set_config($1, 'x', false)",
+            // Anything but a bare parameter or constant.
+            "SELECT set_config($1::text, 'x', false)",
+            "SELECT set_config(lower($1), 'x', false)",
+            "SELECT set_config('client_encoding', $1 || '', false)",
+            "SELECT set_config('search_path', $1, false)",
+            "SELECT set_config('role', $1, false)",
+            "SELECT set_config('client_encoding', 'latin1', false)",
+            "SELECT set_config('standard_conforming_strings', 'off', false)",
+            "SELECT set_config(VARIADIC ARRAY[$1, 'x', 'false'])",
+            "SELECT set_config($1, $2)",
+            "SELECT x.set_config($1, 'x', false)",
+        ] {
+            assert!(matches!(pg_rules(sql), Err(Refusal::Denied(_))), "pg tree: {sql}");
+            if let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+                assert!(matches!(check_sql(&stmts[0]), Err(Refusal::Denied(_))), "sqlparser tree: {sql}");
+            }
+        }
+    }
+
+    #[test]
+    fn rules_check_the_bound_value_and_the_declared_type() {
+        let name = ParamRule::SettingName { param: 2 };
+        assert_eq!(name.check(Some(b"jit")), Ok(()));
+        assert_eq!(name.check(Some(b"TimeZone")), Ok(()));
+        assert_eq!(name.check(Some(b"default_transaction_isolation")), Ok(()));
+        for bad in [&b"search_path"[..], b"ROLE", b"client_encoding", b"jit ", b"jit\0", b"a.b", b"\xff", b""] {
+            assert!(matches!(name.check(Some(bad)), Err(Refusal::Denied(_))), "{bad:?}");
+        }
+        assert!(name.check(None).is_err());
+        let encoding = ParamRule::PinnedValue { param: 1, setting: "client_encoding" };
+        for good in ["utf8", "UTF-8", "utf_8", "Unicode"] {
+            assert_eq!(encoding.check(Some(good.as_bytes())), Ok(()), "{good}");
+        }
+        for bad in ["latin1", "sql_ascii", "", "utf8\0"] {
+            assert!(encoding.check(Some(bad.as_bytes())).is_err(), "{bad}");
+        }
+        let scs = ParamRule::PinnedValue { param: 1, setting: "standard_conforming_strings" };
+        assert_eq!(scs.check(Some(b"on")), Ok(()));
+        assert!(scs.check(Some(b"off")).is_err());
+        // Unspecified, text and varchar read the bound bytes as they are; nothing else is taken.
+        for ok in [&[][..], &[0, 0], &[25, 25], &[23, 1043]] {
+            assert_eq!(name.check_declared(ok), Ok(()), "{ok:?}");
+        }
+        for bad in [&[0, 18][..], &[0, 19], &[0, 1042], &[0, 17]] {
+            assert!(name.check_declared(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            name.check(Some(b"role")).unwrap_err().to_string(),
+            "refused: set_config's setting name (parameter $2) must be a setting an environment key may SET; the \
+             value bound is not one"
+        );
     }
 
     #[test]

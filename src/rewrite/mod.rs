@@ -56,7 +56,7 @@ use sqlparser::parser::{Parser, ParserError};
 use crate::auth::identity::ActorContext;
 use crate::protocol::sqlstate::SqlState;
 
-pub use gate::PINNED_SETTINGS;
+pub use gate::{PINNED_SETTINGS, ParamRule};
 pub use policy::{DdlTarget, StatementPolicy};
 pub use printer::quoted_ident;
 
@@ -100,6 +100,10 @@ pub struct Rewritten {
     /// a template, `shape.rs`): a session may prepare `sql` once per upstream connection and
     /// bind the values, so the server plans it once instead of once per execution.
     pub bound: Option<Bound>,
+    /// Conditions on the values a Bind supplies that accepting the statement depends on
+    /// (`set_config($1, …)`, `gate.rs`); empty for almost every statement. A session checks
+    /// them on every Bind of the statement; a simple Query, which binds nothing, is refused.
+    pub param_rules: Arc<[ParamRule]>,
 }
 
 /// A rewritten statement as a parameterised text and the values of this execution.
@@ -374,6 +378,7 @@ fn pipeline(
             statement_kinds: Arc::default(),
             tables: Arc::default(),
             bound: None,
+            param_rules: Arc::default(),
             policy_version: policy.version(actor).map(Arc::from),
         });
     }
@@ -385,9 +390,12 @@ fn pipeline(
     let mut checks = Vec::with_capacity(total);
     let mut kinds = Vec::with_capacity(total);
     let mut tables = std::collections::BTreeSet::new();
+    let mut rules = Vec::new();
     for (i, stmt) in statements.into_iter().enumerate() {
         tables.extend(pgtree::relations(&stmt.node));
-        let (text, form) = rewrite_statement(sql, &tokens, &stmt, &statement_label(i, total), actor, policy)?;
+        let (text, form, stmt_rules) =
+            rewrite_statement(sql, &tokens, &stmt, &statement_label(i, total), actor, policy)?;
+        rules.extend(stmt_rules);
         if !out.is_empty() {
             out.push_str("; ");
         }
@@ -398,7 +406,7 @@ fn pipeline(
     }
 
     if output == Output::Verified {
-        verify::verify(&out, &checks, policy, actor)?;
+        verify::verify(&out, &checks, &rules, policy, actor)?;
     }
     Ok(Rewritten {
         sql_hash: crate::events::sql_hash(&out),
@@ -406,12 +414,13 @@ fn pipeline(
         statement_kinds: Arc::from(kinds),
         tables: tables.into_iter().collect(),
         bound: None,
+        param_rules: Arc::from(rules),
         policy_version: policy.version(actor).map(Arc::from),
     })
 }
 
-/// Steps 3–5 for one statement: its text to forward, and how it was made (what the verifier
-/// must find in it).
+/// Steps 3–5 for one statement: its text to forward, how it was made (what the verifier must
+/// find in it), and the rules its bound values must pass (`gate::ParamRule`).
 fn rewrite_statement(
     sql: &str,
     tokens: &[lexer::Tok],
@@ -419,8 +428,8 @@ fn rewrite_statement(
     label: &str,
     actor: &ActorContext,
     policy: &dyn StatementPolicy,
-) -> Result<(String, Form), Refusal> {
-    gate::check_pg(&stmt.node)?;
+) -> Result<(String, Form, Vec<ParamRule>), Refusal> {
+    let rules = gate::check_pg(&stmt.node)?;
     policy.check_pg(&stmt.node, actor)?;
     ddl::check_names(&stmt.node, &mut |target| policy.check_ddl_target(target, actor))?;
     let bool_ops = lexer::count_boolean_operators(tokens, stmt.range.clone());
@@ -441,7 +450,7 @@ fn rewrite_statement(
     } else {
         parse_one(piece)
     };
-    match parsed {
+    let (text, form) = match parsed {
         Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, false, None),
         // PostgreSQL proved this statement touches no data, so the client's own text may go
         // through unchanged (minus leading/trailing comments, see `trim_to_tokens`).
@@ -477,7 +486,8 @@ fn rewrite_statement(
             "refused: the proxy cannot parse {label} ({}): it reads {n} statements where PostgreSQL reads one",
             stmt.kind
         ))),
-    }
+    }?;
+    Ok((text, form, rules))
 }
 
 /// Steps 4–5 for a statement sqlparser read: the gate, the policy, the printer. `deparsed`: the
@@ -636,7 +646,8 @@ fn rewrite_cut(
         })
     })?;
     let piece = PieceCheck { kind: kind.to_owned(), range: 0..rewritten.len(), form };
-    verify::verify(&rewritten, std::slice::from_ref(&piece), policy, actor)?;
+    let rules = gate::check_pg(bare)?;
+    verify::verify(&rewritten, std::slice::from_ref(&piece), &rules, policy, actor)?;
     Ok(rewritten)
 }
 

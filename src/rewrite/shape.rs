@@ -339,6 +339,7 @@ impl Template {
             tables: Arc::clone(&self.base.tables),
             policy_version: self.base.policy_version.clone(),
             bound,
+            param_rules: Arc::clone(&self.base.param_rules),
         })
     }
 

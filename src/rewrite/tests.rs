@@ -168,6 +168,7 @@ fn empty_input_is_an_empty_query() {
                 tables: Arc::default(),
                 sql_hash: crate::events::sql_hash(""),
                 bound: None,
+                param_rules: Arc::default(),
                 policy_version: None
             },
             "{sql:?}"
@@ -432,7 +433,7 @@ fn timing() {
         let sp_parse = stage(&|| drop(std::hint::black_box(parse_one(sql).ok().unwrap())));
         let print = stage(&|| drop(std::hint::black_box(printer::print(parse_one(sql).ok().unwrap()).unwrap())));
         let node = classify::parse(sql).unwrap().remove(0).node;
-        let gate = stage(&|| gate::check_pg(&node).unwrap());
+        let gate = stage(&|| drop(gate::check_pg(&node).unwrap()));
         let shape = stage(&|| drop(std::hint::black_box(pgtree::shape(&node))));
         println!(
             "{name} ({} bytes): miss {miss:?}, hit {hit:?} | pg_query parse {pg_parse:?}, scan {pg_scan:?}, \

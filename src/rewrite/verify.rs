@@ -3,7 +3,8 @@
 //!
 //! * it parses, into the same number of statements, of the same kinds, in the same order, with
 //!   each statement exactly where the proxy put it;
-//! * the gate's PostgreSQL-side rules pass on what will actually run;
+//! * the gate's PostgreSQL-side rules pass on what will actually run, and the bound values
+//!   they depend on (`gate::ParamRule`) are exactly the ones the client's text depended on;
 //! * in every printed (not verbatim) statement, the string constants (`SCONST`, and any
 //!   `USCONST`/`BCONST`/`XCONST`) and quoted identifiers, in text order, are exactly the ones
 //!   the printer wrote, with the same values; and there is no comment (the printer never writes
@@ -66,6 +67,7 @@ fn unverifiable(what: impl std::fmt::Display) -> Refusal {
 pub(crate) fn verify(
     text: &str,
     pieces: &[PieceCheck],
+    rules: &[gate::ParamRule],
     policy: &dyn super::StatementPolicy,
     actor: &crate::auth::identity::ActorContext,
 ) -> Result<(), Refusal> {
@@ -82,6 +84,7 @@ pub(crate) fn verify(
             pieces.len()
         )));
     }
+    let mut found_rules = Vec::with_capacity(rules.len());
     for (i, (stmt, piece)) in statements.iter().zip(pieces).enumerate() {
         let n = i + 1;
         if stmt.kind != piece.kind {
@@ -93,7 +96,7 @@ pub(crate) fn verify(
         if stmt.range != piece.range {
             return Err(unverifiable(format!("statement {n} does not start and end where the proxy put it")));
         }
-        gate::check_pg(&stmt.node)?;
+        found_rules.extend(gate::check_pg(&stmt.node)?);
         policy.check_output(&stmt.node, actor)?;
         let same_as = match &piece.form {
             Form::Verbatim => None,
@@ -108,6 +111,11 @@ pub(crate) fn verify(
                  (the proxy's re-printed text changed its meaning)"
             )));
         }
+    }
+    // The bound values the session will check are exactly the ones the forwarded text's
+    // set_config calls depend on.
+    if found_rules != rules {
+        return Err(unverifiable("its set_config calls depend on other parameters than the client's"));
     }
     let tokens = lexer::scan(text).map_err(|m| unverifiable(format!("PostgreSQL cannot scan it: {m}")))?;
     check_tokens(text, &tokens, pieces)
@@ -234,7 +242,7 @@ mod tests {
             actor_type: crate::auth::identity::ActorType::User,
             actor_id: "a".into(),
         };
-        verify(text, pieces, &crate::rewrite::policy::PassThrough, &actor)
+        verify(text, pieces, &[], &crate::rewrite::policy::PassThrough, &actor)
     }
 
     fn printed(kind: &str, range: Range<usize>, emitted: Vec<Emitted>) -> PieceCheck {

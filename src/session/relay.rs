@@ -30,11 +30,11 @@ use crate::protocol::backend::parse_error_fields;
 use crate::protocol::backend::{self, Severity, parse_parameter_status};
 use crate::protocol::frame::{self, Frame};
 use crate::protocol::frontend::{
-    decode_bind_names, decode_parse, decode_query, decode_target, encode_bind_renamed, encode_bind_text,
-    encode_execute_sync, encode_parse, encode_query, encode_target, statement_text_lossy,
+    decode_bind_names, decode_bind_values, decode_parse, decode_query, decode_target, encode_bind_renamed,
+    encode_bind_text, encode_execute_sync, encode_parse, encode_query, encode_target, statement_text_lossy,
 };
 use crate::protocol::sqlstate::SqlState;
-use crate::rewrite::{Bound, Refusal, Rewritten};
+use crate::rewrite::{Bound, ParamRule, Refusal, Rewritten};
 use crate::server::{Drain, Proxy};
 use crate::session::handshake::Established;
 use crate::session::refusal::{BackendAction, RefusalTracker};
@@ -118,6 +118,8 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         discard_until_sync: false,
         extended_open: false,
         unnamed: None,
+        unnamed_rules: Arc::default(),
+        named_rules: std::collections::HashMap::new(),
         origin: Arc::clone(&origin),
         pooled: pool_key.is_some(),
         ahead: None,
@@ -213,6 +215,15 @@ struct ClientToUpstream<'a> {
     extended_open: bool,
     /// The proxy's prepared statement that stands for the client's unnamed statement now.
     unnamed: Option<Arc<str>>,
+    /// The rules a Bind of that statement must pass (`gate::ParamRule`). A statement with
+    /// rules is never the server's own unnamed statement: that one is replaced by Parses the
+    /// server may skip (after an error, up to Sync), so the proxy could not tell which
+    /// statement a Bind of it reaches. The proxy's names stand for fixed texts.
+    unnamed_rules: Arc<[ParamRule]>,
+    /// The rules of the client's named statements. Only ever added to: a Parse or Close the
+    /// server skipped or failed must not lift a rule of a statement that still exists (a name
+    /// reused for another statement is checked against both; at worst a refusal too many).
+    named_rules: std::collections::HashMap<String, Vec<ParamRule>>,
     /// Who this session's decisions are made for (audit events).
     origin: Arc<Origin>,
     /// The upstream connection may go back to the pool: Terminate is not forwarded.
@@ -318,7 +329,7 @@ impl ClientToUpstream<'_> {
                     }
                     Caller::Environment(actor) => {
                         let sql = decode_query(&frame.body)?;
-                        match self.rewrite(sql, actor) {
+                        match self.rewrite(sql, actor).and_then(bindless) {
                             Ok(rw) => {
                                 self.decided(self.rewritten(&rw), true);
                                 if statements::forgets_statements(&rw.statement_kinds) {
@@ -355,14 +366,34 @@ impl ClientToUpstream<'_> {
                                 self.refuse_extended(reserved_name(parse.name), Some(actor), parse.query, out);
                             }
                             Ok(rw) => {
-                                self.decided(self.rewritten(&rw), false);
+                                let declared =
+                                    rw.param_rules.iter().try_for_each(|r| r.check_declared(&parse.param_types));
+                                if let Err(refusal) = declared {
+                                    self.refuse_extended(refusal, Some(actor), parse.query, out);
+                                    return Ok(());
+                                }
                                 if parse.name.is_empty() {
                                     self.unnamed = None;
-                                    if statements::preparable(&rw.statement_kinds) {
-                                        self.parse_unnamed(&rw.sql, &parse.param_types, out);
+                                    if statements::preparable(&rw.statement_kinds)
+                                        && self.parse_unnamed(&rw, &parse.param_types, out)
+                                    {
+                                        self.decided(self.rewritten(&rw), false);
                                         return Ok(());
                                     }
+                                    if !rw.param_rules.is_empty() {
+                                        let refusal = Refusal::Denied(
+                                            "refused: set_config with a parameter needs a prepared statement of the \
+                                             proxy's, and this connection holds as many as it may (run DISCARD ALL)"
+                                                .to_owned(),
+                                        );
+                                        self.refuse_extended(refusal, Some(actor), parse.query, out);
+                                        return Ok(());
+                                    }
+                                } else if let Err(refusal) = self.note_named_rules(parse.name, &rw.param_rules) {
+                                    self.refuse_extended(refusal, Some(actor), parse.query, out);
+                                    return Ok(());
                                 }
+                                self.decided(self.rewritten(&rw), false);
                                 encode_parse(out, parse.name, &rw.sql, &parse.param_types)
                             }
                             Err(refusal) => self.refuse_extended(refusal, Some(actor), parse.query, out),
@@ -434,12 +465,13 @@ impl ClientToUpstream<'_> {
 
     /// A client's unnamed Parse of a rewritten statement: prepared once under the proxy's name;
     /// later Parses of the same text only parse the empty string (the client still gets its
-    /// ParseComplete) and its Bind and Describe name the prepared statement.
-    fn parse_unnamed(&mut self, sql: &str, param_types: &[u32], out: &mut BytesMut) {
+    /// ParseComplete) and its Bind and Describe name the prepared statement. False (nothing
+    /// written): the connection holds as many statements as it may.
+    fn parse_unnamed(&mut self, rw: &Rewritten, param_types: &[u32], out: &mut BytesMut) -> bool {
+        let sql = rw.sql.as_str();
         let mut book = lock(&self.tracker);
         let Some(chosen) = book.prepared.use_for(sql, param_types) else {
-            encode_parse(out, "", sql, param_types);
-            return;
+            return false;
         };
         self.count_use(&chosen);
         match &chosen {
@@ -454,6 +486,43 @@ impl ClientToUpstream<'_> {
         }
         book.open_unit.names.push(Arc::clone(chosen.name()));
         self.unnamed = Some(Arc::clone(chosen.name()));
+        self.unnamed_rules = Arc::clone(&rw.param_rules);
+        true
+    }
+
+    /// A client's named Parse of a statement with rules: its Binds are checked from now on.
+    fn note_named_rules(&mut self, name: &str, rules: &[ParamRule]) -> Result<(), Refusal> {
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let held: usize = self.named_rules.values().map(Vec::len).sum();
+        if held + rules.len() > MAX_NAMED_RULES {
+            return Err(Refusal::Denied(format!(
+                "refused: a session may prepare statements with at most {MAX_NAMED_RULES} set_config parameters"
+            )));
+        }
+        let entry = self.named_rules.entry(name.to_owned()).or_default();
+        for rule in rules {
+            if !entry.contains(rule) {
+                entry.push(rule.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// The rules of the statement a client's Bind names: checked on the values it binds.
+    fn check_bind(&self, statement: &str, rest: &[u8]) -> Result<Result<(), Refusal>, SessionEnd> {
+        let rules: &[ParamRule] = match (statement.is_empty(), &self.unnamed) {
+            (true, Some(_)) => &self.unnamed_rules,
+            // The server's own unnamed statement never has rules (see `unnamed_rules`).
+            (true, None) => &[],
+            (false, _) => self.named_rules.get(statement).map_or(&[], Vec::as_slice),
+        };
+        if rules.is_empty() {
+            return Ok(Ok(()));
+        }
+        let values = decode_bind_values(rest)?;
+        Ok(rules.iter().try_for_each(|r| r.check(values.get(usize::from(r.param()) - 1).copied().flatten())))
     }
 
     fn count_use(&self, chosen: &Use) {
@@ -470,6 +539,14 @@ impl ClientToUpstream<'_> {
         let (statement, portal) = match frame.tag {
             b'B' => {
                 let names = decode_bind_names(&frame.body)?;
+                if let Err(refusal) = self.check_bind(names.statement, names.rest)? {
+                    let actor = match self.caller {
+                        Caller::Environment(a) => Some(a),
+                        Caller::Operator => None,
+                    };
+                    self.refuse_extended(refusal, actor, "", out);
+                    return Ok(());
+                }
                 if let (true, Some(name)) = (names.statement.is_empty(), &self.unnamed) {
                     encode_bind_renamed(out, &names, name);
                     return Ok(());
@@ -601,6 +678,22 @@ impl ClientToUpstream<'_> {
         e
     }
 }
+
+/// A simple Query's rewrite, which binds no values: one whose acceptance depends on bound
+/// values (`gate::ParamRule`) is refused.
+fn bindless(rw: Arc<Rewritten>) -> Result<Arc<Rewritten>, Refusal> {
+    if rw.param_rules.is_empty() {
+        return Ok(rw);
+    }
+    Err(Refusal::Denied(
+        "refused: set_config with a parameter is accepted only in a prepared statement (Parse, then Bind), whose \
+         bound values the proxy checks"
+            .to_owned(),
+    ))
+}
+
+/// At most this many rules of named statements per session (`note_named_rules`).
+const MAX_NAMED_RULES: usize = 4096;
 
 /// The server's 57014 for a statement the proxy cancelled, told as what it was.
 fn timed_out_error(body: &[u8]) -> Option<Bytes> {

@@ -1,13 +1,13 @@
 //! What the client suites run from their public source found (README, "Suites run from their
-//! public source"): node-postgres' and asyncpg's own tests, run directly and through an operator
-//! key, differed in these ways, each now as the server behaves.
+//! public source"): node-postgres', asyncpg's and psycopg's own tests, run directly and through
+//! an operator or a development key, differed in these ways, each now as the server behaves.
 
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::harness::fixture;
+use crate::harness::{code, fixture};
 use crate::hostile::{Raw, cstr, msg, read_to_end, split, sqlstate, startup_packet};
 
 /// The text columns of a DataRow body.
@@ -119,4 +119,123 @@ async fn operator_startup_settings_are_forwarded() {
         let e = split(&out).into_iter().find(|m| m.0 == b'E').unwrap_or_else(|| panic!("{refused:?}: {out:?}"));
         assert_eq!(sqlstate(&e.1), "42501", "{refused:?}");
     }
+}
+
+fn parse(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
+    let mut body = [cstr(name), cstr(sql)].concat();
+    body.extend((types.len() as i16).to_be_bytes());
+    for t in types {
+        body.extend(t.to_be_bytes());
+    }
+    msg(b'P', &body)
+}
+
+/// Bind with text values (no format codes, no result formats).
+fn bind(statement: &str, values: &[&str]) -> Vec<u8> {
+    let mut body = [cstr(""), cstr(statement)].concat();
+    body.extend(0i16.to_be_bytes());
+    body.extend((values.len() as i16).to_be_bytes());
+    for v in values {
+        body.extend((v.len() as i32).to_be_bytes());
+        body.extend(v.as_bytes());
+    }
+    body.extend(0i16.to_be_bytes());
+    msg(b'B', &body)
+}
+
+fn execute_sync() -> Vec<u8> {
+    [msg(b'E', &[cstr(""), vec![0, 0, 0, 0]].concat()), msg(b'S', b"")].concat()
+}
+
+/// The SQLSTATEs of a round trip's errors. (Boxed: `Raw`'s reads keep a 64 KiB buffer in
+/// their futures, and a debug build gives each await of a long test its own copy.)
+async fn round_trip(raw: &mut Raw, bytes: &[u8]) -> Vec<String> {
+    raw.send(bytes).await;
+    let msgs = Box::pin(raw.until_ready()).await;
+    msgs.iter().filter(|m| m.0 == b'E').map(|m| sqlstate(&m.1)).collect()
+}
+
+/// `query_row`, boxed (see `round_trip`).
+async fn boxed_row(raw: &mut Raw, sql: &str) -> Vec<Option<String>> {
+    Box::pin(query_row(raw, sql)).await
+}
+
+/// psycopg's `test_prepared.py` counts `pg_prepared_statements`: the statements the proxy
+/// prepares for a development key's unnamed Parses (and for simple Queries with literals) are
+/// the proxy's own, and a client sees only the ones it prepared, as it would directly.
+#[tokio::test]
+async fn prepared_statements_list_only_the_clients_own() {
+    let mut raw = Raw::session().await;
+    for _ in 0..3 {
+        let batch = [parse("", "SELECT $1::int", &[]), bind("", &["7"]), execute_sync()].concat();
+        assert_eq!(round_trip(&mut raw, &batch).await, Vec::<String>::new());
+        boxed_row(&mut raw, "SELECT relname FROM pg_class WHERE relname = 'pg_class'").await;
+    }
+    let count = "SELECT count(*) FROM pg_prepared_statements WHERE name <> ''";
+    assert_eq!(boxed_row(&mut raw, count).await, [Some("0".to_owned())]);
+    assert_eq!(round_trip(&mut raw, &[parse("mine", "SELECT 1", &[]), msg(b'S', b"")].concat()).await, [""; 0]);
+    let names = "SELECT string_agg(p.name, ',') FROM pg_catalog.pg_prepared_statements AS p";
+    assert_eq!(boxed_row(&mut raw, names).await, [Some("mine".to_owned())]);
+}
+
+/// psycopg sends `select set_config($1, $2, false)` and `select set_config('client_encoding',
+/// $1, false)`: the setting (or the pinned setting's value) is a bound value, checked by the
+/// proxy on every Bind before it is forwarded (42501 otherwise, the session goes on), also when
+/// the statement's rewrite comes from the cache.
+#[tokio::test]
+async fn set_config_with_a_parameter_is_checked_on_every_bind() {
+    let c = fixture().dev().await;
+    let sql = "select set_config($1, $2, false)";
+    for _ in 0..2 {
+        c.query(sql, &[&"application_name", &"psy"]).await.unwrap();
+        for (name, value) in [("search_path", "evil"), ("ROLE", "postgres"), ("client_encoding", "utf8")] {
+            let e = c.query(sql, &[&name, &value]).await.unwrap_err();
+            assert_eq!(code(&e), "42501", "{name}: {e}");
+        }
+    }
+    let shown: String = c.query_one("SHOW application_name", &[]).await.unwrap().get(0);
+    assert_eq!(shown, "psy");
+    let pinned = "select set_config('client_encoding', $1, false)";
+    c.query(pinned, &[&"utf-8"]).await.unwrap();
+    assert_eq!(code(&c.query(pinned, &[&"latin1"]).await.unwrap_err()), "42501");
+    let encoding: String = c.query_one("SHOW client_encoding", &[]).await.unwrap().get(0);
+    let path: String = c.query_one("SHOW search_path", &[]).await.unwrap().get(0);
+    assert_eq!(encoding, "UTF8");
+    assert!(!path.contains("evil"), "{path}");
+    // A simple Query binds nothing; a PREPARE's parameters are EXECUTE's, which no Bind checks.
+    for text in ["SELECT set_config($1, 'x', false)", "PREPARE p AS SELECT set_config($1, 'x', false)"] {
+        assert_eq!(code(&c.simple_query(text).await.unwrap_err()), "42501", "{text}");
+    }
+}
+
+/// The same on the wire: unnamed and named statements, pipelined, a parameter declared with a
+/// type whose input is not the bytes bound, and a Close the server skipped (after an error up
+/// to Sync), which must not lift the named statement's rule.
+#[tokio::test]
+async fn set_config_parameters_on_the_wire() {
+    let mut raw = Raw::session().await;
+    let sql = "select set_config($1, $2, false)";
+    let bad = [parse("", sql, &[]), bind("", &["search_path", "evil"]), execute_sync()].concat();
+    assert_eq!(round_trip(&mut raw, &bad).await, ["42501"]);
+    let good = [parse("", sql, &[]), bind("", &["jit", "off"]), execute_sync()].concat();
+    assert_eq!(round_trip(&mut raw, &good).await, [""; 0]);
+    // Bound again without a new Parse: the rules of the statement the unnamed one stands for.
+    assert_eq!(round_trip(&mut raw, &[bind("", &["search_path", "evil"]), execute_sync()].concat()).await, ["42501"]);
+    assert_eq!(round_trip(&mut raw, &[bind("", &["jit", "on"]), execute_sync()].concat()).await, [""; 0]);
+    // `name` truncates and `bpchar` trims what it reads: only text, varchar or unspecified.
+    let typed = [parse("", sql, &[19]), bind("", &["jit", "off"]), execute_sync()].concat();
+    assert_eq!(round_trip(&mut raw, &typed).await, ["42501"]);
+    // A named statement; a later Close of it that the server skips keeps its rule.
+    assert_eq!(round_trip(&mut raw, &[parse("n", sql, &[25, 25]), msg(b'S', b"")].concat()).await, [""; 0]);
+    let skipped_close = [
+        parse("", "SELECT no_such_column FROM pg_class", &[]),
+        msg(b'C', &[vec![b'S'], cstr("n")].concat()),
+        msg(b'S', b""),
+    ]
+    .concat();
+    assert_eq!(round_trip(&mut raw, &skipped_close).await, ["42703"]);
+    assert_eq!(round_trip(&mut raw, &[bind("n", &["role", "postgres"]), execute_sync()].concat()).await, ["42501"]);
+    assert_eq!(round_trip(&mut raw, &[bind("n", &["TimeZone", "UTC"]), execute_sync()].concat()).await, [""; 0]);
+    let path = boxed_row(&mut raw, "SHOW search_path").await;
+    assert!(!path[0].as_deref().unwrap_or_default().contains("evil"), "{path:?}");
 }

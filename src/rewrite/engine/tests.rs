@@ -843,3 +843,21 @@ fn output_checks_reach_every_clause() {
         assert!(matches!(&r, Err(e) if e.to_string().contains("outside its secure relation")), "{text}: {r:?}");
     }
 }
+
+#[test]
+fn the_proxys_own_prepared_statements_are_hidden() {
+    // The session prepares rewritten statements under reserved names (session/statements.rs);
+    // a client listing or counting its prepared statements sees only its own.
+    let hidden = "(SELECT * FROM pg_catalog.pg_prepared_statements WHERE name NOT LIKE '\\_\\_struere%')";
+    for (sql, tail) in [
+        ("SELECT count(*) FROM pg_prepared_statements", " AS \"pg_prepared_statements\""),
+        ("SELECT name FROM pg_catalog.pg_prepared_statements p WHERE name <> ''", " p WHERE name <> ''"),
+        ("SELECT s.name FROM pg_prepared_statements AS s (name)", " AS s (name)"),
+    ] {
+        let out = run(&admin_dev(), sql).unwrap();
+        assert!(out.contains(&format!("{hidden}{tail}")), "{sql}\n{out}");
+    }
+    // The statement the proxy added is its own, not the client's: a client cannot write it.
+    assert!(run(&admin_dev(), "SELECT * FROM pg_prepared_statements WHERE name NOT LIKE '__struere%'").is_ok());
+    assert!(run(&admin_dev(), "SELECT * FROM (SELECT 1) AS __struere_x").is_err());
+}

@@ -331,10 +331,13 @@ impl<'c, 'a> Walker<'c, 'a> {
             Err(e) => return self.fail(e),
         };
         let Some(spec) = self.ctx.set.tables.table(&schema, &table) else {
-            return match self.check_plain_relation(&schema, &table) {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(e) => self.fail(e),
-            };
+            if let Err(e) = self.check_plain_relation(&schema, &table) {
+                return self.fail(e);
+            }
+            if schema == "pg_catalog" && table == PREPARED_STATEMENTS {
+                return self.hide_own_statements(tf);
+            }
+            return ControlFlow::Continue(());
         };
         self.secured += 1;
         if self.secured > MAX_SECURE_RELATIONS {
@@ -353,6 +356,29 @@ impl<'c, 'a> Walker<'c, 'a> {
         ControlFlow::Continue(())
     }
 }
+
+impl Walker<'_, '_> {
+    /// `pg_prepared_statements` without the proxy's own statements (`session/statements.rs`:
+    /// names under the reserved prefix, which a client can neither create nor use). The session
+    /// prepares its rewritten statements under those names; a client counting or listing its
+    /// prepared statements sees the ones it prepared, as it would directly. Not a security
+    /// boundary: the view shows only the session's own statements either way.
+    fn hide_own_statements(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
+        let subquery = match parse_query(&format!(
+            "SELECT * FROM pg_catalog.{PREPARED_STATEMENTS} WHERE name NOT LIKE '{}%'",
+            RESERVED_PREFIX.replace('_', "\\_")
+        )) {
+            Ok(q) => q,
+            Err(e) => return self.fail(format!("internal error: {e}")),
+        };
+        let alias = take_alias(tf, PREPARED_STATEMENTS);
+        *tf = TableFactor::Derived { lateral: false, subquery, alias: Some(alias), sample: None };
+        ControlFlow::Continue(())
+    }
+}
+
+/// The catalog view of the session's prepared statements.
+const PREPARED_STATEMENTS: &str = "pg_prepared_statements";
 
 /// The client's alias of a table factor about to be secured, or the table's name as one.
 fn take_alias(tf: &mut TableFactor, table: &str) -> TableAlias {
