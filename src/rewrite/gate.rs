@@ -146,6 +146,16 @@ impl ParamRule {
 /// The pinned settings a statement may set to the value they are pinned to (canonical names).
 const PINNED_WITH_VALUE: &[&str] = &["client_encoding", "standard_conforming_strings"];
 
+/// Pinned settings whose pinned value is their startup value (`session/handshake.rs`,
+/// `pinned_params`), so `RESET` of one restores exactly that value, as `RESET ALL` does: a
+/// no-op (psycopg's tests send `RESET search_path`). `role` and `session_authorization` are not
+/// startup values here and stay refused.
+const RESET_TO_STARTUP: &[&str] = &["search_path", "client_encoding", "standard_conforming_strings"];
+
+pub(crate) fn resets_to_startup_value(name: &str) -> bool {
+    RESET_TO_STARTUP.iter().any(|s| s.eq_ignore_ascii_case(name))
+}
+
 /// Checks one statement of PostgreSQL's tree; the rules its bound values must pass.
 pub(crate) fn check_pg(node: &NodeEnum) -> Result<Vec<ParamRule>, Refusal> {
     // A top-level SET/RESET gets a message naming the exact form; anything nested (ALTER ROLE
@@ -158,6 +168,9 @@ pub(crate) fn check_pg(node: &NodeEnum) -> Result<Vec<ParamRule>, Refusal> {
             && let Some(pg_query::protobuf::a_const::Val::Sval(v)) = &c.val
             && keeps_pinned_value(&set.name, &v.sval)
         {
+            return Ok(Vec::new());
+        }
+        if VariableSetKind::try_from(set.kind) == Ok(VariableSetKind::VarReset) && resets_to_startup_value(&set.name) {
             return Ok(Vec::new());
         }
         let verb = match VariableSetKind::try_from(set.kind) {
@@ -318,6 +331,9 @@ fn check_statement_form(stmt: &Statement) -> Result<(), Refusal> {
         Statement::Reset(reset) => match &reset.reset {
             Reset::ALL => Ok(()),
             Reset::SessionAuthorization => Err(pinned_refusal("RESET", "session_authorization")),
+            Reset::ConfigurationParameter(name) if matches!(name.0.as_slice(), [part] if part.as_ident().is_some_and(|i| resets_to_startup_value(&i.value))) => {
+                Ok(())
+            }
             Reset::ConfigurationParameter(name) => check_name("RESET", name),
         },
         Statement::AlterRole { operation, .. } => match operation {
@@ -451,7 +467,8 @@ mod tests {
             "RESET ROLE",
             "SET SESSION AUTHORIZATION x",
             "RESET SESSION AUTHORIZATION",
-            "RESET standard_conforming_strings",
+            "RESET backslash_quote",
+            "RESET escape_string_warning",
             "ALTER ROLE r SET backslash_quote = on",
             "ALTER ROLE r RESET search_path",
             "SELECT set_config('a', 'b', false)",
@@ -472,6 +489,10 @@ mod tests {
     fn both_trees_allow_restoring_and_unrelated_settings() {
         for sql in [
             "RESET ALL",
+            // The startup values the proxy pins: what RESET ALL restores too.
+            "RESET search_path",
+            "reset Client_Encoding",
+            "RESET standard_conforming_strings",
             "SET statement_timeout = 5",
             "SET x.search_path = 1",
             "SELECT 'set_config'",
@@ -504,7 +525,7 @@ mod tests {
             "SET standard_conforming_strings = 0",
             "SET search_path = 'utf8'",
             "SET role = 'on'",
-            "RESET client_encoding",
+            "ALTER ROLE r RESET client_encoding",
         ] {
             assert!(matches!(pg(sql), Err(Refusal::Denied(_))), "pg tree: {sql}");
             if let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) {

@@ -494,6 +494,8 @@ async fn settings_role_and_session_authorization_tricks_are_refused_and_reset_re
     // RESET ALL and DISCARD ALL are allowed: the pinned values come from the startup packet.
     dev.batch_execute("SET application_name = 'attacker'; RESET ALL").await.unwrap();
     dev.batch_execute("DISCARD ALL").await.unwrap();
+    // So is RESET of one of them: it restores the same startup value (psycopg's tests).
+    dev.batch_execute("RESET search_path; RESET client_encoding; RESET standard_conforming_strings").await.unwrap();
     // Setting a pinned setting to its pinned value (psycopg, ORMs) goes through and changes nothing.
     dev.batch_execute("SET client_encoding TO utf8; SET standard_conforming_strings = on").await.unwrap();
     assert_eq!(column(&dev, &pinned("search_path")).await, path_before);
