@@ -47,6 +47,10 @@ pub const ALLOWED_SETTINGS: &[&str] = &[
     "client_min_messages",
     "default_transaction_isolation",
     "default_transaction_read_only",
+    // As `SET TRANSACTION … DEFERRABLE`, which is allowed (psycopg sets it through set_config).
+    "default_transaction_deferrable",
+    "transaction_deferrable",
+    "transaction_read_only",
     "transaction_isolation",
     "work_mem",
     "geqo",
