@@ -427,11 +427,65 @@ fn cte_name(name: &str) -> String {
 }
 
 /// Parse SQL the engine generated into a query.
+///
+/// The engine generates the same few texts over and over (a role's secure relation of a table,
+/// the placeholders of `guard.rs`), and sqlparser's tokenizer and parser were a sixth of a
+/// cache miss; a parsed text is kept and cloned (`GeneratedQueries`). Only the engine's own
+/// texts come here, never a client's.
 pub fn parse_query(sql: &str) -> Result<Box<Query>, String> {
+    if let Some(known) = GENERATED.get(sql) {
+        return Ok(Box::new(Query::clone(&known)));
+    }
     let mut stmts = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| e.to_string())?;
     match (stmts.pop(), stmts.is_empty()) {
-        (Some(sqlparser::ast::Statement::Query(q)), true) => Ok(q),
+        (Some(sqlparser::ast::Statement::Query(q)), true) => {
+            GENERATED.insert(sql, &q);
+            Ok(q)
+        }
         _ => Err("expected one query".to_owned()),
+    }
+}
+
+static GENERATED: std::sync::LazyLock<GeneratedQueries> = std::sync::LazyLock::new(GeneratedQueries::default);
+
+/// The parsed forms of texts the engine generated, bounded by their total length (a parsed
+/// query takes roughly ten to twenty times its text); emptied when full. The texts depend on
+/// the caller (organization, actor, roles) and the policy, and each is parsed from scratch when
+/// missing, so emptying it costs only time.
+#[derive(Default)]
+struct GeneratedQueries {
+    inner: std::sync::Mutex<Kept>,
+}
+
+/// The parsed texts, and the sum of their lengths.
+#[derive(Default)]
+struct Kept {
+    parsed: std::collections::HashMap<Box<str>, std::sync::Arc<Query>>,
+    text_bytes: usize,
+}
+
+impl GeneratedQueries {
+    /// Total text bytes kept (about 4–8 MB of parsed queries).
+    const MAX_TEXT_BYTES: usize = 384 * 1024;
+
+    fn get(&self, sql: &str) -> Option<std::sync::Arc<Query>> {
+        let inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        inner.parsed.get(sql).cloned()
+    }
+
+    fn insert(&self, sql: &str, query: &Query) {
+        if sql.len() > Self::MAX_TEXT_BYTES / 16 {
+            return;
+        }
+        let query = std::sync::Arc::new(query.clone());
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if inner.text_bytes + sql.len() > Self::MAX_TEXT_BYTES {
+            inner.parsed.clear();
+            inner.text_bytes = 0;
+        }
+        if inner.parsed.insert(Box::from(sql), query).is_none() {
+            inner.text_bytes += sql.len();
+        }
     }
 }
 
