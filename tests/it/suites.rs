@@ -120,3 +120,27 @@ async fn operator_startup_settings_are_forwarded() {
         assert_eq!(sqlstate(&e.1), "42501", "{refused:?}");
     }
 }
+
+/// asyncpg's type-cache tests change their composite types' attributes (`ALTER TYPE … ADD /
+/// DROP / ALTER ATTRIBUTE`): allowed through a development key on its own scratch types, as
+/// PostgreSQL prints the client's tree; the server applies it. Another schema's type stays refused.
+#[tokio::test]
+async fn scratch_composite_types_change_their_attributes() {
+    let f = fixture();
+    let dev = f.dev().await;
+    let t = crate::harness::unique("suites_typ");
+    dev.batch_execute(&format!("CREATE TYPE {t} AS (x int, y int)")).await.unwrap();
+    for sql in [
+        format!("ALTER TYPE {t} ADD ATTRIBUTE c text"),
+        format!("ALTER TYPE {t} DROP ATTRIBUTE x"),
+        format!("ALTER TYPE {t} ALTER ATTRIBUTE y TYPE bigint"),
+    ] {
+        dev.batch_execute(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    let row = dev.query_one(&format!("SELECT (ROW(1, 'a')::{t}).c, pg_typeof((ROW(1, 'a')::{t}).y)::text"), &[]).await;
+    let row = row.unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("a".to_owned(), "bigint".to_owned()));
+    let e = dev.batch_execute(&format!("ALTER TYPE public.{t} ADD ATTRIBUTE d text")).await.unwrap_err();
+    assert_eq!(crate::harness::code(&e), "42501");
+    dev.batch_execute(&format!("DROP TYPE {t}")).await.unwrap();
+}
