@@ -33,6 +33,7 @@
 
 mod cache;
 mod classify;
+mod copywhere;
 mod ddl;
 pub mod engine;
 mod gate;
@@ -434,6 +435,9 @@ fn rewrite_statement(
         Err(SqlParseError::Syntax(_)) if let Some(split) = subscript::split(&stmt.node) => {
             subscripted_update(split, label, actor, policy)
         }
+        Err(SqlParseError::Syntax(_)) if let Some(split) = copywhere::split(&stmt.node) => {
+            copy_with_condition(split, label, actor, policy)
+        }
         // Another spelling of the same statement, which sqlparser reads (`respell`).
         Err(SqlParseError::Syntax(_)) if !unicode && let Some(done) = respelled(&stmt.node, label, actor, policy) => {
             done
@@ -584,6 +588,22 @@ fn subscripted_update(
     let rewritten = rewrite_cut(&split.bare, "UpdateStmt", label, actor, policy)?;
     let updated = subscript::reattach(&rewritten, split, label)?;
     Ok((deparse(&updated, label)?, Form::Deparsed { same_as: shape_of(&updated, label)? }))
+}
+
+/// `COPY … FROM STDIN … WHERE condition`, which sqlparser cannot read (`copywhere`): the COPY
+/// without its condition and the condition as the WHERE of a SELECT over the same target, each
+/// rewritten and verified the usual way and unchanged by it, printed by PostgreSQL's printer with
+/// the condition put back.
+fn copy_with_condition(
+    split: copywhere::Split,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Result<(String, Form), Refusal> {
+    let copied = rewrite_cut(&split.bare, "CopyStmt", label, actor, policy)?;
+    let probed = rewrite_cut(&split.probe, "SelectStmt", label, actor, policy)?;
+    let placed = copywhere::reattach(&copied, &probed, &split, label)?;
+    Ok((deparse(&placed, label)?, Form::Deparsed { same_as: shape_of(&placed, label)? }))
 }
 
 /// A client statement cut down on PostgreSQL's tree to what sqlparser reads (`bare`, of kind

@@ -144,3 +144,27 @@ async fn scratch_composite_types_change_their_attributes() {
     assert_eq!(crate::harness::code(&e), "42501");
     dev.batch_execute(&format!("DROP TYPE {t}")).await.unwrap();
 }
+
+/// asyncpg's `copy_records_to_table(…, where=…)`: `COPY … FROM STDIN … WHERE` into a scratch table
+/// goes through, and the server filters the rows; a condition outside the function allowlist and
+/// a managed target stay refused.
+#[tokio::test]
+async fn copy_from_stdin_with_a_condition() {
+    use futures_util::{SinkExt, pin_mut};
+    let f = fixture();
+    let dev = f.dev().await;
+    let t = crate::harness::unique("suites_copy_where");
+    dev.batch_execute(&format!("CREATE TABLE {t} (a text, b int)")).await.unwrap();
+    let sink = dev.copy_in(&format!("COPY {t} (a, b) FROM STDIN WHERE a <> 'b-999' AND b > 0")).await.unwrap();
+    pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"a-1\t1\nb-999\t2\na-0\t0\na-2\t2\n")).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 2);
+    let n: i64 = dev.query_one(&format!("SELECT count(*) FROM {t}"), &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+    for sql in
+        [format!("COPY {t} FROM STDIN WHERE pg_terminate_backend(0)"), "COPY users FROM STDIN WHERE true".to_owned()]
+    {
+        let e = dev.copy_in::<_, bytes::Bytes>(&sql).await.err().unwrap_or_else(|| panic!("{sql} went through"));
+        assert_eq!(crate::harness::code(&e), "42501", "{sql}");
+    }
+}
