@@ -13,7 +13,8 @@
 //!    scratch-object rules, and printed by PostgreSQL's own printer (`ddl`); a top-level SELECT's
 //!    locking clause (`locking`) or a top-level UPDATE's subscripted targets (`subscript`) come
 //!    off PostgreSQL's tree, the rest takes the usual way and they go back on the verified
-//!    rewrite's tree; a statement sqlparser cannot read as spelled (Django's parenthesised set
+//!    rewrite's tree; so does a `COPY … FROM STDIN … WHERE`'s condition (`copywhere`, verified
+//!    as the WHERE of a SELECT over the same table); a statement sqlparser cannot read as spelled (Django's parenthesised set
 //!    operations in subqueries and under EXPLAIN) takes the usual way from another spelling of
 //!    it (`respell`: PostgreSQL's printing of the same tree, at most with the `COSTS OFF` the
 //!    policy adds to EXPLAIN anyway and wrappers taken off again before printing); otherwise
