@@ -196,6 +196,10 @@ mod pipeline_tests {
             // A managed table, as target or read by the condition.
             ("COPY entities FROM STDIN WHERE true", "managed table entities"),
             ("COPY t FROM STDIN WHERE a IN (SELECT id FROM entities)", "COPY"),
+            // What the walk would rewrite in the condition (a namespaced channel, a qualified
+            // sequence) cannot be put back: refused, not forwarded as the client wrote it.
+            ("COPY t FROM STDIN WHERE pg_notify('c', a) IS NULL", "COPY"),
+            ("COPY t FROM STDIN WHERE setval('s', b) > 0", "COPY"),
             ("COPY t FROM STDIN WHERE EXISTS (SELECT 1 FROM struere.api_keys)", "struere"),
             // Other tenants' and other schemas' tables, the catalog, reserved names.
             ("COPY scratch_0123456789.t FROM STDIN WHERE true", "scratch schema"),
