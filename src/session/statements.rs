@@ -15,8 +15,7 @@
 //! neither reach nor replace them. A statement whose round trip reported an error is not trusted
 //! again: the next use closes it and prepares a fresh name. The map lives as long as the session;
 //! a pooled connection is reset with DISCARD ALL before anyone else gets it, and a client's own
-//! DISCARD / DEALLOCATE empties the map. A client's read of `pg_prepared_statements` leaves them
-//! out (`rewrite::engine::walk`), as they would be without the proxy.
+//! DISCARD / DEALLOCATE empties the map.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -168,21 +168,3 @@ async fn copy_from_stdin_with_a_condition() {
         assert_eq!(crate::harness::code(&e), "42501", "{sql}");
     }
 }
-
-/// asyncpg's `test_copy_records_to_table_no_stmt_cache` counts `pg_prepared_statements`: a
-/// development session sees its own prepared statements there, not the ones the proxy prepares
-/// for repeated statements on its upstream connection.
-#[tokio::test]
-async fn pg_prepared_statements_shows_the_clients_own() {
-    let f = fixture();
-    let (mut dev, _) = Raw::session_with(f.addr, &f.dev_key, &[]).await;
-    // The same statement with other literals: the second is bound to a statement the proxy prepares.
-    for n in 1..=3 {
-        query_row(&mut dev, &format!("SELECT relname FROM pg_class WHERE oid = {n} OR true LIMIT 1")).await;
-    }
-    let count = "SELECT count(*)::text, string_agg(name, ',') FROM pg_prepared_statements";
-    assert_eq!(query_row(&mut dev, count).await, [Some("0".into()), None]);
-    dev.send(&msg(b'Q', &cstr("PREPARE mine AS SELECT 1"))).await;
-    dev.until_ready().await;
-    assert_eq!(query_row(&mut dev, count).await, [Some("1".into()), Some("mine".into())]);
-}

@@ -331,13 +331,10 @@ impl<'c, 'a> Walker<'c, 'a> {
             Err(e) => return self.fail(e),
         };
         let Some(spec) = self.ctx.set.tables.table(&schema, &table) else {
-            if let Err(e) = self.check_plain_relation(&schema, &table) {
-                return self.fail(e);
-            }
-            if schema == "pg_catalog" && table == "pg_prepared_statements" {
-                return self.own_statements_only(tf);
-            }
-            return ControlFlow::Continue(());
+            return match self.check_plain_relation(&schema, &table) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => self.fail(e),
+            };
         };
         self.secured += 1;
         if self.secured > MAX_SECURE_RELATIONS {
@@ -352,25 +349,6 @@ impl<'c, 'a> Walker<'c, 'a> {
             Err(e) => return self.fail(e),
         };
         self.read_managed = true;
-        *tf = TableFactor::Derived { lateral: false, subquery, alias: Some(alias), sample: None };
-        ControlFlow::Continue(())
-    }
-}
-
-impl Walker<'_, '_> {
-    /// `pg_prepared_statements` lists the session's prepared statements, which include the
-    /// proxy's own (`session/statements.rs`: a repeated statement is prepared once per upstream
-    /// connection under a reserved name, also for a client's unnamed Parse). The client sees its
-    /// own only, as it would from the server: names with the reserved prefix, which no client may
-    /// give, are filtered out.
-    fn own_statements_only(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
-        let sql =
-            format!("SELECT * FROM pg_catalog.pg_prepared_statements WHERE NOT starts_with(name, '{RESERVED_PREFIX}')");
-        let subquery = match parse_query(&sql) {
-            Ok(q) => q,
-            Err(e) => return self.fail(format!("internal error: {e}")),
-        };
-        let alias = take_alias(tf, "pg_prepared_statements");
         *tf = TableFactor::Derived { lateral: false, subquery, alias: Some(alias), sample: None };
         ControlFlow::Continue(())
     }
