@@ -1,6 +1,7 @@
 //! Step 3, second way: DDL on the caller's own scratch objects that sqlparser cannot read
 //! (`ALTER SEQUENCE`, `ALTER COLUMN … DROP IDENTITY`, `CREATE INDEX … TABLESPACE`,
-//! `DROP INDEX CONCURRENTLY`, `COMMENT ON CONSTRAINT`, `ON DELETE SET NULL (col)`, …).
+//! `DROP INDEX CONCURRENTLY`, `COMMENT ON CONSTRAINT`, `ON DELETE SET NULL (col)`,
+//! `ALTER TYPE … ADD / DROP / ALTER ATTRIBUTE` on a composite type, …).
 //!
 //! Used only when sqlparser fails on a statement PostgreSQL classifies as one of [`KINDS`].
 //! PostgreSQL's own tree is walked against an explicit allowlist: every node type and every
@@ -292,6 +293,8 @@ pub(crate) fn check_names(node: &NodeEnum, check: &mut Check<'_>) -> Result<(), 
             Some(NodeEnum::AlterTableCmd(c)) => c.def.as_deref().map_or(Ok(()), |d| element(d, check)),
             _ => Ok(()),
         }),
+        // `CREATE TYPE … AS (…)`: its attributes' types and collations, as a table's columns'.
+        NodeEnum::CompositeTypeStmt(s) => s.coldeflist.iter().try_for_each(|e| element(e, check)),
         NodeEnum::IndexStmt(s) => tablespace(&s.table_space),
         NodeEnum::CreateTableAsStmt(s) => s.into.as_ref().map_or(Ok(()), |i| tablespace(&i.table_space_name)),
         _ => Ok(()),
@@ -328,6 +331,9 @@ fn alter_sequence(s: &pb::AlterSeqStmt, check: &mut Check<'_>) -> Result<(), Ref
 
 fn alter_table(s: &pb::AlterTableStmt, check: &mut Check<'_>) -> Result<(), Refusal> {
     let pb::AlterTableStmt { relation: rel, cmds, objtype, missing_ok: _ } = s;
+    if *objtype == pb::ObjectType::ObjectType as i32 {
+        return alter_composite_type(rel.as_ref(), cmds, check);
+    }
     if *objtype != pb::ObjectType::ObjectTable as i32 {
         return Err(refuse(format!("ALTER {}", object_type_name(*objtype))));
     }
@@ -385,6 +391,48 @@ fn alter_table_cmd(cmd: &pb::AlterTableCmd, check: &mut Check<'_>) -> Result<(),
         },
         _ => Err(refuse(what())),
     }
+}
+
+/// `ALTER TYPE … ADD ATTRIBUTE / DROP ATTRIBUTE / ALTER ATTRIBUTE … TYPE` (PostgreSQL reads them
+/// as an `AlterTableStmt` of a type): a composite type of the caller's own (the same rules as
+/// `CREATE TYPE … AS (…)` and `DROP TYPE` on it: unqualified, where the pinned search_path puts the
+/// caller's scratch schema first, or qualified with that schema or `pg_temp`), attributes of a
+/// name, a type and a collation exactly as `CREATE TYPE … AS (…)` may declare them (the types and
+/// collations from the catalog or the caller's own schemas, `check_names`): no default, no
+/// constraint, no `USING`. `CASCADE` reaches only typed tables (`CREATE TABLE … OF type`), which
+/// no environment key may create. Anything else (`OWNER TO`, `RENAME`, `SET SCHEMA`, other
+/// subcommands) is refused.
+fn alter_composite_type(rel: Option<&pb::RangeVar>, cmds: &[Node], check: &mut Check<'_>) -> Result<(), Refusal> {
+    use pb::AlterTableType as T;
+    relation(required(rel, "ALTER TYPE")?, "alter the type", false, check)?;
+    if cmds.is_empty() {
+        return Err(refuse("this form of ALTER TYPE"));
+    }
+    for cmd in cmds {
+        let Some(NodeEnum::AlterTableCmd(cmd)) = &cmd.node else {
+            return Err(refuse(format!("ALTER TYPE with {}", node_name(cmd))));
+        };
+        let pb::AlterTableCmd { subtype, name: attribute, num, newowner, def, behavior: _, missing_ok: _, recurse } =
+            &**cmd;
+        let subtype = T::try_from(*subtype).unwrap_or(T::Undefined);
+        let what = || format!("ALTER TYPE … {}", subtype.as_str_name().trim_start_matches("AT_"));
+        if newowner.is_some() || *recurse || *num != 0 {
+            return Err(refuse(what()));
+        }
+        let def = def.as_deref().and_then(|d| d.node.as_ref());
+        match (subtype, def) {
+            (T::AtAddColumn, Some(NodeEnum::ColumnDef(c))) if attribute.is_empty() => {
+                column_def(c, ColumnUse::Attribute, check)?;
+            }
+            (T::AtDropColumn, None) => name(attribute)?,
+            (T::AtAlterColumnType, Some(NodeEnum::ColumnDef(c))) => {
+                name(attribute)?;
+                column_def(c, ColumnUse::AttributeType, check)?;
+            }
+            _ => return Err(refuse(what())),
+        }
+    }
+    Ok(())
 }
 
 /// Who decides on an index's expressions and predicate.
@@ -609,6 +657,11 @@ enum ColumnUse {
     Define,
     /// ALTER COLUMN … TYPE: a type, a collation and a `USING` expression over the columns.
     AlterType,
+    /// An attribute of `ALTER TYPE … ADD ATTRIBUTE`: a name, a type and a collation only, as in
+    /// `CREATE TYPE … AS (…)`.
+    Attribute,
+    /// `ALTER TYPE … ALTER ATTRIBUTE … TYPE`: a type and a collation only (no `USING`).
+    AttributeType,
 }
 
 fn column_def(c: &pb::ColumnDef, usage: ColumnUse, check: &mut Check<'_>) -> Result<(), Refusal> {
@@ -677,6 +730,16 @@ fn column_def(c: &pb::ColumnDef, usage: ColumnUse, check: &mut Check<'_>) -> Res
                 return Err(refuse("this ALTER COLUMN … TYPE"));
             }
             raw_default.as_deref().map_or(Ok(()), |u| expr(u, true, check))
+        }
+        ColumnUse::Attribute | ColumnUse::AttributeType => {
+            let named = match usage {
+                ColumnUse::Attribute => !colname.is_empty(),
+                _ => colname.is_empty(),
+            };
+            if !named || raw_default.is_some() || !constraints.is_empty() {
+                return Err(refuse("this attribute of ALTER TYPE (a name, a type and a collation only)"));
+            }
+            name(colname)
         }
     }
 }

@@ -13,7 +13,8 @@
 //!    scratch-object rules, and printed by PostgreSQL's own printer (`ddl`); a top-level SELECT's
 //!    locking clause (`locking`) or a top-level UPDATE's subscripted targets (`subscript`) come
 //!    off PostgreSQL's tree, the rest takes the usual way and they go back on the verified
-//!    rewrite's tree; a statement sqlparser cannot read as spelled (Django's parenthesised set
+//!    rewrite's tree; so does a `COPY … FROM STDIN … WHERE`'s condition (`copywhere`, verified
+//!    as the WHERE of a SELECT over the same table); a statement sqlparser cannot read as spelled (Django's parenthesised set
 //!    operations in subqueries and under EXPLAIN) takes the usual way from another spelling of
 //!    it (`respell`: PostgreSQL's printing of the same tree, at most with the `COSTS OFF` the
 //!    policy adds to EXPLAIN anyway and wrappers taken off again before printing); otherwise
@@ -33,6 +34,7 @@
 
 mod cache;
 mod classify;
+mod copywhere;
 mod ddl;
 pub mod engine;
 mod gate;
@@ -471,6 +473,9 @@ fn rewrite_statement(
         Err(SqlParseError::Syntax(_)) if let Some(split) = subscript::split(&stmt.node) => {
             subscripted_update(split, label, actor, policy)
         }
+        Err(SqlParseError::Syntax(_)) if let Some(split) = copywhere::split(&stmt.node) => {
+            copy_with_condition(split, label, actor, policy)
+        }
         // Another spelling of the same statement, which sqlparser reads (`respell`).
         Err(SqlParseError::Syntax(_)) if !unicode && let Some(done) = respelled(&stmt.node, label, actor, policy) => {
             done
@@ -622,6 +627,22 @@ fn subscripted_update(
     let rewritten = rewrite_cut(&split.bare, "UpdateStmt", label, actor, policy)?;
     let updated = subscript::reattach(&rewritten, split, label)?;
     Ok((deparse(&updated, label)?, Form::Deparsed { same_as: shape_of(&updated, label)? }))
+}
+
+/// `COPY … FROM STDIN … WHERE condition`, which sqlparser cannot read (`copywhere`): the COPY
+/// without its condition and the condition as the WHERE of a SELECT over the same target, each
+/// rewritten and verified the usual way and unchanged by it, printed by PostgreSQL's printer with
+/// the condition put back.
+fn copy_with_condition(
+    split: copywhere::Split,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Result<(String, Form), Refusal> {
+    let copied = rewrite_cut(&split.bare, "CopyStmt", label, actor, policy)?;
+    let probed = rewrite_cut(&split.probe, "SelectStmt", label, actor, policy)?;
+    let placed = copywhere::reattach(&copied, &probed, &split, label)?;
+    Ok((deparse(&placed, label)?, Form::Deparsed { same_as: shape_of(&placed, label)? }))
 }
 
 /// A client statement cut down on PostgreSQL's tree to what sqlparser reads (`bare`, of kind

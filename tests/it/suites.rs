@@ -239,3 +239,51 @@ async fn set_config_parameters_on_the_wire() {
     let path = boxed_row(&mut raw, "SHOW search_path").await;
     assert!(!path[0].as_deref().unwrap_or_default().contains("evil"), "{path:?}");
 }
+
+/// asyncpg's type-cache tests change their composite types' attributes (`ALTER TYPE … ADD /
+/// DROP / ALTER ATTRIBUTE`): allowed through a development key on its own scratch types, as
+/// PostgreSQL prints the client's tree; the server applies it. Another schema's type stays refused.
+#[tokio::test]
+async fn scratch_composite_types_change_their_attributes() {
+    let f = fixture();
+    let dev = f.dev().await;
+    let t = crate::harness::unique("suites_typ");
+    dev.batch_execute(&format!("CREATE TYPE {t} AS (x int, y int)")).await.unwrap();
+    for sql in [
+        format!("ALTER TYPE {t} ADD ATTRIBUTE c text"),
+        format!("ALTER TYPE {t} DROP ATTRIBUTE x"),
+        format!("ALTER TYPE {t} ALTER ATTRIBUTE y TYPE bigint"),
+    ] {
+        dev.batch_execute(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    let row = dev.query_one(&format!("SELECT (ROW(1, 'a')::{t}).c, pg_typeof((ROW(1, 'a')::{t}).y)::text"), &[]).await;
+    let row = row.unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("a".to_owned(), "bigint".to_owned()));
+    let e = dev.batch_execute(&format!("ALTER TYPE public.{t} ADD ATTRIBUTE d text")).await.unwrap_err();
+    assert_eq!(crate::harness::code(&e), "42501");
+    dev.batch_execute(&format!("DROP TYPE {t}")).await.unwrap();
+}
+
+/// asyncpg's `copy_records_to_table(…, where=…)`: `COPY … FROM STDIN … WHERE` into a scratch table
+/// goes through, and the server filters the rows; a condition outside the function allowlist and
+/// a managed target stay refused.
+#[tokio::test]
+async fn copy_from_stdin_with_a_condition() {
+    use futures_util::{SinkExt, pin_mut};
+    let f = fixture();
+    let dev = f.dev().await;
+    let t = crate::harness::unique("suites_copy_where");
+    dev.batch_execute(&format!("CREATE TABLE {t} (a text, b int)")).await.unwrap();
+    let sink = dev.copy_in(&format!("COPY {t} (a, b) FROM STDIN WHERE a <> 'b-999' AND b > 0")).await.unwrap();
+    pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"a-1\t1\nb-999\t2\na-0\t0\na-2\t2\n")).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 2);
+    let n: i64 = dev.query_one(&format!("SELECT count(*) FROM {t}"), &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+    for sql in
+        [format!("COPY {t} FROM STDIN WHERE pg_terminate_backend(0)"), "COPY users FROM STDIN WHERE true".to_owned()]
+    {
+        let e = dev.copy_in::<_, bytes::Bytes>(&sql).await.err().unwrap_or_else(|| panic!("{sql} went through"));
+        assert_eq!(crate::harness::code(&e), "42501", "{sql}");
+    }
+}

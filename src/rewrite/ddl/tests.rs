@@ -463,3 +463,82 @@ fn locked_selects_are_fixed_points() {
         assert_eq!(first_tree(&first.sql), first_tree(sql), "{sql}");
     }
 }
+
+/// `ALTER TYPE … ADD / DROP / ALTER ATTRIBUTE` (asyncpg's type-cache tests) on the caller's own
+/// composite types: PostgreSQL's printing of the client's tree, attributes as `CREATE TYPE … AS
+/// (…)` declares them.
+#[test]
+fn alter_type_attributes_of_scratch_composite_types() {
+    let own = scratch_schema(&admin());
+    for sql in [
+        "ALTER TYPE typ1 ADD ATTRIBUTE c text".to_owned(),
+        "ALTER TYPE typ1 DROP ATTRIBUTE x".to_owned(),
+        "ALTER TYPE typ1 DROP ATTRIBUTE IF EXISTS x CASCADE".to_owned(),
+        "ALTER TYPE typ1 ALTER ATTRIBUTE x TYPE text".to_owned(),
+        "ALTER TYPE typ1 ALTER ATTRIBUTE x SET DATA TYPE varchar(10) COLLATE \"C\" RESTRICT".to_owned(),
+        "ALTER TYPE typ1 DROP ATTRIBUTE y, ADD ATTRIBUTE y bigint[] COLLATE pg_catalog.\"default\"".to_owned(),
+        format!("ALTER TYPE {own}.typ1 ADD ATTRIBUTE c {own}.mood"),
+        "ALTER TYPE pg_temp.typ1 ADD ATTRIBUTE \"Odd \"\" name\" pg_catalog.int4".to_owned(),
+    ] {
+        let out = dev(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(first_tree(&out), first_tree(&sql), "{sql} → {out}");
+    }
+    for (sql, needle) in [
+        // Another schema, another tenant's scratch schema, the catalog, a managed table's name.
+        ("ALTER TYPE public.typ1 ADD ATTRIBUTE c text", "cannot alter the type public.typ1"),
+        ("ALTER TYPE scratch_0123456789.typ1 ADD ATTRIBUTE c text", "cannot alter the type scratch_0123456789.typ1"),
+        ("ALTER TYPE pg_catalog.pg_class ADD ATTRIBUTE c text", "pg_catalog.pg_class"),
+        ("ALTER TYPE entities ADD ATTRIBUTE c text", "managed table entities"),
+        // Attribute types and collations from the catalog or the caller's own schemas only.
+        ("ALTER TYPE typ1 ADD ATTRIBUTE c scratch_0123456789.mood", "the type scratch_0123456789.mood"),
+        ("ALTER TYPE typ1 ADD ATTRIBUTE c public.mood", "the type public.mood"),
+        ("ALTER TYPE typ1 ALTER ATTRIBUTE c TYPE other.t", "the type other.t"),
+        ("ALTER TYPE typ1 ADD ATTRIBUTE c text COLLATE public.\"C\"", "the collation public.C"),
+        ("ALTER TYPE typ1 ALTER ATTRIBUTE c TYPE text COLLATE scratch_0123456789.c", "the collation"),
+        ("ALTER TYPE typ1 ADD ATTRIBUTE __struere_raw_c text", "reserved"),
+        ("ALTER TYPE typ1 DROP ATTRIBUTE __struere_in_scope", "reserved"),
+    ] {
+        match dev(sql) {
+            Err(r @ (Refusal::Denied(_) | Refusal::Unverifiable(_) | Refusal::Syntax(_))) => {
+                assert!(r.to_string().contains(needle), "{sql}: {r}");
+            }
+            other => panic!("{sql}: expected a refusal naming {needle:?}, got {other:?}"),
+        }
+    }
+    // Everything else ALTER TYPE does stays refused (other statement kinds).
+    for sql in [
+        "ALTER TYPE typ1 OWNER TO postgres",
+        "ALTER TYPE typ1 SET SCHEMA public",
+        "ALTER TYPE typ1 RENAME ATTRIBUTE a TO b",
+        "ALTER TYPE typ1 RENAME TO typ2",
+        "ALTER TYPE mood ADD VALUE 'x'",
+    ] {
+        assert!(dev(sql).is_err(), "{sql}");
+    }
+    // Production keys and roles without unmanaged tables alter no type.
+    for a in [actor(Environment::Production, "admin"), actor(Environment::Development, "teacher")] {
+        let r = run(&a, "ALTER TYPE typ1 ADD ATTRIBUTE c text");
+        assert!(matches!(r, Err(Refusal::Denied(_))), "{r:?}");
+    }
+}
+
+/// `CREATE TYPE … AS (…)`, which sqlparser reads: its attributes' types and collations follow the
+/// rules of a table's columns (`ddl::check_names`), so a composite type never pins another tenant's
+/// scratch type or reaches another schema.
+#[test]
+fn composite_type_attributes_are_checked_like_columns() {
+    let own = scratch_schema(&admin());
+    for sql in [
+        "CREATE TYPE typ1 AS (a int, b text COLLATE \"C\", c pg_catalog.int8[])".to_owned(),
+        format!("CREATE TYPE typ2 AS (a {own}.mood, b text COLLATE {own}.c)"),
+    ] {
+        dev(&sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    for (sql, needle) in [
+        ("CREATE TYPE typ1 AS (a scratch_0123456789.mood)", "the type scratch_0123456789.mood"),
+        ("CREATE TYPE typ1 AS (a int, b public.x)", "the type public.x"),
+        ("CREATE TYPE typ1 AS (a text COLLATE other.c)", "the collation other.c"),
+    ] {
+        refused(sql, needle);
+    }
+}
