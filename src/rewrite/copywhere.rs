@@ -140,31 +140,8 @@ mod tests {
 /// are managed tables in `public`).
 #[cfg(test)]
 mod pipeline_tests {
-    use crate::auth::identity::{ActorContext, ActorType, Environment};
-    use crate::rewrite::engine::tests::engine;
-    use crate::rewrite::{Refusal, Rewriter, classify, pgtree};
-
-    fn actor(env: Environment, role: &str) -> ActorContext {
-        ActorContext {
-            organization: "acme".into(),
-            environment: env,
-            roles: vec![role.to_owned()],
-            actor_type: ActorType::User,
-            actor_id: "u-1".into(),
-        }
-    }
-
-    fn run(a: &ActorContext, sql: &str) -> Result<String, Refusal> {
-        Rewriter::new(0, engine()).rewrite(sql, a).map(|r| r.sql.clone())
-    }
-
-    fn dev(sql: &str) -> Result<String, Refusal> {
-        run(&actor(Environment::Development, "admin"), sql)
-    }
-
-    fn tree(sql: &str) -> String {
-        pgtree::shape(&classify::parse(sql).unwrap().remove(0).node).unwrap()
-    }
+    use crate::auth::identity::Environment;
+    use crate::rewrite::ddl::tests::{actor, dev, first_tree as tree, run};
 
     /// asyncpg's `copy_records_to_table(…, where=…)` and its text form: forwarded as PostgreSQL
     /// prints the client's own tree.

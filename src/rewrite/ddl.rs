@@ -1039,4 +1039,4 @@ fn object_type_name(t: i32) -> String {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

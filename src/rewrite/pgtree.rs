@@ -52,18 +52,7 @@ pub(crate) enum WalkError<E> {
 /// Calls `on_str(path, value)` for every string anywhere in the tree, in tree order. The walk
 /// stops at the first `Err`, which is returned.
 pub(crate) fn walk_strings<E>(node: &NodeEnum, on_str: &mut OnStr<'_, E>) -> Result<(), WalkError<E>> {
-    let mut walker = Walker {
-        path: Vec::with_capacity(32),
-        on_str: Some(on_str),
-        on_node: None,
-        stopped: None,
-        shape: None,
-        kinds: None,
-    };
-    match node.serialize(&mut walker) {
-        Ok(()) => Ok(()),
-        Err(WalkStop) => Err(walker.stopped.map_or(WalkError::Serializer, WalkError::Stopped)),
-    }
+    Walker { on_str: Some(on_str), ..Walker::new() }.run(node)
 }
 
 /// The relations a statement names, schema-qualified where written (`public.t`, `t`), without
@@ -109,14 +98,7 @@ pub(crate) fn contains_node(node: &NodeEnum, kind: &str) -> bool {
 }
 
 fn node_kinds(node: &NodeEnum) -> Option<BTreeSet<&'static str>> {
-    let mut walker = Walker::<()> {
-        path: Vec::with_capacity(32),
-        on_str: None,
-        on_node: None,
-        stopped: None,
-        shape: None,
-        kinds: Some(BTreeSet::new()),
-    };
+    let mut walker = Walker::<()> { kinds: Some(BTreeSet::new()), ..Walker::new() };
     node.serialize(&mut walker).ok()?;
     walker.kinds
 }
@@ -176,18 +158,7 @@ pub(crate) type OnNode<'a, E> = dyn FnMut(NodeRef<'_>) -> Result<(), E> + 'a;
 /// `ARRAY[…]`, subscripts, named arguments, window definitions and more. The walk stops at the
 /// first `Err`, which is returned.
 pub(crate) fn visit<E>(node: &NodeEnum, on_node: &mut OnNode<'_, E>) -> Result<(), WalkError<E>> {
-    let mut walker = Walker {
-        path: Vec::with_capacity(32),
-        on_str: None,
-        on_node: Some(on_node),
-        stopped: None,
-        shape: None,
-        kinds: None,
-    };
-    match node.serialize(&mut walker) {
-        Ok(()) => Ok(()),
-        Err(WalkStop) => Err(walker.stopped.map_or(WalkError::Serializer, WalkError::Stopped)),
-    }
+    Walker { on_node: Some(on_node), ..Walker::new() }.run(node)
 }
 
 /// `value` as a tree node, when it is one of the kinds `visit` reports (or a box of one).
@@ -220,14 +191,7 @@ fn typed_node<T: ?Sized>(value: &T) -> Option<NodeRef<'_>> {
 pub(crate) fn shape(node: &NodeEnum) -> Option<String> {
     let normalized = without_null_limits(node);
     let node = normalized.as_ref().unwrap_or(node);
-    let mut walker: Walker<'_, ()> = Walker {
-        path: Vec::with_capacity(32),
-        on_str: None,
-        on_node: None,
-        stopped: None,
-        shape: Some(String::with_capacity(1024)),
-        kinds: None,
-    };
+    let mut walker: Walker<'_, ()> = Walker { shape: Some(String::with_capacity(1024)), ..Walker::new() };
     node.serialize(&mut walker).ok()?;
     walker.shape
 }
@@ -326,6 +290,19 @@ fn is_position_field(key: &str) -> bool {
 }
 
 impl<E> Walker<'_, E> {
+    /// A walker that records nothing; each walk sets what it gathers.
+    fn new() -> Self {
+        Walker { path: Vec::with_capacity(32), on_str: None, on_node: None, stopped: None, shape: None, kinds: None }
+    }
+
+    /// Walks `node`; a stop is the callback's error, or a serializer failure (fail closed).
+    fn run(mut self, node: &NodeEnum) -> Result<(), WalkError<E>> {
+        match node.serialize(&mut self) {
+            Ok(()) => Ok(()),
+            Err(WalkStop) => Err(self.stopped.map_or(WalkError::Serializer, WalkError::Stopped)),
+        }
+    }
+
     fn string(&mut self, v: &str) -> Result<(), WalkStop> {
         if let Some(shape) = &mut self.shape {
             // Debug-quoted so that string contents cannot imitate structure.

@@ -1,12 +1,13 @@
 //! The allowlist walk and its printing, through the whole pipeline with the shipped policies
-//! (the demo catalog: `entities`, `threads`, … are managed tables in `public`).
+//! (the demo catalog: `entities`, `threads`, … are managed tables in `public`). Its helpers
+//! (`actor`, `run`, `dev`, `first_tree`) serve the other pipeline tests of the rewrite too.
 
 use crate::auth::identity::{ActorContext, ActorType, Environment};
 use crate::rewrite::engine::scratch_schema;
 use crate::rewrite::engine::tests::engine;
 use crate::rewrite::{Refusal, Rewriter};
 
-fn actor(env: Environment, role: &str) -> ActorContext {
+pub(crate) fn actor(env: Environment, role: &str) -> ActorContext {
     ActorContext {
         organization: "acme".into(),
         environment: env,
@@ -20,11 +21,11 @@ fn admin() -> ActorContext {
     actor(Environment::Development, "admin")
 }
 
-fn run(a: &ActorContext, sql: &str) -> Result<String, Refusal> {
+pub(crate) fn run(a: &ActorContext, sql: &str) -> Result<String, Refusal> {
     Rewriter::new(0, engine()).rewrite(sql, a).map(|r| r.sql.clone())
 }
 
-fn dev(sql: &str) -> Result<String, Refusal> {
+pub(crate) fn dev(sql: &str) -> Result<String, Refusal> {
     run(&admin(), sql)
 }
 
@@ -38,7 +39,7 @@ fn refused(sql: &str, needle: &str) {
     }
 }
 
-fn first_tree(sql: &str) -> String {
+pub(crate) fn first_tree(sql: &str) -> String {
     let stmts = crate::rewrite::classify::parse(sql).unwrap();
     assert_eq!(stmts.len(), 1, "{sql}");
     crate::rewrite::pgtree::shape(&stmts[0].node).unwrap()
