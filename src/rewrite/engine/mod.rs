@@ -943,11 +943,34 @@ fn namespace_channel(channel: &mut sqlparser::ast::Ident, actor: &ActorContext) 
 }
 
 /// A short human name for a statement kind, for refusals.
+/// The kind of a statement as its leading keywords name it, for a refusal: the verb and the
+/// object kind, without modifiers (`CREATE OR REPLACE FUNCTION f…` is `CREATE FUNCTION`,
+/// `CREATE MATERIALIZED VIEW v…` is `CREATE MATERIALIZED VIEW`, `DROP VIEW v` is `DROP VIEW`).
 fn statement_name(s: &Statement) -> String {
-    let text = s.to_string();
-    let words: Vec<&str> = text.split_whitespace().take(2).collect();
-    let head = words.join(" ").to_uppercase();
-    head.chars().filter(|c| c.is_ascii_alphabetic() || *c == ' ').collect::<String>().trim().to_owned()
+    statement_name_of(&s.to_string())
+}
+
+fn statement_name_of(text: &str) -> String {
+    // Words between the verb and the object kind that say how, not what.
+    const MODIFIERS: &[&str] =
+        &["OR", "REPLACE", "TEMP", "TEMPORARY", "UNLOGGED", "RECURSIVE", "TRUSTED", "PROCEDURAL", "GLOBAL", "LOCAL"];
+    // Object kinds of more than one word: the word after one of these belongs to the kind.
+    const COMPOUND: &[&str] = &["MATERIALIZED", "FOREIGN", "EVENT", "ACCESS", "TEXT", "SEARCH", "DATA"];
+    let words: Vec<String> = text
+        .split_whitespace()
+        .take(8)
+        .map(|w| w.chars().filter(char::is_ascii_alphabetic).collect::<String>().to_uppercase())
+        .collect();
+    let mut words = words.iter().map(String::as_str).take_while(|w| !w.is_empty());
+    let Some(verb) = words.next() else { return String::new() };
+    let mut name = vec![verb];
+    for w in words.skip_while(|w| MODIFIERS.contains(w)) {
+        name.push(w);
+        if !COMPOUND.contains(&w) {
+            break;
+        }
+    }
+    name.join(" ")
 }
 
 #[cfg(test)]
