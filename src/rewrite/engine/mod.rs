@@ -960,19 +960,33 @@ fn never_allowed_kind(node: &pg_query::NodeEnum) -> Option<&'static str> {
     }
 }
 
-/// The kind of a statement as its leading keywords name it, for a refusal: the verb and the
-/// object kind, without modifiers (`CREATE OR REPLACE FUNCTION f…` is `CREATE FUNCTION`,
-/// `CREATE MATERIALIZED VIEW v…` is `CREATE MATERIALIZED VIEW`, `DROP VIEW v` is `DROP VIEW`).
+/// The kind of a statement as its leading keywords name it, for a refusal: the verb, the
+/// object kind and the words that say what kind of object (`TEMPORARY`, `MATERIALIZED`), not
+/// `OR REPLACE` (`CREATE OR REPLACE FUNCTION f…` is `CREATE FUNCTION`, `CREATE MATERIALIZED VIEW
+/// v…` is `CREATE MATERIALIZED VIEW`, `CREATE TEMP VIEW v…` is `CREATE TEMPORARY VIEW`).
 fn statement_name(s: &Statement) -> String {
     statement_name_of(&s.to_string())
 }
 
 fn statement_name_of(text: &str) -> String {
-    // Words between the verb and the object kind that say how, not what.
-    const MODIFIERS: &[&str] =
-        &["OR", "REPLACE", "TEMP", "TEMPORARY", "UNLOGGED", "RECURSIVE", "TRUSTED", "PROCEDURAL", "GLOBAL", "LOCAL"];
-    // Object kinds of more than one word: the word after one of these belongs to the kind.
-    const COMPOUND: &[&str] = &["MATERIALIZED", "FOREIGN", "EVENT", "ACCESS", "TEXT", "SEARCH", "DATA"];
+    // Words before the object kind that belong to the name of the kind.
+    const QUALIFIERS: &[&str] = &[
+        "TEMP",
+        "TEMPORARY",
+        "UNLOGGED",
+        "RECURSIVE",
+        "TRUSTED",
+        "PROCEDURAL",
+        "GLOBAL",
+        "LOCAL",
+        "MATERIALIZED",
+        "FOREIGN",
+        "EVENT",
+        "ACCESS",
+        "TEXT",
+        "SEARCH",
+        "DATA",
+    ];
     let words: Vec<String> = text
         .split_whitespace()
         .take(8)
@@ -981,9 +995,9 @@ fn statement_name_of(text: &str) -> String {
     let mut words = words.iter().map(String::as_str).take_while(|w| !w.is_empty());
     let Some(verb) = words.next() else { return String::new() };
     let mut name = vec![verb];
-    for w in words.skip_while(|w| MODIFIERS.contains(w)) {
+    for w in words.filter(|w| !matches!(*w, "OR" | "REPLACE")) {
         name.push(w);
-        if !COMPOUND.contains(&w) {
+        if !QUALIFIERS.contains(&w) {
             break;
         }
     }

@@ -863,12 +863,12 @@ fn the_proxys_own_prepared_statements_are_hidden() {
 }
 
 #[test]
-fn refused_statement_kinds_are_named_without_modifiers() {
+fn refused_statement_kinds_are_named_in_full() {
     for (sql, kind) in [
         ("CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'", "CREATE FUNCTION"),
         ("CREATE MATERIALIZED VIEW mv AS SELECT 1", "CREATE MATERIALIZED VIEW"),
         ("CREATE OR REPLACE VIEW v AS SELECT 1", "CREATE VIEW"),
-        ("CREATE TEMPORARY VIEW v AS SELECT 1", "CREATE VIEW"),
+        ("CREATE TEMPORARY VIEW v AS SELECT 1", "CREATE TEMPORARY VIEW"),
         ("DROP VIEW v", "DROP VIEW"),
         ("CREATE SCHEMA s", "CREATE SCHEMA"),
         // sqlparser reads none of these (SQLAlchemy's domain fixtures, a function with COST):
