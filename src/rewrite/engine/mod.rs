@@ -110,6 +110,12 @@ impl StatementPolicy for PolicyEngine {
                 "two-phase commit (PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED) is not allowed through an environment key",
             ));
         }
+        // Kinds never allowed through an environment key are refused on PostgreSQL's tree, so
+        // the refusal names the rule (42501) also where sqlparser cannot read the statement
+        // (`CREATE DOMAIN d INTEGER NOT NULL`, a function with `COST`), as on sqlparser's tree.
+        if let Some(kind) = never_allowed_kind(node) {
+            return Err(denied(format!("{kind} is not allowed through an environment key")));
+        }
         // Every function call PostgreSQL sees, whatever syntax sqlparser read it as
         // (`LATERAL f()`, `ROWS FROM`, `EXTRACT`, …) and wherever it is, must be on the
         // allowlist. pg_notify with a constant channel is namespaced by the tree walk (in FROM it
@@ -943,11 +949,59 @@ fn namespace_channel(channel: &mut sqlparser::ast::Ident, actor: &ActorContext) 
 }
 
 /// A short human name for a statement kind, for refusals.
+/// Statement kinds no environment key may send, whatever they hold (their sqlparser forms fall
+/// to the refusal of `statement`'s last arm), named as that refusal names them.
+fn never_allowed_kind(node: &pg_query::NodeEnum) -> Option<&'static str> {
+    match node {
+        pg_query::NodeEnum::CreateDomainStmt(_) => Some("CREATE DOMAIN"),
+        pg_query::NodeEnum::CreateFunctionStmt(f) if f.is_procedure => Some("CREATE PROCEDURE"),
+        pg_query::NodeEnum::CreateFunctionStmt(_) => Some("CREATE FUNCTION"),
+        _ => None,
+    }
+}
+
+/// The kind of a statement as its leading keywords name it, for a refusal: the verb, the
+/// object kind and the words that say what kind of object (`TEMPORARY`, `MATERIALIZED`), not
+/// `OR REPLACE` (`CREATE OR REPLACE FUNCTION f…` is `CREATE FUNCTION`, `CREATE MATERIALIZED VIEW
+/// v…` is `CREATE MATERIALIZED VIEW`, `CREATE TEMP VIEW v…` is `CREATE TEMPORARY VIEW`).
 fn statement_name(s: &Statement) -> String {
-    let text = s.to_string();
-    let words: Vec<&str> = text.split_whitespace().take(2).collect();
-    let head = words.join(" ").to_uppercase();
-    head.chars().filter(|c| c.is_ascii_alphabetic() || *c == ' ').collect::<String>().trim().to_owned()
+    statement_name_of(&s.to_string())
+}
+
+fn statement_name_of(text: &str) -> String {
+    // Words before the object kind that belong to the name of the kind.
+    const QUALIFIERS: &[&str] = &[
+        "TEMP",
+        "TEMPORARY",
+        "UNLOGGED",
+        "RECURSIVE",
+        "TRUSTED",
+        "PROCEDURAL",
+        "GLOBAL",
+        "LOCAL",
+        "MATERIALIZED",
+        "FOREIGN",
+        "EVENT",
+        "ACCESS",
+        "TEXT",
+        "SEARCH",
+        "DATA",
+    ];
+    let words: Vec<String> = text
+        .split_whitespace()
+        .take(8)
+        .map(|w| w.chars().filter(char::is_ascii_alphabetic).collect::<String>().to_uppercase())
+        .collect();
+    let mut words = words.iter().map(String::as_str).take_while(|w| !w.is_empty());
+    let Some(verb) = words.next() else { return String::new() };
+    let mut name = vec![verb];
+    for w in words.filter(|w| !matches!(*w, "OR" | "REPLACE")) {
+        name.push(w);
+        if !QUALIFIERS.contains(&w) {
+            break;
+        }
+    }
+    name.join(" ")
 }
 
 #[cfg(test)]
