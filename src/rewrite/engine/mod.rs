@@ -948,7 +948,6 @@ fn namespace_channel(channel: &mut sqlparser::ast::Ident, actor: &ActorContext) 
     Ok(())
 }
 
-/// A short human name for a statement kind, for refusals.
 /// Statement kinds no environment key may send, whatever they hold (their sqlparser forms fall
 /// to the refusal of `statement`'s last arm), named as that refusal names them.
 fn never_allowed_kind(node: &pg_query::NodeEnum) -> Option<&'static str> {
@@ -960,9 +959,9 @@ fn never_allowed_kind(node: &pg_query::NodeEnum) -> Option<&'static str> {
     }
 }
 
-/// The kind of a statement as its leading keywords name it, for a refusal: the verb, the
-/// object kind and the words that say what kind of object (`TEMPORARY`, `MATERIALIZED`), not
-/// `OR REPLACE` (`CREATE OR REPLACE FUNCTION f…` is `CREATE FUNCTION`, `CREATE MATERIALIZED VIEW
+/// A short human name for a statement kind, for refusals, as its leading keywords name it: the
+/// verb, the object kind and the words that say what kind of object (`TEMPORARY`,
+/// `MATERIALIZED`), not `OR REPLACE` (`CREATE OR REPLACE FUNCTION f…` is `CREATE FUNCTION`, `CREATE MATERIALIZED VIEW
 /// v…` is `CREATE MATERIALIZED VIEW`, `CREATE TEMP VIEW v…` is `CREATE TEMPORARY VIEW`).
 fn statement_name(s: &Statement) -> String {
     statement_name_of(&s.to_string())
