@@ -357,3 +357,31 @@ async fn a_parameter_declared_with_another_type_converts_once_whatever_the_data(
     }
     assert_eq!(outcomes[0], outcomes[1], "the same answer whether an out-of-scope row matches or not");
 }
+
+#[tokio::test]
+async fn temporary_types_named_like_built_in_types_change_no_rewrite() {
+    // A temporary table's row type is looked up before pg_catalog's types for unqualified names;
+    // the proxy's own expressions of a read (tenant predicates, scope rules, masks) name their
+    // types schema-qualified, so a session's `text`, `jsonb` or `bool` changes nothing they mean
+    // (`rewrite::engine::tests::generated_sql_names_its_types_schema_qualified` covers every role).
+    let f = fixture();
+    let dev = f.dev().await;
+    let reads = ["SELECT id, data FROM entities ORDER BY id", "SELECT e.* FROM entities e WHERE e.id > 'a' ORDER BY 1"];
+    let mut before = Vec::new();
+    for sql in reads {
+        before.push(dump(&dev, sql).await);
+    }
+    dev.batch_execute(
+        "CREATE TEMP TABLE text (a int); CREATE TEMP TABLE jsonb (a int); CREATE TEMP TABLE bool (a int)",
+    )
+    .await
+    .unwrap();
+    for (sql, was) in reads.iter().zip(&before) {
+        assert_eq!(&dump(&dev, sql).await, was, "{sql}");
+    }
+    // A write casts each value to its column's type as the catalog names it (`jsonb`, looked
+    // up by name): the session's own `jsonb` takes its place there and the write fails, as the
+    // value then cannot be cast or assigned. It fails closed; it is not yet qualified.
+    let e = dev.execute("UPDATE entities SET data = data WHERE true", &[]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("42846"), "{e:?}");
+}

@@ -300,7 +300,11 @@ impl<'a> Ctx<'a> {
     fn contains(&self, table: &TableSpec, row: &RowRef, field: &FieldRef, rhs: &str) -> Result<String, String> {
         if !field.path.is_empty() {
             let path: Vec<String> = field.path.iter().map(|p| literal(p)).collect();
-            return Ok(format!("({} #> ARRAY[{}]) @> to_jsonb({rhs}::text)", row.col(&field.column)?, path.join(", ")));
+            return Ok(format!(
+                "({} #> ARRAY[{}]) @> to_jsonb({rhs}::pg_catalog.text)",
+                row.col(&field.column)?,
+                path.join(", ")
+            ));
         }
         let col = self
             .columns(table)?
@@ -311,9 +315,9 @@ impl<'a> Ctx<'a> {
         Ok(if col.type_name.ends_with("[]") {
             format!("{rhs} = ANY ({f})")
         } else if col.type_name == "jsonb" {
-            format!("{f} @> to_jsonb({rhs}::text)")
+            format!("{f} @> to_jsonb({rhs}::pg_catalog.text)")
         } else {
-            format!("strpos({f}::text, {rhs}) > 0")
+            format!("strpos({f}::pg_catalog.text, {rhs}) > 0")
         })
     }
 
@@ -385,7 +389,7 @@ fn null_of(col: &Column) -> String {
 
 fn mask(mode: &MaskMode, text_expr: &str) -> String {
     match mode {
-        MaskMode::Hide => "NULL::text".to_owned(),
+        MaskMode::Hide => "NULL::pg_catalog.text".to_owned(),
         MaskMode::Redact(t) => format!("CASE WHEN {text_expr} IS NULL THEN NULL ELSE {} END", literal(t)),
         MaskMode::Partial(n) => format!(
             "CASE WHEN {text_expr} IS NULL THEN NULL ELSE repeat('*', greatest(length({text_expr}) - {n}, 0)) || right({text_expr}, {n}) END"
@@ -450,7 +454,7 @@ impl JsonView {
         for (key, rule) in &self.keys {
             let inner = match rule {
                 JsonKey::Masked(mode) => {
-                    format!("to_jsonb({})", mask(mode, &format!("({k}.value #>> ARRAY[]::text[])")))
+                    format!("to_jsonb({})", mask(mode, &format!("({k}.value #>> ARRAY[]::pg_catalog.text[])")))
                 }
                 JsonKey::Object(v) if v.all && v.keys.is_empty() => continue,
                 JsonKey::Object(v) => v.render(&format!("{k}.value"), depth + 1),
@@ -469,7 +473,7 @@ impl JsonView {
         // levels), hidden where only listed keys are.
         let otherwise = if self.all && depth > 0 { format!(" ELSE {expr}") } else { String::new() };
         format!(
-            "CASE WHEN jsonb_typeof({expr}) = 'object' THEN (SELECT coalesce(jsonb_object_agg({k}.key, {value}), '{{}}'::jsonb) \
+            "CASE WHEN jsonb_typeof({expr}) = 'object' THEN (SELECT coalesce(jsonb_object_agg({k}.key, {value}), '{{}}'::pg_catalog.jsonb) \
              FROM jsonb_each({expr}) AS {k} WHERE {filter}){otherwise} END"
         )
     }
@@ -480,7 +484,7 @@ fn projection(alias: &str, col: &Column, fields: &FieldAccess) -> Result<String,
     let raw = format!("{}.{}", ident(alias), ident(&col.name));
     let whole_mask = fields.masked.iter().find(|(f, _)| f.column == col.name && f.path.is_empty());
     if let Some((_, mode)) = whole_mask {
-        return Ok(mask(mode, &format!("{raw}::text")));
+        return Ok(mask(mode, &format!("{raw}::pg_catalog.text")));
     }
     let whole_visible = fields.all || fields.visible.iter().any(|f| f.column == col.name && f.path.is_empty());
     let mut view = JsonView { all: whole_visible, keys: Default::default() };
@@ -527,13 +531,16 @@ mod tests {
         assert!(sql.contains("e.key IN ('address', 'name')"), "{sql}");
         assert!(sql.contains("WHEN 'address' THEN CASE WHEN jsonb_typeof(e.value) = 'object'"), "{sql}");
         assert!(sql.contains("e1.key IN ('city', 'phone')"), "{sql}");
-        assert!(sql.contains("WHEN 'phone' THEN to_jsonb(CASE WHEN (e1.value #>> ARRAY[]::text[]) IS NULL"), "{sql}");
+        assert!(
+            sql.contains("WHEN 'phone' THEN to_jsonb(CASE WHEN (e1.value #>> ARRAY[]::pg_catalog.text[]) IS NULL"),
+            "{sql}"
+        );
         // Everything visible except one nested field.
         let fields =
             FieldAccess { all: true, visible: vec![], masked: vec![(path("data.address.phone"), MaskMode::Hide)] };
         let sql = projection("t", &col("data", "jsonb"), &fields).unwrap();
         assert!(sql.contains("WHERE true"), "{sql}");
-        assert!(sql.contains("e1.key WHEN 'phone' THEN to_jsonb(NULL::text) ELSE e1.value END"), "{sql}");
+        assert!(sql.contains("e1.key WHEN 'phone' THEN to_jsonb(NULL::pg_catalog.text) ELSE e1.value END"), "{sql}");
         assert!(sql.contains("WHERE true) ELSE e.value END ELSE e.value END"), "a non-object address is kept: {sql}");
         // A whole key made visible after a deeper mask keeps the mask.
         let fields = FieldAccess {

@@ -890,3 +890,45 @@ fn refused_statement_kinds_are_named_in_full() {
     assert_eq!(super::statement_name_of("ALTER INDEX i RENAME TO j"), "ALTER INDEX");
     assert_eq!(super::statement_name_of(""), "");
 }
+
+/// The proxy's own expressions of a read (scope rules, masks, guards) name every type
+/// schema-qualified: a session's temporary table named `text`, `jsonb` or `bool` (its row type is
+/// looked up before pg_catalog's) or a scratch type of that name cannot change what they mean.
+/// (Writes also cast values to their column's type as the catalog names it, unqualified: such a
+/// type there makes the write fail, as the value then cannot be assigned to the column.)
+#[test]
+fn generated_sql_names_its_types_schema_qualified() {
+    let statements = [
+        "SELECT * FROM entities",
+        "SELECT id FROM entities WHERE id = $1",
+        "SELECT e.id FROM entities e JOIN threads t ON t.id = e.id WHERE e.data->>'status' = 'x'",
+        "DELETE FROM entities WHERE id = $1",
+    ];
+    for role in ["admin", "teacher", "guardian", "agent"] {
+        let a = actor(Environment::Development, &[role], "a-1");
+        let mut checked = 0;
+        for sql in statements {
+            let Ok(out) = run(&a, sql) else { continue };
+            checked += 1;
+            let tree = crate::rewrite::classify::parse(&out).unwrap();
+            let mut names: Vec<String> = Vec::new();
+            crate::rewrite::pgtree::walk_strings::<()>(&tree[0].node, &mut |path, v| {
+                if path.iter().any(|(m, f)| *m == "TypeName" && *f == "names") {
+                    names.push(v.to_owned());
+                }
+                Ok(())
+            })
+            .unwrap();
+            for (i, name) in names.iter().enumerate() {
+                if name != "pg_catalog" {
+                    assert_eq!(
+                        i.checked_sub(1).and_then(|p| names.get(p)).map(String::as_str),
+                        Some("pg_catalog"),
+                        "{role}: {sql}\n{out}"
+                    );
+                }
+            }
+        }
+        assert!(checked >= 2, "{role}: too few statements rewritten to check");
+    }
+}

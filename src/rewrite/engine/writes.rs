@@ -120,7 +120,7 @@ fn message_id(message: &str) -> usize {
 /// that reaches it.
 pub fn fail_expr(message: &str) -> String {
     let text = format!("{}{}_", check_marker(), message_id(message));
-    format!("(({} || random()::text)::boolean)", literal(&text))
+    format!("(({} || random()::pg_catalog.text)::pg_catalog.bool)", literal(&text))
 }
 
 /// The refusal message of a server error raised by [`fail_expr`], if it is one.
@@ -238,7 +238,7 @@ fn merge_json(old: Option<&str>, new: &str, keys: &KeySet, column: &str) -> Stri
         let cond = keys.condition(&format!("{alias}.key"));
         let cond = if keep { cond } else { format!("NOT ({cond})") };
         format!(
-            "coalesce((SELECT jsonb_object_agg({alias}.key, {alias}.value) FROM jsonb_each({src}) AS {alias} WHERE {cond}), '{{}}'::jsonb)"
+            "coalesce((SELECT jsonb_object_agg({alias}.key, {alias}.value) FROM jsonb_each({src}) AS {alias} WHERE {cond}), '{{}}'::pg_catalog.jsonb)"
         )
     };
     let not_object = fail_expr(&format!(
@@ -248,13 +248,15 @@ fn merge_json(old: Option<&str>, new: &str, keys: &KeySet, column: &str) -> Stri
     let merged = match old {
         None => fresh,
         Some(old) => {
-            let old_obj = format!("(CASE WHEN jsonb_typeof({old}) = 'object' THEN {old} ELSE '{{}}'::jsonb END)");
+            let old_obj =
+                format!("(CASE WHEN jsonb_typeof({old}) = 'object' THEN {old} ELSE '{{}}'::pg_catalog.jsonb END)");
             format!("{} || {fresh}", take(&old_obj, "__struere_ok", false))
         }
     };
-    let null_case = if old.is_none() { format!("WHEN ({new}) IS NULL THEN NULL::jsonb ") } else { String::new() };
+    let null_case =
+        if old.is_none() { format!("WHEN ({new}) IS NULL THEN NULL::pg_catalog.jsonb ") } else { String::new() };
     format!(
-        "(CASE {null_case}WHEN jsonb_typeof({new}) = 'object' THEN {merged} WHEN {not_object} THEN NULL::jsonb END)"
+        "(CASE {null_case}WHEN jsonb_typeof({new}) = 'object' THEN {merged} WHEN {not_object} THEN NULL::pg_catalog.jsonb END)"
     )
 }
 
