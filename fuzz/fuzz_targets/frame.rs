@@ -1,7 +1,8 @@
 //! Fuzz the wire framing (`split_frontend`, `split_backend`, `split_startup`) and the decoders that
 //! are handed the frames it splits off (`decode_query`, `decode_parse`, `decode_password`,
-//! `decode_bind_names`, `decode_target`,
-//! `parse_error_fields`, `parse_parameter_status`).
+//! `decode_bind_names`, `decode_bind_values`, `decode_target`,
+//! `parse_error_fields`, `parse_parameter_status`), and the checks the session runs on bound values
+//! (`ParamRule::check`, `ParamRule::check_declared`).
 //!
 //! Input layout (3 header bytes, then the byte stream):
 //!   byte 0: mode — 0 frontend, 1 backend, 2 startup, 3 a session (startup packets until a
@@ -19,16 +20,21 @@
 //! - feeding the same stream in small chunks (as the socket does) yields exactly the same frames
 //!   and the same final outcome as feeding it all at once;
 //! - strict decoders round-trip: a Query/Parse that decodes re-encodes to the identical bytes;
-//! - an ErrorResponse the proxy encodes is read back by `parse_error_fields` unchanged.
+//! - an ErrorResponse the proxy encodes is read back by `parse_error_fields` unchanged;
+//! - Bind values (`decode_bind_values`, on the rest of every frame whose names decode) are exactly what the message
+//!   holds: as many as its count says, each the bytes at its place; the formats and values re-encode to the front of
+//!   the rest byte for byte; text values round-trip through `encode_bind_text`;
+//! - a bound value passes a `set_config` rule only if it is UTF-8 without NUL and names a setting an environment key
+//!   may SET (not a pinned one), or is the value a pinned setting is pinned to; a declared type passes only if the
+//!   server reads the bound bytes as they are (unspecified, text, varchar).
 #![no_main]
 
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
 use struere_proxy::protocol::backend::{self, Severity};
-use struere_proxy::protocol::frame::{
-    self, Frame, FrameError, MAX_PROTOCOL_MESSAGE, MAX_STARTUP_PACKET,
-};
+use struere_proxy::protocol::frame::{self, Frame, FrameError, MAX_PROTOCOL_MESSAGE, MAX_STARTUP_PACKET};
 use struere_proxy::protocol::frontend;
+use struere_proxy::rewrite::ParamRule;
 
 const MAX_MESSAGES: [usize; 8] = [0, 1, 16, 1024, 8192, 16 << 20, MAX_PROTOCOL_MESSAGE, usize::MAX];
 
@@ -183,6 +189,15 @@ fn decode_checks(f: &Frame) {
     }
     if let Ok(p) = frontend::decode_parse(body) {
         assert!(!p.name.contains('\0') && !p.query.contains('\0'));
+        for param in 1..=4u16 {
+            let rule = ParamRule::SettingName { param };
+            let declared = p.param_types.get(usize::from(param) - 1).copied().unwrap_or(0);
+            assert_eq!(
+                rule.check_declared(&p.param_types).is_ok(),
+                matches!(declared, 0 | 25 | 1043),
+                "declared type {declared} of ${param}"
+            );
+        }
         assert!(p.param_types.len() <= i16::MAX as usize);
         if f.tag == b'P' {
             let mut out = BytesMut::new();
@@ -192,6 +207,7 @@ fn decode_checks(f: &Frame) {
     }
     if let Ok(b) = frontend::decode_bind_names(body) {
         assert!(!b.portal.contains('\0') && !b.statement.contains('\0'));
+        bind_value_checks(b.statement, b.rest);
         if f.tag == b'B' {
             // Renaming the statement keeps everything else byte for byte.
             let mut out = BytesMut::new();
@@ -228,6 +244,66 @@ fn decode_checks(f: &Frame) {
     assert_eq!(back.code, fields.code);
 }
 
+/// `decode_bind_values` on the bytes after a Bind's names, and the rules the session checks bound values with.
+fn bind_value_checks(statement: &str, rest: &[u8]) {
+    let Ok(values) = frontend::decode_bind_values(rest) else { return };
+    // Re-encode what was read: the format codes as they were, then the values.
+    let formats = usize::try_from(i16::from_be_bytes([rest[0], rest[1]])).expect("a decoded count is not negative");
+    let mut out = Vec::with_capacity(rest.len());
+    out.extend_from_slice(&rest[..2 + 2 * formats]);
+    assert!(rest[2..2 + 2 * formats].chunks_exact(2).all(|c| c == [0, 0] || c == [0, 1]), "format code accepted");
+    out.extend_from_slice(&(values.len() as i16).to_be_bytes());
+    let base = rest.as_ptr() as usize;
+    for v in &values {
+        match v {
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(v) => {
+                // Each value is the bytes at its place in the message, not a copy or a neighbour.
+                let at = v.as_ptr() as usize - base;
+                assert_eq!(at, out.len() + 4, "a value is not read where it is");
+                out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+        }
+    }
+    assert!(out.len() <= rest.len() && out[..] == rest[..out.len()], "formats and values do not re-encode");
+    // Text values round-trip through the proxy's own Bind.
+    if let Some(texts) = values.iter().map(|v| v.and_then(|v| std::str::from_utf8(v).ok())).collect::<Option<Vec<_>>>()
+    {
+        let texts: Vec<String> = texts.into_iter().map(str::to_owned).collect();
+        let mut own = BytesMut::new();
+        frontend::encode_bind_text(&mut own, statement, &texts);
+        let names = frontend::decode_bind_names(&own[5..]).expect("own Bind names decode");
+        assert_eq!(names.statement, statement);
+        let back = frontend::decode_bind_values(names.rest).expect("own Bind values decode");
+        assert_eq!(back, values, "own Bind does not round-trip");
+    }
+    // The rules of `set_config($n, …)` and `set_config('<pinned>', $n, …)`.
+    for (i, v) in values.iter().enumerate().take(8) {
+        let param = u16::try_from(i + 1).expect("small");
+        let text = v.and_then(|v| std::str::from_utf8(v).ok()).filter(|t| !t.contains('\0'));
+        let name_ok = ParamRule::SettingName { param }.check(*v).is_ok();
+        let settable = text.is_some_and(|t| {
+            struere_proxy::rewrite::engine::ALLOWED_SETTINGS.iter().any(|s| s.eq_ignore_ascii_case(t))
+                && !struere_proxy::rewrite::PINNED_SETTINGS.iter().any(|s| s.eq_ignore_ascii_case(t))
+        });
+        assert_eq!(name_ok, settable, "set_config name {v:?}");
+        let encoding_ok = ParamRule::PinnedValue { param, setting: "client_encoding" }.check(*v).is_ok();
+        let utf8 = text.is_some_and(|t| {
+            let clean: String = t.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
+            clean == "utf8" || clean == "unicode"
+        });
+        assert_eq!(encoding_ok, utf8, "client_encoding value {v:?}");
+        let scs_ok = ParamRule::PinnedValue { param, setting: "standard_conforming_strings" }.check(*v).is_ok();
+        assert_eq!(scs_ok, text.is_some_and(|t| ["on", "true", "yes"].iter().any(|s| s.eq_ignore_ascii_case(t))));
+        for other in ["search_path", "role", "session_authorization", "backslash_quote"] {
+            assert!(ParamRule::PinnedValue { param, setting: other }.check(*v).is_err(), "{other} = {v:?}");
+        }
+    }
+    // A value not supplied is refused.
+    assert!(ParamRule::SettingName { param: 1 }.check(None).is_err());
+}
+
 fuzz_target!(|input: &[u8]| {
     let [mode, chunk, max_idx, data @ ..] = input else {
         return;
@@ -250,7 +326,9 @@ fuzz_target!(|input: &[u8]| {
                 let _ = frontend::decode_query(body);
                 let _ = frontend::decode_parse(body);
                 let _ = frontend::decode_password(body);
-                let _ = frontend::decode_bind_names(body);
+                if let Ok(b) = frontend::decode_bind_names(body) {
+                    bind_value_checks(b.statement, b.rest);
+                }
                 let _ = frontend::decode_target("Close", body);
                 let _ = backend::parse_error_fields(body);
                 let _ = backend::parse_parameter_status(body);

@@ -11,7 +11,8 @@
 //!    - idempotence: a fresh rewriter, given the output, accepts it and returns the same text and the same
 //!      `statement_kinds`;
 //!    - rewriting the same text again on the same (caching) rewriter gives the same answer.
-//! 2. The production `PolicyEngine`, over the shipped policies (`policy::shipped()`) and a catalog of the demo schema.
+//! 2. The production `PolicyEngine`, over the shipped policies (`policy::shipped()`) and a catalog of the demo schema
+//!    (plus `set_config` and `pg_notify`, whose uses the gate and the engine decide on).
 //!    The engine adds predicates, secure relations and channel prefixes, so its output is not a fixed point of the
 //!    engine in general. Invariants, for an accepted input `x` with output `y`:
 //!    - no panic, and `y` has no NUL;
@@ -28,6 +29,10 @@
 //!    - where the engine changed nothing (`y` is what `PassThrough` prints for `x`), the engine re-rewrites `y` to
 //!      itself: a fixed point after one round;
 //!    - determinism: a fresh engine rewriter gives the identical answer (text or refusal) for `x`.
+//! 3. For both, the properties of the newer ways (`check_new_ways`): bound-value rules (`set_config($1, …)`) only on one
+//!    top-level SELECT and naming its parameters, the same on a re-rewrite and from the cache; a `COPY … FROM STDIN …
+//!    WHERE` forwarded as the client's own statement; and no relation or constant nextval/currval/setval sequence of
+//!    another tenant's scratch schema in an output of the engine (in any clause, as the complete walk must find them).
 //!
 //! libfuzzer-sys installs a panic hook that aborts. A panic that the rewriter's own `catch_unwind` would turn into a
 //! "refused: internal error" is therefore still reported as a crash.
@@ -87,11 +92,20 @@ fn engine() -> Arc<PolicyEngine> {
     ENGINE
         .get_or_init(|| {
             let policies = struere_proxy::policy::shipped().expect("shipped policies compile");
-            Arc::new(PolicyEngine {
-                policies,
-                catalog: Arc::new(struere_proxy::catalog::demo::snapshot()),
-                allow_functions: BTreeSet::new(),
-            })
+            // The demo catalog, with the built-in functions the gate's own rules are about (`set_config` with bound
+            // parameters, `pg_notify`'s channel), so that the engine reaches those rules too.
+            let mut catalog = struere_proxy::catalog::demo::snapshot();
+            for name in ["set_config", "pg_notify"] {
+                catalog.functions.entry(name.into()).or_insert_with(|| {
+                    vec![struere_proxy::catalog::Function {
+                        schema: "pg_catalog".into(),
+                        name: name.into(),
+                        leakproof: false,
+                        volatility: 'v',
+                    }]
+                });
+            }
+            Arc::new(PolicyEngine { policies, catalog: Arc::new(catalog), allow_functions: BTreeSet::new() })
         })
         .clone()
 }
@@ -127,6 +141,8 @@ fuzz_target!(|data: &[u8]| {
         };
         assert_eq!(again.sql, rw.sql, "rewrite is not idempotent for {sql:?}");
         assert_eq!(again.statement_kinds, rw.statement_kinds, "statement kinds changed for {sql:?}");
+        assert_eq!(again.param_rules, rw.param_rules, "bound-value rules changed for {sql:?}");
+        check_new_ways(sql, rw, &actor, false);
     }
     if verbose() {
         match &first {
@@ -139,7 +155,11 @@ fuzz_target!(|data: &[u8]| {
     let cached = rewriter.rewrite(sql, &actor);
     match (&cached, &first) {
         (Ok(c), Ok(f)) => {
-            assert_eq!((&c.sql, &c.statement_kinds), (&f.sql, &f.statement_kinds), "cached answer differs for {sql:?}");
+            assert_eq!(
+                (&c.sql, &c.statement_kinds, &c.param_rules),
+                (&f.sql, &f.statement_kinds, &f.param_rules),
+                "cached answer differs for {sql:?}"
+            );
             if let Some(b) = &c.bound {
                 check_bound(b, &c.sql);
             }
@@ -157,6 +177,7 @@ fuzz_target!(|data: &[u8]| {
     }
     assert_eq!(Rewriter::new(0, engine()).rewrite(sql, &actor), by_engine, "engine is not deterministic for {sql:?}");
     if let Ok(rw) = &by_engine {
+        check_new_ways(sql, rw, &actor, true);
         check_engine_output(sql, rw, first.as_deref().ok(), &actor);
     }
 });
@@ -197,8 +218,13 @@ fn check_engine_output(sql: &str, rw: &Rewritten, passed: Option<&Rewritten>, ac
     match Rewriter::new(0, pass()).rewrite(y, actor) {
         Ok(again) => {
             if again.sql != *y && unreadable_by_sqlparser(y) {
-                let printed = |s: &str| pg_query::parse(s, 0).and_then(|p| p.deparse(pg_query::DeparseOptions::default())).ok();
-                assert_eq!(printed(&again.sql), printed(y), "engine output is respelled as another statement for {sql:?}");
+                let printed =
+                    |s: &str| pg_query::parse(s, 0).and_then(|p| p.deparse(pg_query::DeparseOptions::default())).ok();
+                assert_eq!(
+                    printed(&again.sql),
+                    printed(y),
+                    "engine output is respelled as another statement for {sql:?}"
+                );
             } else {
                 assert_eq!(&again.sql, y, "engine output does not re-print to itself for {sql:?}");
             }
@@ -228,4 +254,111 @@ fn check_engine_output(sql: &str, rw: &Rewritten, passed: Option<&Rewritten>, ac
 /// sqlparser cannot read `sql` as written, so the pipeline reads another spelling of it (`rewrite/respell.rs`).
 fn unreadable_by_sqlparser(sql: &str) -> bool {
     sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql).is_err()
+}
+
+/// Properties of the ways added with COPY … FROM STDIN WHERE, `set_config` with bound parameters and the complete tree
+/// walk (`pgtree::visit`), for any accepted output `rw` of `sql` (pass-through or engine):
+/// - bound-value rules (`ParamRule`) come only with one top-level SELECT, and name parameters `$n` of its text;
+/// - a `COPY … FROM STDIN … WHERE` is forwarded as the client's own statement: PostgreSQL's printing of the output is
+///   PostgreSQL's printing of the input (nothing of the condition is dropped or changed);
+/// - no relation of the output, and no sequence named by a constant in nextval/currval/setval (in any clause: VALUES,
+///   LIMIT, ARRAY[], FILTER, …), lies in another tenant's scratch schema (for the pass-through policy, only where the
+///   client's text did not name one itself).
+fn check_new_ways(sql: &str, rw: &Rewritten, actor: &ActorContext, strict: bool) {
+    let y = &rw.sql;
+    if !rw.param_rules.is_empty() {
+        assert_eq!(&*rw.statement_kinds, ["SelectStmt".to_string()], "rules on a non-SELECT: {sql:?} -> {y:?}");
+        for r in rw.param_rules.iter() {
+            assert!(r.param() >= 1 && y.contains(&format!("${}", r.param())), "rule {r:?} names no parameter of {y:?}");
+        }
+    }
+    let Ok(input) = pg_query::parse(sql, 0) else { return };
+    let Ok(output) = pg_query::parse(y, 0) else { return };
+    if let [one] = input.protobuf.stmts.as_slice()
+        && let Some(pg_query::NodeEnum::CopyStmt(c)) = one.stmt.as_ref().and_then(|s| s.node.as_ref())
+        && c.is_from
+        && c.where_clause.is_some()
+    {
+        let printed = |p: &pg_query::ParseResult| p.deparse(pg_query::DeparseOptions::default()).ok();
+        assert_eq!(printed(&output), printed(&input), "COPY … WHERE is not forwarded as sent: {sql:?} -> {y:?}");
+    }
+    let own = struere_proxy::rewrite::engine::scratch_schema(actor);
+    let foreign = |names: Vec<String>| -> Vec<String> {
+        names.into_iter().filter(|n| n.starts_with("scratch_") && *n != own).collect()
+    };
+    let bad = foreign(scratch_references(&output));
+    if !bad.is_empty() {
+        // The engine refuses every one; the pass-through policy forwards what the client wrote.
+        let client = foreign(scratch_references(&input));
+        assert!(
+            !strict && bad.iter().all(|b| client.contains(b)),
+            "output names another tenant's scratch schema: {sql:?} -> {y:?}: {bad:?}"
+        );
+    }
+}
+
+/// Every schema named in the tree: a relation's schema, and the schema part of a constant sequence name passed to
+/// nextval/currval/setval (also cast to regclass). A complete walk of pg_query's tree through its serde form.
+fn scratch_references(tree: &pg_query::ParseResult) -> Vec<String> {
+    fn schema_of_sequence(text: &str) -> Option<String> {
+        // `schema.seq`, `"Schema".seq`: the next-to-last part of the name as regclass reads it (unquoted parts
+        // folded to lower case, quoted ones as written with `""` for `"`).
+        let (mut parts, mut part, mut quoted, mut chars) = (Vec::new(), String::new(), false, text.chars().peekable());
+        while let Some(c) = chars.next() {
+            match c {
+                '"' if quoted && chars.peek() == Some(&'"') => {
+                    chars.next();
+                    part.push('"');
+                }
+                '"' => quoted = !quoted,
+                '.' if !quoted => parts.push(std::mem::take(&mut part)),
+                c if quoted => part.push(c),
+                c => part.push(c.to_ascii_lowercase()),
+            }
+        }
+        parts.push(part);
+        let n = parts.len();
+        (n >= 2).then(|| parts.swap_remove(n - 2))
+    }
+    fn constant(arg: &serde_json::Value) -> Option<&str> {
+        let node = arg.get("node")?;
+        if let Some(c) = node.get("AConst") {
+            return c.get("val")?.get("Sval")?.get("sval")?.as_str();
+        }
+        constant(node.get("TypeCast")?.get("arg")?)
+    }
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                // A RangeVar, whether held by a Node or directly by a field (`relation`, `typevar`, …).
+                if m.contains_key("relname")
+                    && let Some(s) = m.get("schemaname").and_then(|s| s.as_str())
+                    && !s.is_empty()
+                {
+                    out.push(s.to_string());
+                }
+                if let Some(f) = m.get("FuncCall") {
+                    let name = f
+                        .get("funcname")
+                        .and_then(|n| n.as_array())
+                        .and_then(|n| n.last())
+                        .and_then(|n| n.get("node")?.get("String")?.get("sval")?.as_str());
+                    if matches!(name, Some("nextval" | "currval" | "setval"))
+                        && let Some(text) = f.get("args").and_then(|a| a.get(0)).and_then(constant)
+                        && let Some(schema) = schema_of_sequence(text)
+                    {
+                        out.push(schema);
+                    }
+                }
+                m.values().for_each(|v| walk(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(v) = serde_json::to_value(&tree.protobuf) {
+        walk(&v, &mut out);
+    }
+    out
 }
