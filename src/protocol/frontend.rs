@@ -105,7 +105,8 @@ pub fn decode_bind_values(rest: &[u8]) -> Result<Vec<Option<&[u8]>>, DecodeError
         return Err(DecodeError::Malformed(M, "format code is neither text nor binary"));
     }
     let (values, mut rest) = count(rest.get(2 * formats..).unwrap_or_default())?;
-    let mut out = Vec::with_capacity(values);
+    // Each value takes at least its 4-byte length: a short message cannot make a large reservation.
+    let mut out = Vec::with_capacity(values.min(rest.len() / 4));
     for _ in 0..values {
         let len = rest.get(0..4).ok_or(DecodeError::Malformed(M, "truncated parameter"))?;
         let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
