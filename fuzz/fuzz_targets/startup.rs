@@ -52,7 +52,13 @@ fn check_classify(name: &str, value: &str) {
     let lower = name.to_ascii_lowercase();
     match startup::classify_param(name, value) {
         ParamVerdict::Forward => {
-            assert!(FORWARDED.contains(&lower.as_str()), "{name:?} forwarded but not whitelisted");
+            // Cosmetics, or a setting an environment key may SET anyway; never a pinned one.
+            let settable = struere_proxy::rewrite::engine::ALLOWED_SETTINGS.contains(&lower.as_str());
+            assert!(FORWARDED.contains(&lower.as_str()) || settable, "{name:?} forwarded but not whitelisted");
+            assert!(
+                !struere_proxy::rewrite::PINNED_SETTINGS.iter().any(|p| p.eq_ignore_ascii_case(&lower)),
+                "the pinned {name:?} forwarded"
+            );
         }
         ParamVerdict::Consume => match lower.as_str() {
             "user" | "database" => {}
@@ -64,7 +70,8 @@ fn check_classify(name: &str, value: &str) {
             _ => panic!("{name:?} = {value:?} consumed"),
         },
         ParamVerdict::ProtocolOption => assert!(lower.starts_with("_pq_."), "{name:?} is a protocol option"),
-        ParamVerdict::Refuse(reason) => {
+        // Refused for every key, or for environment keys (operator keys' go as sent).
+        ParamVerdict::Refuse(reason) | ParamVerdict::OperatorOnly(reason) => {
             assert!(!reason.is_empty());
             assert!(
                 !FORWARDED.contains(&lower.as_str()) && !matches!(lower.as_str(), "user" | "database"),
