@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
-use crate::auth::identity::{ActorContext, Caller, Environment};
+use crate::auth::identity::{Caller, Environment};
 
 /// What the proxy did with a statement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,10 +62,7 @@ pub struct Origin {
 
 impl Origin {
     pub fn of(caller: &Caller, key_prefix: &str) -> Arc<Origin> {
-        let actor: Option<&ActorContext> = match caller {
-            Caller::Environment(a) => Some(a),
-            Caller::Operator => None,
-        };
+        let actor = caller.actor();
         Arc::new(Origin {
             environment: actor.map(|a| a.environment),
             organization: actor.map(|a| a.organization.clone()),
@@ -603,7 +600,7 @@ pub async fn flush_usage(admin_url: String, sink: std::sync::Weak<EventSink>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::identity::ActorType;
+    use crate::auth::identity::{ActorContext, ActorType};
 
     fn ev() -> Event {
         let actor = ActorContext {

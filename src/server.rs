@@ -351,7 +351,6 @@ impl Proxy {
 
     /// A session slot for `key`, or `None` when it holds `max_connections_per_key` already.
     pub fn take_key_slot(&self, key: &crate::auth::store::KeyRecord, peer: std::net::SocketAddr) -> Option<KeySlot> {
-        use crate::auth::identity::Caller;
         let key_id = key.id;
         {
             let mut n = self.key_sessions.entry(key_id).or_insert(0);
@@ -361,10 +360,7 @@ impl Proxy {
             *n += 1;
         }
         let session_id = self.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let actor = match &key.caller {
-            Caller::Environment(a) => Some(a),
-            Caller::Operator => None,
-        };
+        let actor = key.caller.actor();
         self.live_sessions.insert(
             session_id,
             LiveSession {

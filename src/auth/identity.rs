@@ -109,6 +109,14 @@ impl Caller {
     pub fn is_operator(&self) -> bool {
         matches!(self, Caller::Operator)
     }
+
+    /// Whom an environment key's decisions are made for; `None` for an operator key.
+    pub fn actor(&self) -> Option<&ActorContext> {
+        match self {
+            Caller::Environment(a) => Some(a),
+            Caller::Operator => None,
+        }
+    }
 }
 
 #[cfg(test)]

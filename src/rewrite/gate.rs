@@ -152,8 +152,13 @@ const PINNED_WITH_VALUE: &[&str] = &["client_encoding", "standard_conforming_str
 /// startup values here and stay refused.
 const RESET_TO_STARTUP: &[&str] = &["search_path", "client_encoding", "standard_conforming_strings"];
 
-pub(crate) fn resets_to_startup_value(name: &str) -> bool {
+fn resets_to_startup_value(name: &str) -> bool {
     RESET_TO_STARTUP.iter().any(|s| s.eq_ignore_ascii_case(name))
+}
+
+/// `RESET name` on sqlparser's tree restores a startup value the proxy pins (a no-op).
+pub(crate) fn resets_pinned_startup_value(name: &ObjectName) -> bool {
+    matches!(name.0.as_slice(), [part] if part.as_ident().is_some_and(|i| resets_to_startup_value(&i.value)))
 }
 
 /// Checks one statement of PostgreSQL's tree; the rules its bound values must pass.
@@ -331,9 +336,7 @@ fn check_statement_form(stmt: &Statement) -> Result<(), Refusal> {
         Statement::Reset(reset) => match &reset.reset {
             Reset::ALL => Ok(()),
             Reset::SessionAuthorization => Err(pinned_refusal("RESET", "session_authorization")),
-            Reset::ConfigurationParameter(name) if matches!(name.0.as_slice(), [part] if part.as_ident().is_some_and(|i| resets_to_startup_value(&i.value))) => {
-                Ok(())
-            }
+            Reset::ConfigurationParameter(name) if resets_pinned_startup_value(name) => Ok(()),
             Reset::ConfigurationParameter(name) => check_name("RESET", name),
         },
         Statement::AlterRole { operation, .. } => match operation {

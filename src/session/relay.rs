@@ -124,10 +124,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         pooled: pool_key.is_some(),
         ahead: None,
     };
-    let notify_prefix = match &caller {
-        Caller::Environment(actor) => Some(crate::rewrite::engine::notify_prefix(actor)),
-        Caller::Operator => None,
-    };
+    let notify_prefix = caller.actor().map(crate::rewrite::engine::notify_prefix);
     let mut outbound = UpstreamToClient {
         proxy,
         is_operator: caller.is_operator(),
@@ -540,11 +537,7 @@ impl ClientToUpstream<'_> {
             b'B' => {
                 let names = decode_bind_names(&frame.body)?;
                 if let Err(refusal) = self.check_bind(names.statement, names.rest)? {
-                    let actor = match self.caller {
-                        Caller::Environment(a) => Some(a),
-                        Caller::Operator => None,
-                    };
-                    self.refuse_extended(refusal, actor, "", out);
+                    self.refuse_extended(refusal, self.caller.actor(), "", out);
                     return Ok(());
                 }
                 if let (true, Some(name)) = (names.statement.is_empty(), &self.unnamed) {
@@ -574,11 +567,7 @@ impl ClientToUpstream<'_> {
         };
         for name in [statement, portal] {
             if statements::is_reserved(name) {
-                let actor = match self.caller {
-                    Caller::Environment(a) => Some(a),
-                    Caller::Operator => None,
-                };
-                self.refuse_extended(reserved_name(name), actor, "", out);
+                self.refuse_extended(reserved_name(name), self.caller.actor(), "", out);
                 return Ok(());
             }
         }

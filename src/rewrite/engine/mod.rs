@@ -430,9 +430,7 @@ impl PolicyEngine {
                 Reset::ALL => Ok(()),
                 Reset::SessionAuthorization => Err(denied("RESET SESSION AUTHORIZATION is not allowed")),
                 // The startup value the proxy pins: what RESET ALL restores too (`gate.rs`).
-                Reset::ConfigurationParameter(ObjectName(parts)) if matches!(parts.as_slice(), [p] if p.as_ident().is_some_and(|i| super::gate::resets_to_startup_value(&i.value))) => {
-                    Ok(())
-                }
+                Reset::ConfigurationParameter(n) if super::gate::resets_pinned_startup_value(n) => Ok(()),
                 Reset::ConfigurationParameter(n) => self.setting_allowed(n),
             },
             Statement::StartTransaction { .. }
