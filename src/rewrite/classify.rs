@@ -6,6 +6,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use pg_query::NodeEnum;
 
+use super::pgparse::{self, Failure, MAX_TREE_DEPTH, ORDINARY_STACK_DEPTH};
 use super::pgtree;
 
 /// One top-level statement as PostgreSQL sees it.
@@ -38,31 +39,32 @@ pub(crate) fn parse(sql: &str) -> Result<Vec<PgStatement>, PgParseError> {
     if sql.contains('\0') {
         return Err(PgParseError::Nul);
     }
-    // pg_query builds a summary of the tree in Rust after parsing; that code indexes into
-    // vectors and could in principle panic on a tree shape it did not anticipate. A panic must
-    // become a refusal, not a dead connection task.
-    let parsed = match catch_unwind(AssertUnwindSafe(|| pg_query::parse(sql, 0))) {
+    // Decoding cannot panic on bytes libpg_query wrote, but a panic must become a refusal, not
+    // a dead connection task.
+    let parsed = match catch_unwind(AssertUnwindSafe(|| pgparse::parse(sql))) {
         Ok(Ok(parsed)) => parsed,
-        Ok(Err(pg_query::Error::Parse(msg))) if is_depth_error(&msg) => {
-            return Err(PgParseError::TooDeep(msg));
+        Ok(Err(Failure::Parse(msg))) if is_depth_error(&msg) => return Err(PgParseError::TooDeep(msg)),
+        Ok(Err(Failure::Parse(msg))) => return Err(PgParseError::Syntax(msg)),
+        Ok(Err(Failure::TooDeep)) => {
+            return Err(PgParseError::TooDeep(format!(
+                "the parse tree is deeper than the {MAX_TREE_DEPTH} levels the proxy reads"
+            )));
         }
-        Ok(Err(pg_query::Error::Parse(msg))) => return Err(PgParseError::Syntax(msg)),
-        // prost refuses to decode messages nested deeper than its recursion limit (100). Its
-        // message spells out the whole path, so it is replaced by a short one.
-        Ok(Err(pg_query::Error::Decode(_))) => {
-            return Err(PgParseError::TooDeep(
-                "the parse tree is deeper than the 100 levels pg_query can decode".to_string(),
-            ));
+        // Only where no deep stack is taken (the rewriter takes it): an audit's description.
+        Ok(Err(Failure::NeedsDeepStack)) => {
+            return Err(PgParseError::TooDeep(format!(
+                "the parse tree is deeper than the {ORDINARY_STACK_DEPTH} levels read on this stack"
+            )));
         }
-        Ok(Err(pg_query::Error::Conversion(_))) => return Err(PgParseError::Nul),
-        Ok(Err(other)) => return Err(PgParseError::Internal(other.to_string())),
+        Ok(Err(Failure::Nul)) => return Err(PgParseError::Nul),
+        Ok(Err(Failure::Decode(msg))) => return Err(PgParseError::Internal(msg)),
         Err(_) => return Err(PgParseError::Internal("pg_query panicked".to_string())),
     };
 
-    let mut out = Vec::with_capacity(parsed.protobuf.stmts.len());
+    let mut out = Vec::with_capacity(parsed.stmts.len());
     // The trees are moved out, not cloned: a clone of a large rewritten statement's tree costs
     // as much as decoding it.
-    for raw in parsed.protobuf.stmts {
+    for raw in parsed.stmts {
         let Some(node) = raw.stmt.and_then(|n| n.node) else {
             return Err(PgParseError::Internal("statement without a node".to_string()));
         };

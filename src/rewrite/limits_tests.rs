@@ -93,7 +93,8 @@ fn every_deep_shape_is_refused_cleanly_on_a_small_stack() {
 fn moderately_deep_shapes_never_crash_on_a_small_stack() {
     // Depths around the parsers' limits: each shape either passes or is refused, but the
     // whole pipeline (parse, visit, print, verify, drop) must fit in 2 MiB.
-    for n in [8, 16, 24, 40, 64] {
+    // Beyond 16 or so, the deep stack (`pgparse::on_deep_stack`) takes over.
+    for n in [8, 16, 24, 40, 64, 100, 150] {
         let results = on_small_stack(move || {
             deep_inputs(n)
                 .into_iter()
@@ -141,6 +142,13 @@ fn reasonable_nesting_is_accepted() {
             format!("SELECT 1{}", " + 1".repeat(30)),
             format!("SELECT 1 WHERE true{}", " AND x = 'a'".repeat(100)),
             format!("SELECT * FROM t0 {}", "JOIN t ON true ".repeat(20)),
+            // Deeper than pg_query's own decoder took (100 protobuf levels): on the deep stack.
+            format!("SELECT {}1{}", "(SELECT ".repeat(20), ")".repeat(20)),
+            format!("SELECT 1{}", " + 1".repeat(100)),
+            format!("SELECT 'a'{}", " || 'a'".repeat(150)),
+            // Django's `test_multi_page_text_explain`: a 101-operand UNION, explained.
+            format!("SELECT a FROM t{}", " UNION SELECT a FROM t".repeat(100)),
+            format!("EXPLAIN SELECT a FROM t{}", " UNION SELECT a FROM t".repeat(100)),
             // The longest AND chain allowed, as deep inside subqueries as PostgreSQL allows.
             format!(
                 "SELECT {}(SELECT 1 WHERE true{}){}",

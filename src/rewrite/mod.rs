@@ -40,6 +40,7 @@ pub mod engine;
 mod gate;
 mod lexer;
 mod locking;
+mod pgparse;
 mod pgtree;
 mod policy;
 mod printer;
@@ -357,12 +358,21 @@ fn rewrite_guarded(
 ) -> Result<Rewritten, Refusal> {
     // Neither parser is expected to panic, but a panic here must refuse the statement rather
     // than take the connection down with an unclear error.
-    match catch_unwind(AssertUnwindSafe(|| pipeline(sql, actor, policy, output))) {
+    let run = || match catch_unwind(AssertUnwindSafe(|| pipeline(sql, actor, policy, output))) {
         Ok(result) => result,
         Err(_) => {
             tracing::error!(sql_len = sql.len(), "SQL rewriter panicked; statement refused");
             Err(Refusal::Unverifiable(INTERNAL_ERROR.to_string()))
         }
+    };
+    // A tree too deep to decode on this stack (the client's, or one the rewrite built) sends the
+    // whole statement to the deep stack, where every parse and walk of it runs again.
+    pgparse::take_deep_stack_request();
+    match run() {
+        Err(_) if pgparse::take_deep_stack_request() => pgparse::on_deep_stack(run).unwrap_or_else(|| {
+            Err(Refusal::TooComplex("refused: the statement is nested too deeply for the proxy's stack".to_owned()))
+        }),
+        done => done,
     }
 }
 

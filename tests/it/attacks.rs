@@ -780,6 +780,31 @@ async fn key_brute_force_is_slowed_per_address_and_a_real_key_is_not() {
     assert!(took < Duration::from_millis(1500), "a correct key waited {took:?}");
 }
 
+/// Statements deeper than pg_query's own decoder took (100 protobuf levels) are rewritten on the
+/// proxy's deep stack (`pgparse`), with the same policy: a long UNION (and its `EXPLAIN`, as
+/// Django's `test_multi_page_text_explain` sends) and nested subqueries over a managed table see
+/// only the caller's rows.
+#[tokio::test]
+async fn deep_statements_are_rewritten_on_the_deep_stack() {
+    let f = fixture();
+    let dev = f.dev().await;
+    let own = acme_dev_count("entities").await;
+    // 110 operands (a statement may name managed tables at most 64 times), the NULLs one row.
+    let union = format!(
+        "SELECT id FROM entities{}{}",
+        " UNION SELECT id FROM entities".repeat(10),
+        " UNION SELECT NULL".repeat(100)
+    );
+    assert_eq!(count(&dev, &format!("SELECT count(*) FROM ({union}) u")).await, own + 1);
+    let nested = format!("SELECT {}count(*) FROM entities{}", "(SELECT ".repeat(20), ")".repeat(20));
+    assert_eq!(count(&dev, &nested).await, own);
+    let plan = dev.simple_query(&format!("EXPLAIN {union}")).await.expect("EXPLAIN of 111 operands");
+    let lines = plan.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count();
+    assert!(lines > 100, "{lines} plan lines");
+    // The session and the proxy are fine afterwards.
+    assert_eq!(count(&dev, "SELECT 7::bigint").await, 7);
+}
+
 #[tokio::test]
 async fn deeply_nested_sql_and_huge_statements_are_refused_cleanly() {
     let f = fixture();
