@@ -530,6 +530,18 @@ async fn do_blocks_and_function_creation_are_refused() {
         assert!(state == "42501" || state == "42601", "{sql}: {state} {msg}");
         assert!(msg.starts_with("refused"), "refused by the proxy, not by the server: {sql}: {msg}");
     }
+    // Kinds sqlparser cannot read are refused by their rule too, not as unparseable.
+    for (sql, kind) in [
+        ("DO $$ BEGIN PERFORM 1; END $$", "DO"),
+        ("LOAD 'plpgsql'", "LOAD"),
+        ("CREATE USER someone LOGIN PASSWORD 'x'", "CREATE USER"),
+    ] {
+        let (state, msg) = refusal(&dev, sql).await;
+        assert_eq!(
+            (state.as_str(), msg.as_str()),
+            ("42501", &*format!("refused: {kind} is not allowed through an environment key"))
+        );
+    }
     let admin = f.admin().await;
     let n = count(&admin, &format!("SELECT count(*) FROM pg_proc WHERE proname = '{name}'")).await;
     assert_eq!(n, 0, "no function was created");

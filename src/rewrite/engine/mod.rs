@@ -949,10 +949,28 @@ fn namespace_channel(channel: &mut sqlparser::ast::Ident, actor: &ActorContext) 
 /// Statement kinds no environment key may send, whatever they hold (their sqlparser forms fall
 /// to the refusal of `statement`'s last arm), named as that refusal names them.
 fn never_allowed_kind(node: &pg_query::NodeEnum) -> Option<&'static str> {
+    use pg_query::NodeEnum as N;
+    use pg_query::protobuf::RoleStmtType;
     match node {
-        pg_query::NodeEnum::CreateDomainStmt(_) => Some("CREATE DOMAIN"),
-        pg_query::NodeEnum::CreateFunctionStmt(f) if f.is_procedure => Some("CREATE PROCEDURE"),
-        pg_query::NodeEnum::CreateFunctionStmt(_) => Some("CREATE FUNCTION"),
+        N::CreateDomainStmt(_) => Some("CREATE DOMAIN"),
+        N::CreateFunctionStmt(f) if f.is_procedure => Some("CREATE PROCEDURE"),
+        N::CreateFunctionStmt(_) => Some("CREATE FUNCTION"),
+        N::DoStmt(_) => Some("DO"),
+        N::CreateRoleStmt(r) => Some(match RoleStmtType::try_from(r.stmt_type) {
+            Ok(RoleStmtType::RolestmtUser) => "CREATE USER",
+            Ok(RoleStmtType::RolestmtGroup) => "CREATE GROUP",
+            _ => "CREATE ROLE",
+        }),
+        N::AlterRoleStmt(_) | N::AlterRoleSetStmt(_) => Some("ALTER ROLE"),
+        N::DropRoleStmt(_) => Some("DROP ROLE"),
+        N::GrantStmt(g) => Some(if g.is_grant { "GRANT" } else { "REVOKE" }),
+        N::GrantRoleStmt(g) => Some(if g.is_grant { "GRANT" } else { "REVOKE" }),
+        N::AlterSystemStmt(_) => Some("ALTER SYSTEM"),
+        N::LoadStmt(_) => Some("LOAD"),
+        N::CreatedbStmt(_) => Some("CREATE DATABASE"),
+        N::DropdbStmt(_) => Some("DROP DATABASE"),
+        N::CreateSchemaStmt(_) => Some("CREATE SCHEMA"),
+        N::CreateRangeStmt(_) => Some("CREATE TYPE … AS RANGE"),
         _ => None,
     }
 }

@@ -881,6 +881,21 @@ fn refused_statement_kinds_are_named_in_full() {
             "CREATE FUNCTION",
         ),
         ("CREATE PROCEDURE p() LANGUAGE sql AS 'SELECT 1'", "CREATE PROCEDURE"),
+        // psycopg's notice tests and role fixture, asyncpg's and node-postgres' DO blocks.
+        ("do $$begin raise notice 'hello notice'; end$$ language plpgsql", "DO"),
+        ("CREATE USER ashesh LOGIN PASSWORD 'psycopg2'", "CREATE USER"),
+        ("CREATE ROLE r WITH LOGIN PASSWORD 'x' VALID UNTIL 'infinity'", "CREATE ROLE"),
+        ("ALTER ROLE r SET work_mem = '1MB'", "ALTER ROLE"),
+        ("ALTER USER r WITH PASSWORD 'y'", "ALTER ROLE"),
+        ("DROP ROLE IF EXISTS r", "DROP ROLE"),
+        ("GRANT SELECT ON ALL TABLES IN SCHEMA public TO r", "GRANT"),
+        ("REVOKE r FROM s", "REVOKE"),
+        ("ALTER SYSTEM SET work_mem = '1GB'", "ALTER SYSTEM"),
+        ("LOAD 'auto_explain'", "LOAD"),
+        ("CREATE DATABASE d WITH TEMPLATE template0", "CREATE DATABASE"),
+        ("DROP DATABASE d WITH (FORCE)", "DROP DATABASE"),
+        ("CREATE SCHEMA s AUTHORIZATION r CREATE TABLE t (a int)", "CREATE SCHEMA"),
+        ("CREATE TYPE floatrange AS RANGE (subtype = float8)", "CREATE TYPE … AS RANGE"),
     ] {
         let e = run(&admin_dev(), sql).unwrap_err().to_string();
         assert_eq!(e, format!("refused: {kind} is not allowed through an environment key"), "{sql}");
