@@ -161,9 +161,8 @@ impl Refusal {
 /// Rewrites SQL for environment-key callers. Cheap to share (`&self`, thread-safe).
 pub struct Rewriter {
     cache: cache::RewriteCache,
-    /// Rewrites of literal-normalised texts (`shape.rs`), keyed by (caller, shape); `None`: the
-    /// shape has no usable template (not built again until the cache is cleared).
-    templates: cache::RewriteCache<Option<shape::Template>>,
+    /// What is known of literal-normalised texts (`shape.rs`), keyed by (caller, shape).
+    templates: cache::RewriteCache<ShapeState>,
     /// Makes the sentinels of template probes unguessable.
     nonce: String,
     /// The policy in force and its generation (bumped on every swap).
@@ -173,11 +172,29 @@ pub struct Rewriter {
     time_limit: std::time::Duration,
 }
 
-/// What the caches hold for a text: its rewrite, or a miss with the text's shape when a
-/// template should be built for it.
+/// What the caches hold for a text: its rewrite, or a miss with the text's shape when the
+/// shape is to be noted or its template built.
 enum Lookup<'s> {
     Hit(Arc<Rewritten>),
-    Miss(Option<shape::Shape<'s>>),
+    Miss(Option<ShapeMiss<'s>>),
+}
+
+/// A miss of a text with a shape the rewriter has no decision for yet.
+struct ShapeMiss<'s> {
+    shape: shape::Shape<'s>,
+    /// The shape was seen before: build its template now.
+    build: bool,
+}
+
+/// What the rewriter knows of one caller's shape.
+enum ShapeState {
+    /// Rewritten once, with no template: the second text of the shape builds it. A template
+    /// costs a second rewrite (its probe) and pays off only when the shape comes back, so a text
+    /// seen once (an agent's ad-hoc statement) never pays for it.
+    SeenOnce,
+    /// Its template, or `None` when the shape has no usable one (not built again until the
+    /// cache is cleared).
+    Decided(Option<shape::Template>),
 }
 
 /// How rewrites were found (metrics).
@@ -252,18 +269,20 @@ impl Rewriter {
         }
         // The same statement with other literal values was rewritten before: fill its template.
         let shape = if sql.len() <= cache::MAX_CACHED_SQL_BYTES { shape::scan(sql) } else { None };
-        if let Some(s) = &shape
-            && let Some(known) = self.templates.get(actor, &s.key)
-        {
-            if let Some(filled) = known.as_ref().as_ref().and_then(|t| t.fill(s)) {
-                self.stats.template_hits.fetch_add(1, Relaxed);
-                return Lookup::Hit(Arc::new(filled));
-            }
-            // Tried before: no template for this shape, or one whose fixed literals differ
-            // from these. Building again would cost a second rewrite for nothing.
-            return Lookup::Miss(None);
+        let Some(shape) = shape else { return Lookup::Miss(None) };
+        match self.templates.get(actor, &shape.key).as_deref() {
+            None => Lookup::Miss(Some(ShapeMiss { shape, build: false })),
+            Some(ShapeState::SeenOnce) => Lookup::Miss(Some(ShapeMiss { shape, build: true })),
+            Some(ShapeState::Decided(template)) => match template.as_ref().and_then(|t| t.fill(&shape)) {
+                Some(filled) => {
+                    self.stats.template_hits.fetch_add(1, Relaxed);
+                    Lookup::Hit(Arc::new(filled))
+                }
+                // Tried before: no template for this shape, or one whose fixed literals differ
+                // from these. Building again would cost a second rewrite for nothing.
+                None => Lookup::Miss(None),
+            },
         }
-        Lookup::Miss(shape)
     }
 
     /// Rewrite the text of one simple-Query message (may hold several statements) or one
@@ -283,8 +302,8 @@ impl Rewriter {
         let started = std::time::Instant::now();
         let (policy, generation) = self.current_policy();
         let rewritten = Arc::new(rewrite_uncached(sql, actor, policy.as_ref())?);
-        let template = shape.as_ref().map(|shape| {
-            shape::Template::build(sql, shape, &rewritten, &self.nonce, |probe| {
+        let template = shape.as_ref().filter(|miss| miss.build).map(|miss| {
+            shape::Template::build(sql, &miss.shape, &rewritten, &self.nonce, |probe| {
                 rewrite_guarded(probe, actor, policy.as_ref(), Output::TemplateProbe).ok()
             })
         });
@@ -304,14 +323,18 @@ impl Rewriter {
             match (shape, template) {
                 // Texts with a template are found through it; keeping each literal variant as
                 // well would only churn the exact cache.
-                (Some(shape), Some(Some(template))) => {
-                    self.templates.insert(actor, &shape.key, Arc::new(Some(template)));
+                (Some(miss), Some(Some(template))) => {
+                    self.templates.insert(actor, &miss.shape.key, Arc::new(ShapeState::Decided(Some(template))));
                 }
-                (Some(shape), Some(None)) => {
-                    self.templates.insert(actor, &shape.key, Arc::new(None));
+                (Some(miss), template) => {
+                    let state = match template {
+                        Some(_) => ShapeState::Decided(None),
+                        None => ShapeState::SeenOnce,
+                    };
+                    self.templates.insert(actor, &miss.shape.key, Arc::new(state));
                     self.cache.insert(actor, sql, Arc::clone(&rewritten));
                 }
-                _ => self.cache.insert(actor, sql, Arc::clone(&rewritten)),
+                (None, _) => self.cache.insert(actor, sql, Arc::clone(&rewritten)),
             }
         }
         Ok(rewritten)

@@ -7,7 +7,8 @@
 //!   It handles a deliberately small subset of the lexical grammar and gives up (no shape, the
 //!   exact-text cache still applies) on anything else: comments, dollar quotes, prefixed strings
 //!   (`E''`, `B''`, `U&''`…), string continuation across lines, numbers glued to other tokens.
-//! * `Template::build` runs on a miss, once per shape. It decides which literals are *slots*:
+//! * `Template::build` runs once per shape, on its second miss (the first only notes the shape:
+//!   a text seen once never pays for a template). It decides which literals are *slots*:
 //!   only those that sqlparser's tree shows in a value position no decision of the rewriter
 //!   depends on — an operand of `= <> < <= > >=`, `IN (…)` or `BETWEEN` whose other side is a
 //!   plain column reference. JSON keys (`data->>'guardianPhone'`), function arguments (setting

@@ -128,7 +128,8 @@ async fn repeated_simple_statements_bind_their_literals_and_answer_like_the_lite
     }
     let (prepared, reused) = p.counts();
     assert!(prepared - before.0 >= 4, "each shape prepared once: {prepared}");
-    assert!(reused - before.1 >= 4 * (ids.len() as u64 - 2), "later rounds bind the prepared statements: {reused}");
+    // Round 1 notes each shape, round 2 builds its template; from round 3 on they bind its parameterised form.
+    assert!(reused - before.1 >= 4 * (ids.len() as u64 - 3), "later rounds bind the prepared statements: {reused}");
     assert!(prepared - before.0 <= 8, "no shape prepared again and again: {prepared}");
 }
 

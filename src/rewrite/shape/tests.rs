@@ -120,7 +120,8 @@ fn a_filled_template_is_exactly_the_full_rewrite() {
             assert_same_as_uncached(&r, &a, &sql);
         }
     }
-    assert!(r.templates.len() >= 4, "templates were built and used: {}", r.templates.len());
+    let hits = r.stats().template_hits.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(hits >= 4 * 5, "templates were built and used: {hits} hits");
 }
 
 #[test]
@@ -128,7 +129,9 @@ fn template_hits_carry_a_parameterised_form_typed_like_the_literals() {
     let r = Rewriter::new(100, engine());
     let a = teacher();
     let sql = |id: &str, n: &str| format!("SELECT id FROM entities WHERE id = {id} OR id = {n}::text");
-    r.rewrite(&sql("'a'", "5000000001"), &a).unwrap();
+    // The first text of a shape notes it, the second builds its template, the third fills it.
+    assert!(r.rewrite(&sql("'a'", "5000000001"), &a).unwrap().bound.is_none());
+    assert!(r.rewrite(&sql("'b'", "5000000002"), &a).unwrap().bound.is_none());
     let hit = r.rewrite(&sql("'it''s'", "5000000000"), &a).unwrap();
     let b = hit.bound.as_ref().expect("a template hit has a parameterised form");
     assert!(!b.sql.contains("it''s") && !b.sql.contains("5000000000"), "{}", b.sql);
@@ -171,12 +174,18 @@ fn templates_are_per_caller_and_dropped_with_the_policy() {
     let a = teacher();
     let mut b = teacher();
     b.organization = "globex".into();
+    let hits = || r.stats().template_hits.load(std::sync::atomic::Ordering::Relaxed);
+    // A shape's first text is noted (and cached as a text), its second builds the template.
     assert_same_as_uncached(&r, &a, "SELECT id FROM entities WHERE id = 'a'");
     assert_same_as_uncached(&r, &b, "SELECT id FROM entities WHERE id = 'b'");
-    assert_eq!(r.templates.len(), 2);
-    assert_eq!(r.cache.len(), 0, "literal variants do not fill the exact-text cache");
+    assert_eq!((r.templates.len(), r.cache.len()), (2, 2));
     assert_same_as_uncached(&r, &a, "SELECT id FROM entities WHERE id = 'c'");
-    assert_eq!((r.templates.len(), r.cache.len()), (2, 0), "the third variant used the template");
+    assert_eq!((r.templates.len(), r.cache.len(), hits()), (2, 2, 0), "the second variant built the template");
+    assert_same_as_uncached(&r, &a, "SELECT id FROM entities WHERE id = 'd'");
+    assert_eq!((r.templates.len(), r.cache.len(), hits()), (2, 2, 1), "the third variant used it");
+    // The other caller's shape is still only noted.
+    assert_same_as_uncached(&r, &b, "SELECT id FROM entities WHERE id = 'e'");
+    assert_eq!((r.cache.len(), hits()), (2, 1), "literal variants with a template do not fill the exact cache");
     r.set_policy(engine());
     assert_eq!(r.templates.len(), 0);
 }
