@@ -226,6 +226,7 @@ enum Field {
 }
 
 /// The field at `pos` of a message that ends at `end`; `None` when the bytes there are not one.
+#[inline]
 fn next_field(bytes: &[u8], pos: usize, end: usize) -> Option<Field> {
     let (key, pos) = varint(bytes, pos, end)?;
     if key >> 3 == 0 {
@@ -246,17 +247,15 @@ fn next_field(bytes: &[u8], pos: usize, end: usize) -> Option<Field> {
     }
 }
 
-fn varint(bytes: &[u8], mut pos: usize, end: usize) -> Option<(u64, usize)> {
+#[inline]
+fn varint(bytes: &[u8], pos: usize, end: usize) -> Option<(u64, usize)> {
+    let window = bytes.get(pos..end)?;
     let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        if pos >= end {
-            return None;
-        }
-        let byte = *bytes.get(pos)?;
-        pos += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some((value, pos));
+    // At most 10 bytes (the tenth holds bit 63).
+    for (i, &byte) in window.iter().take(10).enumerate() {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            return Some((value, pos + i + 1));
         }
     }
     None
@@ -310,6 +309,11 @@ mod tests {
         assert_eq!(message_depth(&[0x12, 0x02, 0xff, 0xff], 10), Depth::Within(1));
         assert_eq!(message_depth(&[0x12, 0x02, 0x08, 0x01], 10), Depth::Within(2));
         assert_eq!(message_depth(&[0x12, 0x00], 10), Depth::Within(2));
+        // Varints up to ten bytes; an eleventh continuation byte is not a varint.
+        let long = [0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        assert_eq!(message_depth(&long, 10), Depth::Within(1));
+        let longer = [0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        assert_eq!(message_depth(&longer, 10), Depth::NotAMessage);
         // Truncated or malformed outer messages are not messages.
         for bad in [&[0x0a, 0x05, 0x08][..], &[0x08], &[0x00, 0x01], &[0x0b], &[0x09, 1, 2]] {
             assert_eq!(message_depth(bad, 10), Depth::NotAMessage, "{bad:?}");
