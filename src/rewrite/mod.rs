@@ -223,6 +223,14 @@ impl Rewriter {
         }
     }
 
+    /// Keep at most `capacity` exact texts (0: none), leaving the templates' capacity as it is.
+    /// Without exact texts, a text seen again is a second miss of its shape, which builds the
+    /// shape's template (the fuzzer's way to the template path).
+    pub fn with_exact_cache_capacity(mut self, capacity: usize) -> Self {
+        self.cache = cache::RewriteCache::new(capacity);
+        self
+    }
+
     /// Refuse (54000) a statement whose rewrite takes longer than `limit`. Size and nesting
     /// limits bound the work; this bounds what a client can make one statement cost in time.
     pub fn with_time_limit(mut self, limit: std::time::Duration) -> Self {

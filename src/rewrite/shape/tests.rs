@@ -190,6 +190,17 @@ fn templates_are_per_caller_and_dropped_with_the_policy() {
     assert_eq!(r.templates.len(), 0);
 }
 
+#[test]
+fn without_exact_texts_a_repeated_text_builds_and_then_fills_its_template() {
+    let r = Rewriter::new(100, engine()).with_exact_cache_capacity(0);
+    let a = teacher();
+    for _ in 0..3 {
+        assert_same_as_uncached(&r, &a, "SELECT id FROM entities WHERE id = 'a'");
+    }
+    assert_eq!(r.cache.len(), 0);
+    assert_eq!(r.stats().template_hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
