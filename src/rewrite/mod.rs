@@ -654,7 +654,8 @@ fn locked_select(
     Ok((deparse(&locked, label)?, Form::Deparsed { same_as: shape_of(&locked, label)? }))
 }
 
-/// A top-level UPDATE with subscripted assignment targets sqlparser cannot read (`subscript`):
+/// A top-level UPDATE (or INSERT … ON CONFLICT DO UPDATE) with subscripted assignment targets
+/// sqlparser cannot read (`subscript`):
 /// allowed by the policy column by column, rewritten with whole-column assignments, verified,
 /// and printed by PostgreSQL's printer with the client's subscripts put back.
 fn subscripted_update(
@@ -667,7 +668,7 @@ fn subscripted_update(
     for target in &split.targets {
         policy.check_partial_assignment(&split.relation, &target.column, actor)?;
     }
-    let rewritten = rewrite_cut(&split.bare, "UpdateStmt", label, actor, policy)?;
+    let rewritten = rewrite_cut(&split.bare, split.kind, label, actor, policy)?;
     let updated = subscript::reattach(&rewritten, split, label)?;
     Ok((deparse(&updated, label)?, Form::Deparsed { same_as: shape_of(&updated, label)? }))
 }

@@ -1,6 +1,7 @@
 //! Subscripted assignment targets sqlparser cannot read (`UPDATE t SET arr[i] = …`,
 //! `SET jb['k'] = …`, `SET a[1:2] = …`, `SET a[i][j] = …`, `SET c[1].f = …`) in a top-level
-//! UPDATE, with PostgreSQL's tree as the authority:
+//! UPDATE or in the `ON CONFLICT … DO UPDATE SET` of a top-level INSERT, with PostgreSQL's tree
+//! as the authority:
 //!
 //! 1. the subscripts (each target's indirection) are taken off PostgreSQL's tree of the client's
 //!    statement, leaving whole-column assignments of the same values; what is left is printed by
@@ -37,11 +38,13 @@ use super::classify;
 use super::engine::walk::RESERVED_PREFIX;
 use super::pgtree;
 
-/// A top-level UPDATE with its subscripts taken off.
+/// A top-level UPDATE, or INSERT … ON CONFLICT DO UPDATE, with its subscripts taken off.
 #[derive(Debug)]
 pub(crate) struct Split {
     /// The client's statement with whole-column assignments.
     pub bare: NodeEnum,
+    /// PostgreSQL's name of the statement's kind (`UpdateStmt`, `InsertStmt`).
+    pub kind: &'static str,
     /// The target relation as the client named it (catalog, schema, relation; the parts given).
     pub relation: Vec<String>,
     /// The assignments that were subscripted.
@@ -61,13 +64,23 @@ pub(crate) struct Subscripted {
     value: Option<String>,
 }
 
-/// The client's top-level UPDATE without subscripts; `None` when this way does not apply (not
-/// an UPDATE, or no subscripted target at its top level).
+/// The client's top-level UPDATE (or INSERT … ON CONFLICT DO UPDATE) without subscripts;
+/// `None` when this way does not apply (another statement, no subscripted target at its top
+/// level, or an INSERT whose column list is subscripted).
 pub(crate) fn split(node: &NodeEnum) -> Option<Split> {
-    let NodeEnum::UpdateStmt(update) = node else { return None };
-    let mut bare = update.clone();
+    if let NodeEnum::InsertStmt(insert) = node
+        && insert.cols.iter().any(|c| matches!(&c.node, Some(NodeEnum::ResTarget(r)) if !r.indirection.is_empty()))
+    {
+        return None;
+    }
+    let mut bare = node.clone();
+    let kind = match &bare {
+        NodeEnum::UpdateStmt(_) => "UpdateStmt",
+        NodeEnum::InsertStmt(_) => "InsertStmt",
+        _ => return None,
+    };
     let mut targets = Vec::new();
-    for (position, item) in bare.target_list.iter_mut().enumerate() {
+    for (position, item) in assignments_mut(&mut bare)?.iter_mut().enumerate() {
         let Some(NodeEnum::ResTarget(target)) = item.node.as_mut() else { continue };
         if target.indirection.is_empty() {
             continue;
@@ -83,12 +96,32 @@ pub(crate) fn split(node: &NodeEnum) -> Option<Split> {
     if targets.is_empty() {
         return None;
     }
-    let relation = update
-        .relation
-        .as_ref()
+    let relation = target_relation(node)
         .map(|r| [&r.catalogname, &r.schemaname, &r.relname].into_iter().filter(|p| !p.is_empty()).cloned().collect())
         .unwrap_or_default();
-    Some(Split { bare: NodeEnum::UpdateStmt(bare), relation, targets })
+    Some(Split { bare, kind, relation, targets })
+}
+
+/// The assignments of a statement: an UPDATE's SET list, an INSERT's `ON CONFLICT … DO UPDATE
+/// SET` list (empty for `DO NOTHING` or no ON CONFLICT).
+fn assignments_mut(node: &mut NodeEnum) -> Option<&mut Vec<Node>> {
+    match node {
+        NodeEnum::UpdateStmt(u) => Some(&mut u.target_list),
+        NodeEnum::InsertStmt(i) => Some(match i.on_conflict_clause.as_deref_mut() {
+            Some(c) => &mut c.target_list,
+            None => return None,
+        }),
+        _ => None,
+    }
+}
+
+/// The relation a statement writes to.
+fn target_relation(node: &NodeEnum) -> Option<&pb::RangeVar> {
+    match node {
+        NodeEnum::UpdateStmt(u) => u.relation.as_ref(),
+        NodeEnum::InsertStmt(i) => i.relation.as_ref(),
+        _ => None,
+    }
 }
 
 /// The subscripts hold only constants, parameters and casts of them; field names are plain.
@@ -153,21 +186,26 @@ fn plain_type(t: &pb::TypeName) -> bool {
     named && modifiers && !t.setof && !t.pct_type
 }
 
-/// PostgreSQL's tree of the verified rewrite `rewritten` (one UPDATE without subscripts), with the
-/// client's subscripts put back on the assignments they came from.
+/// PostgreSQL's tree of the verified rewrite `rewritten` (one UPDATE, or INSERT … ON CONFLICT DO
+/// UPDATE, without subscripts), with the client's subscripts put back on the assignments they
+/// came from.
 pub(crate) fn reattach(rewritten: &str, split: Split, label: &str) -> Result<NodeEnum, Refusal> {
     let refused = || Refusal::Unverifiable(format!("refused: the proxy cannot put the subscripts back on {label}"));
     let mut statements = classify::parse(rewritten).map_err(|_| refused())?;
     let (Some(statement), true) = (statements.pop(), statements.is_empty()) else { return Err(refused()) };
-    let NodeEnum::UpdateStmt(mut update) = statement.node else { return Err(refused()) };
-    let NodeEnum::UpdateStmt(bare) = &split.bare else { return Err(refused()) };
-    // The same target relation, as the client named it (an UPDATE of a managed table is rebuilt
-    // around the real table under the proxy's alias).
+    let mut out = statement.node;
+    let mut bare = split.bare;
+    // The same statement kind and target relation, as the client named it (a write to a
+    // managed table is rebuilt around the real table under the proxy's alias).
     let relation =
-        |u: &pb::UpdateStmt| u.relation.as_ref().map(|r| NodeEnum::RangeVar(r.clone())).and_then(|r| pgtree::shape(&r));
-    if relation(&update).is_none()
-        || relation(&update) != relation(bare)
-        || update.target_list.len() != bare.target_list.len()
+        |n: &NodeEnum| target_relation(n).map(|r| NodeEnum::RangeVar(r.clone())).and_then(|r| pgtree::shape(&r));
+    let same_kind = std::mem::discriminant(&out) == std::mem::discriminant(&bare);
+    let counts = (assignments_mut(&mut out).map(|a| a.len()), assignments_mut(&mut bare).map(|a| a.len()));
+    if !same_kind
+        || relation(&out).is_none()
+        || relation(&out) != relation(&bare)
+        || counts.0.is_none()
+        || counts.0 != counts.1
     {
         return Err(Refusal::Unverifiable(format!(
             "refused: the proxy rewrote the target of {label} (as it does for writes to managed tables), so it cannot \
@@ -175,9 +213,10 @@ pub(crate) fn reattach(rewritten: &str, split: Split, label: &str) -> Result<Nod
              value are forwarded as written, as on the tenant's own tables; assign the whole column instead"
         )));
     }
+    let assignments = assignments_mut(&mut out).ok_or_else(refused)?;
     for target in split.targets {
         let column = target.column;
-        let entry = update.target_list.get_mut(target.position).and_then(|n| match n.node.as_mut() {
+        let entry = assignments.get_mut(target.position).and_then(|n| match n.node.as_mut() {
             Some(NodeEnum::ResTarget(r)) => Some(r),
             _ => None,
         });
@@ -191,7 +230,7 @@ pub(crate) fn reattach(rewritten: &str, split: Split, label: &str) -> Result<Nod
         }
         entry.indirection = target.indirection;
     }
-    Ok(NodeEnum::UpdateStmt(update))
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -211,12 +250,14 @@ mod tests {
     }
 
     #[test]
-    fn applies_to_subscripted_targets_of_a_top_level_update_only() {
+    fn applies_to_subscripted_targets_of_a_top_level_update_or_on_conflict_only() {
         for sql in [
             "UPDATE t SET a = 1",
             "SELECT a[1] FROM t",
             "INSERT INTO t (a[1]) VALUES (1)",
-            "INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET a[1] = 2",
+            "INSERT INTO t (a[1]) VALUES (1) ON CONFLICT (id) DO UPDATE SET a[1] = 2",
+            "INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET a = 2",
+            "INSERT INTO t VALUES (1) ON CONFLICT DO NOTHING",
             "WITH u AS (UPDATE t SET a[1] = 2 RETURNING id) SELECT * FROM u",
             "DELETE FROM t WHERE a[1] = 2",
             "UPDATE t SET a = b[1] WHERE (c)[2] = 3",
@@ -230,6 +271,29 @@ mod tests {
         assert_eq!(columns, [("a", 1), ("c", 2), ("d", 3)]);
         assert_eq!(print(&s.bare), "UPDATE ONLY s.t x SET b = 1, a = 2, c = 3, d = '{}' WHERE id = 1");
         check(&s).unwrap();
+        let s = split(&node("INSERT INTO s.t AS x (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET b = 1, a[1] = 2"))
+            .unwrap();
+        assert_eq!((s.kind, s.relation.as_slice()), ("InsertStmt", &["s".to_owned(), "t".to_owned()][..]));
+        assert_eq!(s.targets.iter().map(|t| (t.column.as_str(), t.position)).collect::<Vec<_>>(), [("a", 1)]);
+        assert_eq!(print(&s.bare), "INSERT INTO s.t AS x (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET b = 1, a = 2");
+    }
+
+    #[test]
+    fn reattaches_on_conflict_assignments_of_the_same_insert() {
+        let sql = "INSERT INTO t (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET a[1] = excluded.id, b = 2";
+        let bare = "INSERT INTO t (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET a = excluded.id, b = 2";
+        let back = reattach(bare, split(&node(sql)).unwrap(), "x").unwrap();
+        assert_eq!(pgtree::shape(&back), shape(sql));
+        for rewritten in [
+            "INSERT INTO t (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET a = excluded.id + 1, b = 2",
+            "INSERT INTO u (id) VALUES ($1) ON CONFLICT (id) DO UPDATE SET a = excluded.id, b = 2",
+            "INSERT INTO t (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO t (id) VALUES ($1)",
+            "UPDATE t SET a = excluded.id, b = 2",
+        ] {
+            let e = reattach(rewritten, split(&node(sql)).unwrap(), "x").unwrap_err();
+            assert!(matches!(e, Refusal::Unverifiable(_)), "{rewritten}: {e:?}");
+        }
     }
 
     #[test]

@@ -697,12 +697,28 @@ async fn subscripted_assignments_sqlparser_cannot_read() {
         .unwrap()
         .get(0);
     assert_eq!(a, "{0,8,3}");
+    // The same in an INSERT's ON CONFLICT DO UPDATE (a conflict on row 2, a new row 3).
+    for id in [2, 3] {
+        acme.execute(
+            &format!(
+                "INSERT INTO {t} AS x (id, a) VALUES ($1::int, '{{5}}') ON CONFLICT (id) DO UPDATE \
+                 SET a[2] = excluded.a[1] + 1, j['n'] = to_jsonb($1::int) WHERE x.id = $1::int"
+            ),
+            &[&id],
+        )
+        .await
+        .unwrap();
+    }
+    let rows = acme.query(&format!("SELECT a::text, j::text FROM {t} WHERE id >= 2 ORDER BY id"), &[]).await.unwrap();
+    let got: Vec<(String, Option<String>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(got, [("{0,6,3}".to_owned(), Some(r#"{"n": 2}"#.to_owned())), ("{5}".to_owned(), None)]);
 
     // The subscripts are not rewritten: constants and parameters only.
     for sql in [
         format!("UPDATE {t} SET a[(SELECT count(*) FROM entities)::int] = 1"),
         format!("UPDATE {t} SET a[id] = 1"),
         format!("UPDATE {t} SET a[1] = (SELECT count(*) FROM entities)::int"),
+        format!("INSERT INTO {t} (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET a[(SELECT 1)] = 1"),
     ] {
         let e = acme.batch_execute(&sql).await.expect_err(&sql);
         assert_eq!(code(&e), "42501", "{sql}: {e}");
@@ -721,6 +737,11 @@ async fn subscripted_assignments_sqlparser_cannot_read() {
         (&teacher, "UPDATE entities SET data['status'] = '\"done\"' WHERE id = 'acme-development-session-2'"),
         (&support, "UPDATE users SET email[1] = 'x' WHERE id = 'acme-teacher-1'"),
         (&acme, "UPDATE entities SET data['status'] = '\"done\"' WHERE id = 'acme-development-session-2'"),
+        (
+            &acme,
+            "INSERT INTO entities (id, entity_type, data) VALUES ('acme-development-session-2', 'session', '{}') \
+             ON CONFLICT (id) DO UPDATE SET data['status'] = '\"done\"'",
+        ),
     ] {
         let e = who.batch_execute(sql).await.expect_err(sql);
         assert_eq!(code(&e), "42501", "{sql}: {e}");
