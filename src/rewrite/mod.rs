@@ -336,6 +336,7 @@ impl Rewriter {
                 }
                 (Some(miss), template) => {
                     let state = match template {
+                        // Built, and no usable template came of it.
                         Some(_) => ShapeState::Decided(None),
                         None => ShapeState::SeenOnce,
                     };

@@ -53,10 +53,13 @@ pub(crate) fn on_deep_stack<T: Send>(f: impl FnOnce() -> T + Send) -> Option<T> 
     if ON_DEEP_STACK.get() {
         return Some(f());
     }
+    // The statement's log lines keep their session's and statement's span.
+    let span = tracing::Span::current();
     std::thread::scope(|scope| {
         let thread = std::thread::Builder::new().name("struere-deep-stack".to_owned()).stack_size(DEEP_STACK_BYTES);
         let handle = thread
-            .spawn_scoped(scope, || {
+            .spawn_scoped(scope, move || {
+                let _entered = span.enter();
                 ON_DEEP_STACK.set(true);
                 f()
             })
