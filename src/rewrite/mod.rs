@@ -520,6 +520,9 @@ fn rewrite_statement(
         Err(SqlParseError::Syntax(_)) if let Some(split) = copywhere::split(&stmt.node) => {
             copy_with_condition(split, label, actor, policy)
         }
+        Err(SqlParseError::Syntax(_)) if let Some(stand_ins) = locking::stand_in(&stmt.node) => {
+            locked_with_stand_ins(stand_ins, &stmt.kind, label, actor, policy)
+        }
         // Another spelling of the same statement, which sqlparser reads (`respell`).
         Err(SqlParseError::Syntax(_)) if !unicode && let Some(done) = respelled(&stmt.node, label, actor, policy) => {
             done
@@ -652,6 +655,22 @@ fn locked_select(
     locking::check_names(&locks)?;
     let rewritten = rewrite_cut(&bare, "SelectStmt", label, actor, policy)?;
     let locked = locking::reattach(&rewritten, locks, label)?;
+    Ok((deparse(&locked, label)?, Form::Deparsed { same_as: shape_of(&locked, label)? }))
+}
+
+/// Locking clauses sqlparser cannot read below the top-level SELECT (`locking::stand_in`):
+/// rewritten with stand-ins sqlparser reads, verified, and printed by PostgreSQL's printer with
+/// the client's clauses in place of the stand-ins.
+fn locked_with_stand_ins(
+    stand_ins: locking::StandIns,
+    kind: &str,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Result<(String, Form), Refusal> {
+    locking::check_names(stand_ins.clauses())?;
+    let rewritten = rewrite_cut(&stand_ins.tree, kind, label, actor, policy)?;
+    let locked = locking::put_back(&rewritten, stand_ins, label)?;
     Ok((deparse(&locked, label)?, Form::Deparsed { same_as: shape_of(&locked, label)? }))
 }
 

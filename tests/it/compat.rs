@@ -593,7 +593,7 @@ async fn foreign_keys_reference_only_the_callers_own_scratch_tables() {
 
 /// Django's `select_for_update(no_key=True)` and `select_for_update(of=(…))`: `FOR NO KEY UPDATE`,
 /// `FOR KEY SHARE` and `FOR UPDATE OF a, b`, which sqlparser cannot read, lock exactly the rows the
-/// caller's SELECT returns (rewrite/locking.rs).
+/// caller's SELECT returns (rewrite/locking.rs), also below the top level (a job queue's pick).
 #[tokio::test]
 async fn locking_clauses_sqlparser_cannot_read() {
     let f = fixture();
@@ -637,10 +637,49 @@ async fn locking_clauses_sqlparser_cannot_read() {
         .len();
     assert_eq!(n, 1);
     acme.batch_execute(&format!("DROP TABLE {t}_a; DROP TABLE {t}_b")).await.unwrap();
+
+    // Below the top level (stand-ins): a job queue's workers each pick other jobs.
+    let jobs = unique("compat_jobs");
+    acme.batch_execute(&format!(
+        "CREATE TABLE {jobs} (id int PRIMARY KEY, state text); \
+         INSERT INTO {jobs} SELECT g, 'queued' FROM generate_series(1, 4) g"
+    ))
+    .await
+    .unwrap();
+    let pick = format!(
+        "UPDATE {jobs} SET state = 'running' WHERE id IN (SELECT id FROM {jobs} WHERE state = 'queued' \
+         ORDER BY id LIMIT 2 FOR NO KEY UPDATE SKIP LOCKED) RETURNING id"
+    );
+    let worker = f.dev().await;
+    let mut picked = Vec::new();
+    for c in [&acme, &worker] {
+        c.batch_execute("BEGIN").await.unwrap();
+        let mut ids: Vec<i32> = c.query(&pick, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+        ids.sort_unstable();
+        picked.push(ids);
+    }
+    assert_eq!(picked, [vec![1, 2], vec![3, 4]]);
+    for c in [&acme, &worker] {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    // And on a managed table, in a CTE: the caller's rows only.
+    let n: i64 = acme
+        .query_one(
+            "WITH next AS (SELECT id, organization_id FROM entities ORDER BY id LIMIT 3 FOR KEY SHARE) \
+             SELECT count(*) FROM next WHERE organization_id = 'acme'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+    acme.batch_execute(&format!("DROP TABLE {jobs}")).await.unwrap();
+
     for (sql, sqlstate) in [
         ("SELECT id FROM entities FOR NO KEY UPDATE OF __struere_1", "42501"),
         ("SELECT pg_read_file('/etc/passwd') FROM entities FOR KEY SHARE", "42501"),
-        ("SELECT * FROM (SELECT id FROM entities FOR NO KEY UPDATE) s", "42601"),
+        ("SELECT * FROM (SELECT id FROM entities FOR NO KEY UPDATE OF __struere_1) s", "42501"),
+        ("SELECT 1 LIMIT (SELECT 1 FROM entities FOR NO KEY UPDATE)", "42601"),
     ] {
         let e = acme.batch_execute(sql).await.expect_err(sql);
         assert_eq!(code(&e), sqlstate, "{sql}: {e}");

@@ -387,7 +387,7 @@ fn only_statements_sqlparser_cannot_read_of_the_listed_kinds() {
     assert!(matches!(r, Err(Refusal::Syntax(_) | Refusal::Denied(_))), "{r:?}");
     let r = dev("ALTER SEQUENCE s SET SCHEMA public");
     assert!(matches!(r, Err(Refusal::Syntax(_))), "{r:?}");
-    let r = dev("SELECT 1 FROM (SELECT 1 FROM t FOR NO KEY UPDATE) s");
+    let r = dev("SELECT 1 LIMIT (SELECT 1 FROM t FOR NO KEY UPDATE)");
     assert!(matches!(r, Err(Refusal::Syntax(_))), "{r:?}");
 }
 

@@ -380,13 +380,15 @@ fn a_cte_named_like_a_managed_table_is_a_cte() {
 #[test]
 fn constructs_the_parser_cannot_read_are_named_and_cursor_moves_pass() {
     for (sql, construct) in [
-        // Locking clauses sqlparser cannot read are supported on the top-level SELECT only.
-        ("SELECT id FROM (SELECT id FROM entities FOR NO KEY UPDATE) s", "FOR NO KEY UPDATE"),
-        ("SELECT (SELECT id FROM entities FOR KEY SHARE)", "FOR KEY SHARE"),
-        ("WITH c AS (SELECT e.id FROM entities e, threads t FOR UPDATE OF e, t) SELECT * FROM c", "several tables"),
+        // Locking clauses sqlparser cannot read where the stand-ins cannot reach them.
+        ("SELECT 1 LIMIT (SELECT 1 FROM entities FOR NO KEY UPDATE)", "FOR NO KEY UPDATE"),
+        ("SELECT 1 OFFSET (SELECT count(*) FROM entities e, threads t FOR UPDATE OF e, t)", "several tables"),
         ("WITH u AS (UPDATE agent_configs SET tools[1] = '1' RETURNING id) SELECT * FROM u", "array element"),
         ("INSERT INTO agent_configs (tools[1]) VALUES ('1')", "INSERT column list"),
-        ("INSERT INTO s (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET a[1] = 2", "ON CONFLICT"),
+        (
+            "WITH x AS (INSERT INTO s (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET a[1] = 2 RETURNING id) SELECT * FROM x",
+            "ON CONFLICT",
+        ),
     ] {
         let e = run(&admin_dev(), sql).unwrap_err();
         assert!(e.to_string().contains(construct), "{sql}: {e}");
@@ -597,12 +599,33 @@ fn locking_clauses_sqlparser_cannot_read_lock_the_secure_relations() {
         let without = out.strip_suffix(tail).unwrap();
         assert_eq!(shape(without), shape(&plain), "{sql}: {out}");
     }
+    // Below the top level (stand-ins, `locking::stand_in`): a job queue's pick in a subquery
+    // and in a CTE, and a scalar subquery locking two tables.
+    for (sql, clause) in [
+        (
+            "UPDATE entities SET data = data WHERE id IN (SELECT id FROM entities WHERE entity_type = 'session' \
+             ORDER BY created_at LIMIT 5 FOR NO KEY UPDATE SKIP LOCKED) RETURNING id",
+            " FOR NO KEY UPDATE SKIP LOCKED)",
+        ),
+        (
+            "WITH next AS (SELECT id FROM entities LIMIT 1 FOR KEY SHARE NOWAIT) SELECT * FROM next",
+            " FOR KEY SHARE NOWAIT)",
+        ),
+        ("SELECT (SELECT e.id FROM entities e, threads t LIMIT 1 FOR UPDATE OF e, t)", " FOR UPDATE OF e, t)"),
+    ] {
+        let out = run(&admin_dev(), sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert!(out.contains(clause), "{sql}: {out}");
+        assert!(out.contains("'acme'") && out.contains("'development'"), "{sql}: {out}");
+        assert_eq!(out.matches(" FOR ").count(), 1, "{sql}: {out}");
+    }
     // Everything the rewrite refuses without the clause is refused with it.
     for sql in [
         "SELECT pg_sleep(1) FROM entities FOR NO KEY UPDATE",
         "SELECT * FROM pg_stats FOR KEY SHARE",
         "SELECT * FROM struere.api_keys k, entities e FOR UPDATE OF k, e",
         "SELECT * FROM entities FOR NO KEY UPDATE OF __struere_1",
+        "SELECT * FROM (SELECT pg_sleep(1) FROM entities FOR NO KEY UPDATE) s",
+        "SELECT * FROM (SELECT 1 FROM entities FOR KEY SHARE OF __struere_1) s",
     ] {
         let e = run(&admin_dev(), sql).unwrap_err();
         assert!(matches!(e, Refusal::Denied(_) | Refusal::Unverifiable(_)), "{sql}: {e:?}");
