@@ -111,36 +111,20 @@ impl StandIns {
 /// apply (every locking clause is one sqlparser reads, or one is out of the replacement's reach,
 /// or two equal stand-ins stand for different clauses).
 pub(crate) fn stand_in(node: &NodeEnum) -> Option<StandIns> {
-    let mut unreadable = false;
-    let mut total = 0usize;
-    let counted = pgtree::visit(node, &mut |n| {
-        if let pg_query::NodeRef::SelectStmt(sel) = n {
-            total += sel.locking_clause.len();
-            unreadable |= sel.locking_clause.iter().any(|c| !readable(c));
-        }
-        Ok::<(), ()>(())
-    });
-    if counted.is_err() || !unreadable {
+    let (total, unreadable) = clause_count(node)?;
+    if !unreadable {
         return None;
     }
     let mut tree = node.clone();
     let mut lists = Vec::new();
     let mut reached = 0usize;
-    // SAFETY: `nodes_mut` hands out pointers into `tree`, which is not otherwise touched while
-    // they are used; only each SELECT's own locking list is replaced, and no pointer leads into
-    // a locking list (pg_query's walk does not enter them), so none is left dangling.
-    for (n, _, _) in unsafe { tree.nodes_mut() } {
-        let pg_query::NodeMut::SelectStmt(select) = n else { continue };
-        let Some(select) = (unsafe { select.as_mut() }) else { continue };
-        if select.locking_clause.is_empty() {
-            continue;
-        }
-        let client = std::mem::take(&mut select.locking_clause);
-        let stand_in = stand_in_list(&client)?;
+    for_each_locking_list(&mut tree, |list| {
+        let client = std::mem::take(list);
+        *list = stand_in_list(&client)?;
         reached += client.len();
-        lists.push((list_shape(&stand_in)?, client));
-        select.locking_clause = stand_in;
-    }
+        lists.push((list_shape(list)?, client));
+        Some(())
+    })?;
     if reached != total {
         return None;
     }
@@ -163,34 +147,55 @@ pub(crate) fn put_back(rewritten: &str, stand_ins: StandIns, label: &str) -> Res
     let mut statements = classify::parse(rewritten).map_err(|_| refused())?;
     let (Some(statement), true) = (statements.pop(), statements.is_empty()) else { return Err(refused()) };
     let mut out = statement.node;
-    let mut total = 0usize;
-    pgtree::visit(&out, &mut |n| {
-        if let pg_query::NodeRef::SelectStmt(sel) = n {
-            total += sel.locking_clause.len();
-        }
-        Ok::<(), ()>(())
-    })
-    .map_err(|_| refused())?;
+    let (total, _) = clause_count(&out).ok_or_else(refused)?;
     let mut unused: Vec<Option<(String, Vec<Node>)>> = stand_ins.lists.into_iter().map(Some).collect();
     let mut reached = 0usize;
-    // SAFETY: as in `stand_in`: only each SELECT's own locking list is replaced.
-    for (n, _, _) in unsafe { out.nodes_mut() } {
-        let pg_query::NodeMut::SelectStmt(select) = n else { continue };
-        let Some(select) = (unsafe { select.as_mut() }) else { continue };
-        if select.locking_clause.is_empty() {
-            continue;
-        }
-        let key = list_shape(&select.locking_clause).ok_or_else(refused)?;
-        let slot = unused.iter_mut().find(|u| u.as_ref().is_some_and(|(k, _)| *k == key)).ok_or_else(refused)?;
-        let (_, client) = slot.take().ok_or_else(refused)?;
-        reached += select.locking_clause.len();
-        select.locking_clause = client;
-    }
+    for_each_locking_list(&mut out, |list| {
+        let key = list_shape(list)?;
+        let slot = unused.iter_mut().find(|u| u.as_ref().is_some_and(|(k, _)| *k == key))?;
+        let (_, client) = slot.take()?;
+        reached += list.len();
+        *list = client;
+        Some(())
+    })
+    .ok_or_else(refused)?;
     // Every stand-in came back exactly once, and none was out of reach.
     if reached != total || unused.iter().any(Option::is_some) {
         return Err(refused());
     }
     Ok(out)
+}
+
+/// The number of locking clauses anywhere in `node` (the complete walk), and whether one of them
+/// is one sqlparser cannot read.
+fn clause_count(node: &NodeEnum) -> Option<(usize, bool)> {
+    let (mut total, mut unreadable) = (0usize, false);
+    pgtree::visit(node, &mut |n| {
+        if let pg_query::NodeRef::SelectStmt(sel) = n {
+            total += sel.locking_clause.len();
+            unreadable |= sel.locking_clause.iter().any(|c| !readable(c));
+        }
+        Ok::<(), ()>(())
+    })
+    .ok()?;
+    Some((total, unreadable))
+}
+
+/// Calls `f` on the locking list of every SELECT in `tree` that has one and that pg_query's
+/// `nodes_mut` reaches (not every one: callers compare counts with `clause_count`); stops at the
+/// first `None`.
+fn for_each_locking_list(tree: &mut NodeEnum, mut f: impl FnMut(&mut Vec<Node>) -> Option<()>) -> Option<()> {
+    // SAFETY: `nodes_mut` hands out pointers into `tree`, which is not otherwise touched while
+    // they are used; `f` replaces only a SELECT's own locking list, and no pointer leads into a
+    // locking list (pg_query's walk does not enter them), so none is left dangling.
+    for (n, _, _) in unsafe { tree.nodes_mut() } {
+        let pg_query::NodeMut::SelectStmt(select) = n else { continue };
+        let Some(select) = (unsafe { select.as_mut() }) else { continue };
+        if !select.locking_clause.is_empty() {
+            f(&mut select.locking_clause)?;
+        }
+    }
+    Some(())
 }
 
 /// A locking clause sqlparser reads: `FOR UPDATE` or `FOR SHARE`, of at most one relation.
