@@ -82,6 +82,22 @@ pub(crate) fn parse(sql: &str) -> Result<Vec<PgStatement>, PgParseError> {
     Ok(out)
 }
 
+/// The one statement PostgreSQL reads in `sql`; `None` when it reads none, several, or cannot
+/// read the text (the proxy's own texts and rewrites, whose trees are put together again).
+pub(crate) fn parse_alone(sql: &str) -> Option<NodeEnum> {
+    let mut statements = parse(sql).ok()?;
+    match (statements.pop(), statements.is_empty()) {
+        (Some(statement), true) => Some(statement.node),
+        _ => None,
+    }
+}
+
+/// Test helper: PostgreSQL's tree of the first statement of `sql`.
+#[cfg(test)]
+pub(crate) fn first_node(sql: &str) -> NodeEnum {
+    parse(sql).unwrap().remove(0).node
+}
+
 fn is_depth_error(msg: &str) -> bool {
     // "stack depth limit exceeded" comes from check_stack_depth(); bison reports "memory
     // exhausted" when its own parser stack overflows; libpg_query's protobuf encoder has a

@@ -47,7 +47,7 @@ pub(crate) fn split(node: &NodeEnum) -> Option<Split> {
     let condition = copy.where_clause.clone()?;
     let mut bare = copy.clone();
     bare.where_clause = None;
-    let NodeEnum::SelectStmt(mut probe) = parsed_alone("SELECT 1 FROM t WHERE true")? else { return None };
+    let NodeEnum::SelectStmt(mut probe) = classify::parse_alone("SELECT 1 FROM t WHERE true")? else { return None };
     probe.from_clause = vec![Node { node: Some(NodeEnum::RangeVar(relation)) }];
     probe.where_clause = Some(condition);
     Some(Split { bare: NodeEnum::CopyStmt(bare), probe: NodeEnum::SelectStmt(probe) })
@@ -65,7 +65,7 @@ pub(crate) fn reattach(copied: &str, probed: &str, split: &Split, label: &str) -
         ))
     };
     let same = |text: &str, want: &NodeEnum| -> Result<NodeEnum, Refusal> {
-        let got = parsed_alone(text).ok_or_else(refused)?;
+        let got = classify::parse_alone(text).ok_or_else(refused)?;
         match (pgtree::shape(&got), pgtree::shape(want)) {
             (Some(a), Some(b)) if a == b => Ok(got),
             (Some(_), Some(_)) => Err(changed()),
@@ -81,22 +81,11 @@ pub(crate) fn reattach(copied: &str, probed: &str, split: &Split, label: &str) -
     Ok(NodeEnum::CopyStmt(copy))
 }
 
-/// The one statement PostgreSQL reads in `sql`.
-fn parsed_alone(sql: &str) -> Option<NodeEnum> {
-    let mut statements = classify::parse(sql).ok()?;
-    match (statements.pop(), statements.is_empty()) {
-        (Some(statement), true) => Some(statement.node),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn node(sql: &str) -> NodeEnum {
-        classify::parse(sql).unwrap().remove(0).node
-    }
+    use crate::rewrite::classify::first_node as node;
 
     #[test]
     fn applies_to_copy_from_stdin_with_a_condition_only() {

@@ -109,9 +109,7 @@ pub(crate) fn index_without_tablespace(node: &NodeEnum, check: &mut Check<'_>) -
 /// with `TABLESPACE pg_default` put back.
 pub(crate) fn with_default_tablespace(rewritten: &str, label: &str) -> Result<NodeEnum, Refusal> {
     let refused = || Refusal::Unverifiable(format!("refused: the proxy cannot put the tablespace back on {label}"));
-    let mut statements = super::classify::parse(rewritten).map_err(|_| refused())?;
-    let (Some(statement), true) = (statements.pop(), statements.is_empty()) else { return Err(refused()) };
-    let NodeEnum::IndexStmt(mut index) = statement.node else { return Err(refused()) };
+    let Some(NodeEnum::IndexStmt(mut index)) = super::classify::parse_alone(rewritten) else { return Err(refused()) };
     if !index.table_space.is_empty() {
         return Err(refused());
     }

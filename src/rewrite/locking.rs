@@ -80,9 +80,7 @@ pub(crate) fn check_names<'a>(locks: impl IntoIterator<Item = &'a Node>) -> Resu
 /// with the client's `locks` put back on it.
 pub(crate) fn reattach(rewritten: &str, locks: Vec<Node>, label: &str) -> Result<NodeEnum, Refusal> {
     let refused = || Refusal::Unverifiable(format!("refused: the proxy cannot put the locking clause back on {label}"));
-    let mut statements = classify::parse(rewritten).map_err(|_| refused())?;
-    let (Some(statement), true) = (statements.pop(), statements.is_empty()) else { return Err(refused()) };
-    let NodeEnum::SelectStmt(mut select) = statement.node else { return Err(refused()) };
+    let Some(NodeEnum::SelectStmt(mut select)) = classify::parse_alone(rewritten) else { return Err(refused()) };
     if select.op != pb::SetOperation::SetopNone as i32 || !select.locking_clause.is_empty() {
         return Err(refused());
     }
@@ -144,9 +142,7 @@ pub(crate) fn stand_in(node: &NodeEnum) -> Option<StandIns> {
 pub(crate) fn put_back(rewritten: &str, stand_ins: StandIns, label: &str) -> Result<NodeEnum, Refusal> {
     let refused =
         || Refusal::Unverifiable(format!("refused: the proxy cannot put the locking clauses back on {label}"));
-    let mut statements = classify::parse(rewritten).map_err(|_| refused())?;
-    let (Some(statement), true) = (statements.pop(), statements.is_empty()) else { return Err(refused()) };
-    let mut out = statement.node;
+    let mut out = classify::parse_alone(rewritten).ok_or_else(refused)?;
     let (total, _) = clause_count(&out).ok_or_else(refused)?;
     let mut unused: Vec<Option<(String, Vec<Node>)>> = stand_ins.lists.into_iter().map(Some).collect();
     let mut reached = 0usize;
@@ -243,9 +239,7 @@ fn list_shape(list: &[Node]) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn node(sql: &str) -> NodeEnum {
-        classify::parse(sql).unwrap().remove(0).node
-    }
+    use crate::rewrite::classify::first_node as node;
 
     #[test]
     fn applies_to_a_top_level_select_only() {

@@ -641,7 +641,7 @@ fn index_in_default_tablespace(
 ) -> Result<(String, Form), Refusal> {
     let rewritten = rewrite_cut(bare, "IndexStmt", label, actor, policy)?;
     let placed = ddl::with_default_tablespace(&rewritten, label)?;
-    Ok((deparse(&placed, label)?, Form::Deparsed { same_as: shape_of(&placed, label)? }))
+    deparsed(&placed, label)
 }
 
 /// A top-level SELECT whose locking clause sqlparser cannot read (`locking`): rewritten without
@@ -655,7 +655,7 @@ fn locked_select(
     locking::check_names(&locks)?;
     let rewritten = rewrite_cut(&bare, "SelectStmt", label, actor, policy)?;
     let locked = locking::reattach(&rewritten, locks, label)?;
-    Ok((deparse(&locked, label)?, Form::Deparsed { same_as: shape_of(&locked, label)? }))
+    deparsed(&locked, label)
 }
 
 /// Locking clauses sqlparser cannot read below the top-level SELECT (`locking::stand_in`):
@@ -671,7 +671,7 @@ fn locked_with_stand_ins(
     locking::check_names(stand_ins.clauses())?;
     let rewritten = rewrite_cut(&stand_ins.tree, kind, label, actor, policy)?;
     let locked = locking::put_back(&rewritten, stand_ins, label)?;
-    Ok((deparse(&locked, label)?, Form::Deparsed { same_as: shape_of(&locked, label)? }))
+    deparsed(&locked, label)
 }
 
 /// A top-level UPDATE (or INSERT … ON CONFLICT DO UPDATE) with subscripted assignment targets
@@ -690,7 +690,7 @@ fn subscripted_update(
     }
     let rewritten = rewrite_cut(&split.bare, split.kind, label, actor, policy)?;
     let updated = subscript::reattach(&rewritten, split, label)?;
-    Ok((deparse(&updated, label)?, Form::Deparsed { same_as: shape_of(&updated, label)? }))
+    deparsed(&updated, label)
 }
 
 /// `COPY … FROM STDIN … WHERE condition`, which sqlparser cannot read (`copywhere`): the COPY
@@ -706,7 +706,7 @@ fn copy_with_condition(
     let copied = rewrite_cut(&split.bare, "CopyStmt", label, actor, policy)?;
     let probed = rewrite_cut(&split.probe, "SelectStmt", label, actor, policy)?;
     let placed = copywhere::reattach(&copied, &probed, &split, label)?;
-    Ok((deparse(&placed, label)?, Form::Deparsed { same_as: shape_of(&placed, label)? }))
+    deparsed(&placed, label)
 }
 
 /// A client statement cut down on PostgreSQL's tree to what sqlparser reads (`bare`, of kind
@@ -750,6 +750,12 @@ pub(crate) fn print_exactly(node: &pg_query::NodeEnum, label: &str) -> Result<St
 
 /// PostgreSQL's printing of a tree (pg_query's deparser); what it printed is verified by the
 /// caller (`Form::Deparsed`, or a read-back).
+/// PostgreSQL's printing of a tree the proxy put together, and what the verifier must find in
+/// it: exactly that tree (`Form::Deparsed`).
+fn deparsed(node: &pg_query::NodeEnum, label: &str) -> Result<(String, Form), Refusal> {
+    Ok((deparse(node, label)?, Form::Deparsed { same_as: shape_of(node, label)? }))
+}
+
 fn deparse(node: &pg_query::NodeEnum, label: &str) -> Result<String, Refusal> {
     node.deparse(pg_query::DeparseOptions::default())
         .map_err(|e| Refusal::Unverifiable(format!("refused: PostgreSQL's printer cannot print {label}: {e}")))

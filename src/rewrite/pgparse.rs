@@ -152,18 +152,17 @@ pub(crate) fn parse(sql: &str) -> Result<pb::ParseResult, Failure> {
 }
 
 fn decode(bytes: &[u8]) -> Result<pb::ParseResult, Failure> {
-    let on_deep_stack = ON_DEEP_STACK.get();
-    let limit = if on_deep_stack { MAX_TREE_DEPTH } else { ORDINARY_STACK_DEPTH };
-    match message_depth(bytes, limit) {
-        Depth::Within(_) => pb::ParseResult::decode(bytes).map_err(|e| Failure::Decode(e.to_string())),
-        Depth::Deeper if on_deep_stack => Err(Failure::TooDeep),
-        Depth::Deeper => match message_depth(bytes, MAX_TREE_DEPTH) {
-            Depth::Deeper => Err(Failure::TooDeep),
-            _ => {
-                DEEP_STACK_REQUESTED.set(true);
-                Err(Failure::NeedsDeepStack)
-            }
-        },
+    let limit = if ON_DEEP_STACK.get() { MAX_TREE_DEPTH } else { ORDINARY_STACK_DEPTH };
+    match message_depth(bytes, MAX_TREE_DEPTH) {
+        Depth::Within(depth) if depth <= limit => {
+            pb::ParseResult::decode(bytes).map_err(|e| Failure::Decode(e.to_string()))
+        }
+        // Only on an ordinary stack: on the deep one `limit` is the maximum.
+        Depth::Within(_) => {
+            DEEP_STACK_REQUESTED.set(true);
+            Err(Failure::NeedsDeepStack)
+        }
+        Depth::Deeper => Err(Failure::TooDeep),
         Depth::NotAMessage => Err(Failure::Decode("libpg_query's protobuf bytes are malformed".to_owned())),
     }
 }

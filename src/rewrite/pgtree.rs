@@ -700,10 +700,7 @@ impl ser::Serializer for KindCatcher {
 mod tests {
     use super::*;
 
-    fn first_stmt(sql: &str) -> NodeEnum {
-        let parsed = pg_query::parse(sql, 0).unwrap();
-        parsed.protobuf.stmts[0].stmt.as_ref().unwrap().node.clone().unwrap()
-    }
+    use crate::rewrite::classify::first_node as first_stmt;
 
     #[test]
     fn shape_reads_a_null_limit_as_no_limit() {

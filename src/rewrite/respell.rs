@@ -98,18 +98,11 @@ fn explain_costs_off(tree: &mut NodeEnum) -> bool {
     if !explain.options.is_empty() {
         return false;
     }
-    let Some(NodeEnum::ExplainStmt(mut template)) = parsed_alone("EXPLAIN (COSTS OFF) SELECT") else { return false };
+    let Some(NodeEnum::ExplainStmt(mut template)) = classify::parse_alone("EXPLAIN (COSTS OFF) SELECT") else {
+        return false;
+    };
     explain.options = std::mem::take(&mut template.options);
     explain.options.len() == 1
-}
-
-/// The one statement PostgreSQL reads in `sql` (the proxy's own templates).
-fn parsed_alone(sql: &str) -> Option<NodeEnum> {
-    let mut statements = classify::parse(sql).ok()?;
-    match (statements.pop(), statements.is_empty()) {
-        (Some(statement), true) => Some(statement.node),
-        _ => None,
-    }
 }
 
 /// A wrapper alias no string of `tree` contains (so no client text can spell a wrapper).
@@ -121,7 +114,7 @@ fn marker_for(tree: &NodeEnum) -> Option<String> {
 /// PostgreSQL's tree of `SELECT * FROM (SELECT) AS <marker>`: the wrapper, its subquery to be
 /// replaced.
 fn wrapper(marker: &str) -> Option<pb::SelectStmt> {
-    match parsed_alone(&format!("SELECT * FROM (SELECT) AS {marker}"))? {
+    match classify::parse_alone(&format!("SELECT * FROM (SELECT) AS {marker}"))? {
         NodeEnum::SelectStmt(s) => Some(*s),
         _ => None,
     }
@@ -181,7 +174,7 @@ pub(crate) fn unwrap(stmt: &mut Statement, marker: &str, label: &str) -> Result<
     let refused = || Refusal::Unverifiable(format!("refused: the proxy could not respell {label}"));
     let mut shell = wrapper(marker).ok_or_else(refused)?;
     if let Some(Node { node: Some(NodeEnum::RangeSubselect(from)) }) = shell.from_clause.first_mut() {
-        from.subquery = parsed_alone("SELECT 1").map(|n| Box::new(Node { node: Some(n) }));
+        from.subquery = classify::parse_alone("SELECT 1").map(|n| Box::new(Node { node: Some(n) }));
     }
     let text = super::print_exactly(&NodeEnum::SelectStmt(Box::new(shell)), label)?;
     let Ok(Statement::Query(template)) = super::parse_one(&text) else { return Err(refused()) };

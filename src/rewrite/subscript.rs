@@ -191,9 +191,7 @@ fn plain_type(t: &pb::TypeName) -> bool {
 /// came from.
 pub(crate) fn reattach(rewritten: &str, split: Split, label: &str) -> Result<NodeEnum, Refusal> {
     let refused = || Refusal::Unverifiable(format!("refused: the proxy cannot put the subscripts back on {label}"));
-    let mut statements = classify::parse(rewritten).map_err(|_| refused())?;
-    let (Some(statement), true) = (statements.pop(), statements.is_empty()) else { return Err(refused()) };
-    let mut out = statement.node;
+    let mut out = classify::parse_alone(rewritten).ok_or_else(refused)?;
     let mut bare = split.bare;
     // The same statement kind and target relation, as the client named it (a write to a
     // managed table is rebuilt around the real table under the proxy's alias).
@@ -237,9 +235,7 @@ pub(crate) fn reattach(rewritten: &str, split: Split, label: &str) -> Result<Nod
 mod tests {
     use super::*;
 
-    fn node(sql: &str) -> NodeEnum {
-        classify::parse(sql).unwrap().remove(0).node
-    }
+    use crate::rewrite::classify::first_node as node;
 
     fn shape(sql: &str) -> Option<String> {
         pgtree::shape(&node(sql))

@@ -226,36 +226,31 @@ impl PolicyEngine {
         prefix: &str,
         actor: &ActorContext,
     ) -> Result<(), Refusal> {
-        // nextval/currval only on sequences of the caller's own scratch schema or shared
-        // schemas (another tenant's scratch sequence would be advanced or read).
-        if let pg_query::NodeRef::FuncCall(f) = n
-            && matches!(string_list(&f.funcname).as_slice(), [n] | [_, n] if n == "nextval" || n == "currval")
-        {
-            sequence_allowed(f.args.first(), actor)?;
-            return Ok(());
-        }
-        if let pg_query::NodeRef::FuncCall(f) = n
-            && is_setval(&string_list(&f.funcname))
-        {
-            setval_output_allowed(f, actor)?;
-            return Ok(());
-        }
-        // Every pg_notify that reaches the server sends on the caller's own namespace.
-        if let pg_query::NodeRef::FuncCall(f) = n
-            && walk::is_pg_notify(&string_list(&f.funcname))
-        {
-            let channel = f.args.first().and_then(|a| match &a.node {
-                Some(pg_query::NodeEnum::AConst(c)) => match &c.val {
-                    Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.as_str()),
+        if let pg_query::NodeRef::FuncCall(f) = n {
+            let parts = string_list(&f.funcname);
+            // nextval/currval only on sequences of the caller's own scratch schema or shared
+            // schemas (another tenant's scratch sequence would be advanced or read).
+            if matches!(parts.as_slice(), [n] | [_, n] if n == "nextval" || n == "currval") {
+                return sequence_allowed(f.args.first(), actor);
+            }
+            if is_setval(&parts) {
+                return setval_output_allowed(f, actor);
+            }
+            // Every pg_notify that reaches the server sends on the caller's own namespace.
+            if walk::is_pg_notify(&parts) {
+                let channel = f.args.first().and_then(|a| match &a.node {
+                    Some(pg_query::NodeEnum::AConst(c)) => match &c.val {
+                        Some(pg_query::protobuf::a_const::Val::Sval(s)) => Some(s.sval.as_str()),
+                        _ => None,
+                    },
                     _ => None,
-                },
-                _ => None,
-            });
-            if !channel.is_some_and(|c| c.starts_with(prefix)) {
-                return Err(Refusal::Unverifiable(
-                    "refused: a pg_notify call would reach the server outside the caller's channel namespace"
-                        .to_owned(),
-                ));
+                });
+                if !channel.is_some_and(|c| c.starts_with(prefix)) {
+                    return Err(Refusal::Unverifiable(
+                        "refused: a pg_notify call would reach the server outside the caller's channel namespace"
+                            .to_owned(),
+                    ));
+                }
             }
             return Ok(());
         }

@@ -1,9 +1,7 @@
 use super::*;
 use crate::rewrite::{SqlParseError, parse_one, printer};
 
-fn node(sql: &str) -> NodeEnum {
-    classify::parse(sql).unwrap().remove(0).node
-}
+use crate::rewrite::classify::first_node as node;
 
 fn sqlparser_reads(sql: &str) -> bool {
     !matches!(parse_one(sql), Err(SqlParseError::Syntax(_)))
