@@ -93,17 +93,16 @@ pub(crate) fn decode_prefixed(text: &str, prefix: char) -> Option<String> {
 fn decode_doubled(text: &str, quote: char) -> Option<String> {
     let inner = text.strip_prefix(quote)?.strip_suffix(quote)?;
     let mut out = String::with_capacity(inner.len());
-    let mut chars = inner.chars();
-    while let Some(c) = chars.next() {
-        if c == quote {
-            // Inside the delimiters a quote must be doubled; a lone one means the token is
-            // not what the printer produced.
-            if chars.next() != Some(quote) {
-                return None;
-            }
-        }
-        out.push(c);
+    // Runs between quotes are copied whole (a template fill decodes every string literal).
+    let mut rest = inner;
+    while let Some((run, after)) = rest.split_once(quote) {
+        out.push_str(run);
+        // Inside the delimiters a quote must be doubled; a lone one means the token is not
+        // what the printer produced.
+        rest = after.strip_prefix(quote)?;
+        out.push(quote);
     }
+    out.push_str(rest);
     Some(out)
 }
 
@@ -152,6 +151,29 @@ mod tests {
         assert_eq!(decode_prefixed("B'0101'", 'b').as_deref(), Some("0101"));
         assert_eq!(decode_prefixed("x'FF'", 'X').as_deref(), Some("FF"));
         assert_eq!(decode_prefixed("'FF'", 'X'), None);
+    }
+
+    proptest::proptest! {
+        /// What the printer quotes decodes to exactly the value; a quote that is not doubled
+        /// makes it no printer's token.
+        #[test]
+        fn printer_quoting_decodes_to_the_value(value in "['\"a-z é]{0,12}", cut in 0usize..4) {
+            let mut quoted = String::new();
+            crate::rewrite::printer::push_string_literal(&mut quoted, &value);
+            let decoded = decode_standard_string(&quoted);
+            proptest::prop_assert_eq!(decoded.as_deref(), Some(value.as_str()));
+            let mut ident = String::new();
+            crate::rewrite::printer::push_quoted_ident(&mut ident, &value);
+            let decoded = decode_quoted_ident(&ident);
+            proptest::prop_assert_eq!(decoded.as_deref(), Some(value.as_str()));
+            // One of the doubled quotes inside removed: a lone quote is left.
+            let inner_quotes: Vec<usize> = quoted.match_indices('\'').map(|(i, _)| i).filter(|&i| i > 0 && i + 1 < quoted.len()).collect();
+            if !inner_quotes.is_empty() {
+                let mut broken = quoted.clone();
+                broken.remove(inner_quotes[cut % inner_quotes.len()]);
+                proptest::prop_assert_eq!(decode_standard_string(&broken), None, "{:?}", broken);
+            }
+        }
     }
 
     #[test]

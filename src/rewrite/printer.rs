@@ -84,11 +84,12 @@ pub(crate) fn push_quoted_ident(out: &mut String, name: &str) {
 
 fn push_doubled(out: &mut String, value: &str, quote: char) {
     out.push(quote);
-    for c in value.chars() {
-        if c == quote {
+    // Runs are copied whole, each quote doubled where its run ends.
+    for run in value.split_inclusive(quote) {
+        out.push_str(run);
+        if run.ends_with(quote) {
             out.push(quote);
         }
-        out.push(c);
     }
     out.push(quote);
 }

@@ -81,6 +81,96 @@ fn ident_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
 }
 
+/// What a byte can start, for `scan` (one table lookup per byte instead of a chain of tests).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ByteClass {
+    /// Nothing `scan` looks at: whitespace, operators, punctuation.
+    Plain,
+    /// A letter, `_` or a byte of a multi-byte character: an identifier or keyword starts.
+    Word,
+    Digit,
+    Dollar,
+    Quote,
+    DoubleQuote,
+    Dash,
+    Slash,
+}
+
+const BYTE_CLASS: [ByteClass; 256] = {
+    let mut table = [ByteClass::Plain; 256];
+    let mut b = 0usize;
+    while b < 256 {
+        // `b < 256`: the cast is exact.
+        let byte = b as u8;
+        table[b] = match byte {
+            b'0'..=b'9' => ByteClass::Digit,
+            b'$' => ByteClass::Dollar,
+            b'\'' => ByteClass::Quote,
+            b'"' => ByteClass::DoubleQuote,
+            b'-' => ByteClass::Dash,
+            b'/' => ByteClass::Slash,
+            _ if byte.is_ascii_alphabetic() || byte == b'_' || byte >= 0x80 => ByteClass::Word,
+            _ => ByteClass::Plain,
+        };
+        b += 1;
+    }
+    table
+};
+
+fn class_of(b: u8) -> ByteClass {
+    BYTE_CLASS[usize::from(b)]
+}
+
+/// The end of the run of identifier bytes (`ident_byte`) starting at `i`.
+fn word_end(bytes: &[u8], mut i: usize) -> usize {
+    while bytes.get(i).is_some_and(|&c| matches!(class_of(c), ByteClass::Word | ByteClass::Digit | ByteClass::Dollar)) {
+        i += 1;
+    }
+    i
+}
+
+/// The first index at or after `i` whose byte may start something `scan` acts on, or the
+/// text's length. Every such byte (`'`, `"`, `$`, `-`, `/`, a digit) lies in 0x22..=0x39, so
+/// eight bytes at a time are tested for that range; the few others in it (`(`, `,`, `.`, …)
+/// come back too and are stepped over as plain. Letters, spaces, `_`, `=` and every byte of a
+/// multi-byte character are outside it.
+fn next_candidate(bytes: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    while let Some(chunk) = bytes.get(i..).and_then(<[u8]>::first_chunk::<8>) {
+        let x = u64::from_le_bytes(*chunk);
+        // Per byte, on its low seven bits (no carry crosses a byte: 0x7f + 0x5e < 0x100): the
+        // high bit of `low + 0x5e` is set when low >= 0x22, that of `low + 0x46` when low > 0x39.
+        let low = x & !HIGH;
+        let from_first = (low + 0x5e * ONES) & HIGH;
+        let past_last = (low + 0x46 * ONES) & HIGH;
+        let hits = from_first & !past_last & !x & HIGH;
+        if hits != 0 {
+            // Little-endian: the lowest set bit is the first byte in range.
+            return i + (hits.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while bytes.get(i).is_some_and(|b| !(0x22..=0x39).contains(b)) {
+        i += 1;
+    }
+    i
+}
+
+/// The index just past the quoted token (`'…'` or `"…"`, the quote doubled inside) that opens
+/// at `open`; `None` when it is not closed.
+fn quoted_end(bytes: &[u8], open: usize, quote: u8) -> Option<usize> {
+    let mut j = open + 1;
+    loop {
+        j += memchr::memchr(quote, bytes.get(j..)?)?;
+        if bytes.get(j + 1) == Some(&quote) {
+            j += 2;
+        } else {
+            return Some(j + 1);
+        }
+    }
+}
+
 fn number_class(text: &str) -> Class {
     if !text.bytes().all(|b| b.is_ascii_digit()) {
         Class::Numeric
@@ -94,11 +184,15 @@ fn number_class(text: &str) -> Class {
 }
 
 /// The shape of `sql`, or `None` when it holds no literal or anything outside the subset.
+///
+/// It runs on every simple-protocol statement the exact cache does not hold (a template
+/// fill), so it skips eight bytes at a time to the next byte that may matter
+/// (`next_candidate`) and finds closing quotes with `memchr`.
 pub(crate) fn scan(sql: &str) -> Option<Shape<'_>> {
     let bytes = sql.as_bytes();
     // The marker byte anywhere (even inside a literal or an identifier) could make two texts
     // look alike; NUL is refused by the full pipeline, so it must never reach a template.
-    if bytes.iter().any(|&b| b <= 0x01) {
+    if memchr::memchr2(0x00, 0x01, bytes).is_some() {
         return None;
     }
     let mut key = String::with_capacity(sql.len());
@@ -106,23 +200,26 @@ pub(crate) fn scan(sql: &str) -> Option<Shape<'_>> {
     // Start of the verbatim run not yet copied into `key`.
     let mut copied = 0;
     let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        match b {
-            b'\'' => {
+    loop {
+        i = next_candidate(bytes, i);
+        let Some(&b) = bytes.get(i) else { break };
+        match class_of(b) {
+            // Bytes in the candidates' range that start nothing.
+            ByteClass::Plain | ByteClass::Word => i += 1,
+            // A digit or `$` right after a letter continues an identifier (`t1`, `a$b`): the
+            // bytes skipped since the last token were letters or plain, so the identifier
+            // started with a letter.
+            ByteClass::Digit | ByteClass::Dollar
+                if i > 0 && bytes.get(i - 1).is_some_and(|&p| class_of(p) == ByteClass::Word) =>
+            {
+                i = word_end(bytes, i);
+            }
+            ByteClass::Quote => {
                 // A prefix glued to the quote makes another kind of string (E'', B'', U&'').
                 if i > 0 && bytes.get(i - 1).is_some_and(|&p| ident_byte(p) || p == b'&') {
                     return None;
                 }
-                let mut j = i + 1;
-                loop {
-                    match bytes.get(j) {
-                        None => return None,
-                        Some(b'\'') if bytes.get(j + 1) == Some(&b'\'') => j += 2,
-                        Some(b'\'') => break,
-                        Some(_) => j += 1,
-                    }
-                }
-                let end = j + 1;
+                let end = quoted_end(bytes, i, b'\'')?;
                 // `'a'` newline `'b'` is one literal to PostgreSQL.
                 let mut k = end;
                 let mut newline = false;
@@ -144,21 +241,11 @@ pub(crate) fn scan(sql: &str) -> Option<Shape<'_>> {
                 copied = end;
                 i = end;
             }
-            b'"' => {
-                let mut j = i + 1;
-                loop {
-                    match bytes.get(j) {
-                        None => return None,
-                        Some(b'"') if bytes.get(j + 1) == Some(&b'"') => j += 2,
-                        Some(b'"') => break,
-                        Some(_) => j += 1,
-                    }
-                }
-                i = j + 1;
-            }
-            b'-' if bytes.get(i + 1) == Some(&b'-') => return None,
-            b'/' if bytes.get(i + 1) == Some(&b'*') => return None,
-            b'$' => {
+            ByteClass::DoubleQuote => i = quoted_end(bytes, i, b'"')?,
+            ByteClass::Dash if bytes.get(i + 1) == Some(&b'-') => return None,
+            ByteClass::Slash if bytes.get(i + 1) == Some(&b'*') => return None,
+            ByteClass::Dash | ByteClass::Slash => i += 1,
+            ByteClass::Dollar => {
                 // `$1` is a parameter; anything else starts a dollar quote.
                 if !bytes.get(i + 1).is_some_and(u8::is_ascii_digit) {
                     return None;
@@ -168,7 +255,7 @@ pub(crate) fn scan(sql: &str) -> Option<Shape<'_>> {
                     i += 1;
                 }
             }
-            b'0'..=b'9' => {
+            ByteClass::Digit => {
                 if i > 0 && bytes.get(i - 1) == Some(&b'.') {
                     return None;
                 }
@@ -206,12 +293,6 @@ pub(crate) fn scan(sql: &str) -> Option<Shape<'_>> {
                 literals.push(Lit { text, start, class });
                 copied = i;
             }
-            c if ident_byte(c) => {
-                while bytes.get(i).is_some_and(|&c| ident_byte(c)) {
-                    i += 1;
-                }
-            }
-            _ => i += 1,
         }
     }
     if literals.is_empty() {
