@@ -215,12 +215,14 @@ impl StatementLog {
     /// server took to answer the segment.
     pub fn ready(&mut self) -> (Vec<Event>, Duration) {
         self.seen += 1;
-        self.last_answer = Some(Instant::now());
-        let took = self.segments.pop_front().map_or(Duration::ZERO, |s| s.elapsed());
+        // One clock read for all of it: this runs on every ReadyForQuery.
+        let now = Instant::now();
+        self.last_answer = Some(now);
+        let took = self.segments.pop_front().map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
         let mut done = Vec::new();
         while self.open.front().is_some_and(|o| o.closes_at <= self.seen) {
             if let Some(mut o) = self.open.pop_front() {
-                o.event.duration = o.started.elapsed();
+                o.event.duration = now.saturating_duration_since(o.started);
                 done.push(o.event);
             }
         }

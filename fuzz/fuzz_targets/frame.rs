@@ -84,6 +84,18 @@ impl Splitter {
         } else {
             frame::split_frontend(buf, self.max_message).map(|o| o.map(Item::Typed))
         };
+        if !self.in_startup && self.mode == Mode::Backend {
+            // The relay's in-place reader sees exactly the message the splitter splits off.
+            let mut in_place = before.clone();
+            match (frame::backend_message(&mut in_place), &res) {
+                (Ok(Some(m)), Ok(Some(Item::Typed(f)))) => {
+                    assert_eq!((m.tag, m.body, m.raw), (f.tag, &f.body[..], &f.raw[..]), "in place vs split");
+                }
+                (Ok(None), Ok(None)) => {}
+                (Err(a), Err(b)) => assert_eq!(&a, b, "in place vs split"),
+                (seen, split) => panic!("backend_message gave {seen:?}, split_backend {split:?}"),
+            }
+        }
         match &res {
             Ok(None) | Err(_) => assert_eq!(&buf[..], &before[..], "no bytes may be consumed without a frame"),
             Ok(Some(Item::Typed(f))) => {

@@ -73,7 +73,42 @@ pub fn split_backend(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
     split_typed(buf, MAX_PROTOCOL_MESSAGE)
 }
 
+/// One complete backend message, read where it lies in the buffer: the relay's way, which hands
+/// out no reference-counted handle per message (rows come one message each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub tag: u8,
+    /// The bytes after the length word.
+    pub body: &'a [u8],
+    /// The whole message.
+    pub raw: &'a [u8],
+}
+
+/// The backend message at the front of `buf`, left there (the caller advances past
+/// `raw.len()` bytes), or `Ok(None)` if more bytes are needed.
+pub fn backend_message(buf: &mut BytesMut) -> Result<Option<Message<'_>>, FrameError> {
+    let Some(total) = complete_len(buf, MAX_PROTOCOL_MESSAGE)? else {
+        return Ok(None);
+    };
+    let (Some(raw), Some(&tag)) = (buf.get(..total), buf.first()) else {
+        return Ok(None);
+    };
+    Ok(Some(Message { tag, body: raw.get(5..).unwrap_or_default(), raw }))
+}
+
 fn split_typed(buf: &mut BytesMut, body_limit: usize) -> Result<Option<Frame>, FrameError> {
+    let Some(total) = complete_len(buf, body_limit)? else {
+        return Ok(None);
+    };
+    let tag = buf[0];
+    let raw = buf.split_to(total).freeze();
+    let body = raw.slice(5..);
+    Ok(Some(Frame { tag, body, raw }))
+}
+
+/// The length of the typed message at the front of `buf` (tag, length word, body) once all of
+/// it is there; `Ok(None)` while more bytes are needed (space for them is reserved).
+fn complete_len(buf: &mut BytesMut, body_limit: usize) -> Result<Option<usize>, FrameError> {
     let Some(len_bytes) = buf.get(1..5) else {
         return Ok(None);
     };
@@ -92,10 +127,7 @@ fn split_typed(buf: &mut BytesMut, body_limit: usize) -> Result<Option<Frame>, F
         buf.reserve(total - buf.len());
         return Ok(None);
     }
-    let tag = buf[0];
-    let raw = buf.split_to(total).freeze();
-    let body = raw.slice(5..);
-    Ok(Some(Frame { tag, body, raw }))
+    Ok(Some(total))
 }
 
 /// Split one untyped startup-phase packet (length word first, no tag): SSLRequest, GSSENCRequest,
@@ -172,6 +204,27 @@ mod tests {
     }
 
     #[test]
+    fn backend_messages_are_read_in_place() {
+        let mut buf = msg(b'D', b"\0\x01\0\0\0\x01x");
+        buf.extend_from_slice(&msg(b'Z', b"I"));
+        let first = backend_message(&mut buf).unwrap().unwrap();
+        assert_eq!((first.tag, first.body, first.raw.len()), (b'D', &b"\0\x01\0\0\0\x01x"[..], 12));
+        // Left in the buffer: the same message again until the caller advances.
+        let len = first.raw.len();
+        assert_eq!(backend_message(&mut buf).unwrap().map(|m| m.tag), Some(b'D'));
+        buf.advance(len);
+        let ready = backend_message(&mut buf).unwrap().unwrap();
+        assert_eq!((ready.tag, ready.body), (b'Z', &b"I"[..]));
+        let full = msg(b'C', b"SELECT 1\0");
+        for cut in 0..full.len() {
+            let mut partial = BytesMut::from(&full[..cut]);
+            assert_eq!(backend_message(&mut partial), Ok(None), "cut at {cut}");
+        }
+        let mut neg = BytesMut::from(&[b'D', 0xff, 0xff, 0xff, 0xff][..]);
+        assert_eq!(backend_message(&mut neg), Err(FrameError::BadLength(-1)));
+    }
+
+    #[test]
     fn startup_packets() {
         let mut ssl = BytesMut::from(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f][..]);
         let body = split_startup(&mut ssl).unwrap().unwrap();
@@ -190,6 +243,16 @@ mod tests {
             let mut buf = BytesMut::from(&bytes[..]);
             while let Ok(Some(f)) = split_frontend(&mut buf, 32) {
                 prop_assert_eq!(f.raw.len(), f.body.len() + 5);
+            }
+        }
+
+        #[test]
+        fn backend_reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(m)) = backend_message(&mut buf) {
+                prop_assert_eq!(m.raw.len(), m.body.len() + 5);
+                let len = m.raw.len();
+                buf.advance(len);
             }
         }
 

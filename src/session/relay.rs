@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tracing::Instrument;
 
@@ -149,6 +149,9 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         let u2c = outbound.run(&mut client_w);
         tokio::pin!(c2u, u2c);
         tokio::select! {
+            // Both run until the session ends, and each is polled at every wake-up until it is
+            // pending: the order is no matter of fairness, and no random number is drawn.
+            biased;
             r = &mut c2u => r,
             r = &mut u2c => r.map(|()| false),
         }
@@ -799,7 +802,23 @@ impl UpstreamToClient<'_> {
             let limit = self.next_limit();
             let deadline = limit.map_or_else(tokio::time::Instant::now, |(at, _)| at.into());
             tokio::select! {
+                // In this order, and without drawing a random number per wake-up: the rare
+                // branches first, so that a server that always has more to send never delays
+                // a limit, a key re-check or a drain.
+                biased;
                 () = tokio::time::sleep_until(deadline), if limit.is_some() => self.limit_reached()?,
+                _ = recheck.tick() => {
+                    self.push_usage();
+                    self.recheck_key().instrument(tracing::debug_span!("key_recheck")).await?
+                }
+                changed = drain.changed(), if drain_open => match changed {
+                    Ok(()) => match *drain.borrow() {
+                        Drain::Force => return Err(shutting_down()),
+                        Drain::Draining => draining = true,
+                        Drain::Running => {}
+                    },
+                    Err(_) => drain_open = false,
+                },
                 n = read_more(&mut self.reader, &mut self.buf) => {
                     if n? == 0 {
                         // After the server's own FATAL (`pg_terminate_backend`, an admin
@@ -814,18 +833,6 @@ impl UpstreamToClient<'_> {
                         ));
                     }
                 }
-                _ = recheck.tick() => {
-                    self.push_usage();
-                    self.recheck_key().instrument(tracing::debug_span!("key_recheck")).await?
-                }
-                changed = drain.changed(), if drain_open => match changed {
-                    Ok(()) => match *drain.borrow() {
-                        Drain::Force => return Err(shutting_down()),
-                        Drain::Draining => draining = true,
-                        Drain::Running => {}
-                    },
-                    Err(_) => drain_open = false,
-                },
             }
         }
     }
@@ -912,10 +919,19 @@ impl UpstreamToClient<'_> {
         }
     }
 
+    /// Relay every complete message in the read buffer. Messages are read where they lie (no
+    /// per-message handle on the buffer: a result's rows pass through here one by one).
     fn relay_buffered(&mut self, out: &mut BytesMut) -> Result<(), SessionEnd> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let relayed = self.relay_messages(&mut buf, out);
+        self.buf = buf;
+        relayed
+    }
+
+    fn relay_messages(&mut self, buf: &mut BytesMut, out: &mut BytesMut) -> Result<(), SessionEnd> {
         loop {
-            let frame = match frame::split_backend(&mut self.buf) {
-                Ok(Some(f)) => f,
+            let message = match frame::backend_message(buf) {
+                Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     return Err(SessionEnd::fatal(
@@ -924,33 +940,43 @@ impl UpstreamToClient<'_> {
                     ));
                 }
             };
+            let relayed = self.relay_message(message, out);
+            let len = message.raw.len();
+            relayed?;
+            buf.advance(len);
+        }
+    }
+
+    /// One message from the server: to the client as it is, changed, or not at all.
+    fn relay_message(&mut self, frame: frame::Message<'_>, out: &mut BytesMut) -> Result<(), SessionEnd> {
+        {
             match frame.tag {
                 // Answers to messages the proxy added (statements.rs) never reach the client.
-                b'1' | b'2' | b'3' | b'n' if lock(&self.tracker).answering().swallow(frame.tag) => continue,
+                b'1' | b'2' | b'3' | b'n' if lock(&self.tracker).answering().swallow(frame.tag) => return Ok(()),
                 b'A' if self.notify_prefix.is_some() => {
                     let prefix = self.notify_prefix.as_deref().unwrap_or_default();
                     // Another tenant's channel (or a malformed message) never reaches this client.
-                    if let Some(mut own) = strip_channel_prefix(&frame.body, prefix) {
+                    if let Some(mut own) = strip_channel_prefix(frame.body, prefix) {
                         own_notification_pid(&mut own, self.own_pid);
                         out.extend_from_slice(&own);
                     }
-                    continue;
+                    return Ok(());
                 }
                 b'A' => {
                     let start = out.len();
-                    out.extend_from_slice(&frame.raw);
+                    out.extend_from_slice(frame.raw);
                     own_notification_pid(&mut out[start..], self.own_pid);
-                    continue;
+                    return Ok(());
                 }
-                b'S' if !self.is_operator => check_parameter(&frame.body)?,
+                b'S' if !self.is_operator => check_parameter(frame.body)?,
                 b'C' => {
                     let tag = frame.body.split(|b| *b == 0).next().unwrap_or_default();
                     let tag = String::from_utf8_lossy(tag);
                     let rows = lock(&self.tracker).statements.command_complete(&tag);
                     self.pending_usage.statements += 1;
                     self.pending_usage.rows += rows;
-                    out.extend_from_slice(&frame.raw);
-                    continue;
+                    out.extend_from_slice(frame.raw);
+                    return Ok(());
                 }
                 b'E' => self.pending_usage.errors += 1,
                 b'Z' => {
@@ -967,12 +993,12 @@ impl UpstreamToClient<'_> {
                     }
                 }
                 _ => {
-                    out.extend_from_slice(&frame.raw);
-                    continue;
+                    out.extend_from_slice(frame.raw);
+                    return Ok(());
                 }
             }
             let mut tracker = lock(&self.tracker);
-            let action = tracker.refusals.on_backend(frame.tag, &frame.body);
+            let action = tracker.refusals.on_backend(frame.tag, frame.body);
             if frame.tag == b'Z' {
                 tracker.units.pop_front();
                 tracker.timed_out = false;
@@ -980,14 +1006,14 @@ impl UpstreamToClient<'_> {
             }
             let action = match action {
                 BackendAction::Forward if frame.tag == b'E' && tracker.timed_out => {
-                    timed_out_error(&frame.body).map_or(BackendAction::Forward, BackendAction::Replace)
+                    timed_out_error(frame.body).map_or(BackendAction::Forward, BackendAction::Replace)
                 }
                 other => other,
             };
             if frame.tag == b'E' {
                 tracker.answer_failed();
                 let (fields, ours) = match &action {
-                    BackendAction::Forward => (parse_error_fields(&frame.body), false),
+                    BackendAction::Forward => (parse_error_fields(frame.body), false),
                     BackendAction::Replace(b) => (parse_error_fields(b.get(5..).unwrap_or_default()), true),
                 };
                 if matches!(fields.severity.as_str(), "FATAL" | "PANIC") {
@@ -997,10 +1023,11 @@ impl UpstreamToClient<'_> {
             }
             drop(tracker);
             match action {
-                BackendAction::Forward => out.extend_from_slice(&frame.raw),
+                BackendAction::Forward => out.extend_from_slice(frame.raw),
                 BackendAction::Replace(b) => out.extend_from_slice(&b),
             }
         }
+        Ok(())
     }
 
     async fn recheck_key(&self) -> Result<(), SessionEnd> {
@@ -1060,7 +1087,7 @@ fn strip_channel_prefix(body: &[u8], prefix: &str) -> Option<BytesMut> {
 }
 
 /// The printer's safety rests on these settings; a session where they changed is ended.
-fn check_parameter(body: &Bytes) -> Result<(), SessionEnd> {
+fn check_parameter(body: &[u8]) -> Result<(), SessionEnd> {
     let Some((name, value)) = parse_parameter_status(body) else {
         return Ok(());
     };
