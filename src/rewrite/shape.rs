@@ -171,6 +171,72 @@ fn quoted_end(bytes: &[u8], open: usize, quote: u8) -> Option<usize> {
     }
 }
 
+/// The end of the number token starting with the digit at `start` (`12`, `1.5`, `2e-3`), or
+/// `None` where PostgreSQL would read the bytes some other way (`.5`, `1e`, `123abc`, `1.2.3`).
+fn number_end(bytes: &[u8], start: usize) -> Option<usize> {
+    if start > 0 && bytes.get(start - 1) == Some(&b'.') {
+        return None;
+    }
+    let digits_from = |mut i: usize| {
+        while bytes.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        i
+    };
+    let mut i = digits_from(start);
+    if bytes.get(i) == Some(&b'.') {
+        i = digits_from(i + 1);
+    }
+    if matches!(bytes.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(bytes.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if !bytes.get(i).is_some_and(u8::is_ascii_digit) {
+            return None;
+        }
+        i = digits_from(i);
+    }
+    if bytes.get(i).is_some_and(|&c| ident_byte(c) || c == b'.') {
+        return None;
+    }
+    Some(i)
+}
+
+/// Whether the string literal ending at `end` goes on after a line break (`'a'` newline `'b'`
+/// is one literal to PostgreSQL), which the subset leaves out.
+fn continues_on_a_later_line(bytes: &[u8], end: usize) -> bool {
+    let mut k = end;
+    let mut newline = false;
+    while let Some(&c) = bytes.get(k) {
+        match c {
+            b' ' | b'\t' | b'\x0c' => {}
+            b'\n' | b'\r' => newline = true,
+            _ => break,
+        }
+        k += 1;
+    }
+    newline && bytes.get(k) == Some(&b'\'')
+}
+
+/// Add the literal at `at` to a shape: the text before it (from `copied`) and its class's marker
+/// to the key, the literal to the list.
+fn push_literal<'a>(
+    sql: &'a str,
+    key: &mut String,
+    literals: &mut Vec<Lit<'a>>,
+    copied: &mut usize,
+    at: std::ops::Range<usize>,
+    class: Class,
+) -> Option<()> {
+    key.push_str(sql.get(*copied..at.start)?);
+    key.push(MARK);
+    key.push(class.tag());
+    literals.push(Lit { text: sql.get(at.clone())?, start: at.start, class });
+    *copied = at.end;
+    Some(())
+}
+
 fn number_class(text: &str) -> Class {
     if !text.bytes().all(|b| b.is_ascii_digit()) {
         Class::Numeric
@@ -220,25 +286,10 @@ pub(crate) fn scan(sql: &str) -> Option<Shape<'_>> {
                     return None;
                 }
                 let end = quoted_end(bytes, i, b'\'')?;
-                // `'a'` newline `'b'` is one literal to PostgreSQL.
-                let mut k = end;
-                let mut newline = false;
-                while let Some(&c) = bytes.get(k) {
-                    match c {
-                        b' ' | b'\t' | b'\x0c' => {}
-                        b'\n' | b'\r' => newline = true,
-                        _ => break,
-                    }
-                    k += 1;
-                }
-                if newline && bytes.get(k) == Some(&b'\'') {
+                if continues_on_a_later_line(bytes, end) {
                     return None;
                 }
-                key.push_str(sql.get(copied..i)?);
-                key.push(MARK);
-                key.push(Class::Str.tag());
-                literals.push(Lit { text: sql.get(i..end)?, start: i, class: Class::Str });
-                copied = end;
+                push_literal(sql, &mut key, &mut literals, &mut copied, i..end, Class::Str)?;
                 i = end;
             }
             ByteClass::DoubleQuote => i = quoted_end(bytes, i, b'"')?,
@@ -256,42 +307,10 @@ pub(crate) fn scan(sql: &str) -> Option<Shape<'_>> {
                 }
             }
             ByteClass::Digit => {
-                if i > 0 && bytes.get(i - 1) == Some(&b'.') {
-                    return None;
-                }
                 let start = i;
-                while bytes.get(i).is_some_and(u8::is_ascii_digit) {
-                    i += 1;
-                }
-                if bytes.get(i) == Some(&b'.') {
-                    i += 1;
-                    while bytes.get(i).is_some_and(u8::is_ascii_digit) {
-                        i += 1;
-                    }
-                }
-                if matches!(bytes.get(i), Some(b'e' | b'E')) {
-                    i += 1;
-                    if matches!(bytes.get(i), Some(b'+' | b'-')) {
-                        i += 1;
-                    }
-                    if !bytes.get(i).is_some_and(u8::is_ascii_digit) {
-                        return None;
-                    }
-                    while bytes.get(i).is_some_and(u8::is_ascii_digit) {
-                        i += 1;
-                    }
-                }
-                // `123abc`, `1.2.3`: PostgreSQL reads these its own way.
-                if bytes.get(i).is_some_and(|&c| ident_byte(c) || c == b'.') {
-                    return None;
-                }
-                let text = sql.get(start..i)?;
-                let class = number_class(text);
-                key.push_str(sql.get(copied..start)?);
-                key.push(MARK);
-                key.push(class.tag());
-                literals.push(Lit { text, start, class });
-                copied = i;
+                i = number_end(bytes, start)?;
+                let class = number_class(sql.get(start..i)?);
+                push_literal(sql, &mut key, &mut literals, &mut copied, start..i, class)?;
             }
         }
     }
