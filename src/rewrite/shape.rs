@@ -221,6 +221,7 @@ fn continues_on_a_later_line(bytes: &[u8], end: usize) -> bool {
 
 /// Add the literal at `at` to a shape: the text before it (from `copied`) and its class's marker
 /// to the key, the literal to the list.
+#[inline(always)]
 fn push_literal<'a>(
     sql: &'a str,
     key: &mut String,
@@ -262,7 +263,8 @@ pub(crate) fn scan(sql: &str) -> Option<Shape<'_>> {
         return None;
     }
     let mut key = String::with_capacity(sql.len());
-    let mut literals = Vec::new();
+    // Room for an ORM's or psql's handful without growing on the way.
+    let mut literals = Vec::with_capacity(16);
     // Start of the verbatim run not yet copied into `key`.
     let mut copied = 0;
     let mut i = 0;
