@@ -77,7 +77,9 @@ pub(crate) struct Shape<'a> {
     pub literals: Vec<Lit<'a>>,
 }
 
-fn ident_byte(b: u8) -> bool {
+/// A byte that continues an identifier (PostgreSQL's `ident_cont`, any byte of a multi-byte
+/// character included). `BYTE_CLASS` is derived from it.
+const fn ident_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
 }
 
@@ -109,7 +111,8 @@ const BYTE_CLASS: [ByteClass; 256] = {
             b'"' => ByteClass::DoubleQuote,
             b'-' => ByteClass::Dash,
             b'/' => ByteClass::Slash,
-            _ if byte.is_ascii_alphabetic() || byte == b'_' || byte >= 0x80 => ByteClass::Word,
+            // The identifier bytes other than digits and `$`, which the arms above took.
+            _ if ident_byte(byte) => ByteClass::Word,
             _ => ByteClass::Plain,
         };
         b += 1;
@@ -121,7 +124,8 @@ fn class_of(b: u8) -> ByteClass {
     BYTE_CLASS[usize::from(b)]
 }
 
-/// The end of the run of identifier bytes (`ident_byte`) starting at `i`.
+/// The end of the run of identifier bytes (`ident_byte`) starting at `i`. The classes are the
+/// table's partition of `ident_byte`: one lookup instead of four tests per byte.
 fn word_end(bytes: &[u8], mut i: usize) -> usize {
     while bytes.get(i).is_some_and(|&c| matches!(class_of(c), ByteClass::Word | ByteClass::Digit | ByteClass::Dollar)) {
         i += 1;
@@ -323,18 +327,6 @@ pub(crate) fn scan(sql: &str) -> Option<Shape<'_>> {
     Some(Shape { key, literals })
 }
 
-/// Writes literal `lit` with the value `text` of a new statement into `out`.
-fn render(out: &mut String, lit: &Lit) -> Option<()> {
-    match lit.class {
-        Class::Str => {
-            let value = super::lexer::decode_standard_string(lit.text)?;
-            super::printer::push_string_literal(out, &value);
-        }
-        Class::Int4 | Class::Int8 | Class::Numeric => out.push_str(lit.text),
-    }
-    Some(())
-}
-
 /// A verified rewrite with holes where slot literals go.
 #[derive(Debug)]
 pub(crate) struct Template {
@@ -424,17 +416,13 @@ impl Template {
                 return None;
             }
         }
-        let sql = self.render(shape)?;
+        // Each slot's value, decoded once: printed into the text, and bound as it is.
+        let values = self.slot_values(shape)?;
+        let sql = self.render(&values);
         let params =
             self.params.get_or_init(|| param_form(&self.pieces, &self.slot_classes, &self.base.statement_kinds));
-        let bound = match params {
-            Some(p) => Some(super::Bound {
-                sql: Arc::clone(&p.sql),
-                types: Arc::clone(&p.types),
-                values: self.slots.iter().map(|&i| param_value(shape.literals.get(i)?)).collect::<Option<_>>()?,
-            }),
-            None => None,
-        };
+        let bound =
+            params.as_ref().map(|p| super::Bound { sql: Arc::clone(&p.sql), types: Arc::clone(&p.types), values });
         Some(Rewritten {
             sql_hash: params.as_ref().map_or_else(|| crate::events::sql_hash(&sql), |p| Arc::clone(&p.hash)),
             sql,
@@ -446,16 +434,26 @@ impl Template {
         })
     }
 
-    fn render(&self, shape: &Shape) -> Option<String> {
-        let extra: usize = shape.literals.iter().map(|l| l.text.len()).sum();
-        let mut sql = String::with_capacity(self.pieces.iter().map(String::len).sum::<usize>() + 2 * extra);
+    /// The value of the literal each slot takes from `shape`, as a parameter in text format.
+    fn slot_values(&self, shape: &Shape) -> Option<Vec<String>> {
+        self.slots.iter().map(|&i| param_value(shape.literals.get(i)?)).collect()
+    }
+
+    /// The text with slot k holding `values[k]`: numbers as their digits, strings through the
+    /// printer's own quoting.
+    fn render(&self, values: &[String]) -> String {
+        let extra: usize = values.iter().map(String::len).sum();
+        let mut sql = String::with_capacity(self.pieces.iter().map(String::len).sum::<usize>() + 2 * extra + 2);
         for (k, piece) in self.pieces.iter().enumerate() {
             sql.push_str(piece);
-            if let Some(&lit) = self.slots.get(k) {
-                render(&mut sql, shape.literals.get(lit)?)?;
+            if let (Some(value), Some(class)) = (values.get(k), self.slot_classes.get(k)) {
+                match class {
+                    Class::Str => super::printer::push_string_literal(&mut sql, value),
+                    Class::Int4 | Class::Int8 | Class::Numeric => sql.push_str(value),
+                }
             }
         }
-        Some(sql)
+        sql
     }
 
     /// Build the template of `sql` (whose verified rewrite is `original`) by rewriting a probe
@@ -534,7 +532,8 @@ impl Template {
         // Filled with the original literals it must give exactly the original's rewrite. This
         // exact equality with a verified text is also why the probe itself is not verified
         // (`Output::TemplateProbe` in mod.rs): it must stay exact.
-        (template.render(shape)? == original.sql && rewritten.statement_kinds == original.statement_kinds)
+        (template.render(&template.slot_values(shape)?) == original.sql
+            && rewritten.statement_kinds == original.statement_kinds)
             .then_some(template)
     }
 }

@@ -949,83 +949,81 @@ impl UpstreamToClient<'_> {
 
     /// One message from the server: to the client as it is, changed, or not at all.
     fn relay_message(&mut self, frame: frame::Message<'_>, out: &mut BytesMut) -> Result<(), SessionEnd> {
-        {
-            match frame.tag {
-                // Answers to messages the proxy added (statements.rs) never reach the client.
-                b'1' | b'2' | b'3' | b'n' if lock(&self.tracker).answering().swallow(frame.tag) => return Ok(()),
-                b'A' if self.notify_prefix.is_some() => {
-                    let prefix = self.notify_prefix.as_deref().unwrap_or_default();
-                    // Another tenant's channel (or a malformed message) never reaches this client.
-                    if let Some(mut own) = strip_channel_prefix(frame.body, prefix) {
-                        own_notification_pid(&mut own, self.own_pid);
-                        out.extend_from_slice(&own);
-                    }
-                    return Ok(());
+        match frame.tag {
+            // Answers to messages the proxy added (statements.rs) never reach the client.
+            b'1' | b'2' | b'3' | b'n' if lock(&self.tracker).answering().swallow(frame.tag) => return Ok(()),
+            b'A' if self.notify_prefix.is_some() => {
+                let prefix = self.notify_prefix.as_deref().unwrap_or_default();
+                // Another tenant's channel (or a malformed message) never reaches this client.
+                if let Some(mut own) = strip_channel_prefix(frame.body, prefix) {
+                    own_notification_pid(&mut own, self.own_pid);
+                    out.extend_from_slice(&own);
                 }
-                b'A' => {
-                    let start = out.len();
-                    out.extend_from_slice(frame.raw);
-                    own_notification_pid(&mut out[start..], self.own_pid);
-                    return Ok(());
+                return Ok(());
+            }
+            b'A' => {
+                let start = out.len();
+                out.extend_from_slice(frame.raw);
+                own_notification_pid(&mut out[start..], self.own_pid);
+                return Ok(());
+            }
+            b'S' if !self.is_operator => check_parameter(frame.body)?,
+            b'C' => {
+                let tag = frame.body.split(|b| *b == 0).next().unwrap_or_default();
+                let tag = String::from_utf8_lossy(tag);
+                let rows = lock(&self.tracker).statements.command_complete(&tag);
+                self.pending_usage.statements += 1;
+                self.pending_usage.rows += rows;
+                out.extend_from_slice(frame.raw);
+                return Ok(());
+            }
+            b'E' => self.pending_usage.errors += 1,
+            b'Z' => {
+                self.last_status = frame.body.first().copied().unwrap_or(b'E');
+                let (done, took) = lock(&self.tracker).statements.ready();
+                self.proxy.metrics.upstream_latency.observe(took);
+                let time_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+                self.pending_usage.time_us += time_us;
+                if self.usage_pushed.elapsed() >= USAGE_PUSH {
+                    self.push_usage();
                 }
-                b'S' if !self.is_operator => check_parameter(frame.body)?,
-                b'C' => {
-                    let tag = frame.body.split(|b| *b == 0).next().unwrap_or_default();
-                    let tag = String::from_utf8_lossy(tag);
-                    let rows = lock(&self.tracker).statements.command_complete(&tag);
-                    self.pending_usage.statements += 1;
-                    self.pending_usage.rows += rows;
-                    out.extend_from_slice(frame.raw);
-                    return Ok(());
-                }
-                b'E' => self.pending_usage.errors += 1,
-                b'Z' => {
-                    self.last_status = frame.body.first().copied().unwrap_or(b'E');
-                    let (done, took) = lock(&self.tracker).statements.ready();
-                    self.proxy.metrics.upstream_latency.observe(took);
-                    let time_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-                    self.pending_usage.time_us += time_us;
-                    if self.usage_pushed.elapsed() >= USAGE_PUSH {
-                        self.push_usage();
-                    }
-                    for e in done {
-                        self.proxy.events.record(e);
-                    }
-                }
-                _ => {
-                    out.extend_from_slice(frame.raw);
-                    return Ok(());
+                for e in done {
+                    self.proxy.events.record(e);
                 }
             }
-            let mut tracker = lock(&self.tracker);
-            let action = tracker.refusals.on_backend(frame.tag, frame.body);
-            if frame.tag == b'Z' {
-                tracker.units.pop_front();
-                tracker.timed_out = false;
-                self.cancel_sent = false;
+            _ => {
+                out.extend_from_slice(frame.raw);
+                return Ok(());
             }
-            let action = match action {
-                BackendAction::Forward if frame.tag == b'E' && tracker.timed_out => {
-                    timed_out_error(frame.body).map_or(BackendAction::Forward, BackendAction::Replace)
-                }
-                other => other,
+        }
+        let mut tracker = lock(&self.tracker);
+        let action = tracker.refusals.on_backend(frame.tag, frame.body);
+        if frame.tag == b'Z' {
+            tracker.units.pop_front();
+            tracker.timed_out = false;
+            self.cancel_sent = false;
+        }
+        let action = match action {
+            BackendAction::Forward if frame.tag == b'E' && tracker.timed_out => {
+                timed_out_error(frame.body).map_or(BackendAction::Forward, BackendAction::Replace)
+            }
+            other => other,
+        };
+        if frame.tag == b'E' {
+            tracker.answer_failed();
+            let (fields, ours) = match &action {
+                BackendAction::Forward => (parse_error_fields(frame.body), false),
+                BackendAction::Replace(b) => (parse_error_fields(b.get(5..).unwrap_or_default()), true),
             };
-            if frame.tag == b'E' {
-                tracker.answer_failed();
-                let (fields, ours) = match &action {
-                    BackendAction::Forward => (parse_error_fields(frame.body), false),
-                    BackendAction::Replace(b) => (parse_error_fields(b.get(5..).unwrap_or_default()), true),
-                };
-                if matches!(fields.severity.as_str(), "FATAL" | "PANIC") {
-                    self.server_ended = true;
-                }
-                tracker.statements.failed(&fields.code, ours.then_some(fields.message.as_str()));
+            if matches!(fields.severity.as_str(), "FATAL" | "PANIC") {
+                self.server_ended = true;
             }
-            drop(tracker);
-            match action {
-                BackendAction::Forward => out.extend_from_slice(frame.raw),
-                BackendAction::Replace(b) => out.extend_from_slice(&b),
-            }
+            tracker.statements.failed(&fields.code, ours.then_some(fields.message.as_str()));
+        }
+        drop(tracker);
+        match action {
+            BackendAction::Forward => out.extend_from_slice(frame.raw),
+            BackendAction::Replace(b) => out.extend_from_slice(&b),
         }
         Ok(())
     }
