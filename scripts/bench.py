@@ -24,7 +24,10 @@ Everything runs on a throwaway PostgreSQL cluster this script starts (initdb + p
 5. Misses: pgbench -S latency through the proxy alone and while two other clients send only texts
    the rewrite cache cannot hold (what a miss costs the other sessions).
 
-Usage: scripts/bench.sh [--seconds 15] [--reps 3] [--quick] [--phases throughput,policy,memory,misses] ...
+6. Statement cost: pgbench -S's statement and the proxy's rewrite of it (`struere-proxy explain`),
+   both directly on PostgreSQL: what executing the guarded statement costs, apart from the relay.
+
+Usage: scripts/bench.sh [--seconds 15] [--reps 3] [--quick] [--phases throughput,statement,policy,memory,misses] ...
 """
 import argparse
 import glob
@@ -265,11 +268,6 @@ class Proxy:
     def conninfo(self, key):
         return conninfo(self.host, self.port, "bench", key, "app")
 
-    def cpu_seconds(self):
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
-
     def rss_kib(self):
         return rss_kib(self.pid)
 
@@ -291,10 +289,56 @@ class Proxy:
                 self.proc.wait()
 
 
-def cpu_seconds_of(pid):
+def stat_fields(pid):
+    """The name and the fields after it of /proc/PID/stat (fields[11] is field 14, utime)."""
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        text = f.read()
+    name, rest = text.split("(", 1)[1].rsplit(")", 1)
+    return name, rest.split()
+
+
+def cpu_seconds_of(pid):
+    fields = stat_fields(pid)[1]
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+class MachineCpu:
+    """Where the machine's CPU went during one pgbench run: PostgreSQL (every process named
+    `postgres`, with what its ended children used: direct connections' backends exit within the
+    run), the relay (the proxy or a PgBouncer), pgbench itself, and idle time. The relay's rewritten
+    statements cost PostgreSQL more to execute, and its hop costs every process wake-ups: its own
+    CPU is only part of what it costs the machine."""
+
+    def __init__(self, relay_pid):
+        self.relay_pid = relay_pid
+        self.start = self.snapshot()
+
+    def snapshot(self):
+        postgres = 0
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                name, fields = stat_fields(d)
+            except (OSError, ValueError):
+                continue  # the process ended meanwhile
+            if name == "postgres":
+                postgres += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+        with open("/proc/stat") as f:
+            cpu = f.readline().split()
+        idle = int(cpu[4]) + int(cpu[5])  # idle, iowait
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {
+            "postgres": postgres / CLK_TCK,
+            "relay": cpu_seconds_of(self.relay_pid) if self.relay_pid else 0.0,
+            "pgbench": children.ru_utime + children.ru_stime,
+            "idle": idle / CLK_TCK,
+        }
+
+    def per_transaction(self, transactions):
+        """Seconds per transaction of each part since `start`."""
+        end = self.snapshot()
+        return {k: (end[k] - self.start[k]) / max(transactions, 1) for k in end}
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,13 +501,13 @@ def throughput(args, bindir, cluster, proxy, bench_key, bench_password, bouncers
         for rep in range(args.reps):
             for name, conn, owner in targets:
                 pid = owner.pid if isinstance(owner, Proxy) else owner.proc.pid if owner else None
-                c0 = cpu_seconds_of(pid) if pid else 0.0
+                machine = MachineCpu(pid)
                 t0 = time.monotonic()
                 r = pgbench(bindir, conn, pargs, args.seconds)
                 wall = time.monotonic() - t0
-                if pid:
-                    used = cpu_seconds_of(pid) - c0
-                    cpu[name].append((used / wall, used / max(r.transactions, 1)))
+                parts = machine.per_transaction(r.transactions)
+                parts["total"] = (os.cpu_count() or 1) * wall / max(r.transactions, 1)
+                cpu[name].append((parts["relay"] * r.transactions / wall, parts))
                 if name == "proxy":
                     proxy_txns += r.transactions
                     time.sleep(1.0)  # let the event writer finish before the next target runs
@@ -522,7 +566,7 @@ def print_throughput(args, results):
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, mode, c, samples, cpu, session, events, proxy_txns, upstream, problems in results:
         pc = med([x[0] for x in cpu["proxy"]])
-        pt = med([x[1] for x in cpu["proxy"]])
+        pt = med([x[1]["relay"] for x in cpu["proxy"]])
         tx = med([x[0] for x in cpu.get("pgb-tx", [])])
         se = med([x[0] for x in cpu["pgb-session"]])
         pct = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
@@ -530,11 +574,76 @@ def print_throughput(args, results):
     print("\nevents: struere.events during the cell: rows, and the decisions they hold (one decision per Query or "
           "Parse message: -M prepared parses once per connection; identical decisions of one flush share a row). "
           "The proxy logs at info to a file (refusals; forwarded statements are logged at debug).")
+    print(f"\n## Where the machine's CPU goes per transaction (µs, medians over the repetitions)\n")
+    print(f"All {os.cpu_count()} cores' time per transaction (wall time × cores / transactions), split into "
+          "PostgreSQL (every `postgres` process), the relay, pgbench and idle time; `other` is the rest "
+          "(the kernel's softirq work billed to no process, other programs, rounding). Whatever a relay adds "
+          "beyond its own CPU shows here: statements that cost PostgreSQL more, and wake-ups.\n")
+    print("| cell | target | total | PostgreSQL | relay | pgbench | idle | other |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for label, mode, c, samples, cpu, *_ in results:
+        for name, reps in cpu.items():
+            m = {k: med([x[1][k] for x in reps]) * 1e6 for k in ("total", "postgres", "relay", "pgbench", "idle")}
+            other = m["total"] - m["postgres"] - m["relay"] - m["pgbench"] - m["idle"]
+            relay = "–" if name == "direct" else f"{m['relay']:.1f}"
+            print(f"| {label} | {name} | {m['total']:.1f} | {m['postgres']:.1f} | {relay} | {m['pgbench']:.1f} | "
+                  f"{m['idle']:.1f} | {other:.1f} |")
     for label, *_, problems in results:
         if problems:
             print(f"\nproxy log WARN/ERROR lines during {label} ({len(problems)}), first 3:")
             for p in problems[:3]:
                 print(f"    {p[:300]}")
+
+
+# --------------------------------------------------------------------------------------------
+# Statement cost: what PostgreSQL spends on the rewritten statement, without any relay
+
+
+PGBENCH_SELECT = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+
+
+def statement_cost(args, bindir, cluster, bench_key, bench_password):
+    """pgbench -S's statement and the proxy's rewrite of it for the bench key (`struere-proxy
+    explain`), both run directly on the cluster, -M prepared, interleaved: the part of the
+    proxy's cells that is PostgreSQL executing the guarded statement, apart from the relay."""
+    explained = run([PROXY, "--policies", POLICIES, "--admin-upstream", cluster.url("app"), "explain",
+                     "--key", bench_key, PGBENCH_SELECT])
+    rewritten = explained.stdout.strip()
+    scripts = {}
+    for name, sql in [("pgbench -S", PGBENCH_SELECT), ("rewritten", rewritten)]:
+        path = os.path.join(cluster.dir, f"statement-{len(scripts)}.sql")
+        with open(path, "w") as f:
+            f.write(f"\\set aid random(1, {100000 * args.scale})\n{sql.replace('$1', ':aid')};\n")
+        scripts[name] = path
+    direct = cluster.conninfo("app", "bench_user", bench_password)
+    results = {}
+    for c in (1, 8):
+        samples = {name: [] for name in scripts}
+        for rep in range(args.reps):
+            for name, path in scripts.items():
+                machine = MachineCpu(None)
+                r = pgbench(bindir, direct, ["-M", "prepared", "-f", path, "-c", str(c), "-j", str(min(2, c))],
+                            args.seconds)
+                samples[name].append((r.tps, machine.per_transaction(r.transactions)["postgres"]))
+                log(f"statement -c {c} rep {rep + 1} {name:12} {r.tps:10,.0f} tps")
+        results[c] = samples
+    return rewritten, results
+
+
+def print_statement_cost(args, rewritten, results):
+    print(f"\n## Statement cost: pgbench -S's statement and its rewrite, directly on PostgreSQL\n")
+    print(f"-M prepared, -T {args.seconds}, {args.reps} interleaved repetitions, medians. The rewrite "
+          f"(`struere-proxy explain --key <bench key>`, {len(rewritten)} bytes) is what the proxy prepares "
+          "upstream for the bench key's pgbench -S: the tenant and environment conditions, the column guards "
+          "and the one-time conversion gate (ARCHITECTURE.md).\n")
+    print("| clients | pgbench -S TPS | rewritten TPS | rewritten / pgbench -S | PostgreSQL CPU per txn (µs): "
+          "pgbench -S | rewritten |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for c, samples in results.items():
+        tps = {n: med([x[0] for x in xs]) for n, xs in samples.items()}
+        cpu = {n: med([x[1] for x in xs]) * 1e6 for n, xs in samples.items()}
+        print(f"| {c} | {fmt_tps(tps['pgbench -S'])} | {fmt_tps(tps['rewritten'])} | "
+              f"{fmt_ratio(tps['rewritten'], tps['pgbench -S'])} | {cpu['pgbench -S']:.1f} | {cpu['rewritten']:.1f} |")
 
 
 # --------------------------------------------------------------------------------------------
@@ -619,10 +728,10 @@ def policy_workload(args, bindir, cluster, proxy, ref_password):
         cpu = []
         for rep in range(args.reps):
             for name, conn in targets:
-                c0, t0 = proxy.cpu_seconds(), time.monotonic()
+                c0, t0 = cpu_seconds_of(proxy.pid), time.monotonic()
                 r = pgbench(bindir, conn, pargs, args.seconds)
                 if name == "proxy":
-                    cpu.append((proxy.cpu_seconds() - c0) / (time.monotonic() - t0))
+                    cpu.append((cpu_seconds_of(proxy.pid) - c0) / (time.monotonic() - t0))
                     time.sleep(1.0)
                     problems += proxy.take_log_problems()
                 samples[name].append(r)
@@ -761,7 +870,7 @@ def main():
     ap.add_argument("--no-connect-cell", dest="connect_cell", action="store_false", help="skip the -C cell")
     ap.add_argument("--policy-clients", type=int, default=8)
     ap.add_argument("--idle", type=int, default=1000)
-    ap.add_argument("--phases", default="memory,throughput,policy,misses")
+    ap.add_argument("--phases", default="memory,throughput,statement,policy,misses")
     ap.add_argument("--keep", action="store_true", help="leave the cluster, PgBouncers and proxy running on exit "
                                                           "(prints how to reach them; stop with Ctrl-C)")
     args = ap.parse_args()
@@ -830,6 +939,9 @@ def main():
         if "throughput" in phases:
             res = throughput(args, bindir, cluster, proxy, bench_key, bench_password, bouncers, upstream_role)
             print_throughput(args, res)
+            sys.stdout.flush()
+        if "statement" in phases:
+            print_statement_cost(args, *statement_cost(args, bindir, cluster, bench_key, bench_password))
             sys.stdout.flush()
         if "misses" in phases:
             print_misses(args, *misses(args, bindir, cluster, proxy, bench_key))

@@ -3,7 +3,7 @@
 # security, memory per idle connection and what cache misses cost other sessions (scripts/bench.py
 # has the details). Prints markdown.
 #
-#   scripts/bench.sh [--seconds 15] [--reps 3] [--quick] [--phases memory,throughput,policy,misses]
+#   scripts/bench.sh [--seconds 15] [--reps 3] [--quick] [--phases memory,throughput,statement,policy,misses]
 #                    [--clients 1,8,32] [--modes simple,extended,prepared] [--idle 1000] [--scale 10]
 #
 # The full run takes about 35 minutes; --quick (-T 2, one repetition, fewer cells) is a smoke test.
