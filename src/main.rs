@@ -40,13 +40,21 @@ fn main() -> std::process::ExitCode {
 }
 
 /// The runtime sessions run on, with `worker_threads` threads (`config::worker_threads`).
+///
+/// One thread (the default) is tokio's current-thread scheduler, on the thread that starts the
+/// proxy: a multi-thread scheduler with one worker keeps per-wake-up statistics (two clock reads
+/// and a `pow` per batch of polled tasks, to tune work stealing there is no one to steal from)
+/// and runs the accept loop on a second thread.
 fn session_runtime(setting: Option<usize>) -> Result<tokio::runtime::Runtime, ConfigError> {
     let threads = struere_proxy::config::worker_threads(setting)?;
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .map_err(|e| ConfigError::Invalid { name: "worker_threads", reason: e.to_string() })
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder.enable_all().build().map_err(|e| ConfigError::Invalid { name: "worker_threads", reason: e.to_string() })
 }
 
 async fn run(cli: Cli, source: ConfigSource, raw: struere_proxy::config::RawConfig) -> std::process::ExitCode {

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::auth::api_key::KeyHash;
@@ -782,11 +783,17 @@ struct UpstreamToClient<'a> {
 impl UpstreamToClient<'_> {
     async fn run<W: AsyncWrite + Unpin>(&mut self, client: &mut W) -> Result<(), SessionEnd> {
         let mut out = BytesMut::with_capacity(16 * 1024);
-        let mut recheck = tokio::time::interval(self.proxy.keys.ttl());
-        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        recheck.tick().await;
-        let mut drain = self.proxy.drain.subscribe();
-        let mut draining = *drain.borrow() != Drain::Running;
+        let recheck_every = self.proxy.keys.ttl();
+        let mut recheck_at = tokio::time::Instant::now() + recheck_every;
+        // One timer for the rare deadlines (the next key re-check, the next session limit),
+        // and one wait for a drain, both made once and kept across wake-ups: the loop turns
+        // once per answer of the server, and making (and dropping) an interval tick, a sleep
+        // and a watch wait each time cost more than relaying the answer.
+        let alarm = tokio::time::sleep_until(recheck_at);
+        tokio::pin!(alarm);
+        let mut armed = recheck_at;
+        let mut drain_wait = Box::pin(drain_changed(self.proxy.drain.subscribe()));
+        let mut draining = *self.proxy.drain.borrow() != Drain::Running;
         let mut drain_open = true;
         loop {
             // Relay whatever complete messages are buffered (leftovers from the handshake first).
@@ -800,24 +807,35 @@ impl UpstreamToClient<'_> {
                 return Err(shutting_down());
             }
             let limit = self.next_limit();
-            let deadline = limit.map_or_else(tokio::time::Instant::now, |(at, _)| at.into());
+            let due = limit.map_or(recheck_at, |(at, _)| recheck_at.min(at.into()));
+            if due != armed {
+                alarm.as_mut().reset(due);
+                armed = due;
+            }
             tokio::select! {
                 // In this order, and without drawing a random number per wake-up: the rare
                 // branches first, so that a server that always has more to send never delays
                 // a limit, a key re-check or a drain.
                 biased;
-                () = tokio::time::sleep_until(deadline), if limit.is_some() => self.limit_reached()?,
-                _ = recheck.tick() => {
-                    self.push_usage();
-                    self.recheck_key().instrument(tracing::debug_span!("key_recheck")).await?
+                () = &mut alarm => {
+                    if tokio::time::Instant::now() >= recheck_at {
+                        recheck_at = tokio::time::Instant::now() + recheck_every;
+                        self.push_usage();
+                        self.recheck_key().instrument(tracing::debug_span!("key_recheck")).await?
+                    }
+                    if limit.is_some() {
+                        self.limit_reached()?;
+                    }
                 }
-                changed = drain.changed(), if drain_open => match changed {
-                    Ok(()) => match *drain.borrow() {
-                        Drain::Force => return Err(shutting_down()),
-                        Drain::Draining => draining = true,
-                        Drain::Running => {}
-                    },
-                    Err(_) => drain_open = false,
+                (rx, state) = &mut drain_wait, if drain_open => match state {
+                    Some(Drain::Force) => return Err(shutting_down()),
+                    Some(Drain::Draining) => {
+                        draining = true;
+                        drain_wait = Box::pin(drain_changed(rx));
+                    }
+                    Some(Drain::Running) => drain_wait = Box::pin(drain_changed(rx)),
+                    // The proxy is gone: no drain can come any more.
+                    None => drain_open = false,
                 },
                 n = read_more(&mut self.reader, &mut self.buf) => {
                     if n? == 0 {
@@ -1046,6 +1064,16 @@ impl UpstreamToClient<'_> {
             }
         }
     }
+}
+
+/// The next drain state, with the receiver to wait for the one after; `None` once the proxy
+/// is gone (its sender dropped).
+async fn drain_changed(mut rx: watch::Receiver<Drain>) -> (watch::Receiver<Drain>, Option<Drain>) {
+    let state = match rx.changed().await {
+        Ok(()) => Some(*rx.borrow_and_update()),
+        Err(_) => None,
+    };
+    (rx, state)
 }
 
 async fn read_more<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
