@@ -334,8 +334,8 @@ impl Settings {
             });
         }
         let log_level = raw.log_level.unwrap_or_else(|| "info".to_owned());
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
-            return Err(ConfigError::Invalid { name: "log_level", reason: e.to_string() });
+        if let Err(reason) = crate::logging::parse_filter(&log_level) {
+            return Err(ConfigError::Invalid { name: "log_level", reason });
         }
         let worker_threads = worker_threads(raw.worker_threads)?;
         Ok(Settings {
