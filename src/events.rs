@@ -178,8 +178,9 @@ impl StatementLog {
     }
 
     /// CommandComplete: `tag` like `INSERT 0 5`, `UPDATE 3`, `SELECT 10`; returns its rows.
-    pub fn command_complete(&mut self, tag: &str) -> u64 {
-        let rows = tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+    pub fn command_complete(&mut self, tag: &[u8]) -> u64 {
+        let count = tag.rsplit(|b| *b == b' ').next().unwrap_or_default();
+        let rows = std::str::from_utf8(count).ok().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
         if let Some(o) = self.answered_now() {
             o.event.rows += rows;
         }
@@ -667,8 +668,8 @@ mod tests {
         let mut log = StatementLog::default();
         log.boundary_sent(); // Query
         log.decided(ev(), true);
-        log.command_complete("UPDATE 3");
-        log.command_complete("SELECT 2");
+        log.command_complete(b"UPDATE 3");
+        log.command_complete(b"SELECT 2");
         let (done, _) = log.ready();
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].rows, 5);
@@ -712,10 +713,10 @@ mod tests {
         b.kinds = Arc::from(vec!["b".to_owned()]);
         log.decided(b, false);
         log.boundary_sent();
-        log.command_complete("INSERT 0 1");
+        log.command_complete(b"INSERT 0 1");
         let (first, _) = log.ready();
         assert_eq!((first.len(), first[0].rows), (1, 1));
-        log.command_complete("DELETE 4");
+        log.command_complete(b"DELETE 4");
         let (second, _) = log.ready();
         assert_eq!(second.len(), 1);
         assert_eq!((&second[0].kinds[..], second[0].rows), (&["b".to_owned()][..], 4));

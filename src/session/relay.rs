@@ -988,8 +988,7 @@ impl UpstreamToClient<'_> {
             b'S' if !self.is_operator => check_parameter(frame.body)?,
             b'C' => {
                 let tag = frame.body.split(|b| *b == 0).next().unwrap_or_default();
-                let tag = String::from_utf8_lossy(tag);
-                let rows = lock(&self.tracker).statements.command_complete(&tag);
+                let rows = lock(&self.tracker).statements.command_complete(tag);
                 self.pending_usage.statements += 1;
                 self.pending_usage.rows += rows;
                 out.extend_from_slice(frame.raw);
