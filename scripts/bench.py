@@ -26,6 +26,8 @@ Everything runs on a throwaway PostgreSQL cluster this script starts (initdb + p
 
 6. Statement cost: pgbench -S's statement and the proxy's rewrite of it (`struere-proxy explain`),
    both directly on PostgreSQL: what executing the guarded statement costs, apart from the relay.
+7. Instructions: the proxy's instructions per pgbench -S transaction under valgrind's callgrind
+   (1 client, per protocol), a count that does not depend on the machine's load.
 
 Usage: scripts/bench.sh [--seconds 15] [--reps 3] [--quick] [--phases throughput,statement,policy,memory,misses] ...
 """
@@ -237,7 +239,7 @@ logfile = {d}/pgbouncer.log
 
 
 class Proxy:
-    def __init__(self, cluster, config_path, logfile):
+    def __init__(self, cluster, config_path, logfile, wrapper=()):
         env = dict(os.environ)
         env.pop("STRUERE_LOG", None)  # info, as in production (refusals logged; every decision in struere.events)
         self.logfile = logfile
@@ -245,7 +247,7 @@ class Proxy:
         self.proc = subprocess.Popen(
             # A session of its own (also for PgBouncer): a Ctrl-C reaches only this script, which
             # then stops everything in order.
-            [PROXY, "--config", config_path, "--policies", POLICIES, "--listen", "127.0.0.1:0",
+            [*wrapper, PROXY, "--config", config_path, "--policies", POLICIES, "--listen", "127.0.0.1:0",
              "demo", "--upstream", cluster.url("app")],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=cluster.dir, start_new_session=True)
         self.keys = {}
@@ -808,6 +810,62 @@ def misses(args, bindir, cluster, proxy, key):
     return alone, flooded, flood
 
 
+RELAY_TXNS = 3000
+
+
+def relay_instructions(args, bindir, cluster, proxy, config_path):
+    """Instructions the proxy runs per pgbench -S transaction, counted by valgrind's callgrind:
+    unlike CPU time, the count does not depend on what else the machine runs, so a change to
+    the relay path shows as a number a rerun reproduces. One client (each transaction a full
+    round trip, none batched with another), RELAY_TXNS transactions after 200 to warm the
+    caches and the upstream statement, counting switched on for the measured run only. The
+    proxy that served the other phases is stopped first (one demo per database)."""
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        log("instructions: valgrind is missing (apt-get install valgrind); skipped")
+        return None
+    proxy.stop()
+    out = os.path.join(cluster.dir, "callgrind")
+    wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p"]
+    cg = Proxy(cluster, config_path, os.path.join(cluster.dir, "proxy-callgrind.log"), wrapper)
+    results = {}
+    try:
+        conn = cg.conninfo(cg.key("development", "acme", "bench"))
+        pgbench_t = lambda mode, n: run([os.path.join(bindir, "pgbench"), "-n", "-S", "-M", mode, "-c", "1", "-t",
+                                         str(n), conn], timeout=600)
+        for mode in args.modes:
+            pgbench_t(mode, 200)
+            run(["callgrind_control", "-i", "on", str(cg.pid)])
+            pgbench_t(mode, RELAY_TXNS)
+            run(["callgrind_control", "-i", "off", str(cg.pid)])
+            before = set(glob.glob(f"{out}.{cg.pid}*"))
+            run(["callgrind_control", "-d", mode, str(cg.pid)])
+            # The dump holds the costs since the last one: this run's.
+            dumps = set()
+            for _ in range(50):
+                dumps = set(glob.glob(f"{out}.{cg.pid}*")) - before
+                if dumps:
+                    break
+                time.sleep(0.1)
+            with open(dumps.pop()) as f:
+                total = int(re.search(r"^totals: (\d+)", f.read(), re.M).group(1))
+            results[mode] = total / RELAY_TXNS
+            log(f"instructions: -M {mode} {results[mode]:,.0f} per transaction")
+    finally:
+        cg.stop()
+    return results
+
+
+def print_relay_instructions(results):
+    print("\n## Instructions per transaction in the proxy (callgrind)\n")
+    print(f"pgbench -S, 1 client, {RELAY_TXNS:,} transactions after 200 to warm up; the proxy's instructions (all "
+          "its threads, user space only: system calls count as their libc wrappers) divided by the transactions. "
+          "Independent of the machine's load: compare across commits.\n")
+    print("| mode | instructions per transaction |")
+    print("|---|---:|")
+    for mode, n in results.items():
+        print(f"| -M {mode} | {n:,.0f} |")
+
+
 def print_misses(args, alone, flooded, flood):
     print("\n## Cache misses beside cached statements\n")
     print("| pgbench -S -c 4 alone | with 2 clients sending only misses | ratio | misses per second |")
@@ -870,7 +928,7 @@ def main():
     ap.add_argument("--no-connect-cell", dest="connect_cell", action="store_false", help="skip the -C cell")
     ap.add_argument("--policy-clients", type=int, default=8)
     ap.add_argument("--idle", type=int, default=1000)
-    ap.add_argument("--phases", default="memory,throughput,statement,policy,misses")
+    ap.add_argument("--phases", default="memory,throughput,statement,policy,misses,instructions")
     ap.add_argument("--keep", action="store_true", help="leave the cluster, PgBouncers and proxy running on exit "
                                                           "(prints how to reach them; stop with Ctrl-C)")
     args = ap.parse_args()
@@ -949,6 +1007,11 @@ def main():
         if "policy" in phases:
             res, diffs, problems = policy_workload(args, bindir, cluster, proxy, ref_password)
             print_policy(args, res, diffs, problems)
+        if "instructions" in phases:
+            # Last: it replaces the proxy with one under valgrind.
+            res = relay_instructions(args, bindir, cluster, proxy, os.path.join(cluster.dir, "proxy.toml"))
+            if res:
+                print_relay_instructions(res)
         print(f"\n(total {time.monotonic() - started:.0f} s)")
         if args.keep:
             print(f"\nkept: owner {cluster.url('app')}; proxy {proxy.host}:{proxy.port} key {bench_key}; "
