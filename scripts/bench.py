@@ -314,9 +314,12 @@ class MachineCpu:
     def __init__(self, relay_pid):
         self.relay_pid = relay_pid
         self.start = self.snapshot()
+        self.start["postgres"], self.processes = self.postgres()
 
-    def snapshot(self):
-        postgres = 0
+    @staticmethod
+    def postgres():
+        """CPU seconds of every `postgres` process and of its reaped children, and how many there are."""
+        total, count = 0, 0
         for d in os.listdir("/proc"):
             if not d.isdigit():
                 continue
@@ -325,13 +328,16 @@ class MachineCpu:
             except (OSError, ValueError):
                 continue  # the process ended meanwhile
             if name == "postgres":
-                postgres += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+                total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+                count += 1
+        return total / CLK_TCK, count
+
+    def snapshot(self):
         with open("/proc/stat") as f:
             cpu = f.readline().split()
         idle = int(cpu[4]) + int(cpu[5])  # idle, iowait
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         return {
-            "postgres": postgres / CLK_TCK,
             "relay": cpu_seconds_of(self.relay_pid) if self.relay_pid else 0.0,
             "pgbench": children.ru_utime + children.ru_stime,
             "idle": idle / CLK_TCK,
@@ -340,6 +346,14 @@ class MachineCpu:
     def per_transaction(self, transactions):
         """Seconds per transaction of each part since `start`."""
         end = self.snapshot()
+        # A direct run's backends end after pgbench does; until the postmaster has reaped them,
+        # their CPU is in neither their own counters nor its children's. Wait (up to 2 s) until
+        # no more postgres processes are left than at the start.
+        for _ in range(40):
+            end["postgres"], count = self.postgres()
+            if count <= self.processes:
+                break
+            time.sleep(0.05)
         return {k: (end[k] - self.start[k]) / max(transactions, 1) for k in end}
 
 
