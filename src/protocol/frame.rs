@@ -100,7 +100,7 @@ fn split_typed(buf: &mut BytesMut, body_limit: usize) -> Result<Option<Frame>, F
     let Some(total) = complete_len(buf, body_limit)? else {
         return Ok(None);
     };
-    let tag = buf[0];
+    let Some(&tag) = buf.first() else { return Ok(None) };
     let raw = buf.split_to(total).freeze();
     let body = raw.slice(5..);
     Ok(Some(Frame { tag, body, raw }))

@@ -418,7 +418,7 @@ impl Template {
         }
         // Each slot's value, decoded once: printed into the text, and bound as it is.
         let values = self.slot_values(shape)?;
-        let sql = self.render(&values);
+        let sql = self.render(&values)?;
         let params =
             self.params.get_or_init(|| param_form(&self.pieces, &self.slot_classes, &self.base.statement_kinds));
         let bound =
@@ -441,19 +441,21 @@ impl Template {
 
     /// The text with slot k holding `values[k]`: numbers as their digits, strings through the
     /// printer's own quoting.
-    fn render(&self, values: &[String]) -> String {
+    /// `None` if a slot lacks its value or class (never by construction): a text missing a
+    /// literal is not filled.
+    fn render(&self, values: &[String]) -> Option<String> {
         let extra: usize = values.iter().map(String::len).sum();
         let mut sql = String::with_capacity(self.pieces.iter().map(String::len).sum::<usize>() + 2 * extra + 2);
-        for (k, piece) in self.pieces.iter().enumerate() {
+        let (last, before) = self.pieces.split_last()?;
+        for (k, piece) in before.iter().enumerate() {
             sql.push_str(piece);
-            if let (Some(value), Some(class)) = (values.get(k), self.slot_classes.get(k)) {
-                match class {
-                    Class::Str => super::printer::push_string_literal(&mut sql, value),
-                    Class::Int4 | Class::Int8 | Class::Numeric => sql.push_str(value),
-                }
+            match self.slot_classes.get(k)? {
+                Class::Str => super::printer::push_string_literal(&mut sql, values.get(k)?),
+                Class::Int4 | Class::Int8 | Class::Numeric => sql.push_str(values.get(k)?),
             }
         }
-        sql
+        sql.push_str(last);
+        Some(sql)
     }
 
     /// Build the template of `sql` (whose verified rewrite is `original`) by rewriting a probe
@@ -532,7 +534,7 @@ impl Template {
         // Filled with the original literals it must give exactly the original's rewrite. This
         // exact equality with a verified text is also why the probe itself is not verified
         // (`Output::TemplateProbe` in mod.rs): it must stay exact.
-        (template.render(&template.slot_values(shape)?) == original.sql
+        (template.render(&template.slot_values(shape)?)? == original.sql
             && rewritten.statement_kinds == original.statement_kinds)
             .then_some(template)
     }

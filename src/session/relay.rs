@@ -818,8 +818,9 @@ impl UpstreamToClient<'_> {
                 // a limit, a key re-check or a drain.
                 biased;
                 () = &mut alarm => {
-                    if tokio::time::Instant::now() >= recheck_at {
-                        recheck_at = tokio::time::Instant::now() + recheck_every;
+                    let now = tokio::time::Instant::now();
+                    if now >= recheck_at {
+                        recheck_at = now + recheck_every;
                         self.push_usage();
                         self.recheck_key().instrument(tracing::debug_span!("key_recheck")).await?
                     }
@@ -995,25 +996,19 @@ impl UpstreamToClient<'_> {
                 return Ok(());
             }
             b'E' => self.pending_usage.errors += 1,
-            b'Z' => {
-                self.last_status = frame.body.first().copied().unwrap_or(b'E');
-                let (done, took) = lock(&self.tracker).statements.ready();
-                self.proxy.metrics.upstream_latency.observe(took);
-                let time_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-                self.pending_usage.time_us += time_us;
-                if self.usage_pushed.elapsed() >= USAGE_PUSH {
-                    self.push_usage();
-                }
-                for e in done {
-                    self.proxy.events.record(e);
-                }
-            }
+            b'Z' => self.last_status = frame.body.first().copied().unwrap_or(b'E'),
             _ => {
                 out.extend_from_slice(frame.raw);
                 return Ok(());
             }
         }
         let mut tracker = lock(&self.tracker);
+        // ReadyForQuery: the decisions it completes, and how long the server took (one clock
+        // read, `ready`'s, also dates the usage push).
+        let ready = (frame.tag == b'Z').then(|| {
+            let (done, took) = tracker.statements.ready();
+            (done, took, tracker.statements.last_answer())
+        });
         let action = tracker.refusals.on_backend(frame.tag, frame.body);
         if frame.tag == b'Z' {
             tracker.units.pop_front();
@@ -1038,6 +1033,16 @@ impl UpstreamToClient<'_> {
             tracker.statements.failed(&fields.code, ours.then_some(fields.message.as_str()));
         }
         drop(tracker);
+        if let Some((done, took, answered_at)) = ready {
+            self.proxy.metrics.upstream_latency.observe(took);
+            self.pending_usage.time_us += u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            if answered_at.is_some_and(|at| at.saturating_duration_since(self.usage_pushed) >= USAGE_PUSH) {
+                self.push_usage();
+            }
+            for e in done {
+                self.proxy.events.record(e);
+            }
+        }
         match action {
             BackendAction::Forward => out.extend_from_slice(frame.raw),
             BackendAction::Replace(b) => out.extend_from_slice(&b),
