@@ -367,8 +367,10 @@ class PgbenchResult:
 
 
 def pgbench(bindir, conn, args, seconds):
-    cmd = [os.path.join(bindir, "pgbench"), "-n", "-T", str(seconds)] + args + [conn]
-    out = run(cmd, check=False, timeout=seconds + 120)
+    """pgbench -n for SECONDS (-T), or, with `seconds` None, for the `-t` count in ARGS."""
+    duration = [] if seconds is None else ["-T", str(seconds)]
+    cmd = [os.path.join(bindir, "pgbench"), "-n"] + duration + args + [conn]
+    out = run(cmd, check=False, timeout=600 if seconds is None else seconds + 120)
     text = out.stdout
     if out.returncode != 0:
         raise RuntimeError(f"pgbench {' '.join(args)} failed ({out.returncode}):\n{text}\n{out.stderr}")
@@ -844,8 +846,7 @@ def relay_instructions(args, bindir, cluster, proxy, config_path):
     results = {}
     try:
         conn = cg.conninfo(cg.key("development", "acme", "bench"))
-        pgbench_t = lambda mode, n: run([os.path.join(bindir, "pgbench"), "-n", "-S", "-M", mode, "-c", "1", "-t",
-                                         str(n), conn], timeout=600)
+        pgbench_t = lambda mode, n: pgbench(bindir, conn, ["-S", "-M", mode, "-c", "1", "-t", str(n)], None)
         for mode in args.modes:
             pgbench_t(mode, 200)
             counts = []
