@@ -162,6 +162,7 @@ mod tests {
             sql_hash: Arc::from(""),
             bound: None,
             param_rules: Arc::default(),
+            ungated: None,
             policy_version: None,
         })
     }

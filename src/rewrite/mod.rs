@@ -59,6 +59,7 @@ use sqlparser::parser::{Parser, ParserError};
 use crate::auth::identity::ActorContext;
 use crate::protocol::sqlstate::SqlState;
 
+pub use engine::ungate::ParamNeed;
 pub use gate::{PINNED_SETTINGS, ParamRule};
 pub use policy::{DdlTarget, StatementPolicy};
 pub use printer::quoted_ident;
@@ -107,6 +108,28 @@ pub struct Rewritten {
     /// (`set_config($1, …)`, `gate.rs`); empty for almost every statement. A session checks
     /// them on every Bind of the statement; a simple Query, which binds nothing, is refused.
     pub param_rules: Arc<[ParamRule]>,
+    /// The statement without its conversion gates (`engine::ungate`), verified like `sql`: what
+    /// a Parse prepares when its declared parameter types make the gates convert nothing.
+    pub ungated: Option<Arc<UngatedText>>,
+}
+
+/// A verified text without conversion gates, and when it may be prepared instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UngatedText {
+    pub sql: String,
+    pub sql_hash: Arc<str>,
+    pub needs: Box<[ParamNeed]>,
+}
+
+impl Rewritten {
+    /// The text to prepare for a Parse that declares `declared` (its hash for the audit event):
+    /// without the conversion gates when the declared types leave them nothing to convert.
+    pub fn for_parse(&self, declared: &[u32]) -> (&str, &Arc<str>) {
+        match &self.ungated {
+            Some(u) if u.needs.iter().all(|n| n.met_by(declared)) => (&u.sql, &u.sql_hash),
+            _ => (&self.sql, &self.sql_hash),
+        }
+    }
 }
 
 /// A rewritten statement as a parameterised text and the values of this execution.
@@ -423,6 +446,7 @@ fn pipeline(
             tables: Arc::default(),
             bound: None,
             param_rules: Arc::default(),
+            ungated: None,
             policy_version: policy.version(actor).map(Arc::from),
         });
     }
@@ -435,10 +459,12 @@ fn pipeline(
     let mut kinds = Vec::with_capacity(total);
     let mut tables = std::collections::BTreeSet::new();
     let mut rules = Vec::new();
+    let mut draft = None;
     for (i, stmt) in statements.into_iter().enumerate() {
         tables.extend(pgtree::relations(&stmt.node));
-        let (text, form, stmt_rules) =
+        let (text, form, stmt_rules, stmt_draft) =
             rewrite_statement(sql, &tokens, &stmt, &statement_label(i, total), actor, policy)?;
+        draft = stmt_draft;
         rules.extend(stmt_rules);
         if !out.is_empty() {
             out.push_str("; ");
@@ -449,12 +475,18 @@ fn pipeline(
         kinds.push(stmt.kind);
     }
 
+    let mut ungated = None;
     if output == Output::Verified {
         verify::verify(&out, &checks, &rules, policy, actor)?;
+        // Only a text of one statement can be a Parse's.
+        if let (Some(draft), [kind]) = (draft, kinds.as_slice()) {
+            ungated = verified_ungated(draft, kind, &rules, policy, actor).map(Arc::new);
+        }
     }
     // A probe's hash would never be read (its text is never forwarded nor audited).
     let sql_hash = if output == Output::Verified { crate::events::sql_hash(&out) } else { Arc::from("") };
     Ok(Rewritten {
+        ungated,
         sql_hash,
         sql: out,
         statement_kinds: Arc::from(kinds),
@@ -465,8 +497,40 @@ fn pipeline(
     })
 }
 
+/// A statement's text without its conversion gates (`engine::ungate`), not yet verified.
+struct UngatedDraft {
+    text: String,
+    expected: Expected,
+    needs: Vec<ParamNeed>,
+    uses: std::collections::BTreeMap<usize, usize>,
+}
+
+/// Step 6 for an ungated draft: verified like the gated text, and PostgreSQL's tree of it must
+/// hold exactly the uses of each `$n` the draft counted (they decide `ParamNeed::undeclared_ok`).
+/// `None` keeps the gates: nothing is refused for want of the faster form.
+fn verified_ungated(
+    draft: UngatedDraft,
+    kind: &str,
+    rules: &[ParamRule],
+    policy: &dyn StatementPolicy,
+    actor: &ActorContext,
+) -> Option<UngatedText> {
+    let check = PieceCheck { kind: kind.to_owned(), range: 0..draft.text.len(), form: Form::Printed(draft.expected) };
+    let statements = verify::verify(&draft.text, std::slice::from_ref(&check), rules, policy, actor).ok()?;
+    let mut uses = std::collections::BTreeMap::new();
+    for n in pgtree::param_numbers(&statements.first()?.node)? {
+        *uses.entry(usize::try_from(n).ok()?).or_insert(0usize) += 1;
+    }
+    (uses == draft.uses).then(|| UngatedText {
+        sql_hash: crate::events::sql_hash(&draft.text),
+        sql: draft.text,
+        needs: draft.needs.into(),
+    })
+}
+
 /// Steps 3–5 for one statement: its text to forward, how it was made (what the verifier must
-/// find in it), and the rules its bound values must pass (`gate::ParamRule`).
+/// find in it), the rules its bound values must pass (`gate::ParamRule`) and its text without
+/// conversion gates, when it has any a Parse's types could make redundant.
 fn rewrite_statement(
     sql: &str,
     tokens: &[lexer::Tok],
@@ -474,7 +538,7 @@ fn rewrite_statement(
     label: &str,
     actor: &ActorContext,
     policy: &dyn StatementPolicy,
-) -> Result<(String, Form, Vec<ParamRule>), Refusal> {
+) -> Result<(String, Form, Vec<ParamRule>, Option<UngatedDraft>), Refusal> {
     let rules = gate::check_pg(&stmt.node)?;
     policy.check_pg(&stmt.node, actor)?;
     ddl::check_names(&stmt.node, &mut |target| policy.check_ddl_target(target, actor))?;
@@ -496,8 +560,9 @@ fn rewrite_statement(
     } else {
         parse_one(piece)
     };
+    let mut draft = None;
     let (text, form) = match parsed {
-        Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, false, None),
+        Ok(parsed) => policy_and_print_ungated(parsed, &stmt.node, label, actor, policy, &mut draft),
         // PostgreSQL proved this statement touches no data, so the client's own text may go
         // through unchanged (minus leading/trailing comments, see `trim_to_tokens`).
         Err(_) if DATA_FREE_KINDS.contains(&stmt.kind.as_str()) => {
@@ -539,7 +604,20 @@ fn rewrite_statement(
             stmt.kind
         ))),
     }?;
-    Ok((text, form, rules))
+    Ok((text, form, rules, draft))
+}
+
+/// `policy_and_print` for a statement as the client wrote it, also printing it without its
+/// conversion gates into `draft` when it has any (`engine::ungate`).
+fn policy_and_print_ungated(
+    parsed: Statement,
+    node: &pg_query::NodeEnum,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+    draft: &mut Option<UngatedDraft>,
+) -> Result<(String, Form), Refusal> {
+    policy_and_print_inner(parsed, node, label, actor, policy, false, None, Some(draft))
 }
 
 /// Steps 4–5 for a statement sqlparser read: the gate, the policy, the printer. `deparsed`: the
@@ -547,6 +625,19 @@ fn rewrite_statement(
 /// `marker`: sqlparser read a respelling with wrappers (`respell`), taken off after the policy;
 /// `node` is the tree without them.
 fn policy_and_print(
+    parsed: Statement,
+    node: &pg_query::NodeEnum,
+    label: &str,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+    deparsed: bool,
+    marker: Option<&str>,
+) -> Result<(String, Form), Refusal> {
+    policy_and_print_inner(parsed, node, label, actor, policy, deparsed, marker, None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn policy_and_print_inner(
     mut parsed: Statement,
     node: &pg_query::NodeEnum,
     label: &str,
@@ -554,6 +645,7 @@ fn policy_and_print(
     policy: &dyn StatementPolicy,
     deparsed: bool,
     marker: Option<&str>,
+    draft: Option<&mut Option<UngatedDraft>>,
 ) -> Result<(String, Form), Refusal> {
     gate::check_sql(&parsed)?;
     let before_policy = parsed.clone();
@@ -569,6 +661,18 @@ fn policy_and_print(
     let same_as = if parsed == before_policy { Some(shape_of(node, label)?) } else { None };
     if let Some(marker) = marker {
         respell::unwrap(&mut parsed, marker, label)?;
+    }
+    if let Some(draft) = draft
+        && same_as.is_none()
+        && let Some(u) = engine::ungate::ungated(&parsed)
+        && let Ok(printed) = printer::print(u.statement)
+    {
+        *draft = Some(UngatedDraft {
+            text: printed.text,
+            expected: Expected { emitted: printed.emitted, same_as: None },
+            needs: u.needs,
+            uses: u.uses,
+        });
     }
     let printed = printer::print(parsed)?;
     // Every wrapper came off: the marker is in no string of the client's tree, and the

@@ -70,7 +70,7 @@ pub(crate) fn verify(
     rules: &[gate::ParamRule],
     policy: &dyn super::StatementPolicy,
     actor: &crate::auth::identity::ActorContext,
-) -> Result<(), Refusal> {
+) -> Result<Vec<classify::PgStatement>, Refusal> {
     let statements = classify::parse(text).map_err(|e| match e {
         PgParseError::Syntax(m) | PgParseError::TooDeep(m) | PgParseError::Internal(m) => {
             unverifiable(format!("PostgreSQL cannot parse it: {m}"))
@@ -118,7 +118,8 @@ pub(crate) fn verify(
         return Err(unverifiable("its set_config calls depend on other parameters than the client's"));
     }
     let tokens = lexer::scan(text).map_err(|m| unverifiable(format!("PostgreSQL cannot scan it: {m}")))?;
-    check_tokens(text, &tokens, pieces)
+    check_tokens(text, &tokens, pieces)?;
+    Ok(statements)
 }
 
 fn check_tokens(text: &str, tokens: &[Tok], pieces: &[PieceCheck]) -> Result<(), Refusal> {
@@ -242,7 +243,7 @@ mod tests {
             actor_type: crate::auth::identity::ActorType::User,
             actor_id: "a".into(),
         };
-        verify(text, pieces, &[], &crate::rewrite::policy::PassThrough, &actor)
+        verify(text, pieces, &[], &crate::rewrite::policy::PassThrough, &actor).map(drop)
     }
 
     fn printed(kind: &str, range: Range<usize>, emitted: Vec<Emitted>) -> PieceCheck {

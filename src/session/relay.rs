@@ -332,7 +332,7 @@ impl ClientToUpstream<'_> {
                         let sql = decode_query(&frame.body)?;
                         match self.rewrite(sql, actor).and_then(bindless) {
                             Ok(rw) => {
-                                self.decided(self.rewritten(&rw), true);
+                                self.decided(self.rewritten(&rw, &rw.sql_hash), true);
                                 if statements::forgets_statements(&rw.statement_kinds) {
                                     lock(&self.tracker).prepared.clear();
                                 }
@@ -373,12 +373,15 @@ impl ClientToUpstream<'_> {
                                     self.refuse_extended(refusal, Some(actor), parse.query, out);
                                     return Ok(());
                                 }
+                                // Without the conversion gates when the declared types leave
+                                // them nothing to convert (`rewrite::engine::ungate`).
+                                let (sql, sql_hash) = rw.for_parse(&parse.param_types);
                                 if parse.name.is_empty() {
                                     self.unnamed = None;
                                     if statements::preparable(&rw.statement_kinds)
-                                        && self.parse_unnamed(&rw, &parse.param_types, out)
+                                        && self.parse_unnamed(&rw, sql, &parse.param_types, out)
                                     {
-                                        self.decided(self.rewritten(&rw), false);
+                                        self.decided(self.rewritten(&rw, sql_hash), false);
                                         return Ok(());
                                     }
                                     if !rw.param_rules.is_empty() {
@@ -394,8 +397,8 @@ impl ClientToUpstream<'_> {
                                     self.refuse_extended(refusal, Some(actor), parse.query, out);
                                     return Ok(());
                                 }
-                                self.decided(self.rewritten(&rw), false);
-                                encode_parse(out, parse.name, &rw.sql, &parse.param_types)
+                                self.decided(self.rewritten(&rw, sql_hash), false);
+                                encode_parse(out, parse.name, sql, &parse.param_types)
                             }
                             Err(refusal) => self.refuse_extended(refusal, Some(actor), parse.query, out),
                         }
@@ -468,8 +471,7 @@ impl ClientToUpstream<'_> {
     /// later Parses of the same text only parse the empty string (the client still gets its
     /// ParseComplete) and its Bind and Describe name the prepared statement. False (nothing
     /// written): the connection holds as many statements as it may.
-    fn parse_unnamed(&mut self, rw: &Rewritten, param_types: &[u32], out: &mut BytesMut) -> bool {
-        let sql = rw.sql.as_str();
+    fn parse_unnamed(&mut self, rw: &Rewritten, sql: &str, param_types: &[u32], out: &mut BytesMut) -> bool {
         let mut book = lock(&self.tracker);
         let Some(chosen) = book.prepared.use_for(sql, param_types) else {
             return false;
@@ -652,12 +654,13 @@ impl ClientToUpstream<'_> {
     }
 
     /// A rewritten text's event: everything but the caller comes from the (cached) rewrite.
-    fn rewritten(&self, rw: &Rewritten) -> Event {
+    /// The event of a rewrite forwarded as the text `sql_hash` hashes.
+    fn rewritten(&self, rw: &Rewritten, sql_hash: &Arc<str>) -> Event {
         let mut e = Event::new(&self.origin, Verdict::Rewritten);
         e.kinds = Arc::clone(&rw.statement_kinds);
         e.tables = Arc::clone(&rw.tables);
         e.policy_version = rw.policy_version.clone();
-        e.sql_hash = Some(Arc::clone(&rw.sql_hash));
+        e.sql_hash = Some(Arc::clone(sql_hash));
         e
     }
 

@@ -199,6 +199,42 @@ async fn a_pooled_connection_comes_back_without_the_previous_sessions_statements
 }
 
 #[tokio::test]
+async fn a_parse_whose_types_convert_nothing_is_prepared_without_the_conversion_gate() {
+    // The conversion gate (`num_nulls(…) >= 0`) has PostgreSQL convert `$1` once, before any
+    // row is read; it costs a Result node in every generic plan. Undeclared or declared as the
+    // column's type, `$1` converts nothing, and the proxy prepares the statement without it.
+    use tokio_postgres::types::Type;
+    let p = Proxied::start().await;
+    let c = p.client().await;
+    let admin = fixture().admin().await;
+    let marker = unique("ungate");
+    // A table of two columns: PostgreSQL shows the first 1,024 bytes of a query.
+    let sql = format!("SELECT id FROM organizations WHERE id = $1 AND '{marker}' <> ''");
+    let want = p.org.clone();
+    for (types, gated) in [(&[][..], false), (&[Type::TEXT], false), (&[Type::VARCHAR], true), (&[Type::UNKNOWN], true)]
+    {
+        let statement = c.prepare_typed(&sql, types).await.unwrap();
+        let rows = c.query(&statement, &[&want]).await.unwrap();
+        let got: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(got, vec![want.clone()], "{types:?}");
+        // What the session's upstream backend ran, as PostgreSQL reports it.
+        let ran: Vec<String> = admin
+            .query(
+                "SELECT query FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
+                &[&marker],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(ran.len(), 1, "{ran:?}");
+        assert_eq!(ran[0].contains("num_nulls"), gated, "{types:?}: {}", ran[0]);
+        assert!(ran[0].contains("__struere_raw_id"), "still the guarded statement: {}", ran[0]);
+    }
+}
+
+#[tokio::test]
 async fn unnamed_statements_of_a_known_text_reuse_the_prepared_one() {
     let p = Proxied::start().await;
     let c = p.client().await;

@@ -1108,7 +1108,7 @@ fn constant_kind(e: &Expr) -> Option<Constant> {
     }
 }
 
-fn is_param(p: &str) -> bool {
+pub(super) fn is_param(p: &str) -> bool {
     p.strip_prefix('$').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
@@ -1128,8 +1128,21 @@ fn number_type(n: &str) -> u32 {
 
 /// The OID of a cast's target type, for the types the fast path knows (compared-as form).
 fn type_of(t: &DataType) -> Option<u32> {
+    cast_target(t).map(|(oid, _)| compared_as(oid))
+}
+
+/// The OID of a cast's target type exactly as PostgreSQL reads it (`varchar` is `varchar`), when
+/// it carries no length or other modifier: casting a value of that type to it converts nothing.
+pub(super) fn exact_type(t: &DataType) -> Option<u32> {
+    cast_target(t).and_then(|(oid, modified)| (!modified).then_some(oid))
+}
+
+/// A cast's target type as written, for the types the fast path knows, and whether it carries
+/// a modifier (`varchar(10)`).
+fn cast_target(t: &DataType) -> Option<(u32, bool)> {
     let oid = match t {
-        DataType::Text | DataType::Varchar(_) | DataType::CharacterVarying(_) => TEXT,
+        DataType::Varchar(len) | DataType::CharacterVarying(len) => return Some((VARCHAR, len.is_some())),
+        DataType::Text => TEXT,
         DataType::Int(None) | DataType::Integer(None) | DataType::Int4(None) => INT4,
         DataType::BigInt(None) | DataType::Int8(None) => INT8,
         DataType::SmallInt(None) | DataType::Int2(None) => INT2,
@@ -1154,12 +1167,14 @@ fn type_of(t: &DataType) -> Option<u32> {
                 [s, n] if s == "pg_catalog" => n.as_str(),
                 _ => return None,
             };
-            let base = if base == "varchar" { "text" } else { base };
+            if base == "varchar" {
+                return Some((VARCHAR, false));
+            }
             TYPES.iter().find(|(_, n)| *n == base).map(|(o, _)| *o)?
         }
         _ => return None,
     };
-    Some(oid)
+    Some((oid, false))
 }
 
 /// `CAST($n AS pg_catalog.<type>)`: the operator is then exactly (type, type), and the column
@@ -1224,6 +1239,32 @@ fn conversion_gate(casts: Vec<Expr>) -> Result<Expr, String> {
         return Ok(gate);
     }
     Err("internal error: conversion gate".to_owned())
+}
+
+/// The arguments of a conversion gate (`conversion_gate`'s shape, `num_nulls(…) >= 0`), if `e`
+/// is one.
+pub(super) fn gate_arguments(e: &Expr) -> Option<Vec<&Expr>> {
+    let Expr::BinaryOp { left, op: BinaryOperator::GtEq, right } = e else { return None };
+    let zero = matches!(right.as_ref(), Expr::Value(v) if matches!(&v.value, Value::Number(n, false) if n == "0"));
+    let Expr::Function(f) = left.as_ref() else { return None };
+    let plain = matches!(f.name.0.as_slice(), [ObjectNamePart::Identifier(i)] if i.quote_style.is_none() && i.value.eq_ignore_ascii_case("num_nulls"))
+        && !f.uses_odbc_syntax
+        && matches!(f.parameters, sqlparser::ast::FunctionArguments::None)
+        && f.filter.is_none()
+        && f.null_treatment.is_none()
+        && f.over.is_none()
+        && f.within_group.is_empty();
+    let sqlparser::ast::FunctionArguments::List(list) = &f.args else { return None };
+    if !zero || !plain || list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
+        return None;
+    }
+    list.args
+        .iter()
+        .map(|a| match a {
+            sqlparser::ast::FunctionArg::Unnamed(sqlparser::ast::FunctionArgExpr::Expr(e)) => Some(e),
+            _ => None,
+        })
+        .collect()
 }
 
 fn wrap(conjunct: Expr, aliases: &[Ident]) -> Expr {

@@ -538,3 +538,41 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn a_parse_whose_types_need_no_conversion_prepares_the_statement_without_its_gate() {
+    const TEXT: u32 = 25;
+    const VARCHAR: u32 = 1043;
+    const TIMESTAMPTZ: u32 = 1184;
+    let rewriter = crate::rewrite::Rewriter::new(0, super::super::tests::engine());
+    let rw = rewriter.rewrite("SELECT * FROM entities WHERE id = $1", &admin_dev()).unwrap();
+    assert!(rw.sql.contains("num_nulls"), "{}", rw.sql);
+    let ungated = rw.ungated.as_ref().expect("an ungated form");
+    assert!(!ungated.sql.contains("num_nulls"), "{}", ungated.sql);
+    assert!(ungated.sql.contains("\"entities\".\"__struere_raw_id\" = CAST($1 AS pg_catalog.text)"), "{}", ungated.sql);
+    assert_ne!(ungated.sql_hash, rw.sql_hash);
+    // Undeclared, or declared as the column's type: nothing to convert.
+    for declared in [&[][..], &[0], &[TEXT]] {
+        assert_eq!(rw.for_parse(declared).0, ungated.sql, "{declared:?}");
+        assert_eq!(rw.for_parse(declared).1, &ungated.sql_hash);
+    }
+    // Declared with another type: converted at run time, so the gate stays.
+    for declared in [&[VARCHAR][..], &[TIMESTAMPTZ], &[705]] {
+        assert_eq!(rw.for_parse(declared).0, rw.sql, "{declared:?}");
+    }
+
+    // Another use of $1 PostgreSQL may type it from first: it must be declared.
+    let rw = rewriter.rewrite("SELECT $1::varchar AS v, id FROM entities WHERE id = $1", &admin_dev()).unwrap();
+    assert_eq!(rw.for_parse(&[]).0, rw.sql);
+    assert!(!rw.for_parse(&[TEXT]).0.contains("num_nulls"));
+
+    // Two parameters, each on its own: the second declared with another type keeps the gate.
+    let rw = rewriter.rewrite("SELECT id FROM entities WHERE id = $1 AND created_at > $2", &admin_dev()).unwrap();
+    assert!(!rw.for_parse(&[0, TIMESTAMPTZ]).0.contains("num_nulls"));
+    assert!(rw.for_parse(&[0, TEXT]).0.contains("num_nulls"));
+
+    // No parameter: the gate folds away while planning, so there is no second form.
+    let rw =
+        rewriter.rewrite("SELECT id FROM entities WHERE created_at > '2026-01-01'::timestamptz", &admin_dev()).unwrap();
+    assert!(rw.ungated.is_none());
+}

@@ -14,6 +14,7 @@ pub mod access;
 pub mod functions;
 pub mod guard;
 pub mod secure;
+pub mod ungate;
 pub mod walk;
 pub mod writes;
 
