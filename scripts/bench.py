@@ -624,11 +624,14 @@ def statement_cost(args, bindir, cluster, bench_key, bench_password):
     """pgbench -S's statement and the proxy's rewrite of it for the bench key (`struere-proxy
     explain`), both run directly on the cluster, -M prepared, interleaved: the part of the
     proxy's cells that is PostgreSQL executing the guarded statement, apart from the relay."""
-    explained = run([PROXY, "--policies", POLICIES, "--admin-upstream", cluster.url("app"), "explain",
-                     "--key", bench_key, PGBENCH_SELECT])
-    rewritten = explained.stdout.strip()
+    def explain(*flags):
+        return run([PROXY, "--policies", POLICIES, "--admin-upstream", cluster.url("app"), "explain",
+                    "--key", bench_key, *flags, PGBENCH_SELECT]).stdout.strip()
+    # What pgbench -M prepared's Parse (its $1 undeclared) prepares, and the same statement with
+    # the conversion gate a Parse declaring another type gets (rewrite/engine/ungate.rs).
+    rewritten, gated = explain("--parse"), explain("--parse=1043")
     scripts = {}
-    for name, sql in [("pgbench -S", PGBENCH_SELECT), ("rewritten", rewritten)]:
+    for name, sql in [("pgbench -S", PGBENCH_SELECT), ("rewritten", rewritten), ("with gate", gated)]:
         path = os.path.join(cluster.dir, f"statement-{len(scripts)}.sql")
         with open(path, "w") as f:
             f.write(f"\\set aid random(1, {100000 * args.scale})\n{sql.replace('$1', ':aid')};\n")
@@ -651,17 +654,19 @@ def statement_cost(args, bindir, cluster, bench_key, bench_password):
 def print_statement_cost(args, rewritten, results):
     print(f"\n## Statement cost: pgbench -S's statement and its rewrite, directly on PostgreSQL\n")
     print(f"-M prepared, -T {args.seconds}, {args.reps} interleaved repetitions, medians. The rewrite "
-          f"(`struere-proxy explain --key <bench key>`, {len(rewritten)} bytes) is what the proxy prepares "
-          "upstream for the bench key's pgbench -S: the tenant and environment conditions, the column guards "
-          "and the one-time conversion gate (ARCHITECTURE.md).\n")
-    print("| clients | pgbench -S TPS | rewritten TPS | rewritten / pgbench -S | PostgreSQL CPU per txn (µs): "
-          "pgbench -S | rewritten |")
-    print("|---:|---:|---:|---:|---:|---:|")
+          f"(`struere-proxy explain --key <bench key> --parse`, {len(rewritten)} bytes) is what the proxy prepares "
+          "upstream for the bench key's pgbench -S: the tenant and environment conditions and the column guards. "
+          "*With gate* is the same statement with the one-time conversion gate, which the proxy adds only where "
+          "a Parse declares `$1` with another type than the column's (ARCHITECTURE.md).\n")
+    print("| clients | pgbench -S TPS | rewritten TPS | with gate TPS | rewritten / pgbench -S | with gate / pgbench -S "
+          "| PostgreSQL CPU per txn (µs): pgbench -S | rewritten | with gate |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c, samples in results.items():
         tps = {n: med([x[0] for x in xs]) for n, xs in samples.items()}
         cpu = {n: med([x[1] for x in xs]) * 1e6 for n, xs in samples.items()}
-        print(f"| {c} | {fmt_tps(tps['pgbench -S'])} | {fmt_tps(tps['rewritten'])} | "
-              f"{fmt_ratio(tps['rewritten'], tps['pgbench -S'])} | {cpu['pgbench -S']:.1f} | {cpu['rewritten']:.1f} |")
+        print(f"| {c} | {fmt_tps(tps['pgbench -S'])} | {fmt_tps(tps['rewritten'])} | {fmt_tps(tps['with gate'])} | "
+              f"{fmt_ratio(tps['rewritten'], tps['pgbench -S'])} | {fmt_ratio(tps['with gate'], tps['pgbench -S'])} | "
+              f"{cpu['pgbench -S']:.1f} | {cpu['rewritten']:.1f} | {cpu['with gate']:.1f} |")
 
 
 # --------------------------------------------------------------------------------------------

@@ -266,10 +266,20 @@ pub async fn explain(raw: &RawConfig, args: ExplainArgs) -> AppResult<bool> {
             actor_id: args.actor_id.clone(),
         },
     };
+    let declared: Vec<u32> = match args.parse.as_deref() {
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| t.parse().map_err(|_| format!("--parse: not a type OID: {t}")))
+            .collect::<Result<_, _>>()?,
+        None => Vec::new(),
+    };
     let rewriter = crate::rewrite::Rewriter::new(0, engine);
     match rewriter.rewrite(&args.sql, &actor) {
         Ok(r) => {
-            println!("{}", r.sql);
+            let sql = if args.parse.is_some() { r.for_parse(&declared).0 } else { r.sql.as_str() };
+            println!("{sql}");
             Ok(true)
         }
         Err(refusal) => {

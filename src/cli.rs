@@ -223,6 +223,11 @@ pub struct ExplainArgs {
     pub actor_type: String,
     #[arg(long, default_value = "explain")]
     pub actor_id: String,
+    /// Print what a Parse of the text prepares instead of a simple Query's text, with these
+    /// declared parameter types (comma-separated OIDs, 0 = undeclared; none given: all
+    /// undeclared, as libpq, pgbench -M prepared and most drivers send): `--parse`, `--parse=25,0`.
+    #[arg(long, value_name = "OIDS", num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    pub parse: Option<String>,
     /// The SQL text (one message: may hold several statements).
     pub sql: String,
 }

@@ -209,6 +209,16 @@ fn explain_prints_the_rewrite_or_the_refusal() {
     let (ok, out, err) = run(&["explain", "--key", &f.prod_key, "SELECT 1 FROM messages"]);
     assert!(ok, "{err}");
     assert!(out.contains("'production'"), "{out}");
+    // What a Parse prepares: without the conversion gate when `$1` converts nothing.
+    let lookup = "SELECT data FROM entities WHERE id = $1";
+    for (args, gated) in [(&[][..], true), (&["--parse"], false), (&["--parse=0"], false), (&["--parse=1043"], true)] {
+        let (ok, out, err) = run(&[&["explain", "--key", &f.dev_key][..], args, &[lookup]].concat());
+        assert!(ok, "{args:?}: {err}");
+        assert!(out.contains("__struere_raw_id"), "{args:?}: {out}");
+        assert_eq!(out.contains("num_nulls"), gated, "{args:?}: {out}");
+    }
+    let (ok, _, err) = run(&["explain", "--key", &f.dev_key, "--parse=text", lookup]);
+    assert!(!ok && err.contains("not a type OID: text"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
