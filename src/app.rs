@@ -276,10 +276,14 @@ pub async fn explain(raw: &RawConfig, args: ExplainArgs) -> AppResult<bool> {
         None => Vec::new(),
     };
     let rewriter = crate::rewrite::Rewriter::new(0, engine);
-    match rewriter.rewrite(&args.sql, &actor) {
+    let rewritten = match rewriter.rewrite(&args.sql, &actor) {
+        // A Parse whose declared types need the conversion gates (`Rewritten::fits`).
+        Ok(r) if args.parse.is_some() && !r.fits(&declared) => rewriter.rewrite_keeping_gates(&args.sql, &actor),
+        other => other,
+    };
+    match rewritten {
         Ok(r) => {
-            let sql = if args.parse.is_some() { r.for_parse(&declared).0 } else { r.sql.as_str() };
-            println!("{sql}");
+            println!("{}", r.sql);
             Ok(true)
         }
         Err(refusal) => {

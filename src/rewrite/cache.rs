@@ -162,7 +162,7 @@ mod tests {
             sql_hash: Arc::from(""),
             bound: None,
             param_rules: Arc::default(),
-            ungated: None,
+            gate_needs: None,
             policy_version: None,
         })
     }

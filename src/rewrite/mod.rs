@@ -108,27 +108,17 @@ pub struct Rewritten {
     /// (`set_config($1, …)`, `gate.rs`); empty for almost every statement. A session checks
     /// them on every Bind of the statement; a simple Query, which binds nothing, is refused.
     pub param_rules: Arc<[ParamRule]>,
-    /// The statement without its conversion gates (`engine::ungate`), verified like `sql`: what
-    /// a Parse prepares when its declared parameter types make the gates convert nothing.
-    pub ungated: Option<Arc<UngatedText>>,
-}
-
-/// A verified text without conversion gates, and when it may be prepared instead.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UngatedText {
-    pub sql: String,
-    pub sql_hash: Arc<str>,
-    pub needs: Box<[ParamNeed]>,
+    /// Set when `sql` leaves out the conversion gates of its `$n` (`engine::ungate`): what the
+    /// parameters' types must be for that. A Parse whose declared types do not meet them
+    /// prepares `Rewriter::rewrite_keeping_gates`'s text instead. (A simple Query binds no
+    /// parameters: PostgreSQL refuses any `$n` in it before it runs.)
+    pub gate_needs: Option<Arc<[ParamNeed]>>,
 }
 
 impl Rewritten {
-    /// The text to prepare for a Parse that declares `declared` (its hash for the audit event):
-    /// without the conversion gates when the declared types leave them nothing to convert.
-    pub fn for_parse(&self, declared: &[u32]) -> (&str, &Arc<str>) {
-        match &self.ungated {
-            Some(u) if u.needs.iter().all(|n| n.met_by(declared)) => (&u.sql, &u.sql_hash),
-            _ => (&self.sql, &self.sql_hash),
-        }
+    /// Whether a Parse declaring these parameter types may prepare `sql`.
+    pub fn fits(&self, declared: &[u32]) -> bool {
+        self.gate_needs.as_ref().is_none_or(|needs| needs.iter().all(|n| n.met_by(declared)))
     }
 }
 
@@ -335,17 +325,10 @@ impl Rewriter {
         let rewritten = Arc::new(rewrite_uncached(sql, actor, policy.as_ref())?);
         let template = shape.as_ref().filter(|miss| miss.build).map(|miss| {
             shape::Template::build(sql, &miss.shape, &rewritten, &self.nonce, |probe| {
-                rewrite_guarded(probe, actor, policy.as_ref(), Output::TemplateProbe).ok()
+                rewrite_guarded(probe, actor, policy.as_ref(), Output::TemplateProbe, Gates::LeaveOut).ok()
             })
         });
-        let took = started.elapsed();
-        if took > self.time_limit {
-            return Err(Refusal::TooComplex(format!(
-                "refused: rewriting this statement took {} ms; the limit is {} ms (max_rewrite_ms)",
-                took.as_millis(),
-                self.time_limit.as_millis()
-            )));
-        }
+        self.within_time_limit(started)?;
         // A rewrite made under a policy that was swapped out meanwhile is used once but never
         // cached, or it would outlive the swap's cache clear. The read lock is held across the
         // check and the insert, so a swap (write lock, then clear) cannot fall in between.
@@ -373,6 +356,55 @@ impl Rewriter {
     }
 }
 
+impl Rewriter {
+    /// The rewrite of a Parse whose declared types do not meet `Rewritten::gate_needs`: the same
+    /// statement with its conversion gates, cached apart from the text without them.
+    pub fn rewrite_keeping_gates(&self, sql: &str, actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
+        if let Some(hit) = self.cached_keeping_gates(sql, actor) {
+            return Ok(hit);
+        }
+        if sql.len() > MAX_SQL_BYTES {
+            return Err(Refusal::TooComplex(format!(
+                "refused: the SQL text is {} bytes; the proxy accepts at most {MAX_SQL_BYTES}",
+                sql.len()
+            )));
+        }
+        self.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let (policy, generation) = self.current_policy();
+        let rewritten = Arc::new(rewrite_guarded(sql, actor, policy.as_ref(), Output::Verified, Gates::Keep)?);
+        self.within_time_limit(started)?;
+        let current = self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.1 == generation {
+            self.cache.insert(actor, &keeping_gates_key(sql), Arc::clone(&rewritten));
+        }
+        Ok(rewritten)
+    }
+
+    /// `rewrite_keeping_gates` when the cache holds it.
+    pub fn cached_keeping_gates(&self, sql: &str, actor: &ActorContext) -> Option<Arc<Rewritten>> {
+        self.cache.get(actor, &keeping_gates_key(sql))
+    }
+
+    fn within_time_limit(&self, started: std::time::Instant) -> Result<(), Refusal> {
+        let took = started.elapsed();
+        if took > self.time_limit {
+            return Err(Refusal::TooComplex(format!(
+                "refused: rewriting this statement took {} ms; the limit is {} ms (max_rewrite_ms)",
+                took.as_millis(),
+                self.time_limit.as_millis()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The cache key of a text's rewrite with its conversion gates: no client text holds a NUL
+/// (`protocol::frontend` refuses one), so it is never another text's key.
+fn keeping_gates_key(sql: &str) -> String {
+    format!("{sql}\0gates")
+}
+
 /// The statement kinds and the relations a text names (CTE names excluded), for the audit
 /// event of a refused text; empty when PostgreSQL's parser cannot read it.
 pub fn kinds_and_relations_named(sql: &str) -> (Vec<String>, Vec<String>) {
@@ -389,6 +421,14 @@ pub fn kinds_and_relations_named(sql: &str) -> (Vec<String>, Vec<String>) {
     (kinds, tables.into_iter().collect())
 }
 
+/// Whether `pipeline` leaves out the conversion gates of a single statement's `$n` where
+/// declared types could make them redundant (`engine::ungate`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gates {
+    LeaveOut,
+    Keep,
+}
+
 /// Whether `pipeline` has PostgreSQL verify the text it built (`verify.rs`, step 6).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Output {
@@ -402,7 +442,7 @@ enum Output {
 }
 
 fn rewrite_uncached(sql: &str, actor: &ActorContext, policy: &dyn StatementPolicy) -> Result<Rewritten, Refusal> {
-    rewrite_guarded(sql, actor, policy, Output::Verified)
+    rewrite_guarded(sql, actor, policy, Output::Verified, Gates::LeaveOut)
 }
 
 fn rewrite_guarded(
@@ -410,10 +450,11 @@ fn rewrite_guarded(
     actor: &ActorContext,
     policy: &dyn StatementPolicy,
     output: Output,
+    gates: Gates,
 ) -> Result<Rewritten, Refusal> {
     // Neither parser is expected to panic, but a panic here must refuse the statement rather
     // than take the connection down with an unclear error.
-    let run = || match catch_unwind(AssertUnwindSafe(|| pipeline(sql, actor, policy, output))) {
+    let run = || match catch_unwind(AssertUnwindSafe(|| pipeline(sql, actor, policy, output, gates))) {
         Ok(result) => result,
         Err(_) => {
             tracing::error!(sql_len = sql.len(), "SQL rewriter panicked; statement refused");
@@ -436,6 +477,7 @@ fn pipeline(
     actor: &ActorContext,
     policy: &dyn StatementPolicy,
     output: Output,
+    gates: Gates,
 ) -> Result<Rewritten, Refusal> {
     let statements = classify::parse(sql).map_err(input_parse_refusal)?;
     if statements.is_empty() {
@@ -446,7 +488,7 @@ fn pipeline(
             tables: Arc::default(),
             bound: None,
             param_rules: Arc::default(),
-            ungated: None,
+            gate_needs: None,
             policy_version: policy.version(actor).map(Arc::from),
         });
     }
@@ -460,10 +502,12 @@ fn pipeline(
     let mut tables = std::collections::BTreeSet::new();
     let mut rules = Vec::new();
     let mut draft = None;
+    // Only a text of one statement can be a Parse's.
+    let want_draft = gates == Gates::LeaveOut && total == 1;
     for (i, stmt) in statements.into_iter().enumerate() {
         tables.extend(pgtree::relations(&stmt.node));
         let (text, form, stmt_rules, stmt_draft) =
-            rewrite_statement(sql, &tokens, &stmt, &statement_label(i, total), actor, policy)?;
+            rewrite_statement(sql, &tokens, &stmt, &statement_label(i, total), actor, policy, want_draft)?;
         draft = stmt_draft;
         rules.extend(stmt_rules);
         if !out.is_empty() {
@@ -475,18 +519,32 @@ fn pipeline(
         kinds.push(stmt.kind);
     }
 
-    let mut ungated = None;
+    // The statement without its conversion gates, in place of the one with them.
+    let mut gate_needs = None;
+    let mut uses = None;
+    if let (Some(draft), [kind]) = (draft, kinds.as_slice()) {
+        out = draft.text;
+        checks = vec![PieceCheck { kind: kind.clone(), range: 0..out.len(), form: Form::Printed(draft.expected) }];
+        gate_needs = Some(Arc::from(draft.needs));
+        uses = Some(draft.uses);
+    }
     if output == Output::Verified {
-        verify::verify(&out, &checks, &rules, policy, actor)?;
-        // Only a text of one statement can be a Parse's.
-        if let (Some(draft), [kind]) = (draft, kinds.as_slice()) {
-            ungated = verified_ungated(draft, kind, &rules, policy, actor).map(Arc::new);
+        let statements = verify::verify(&out, &checks, &rules, policy, actor)?;
+        // `ParamNeed::undeclared_ok` counted the uses of each `$n` on sqlparser's tree:
+        // PostgreSQL's must hold exactly those.
+        if let Some(uses) = uses
+            && statements.first().and_then(|s| param_uses(&s.node)) != Some(uses)
+        {
+            return Err(Refusal::Unverifiable(
+                "refused: the rewritten SQL did not verify: PostgreSQL reads other parameter references in it"
+                    .to_owned(),
+            ));
         }
     }
     // A probe's hash would never be read (its text is never forwarded nor audited).
     let sql_hash = if output == Output::Verified { crate::events::sql_hash(&out) } else { Arc::from("") };
     Ok(Rewritten {
-        ungated,
+        gate_needs,
         sql_hash,
         sql: out,
         statement_kinds: Arc::from(kinds),
@@ -505,27 +563,13 @@ struct UngatedDraft {
     uses: std::collections::BTreeMap<usize, usize>,
 }
 
-/// Step 6 for an ungated draft: verified like the gated text, and PostgreSQL's tree of it must
-/// hold exactly the uses of each `$n` the draft counted (they decide `ParamNeed::undeclared_ok`).
-/// `None` keeps the gates: nothing is refused for want of the faster form.
-fn verified_ungated(
-    draft: UngatedDraft,
-    kind: &str,
-    rules: &[ParamRule],
-    policy: &dyn StatementPolicy,
-    actor: &ActorContext,
-) -> Option<UngatedText> {
-    let check = PieceCheck { kind: kind.to_owned(), range: 0..draft.text.len(), form: Form::Printed(draft.expected) };
-    let statements = verify::verify(&draft.text, std::slice::from_ref(&check), rules, policy, actor).ok()?;
+/// How often each `$n` occurs in PostgreSQL's tree of a statement.
+fn param_uses(node: &pg_query::NodeEnum) -> Option<std::collections::BTreeMap<usize, usize>> {
     let mut uses = std::collections::BTreeMap::new();
-    for n in pgtree::param_numbers(&statements.first()?.node)? {
+    for n in pgtree::param_numbers(node)? {
         *uses.entry(usize::try_from(n).ok()?).or_insert(0usize) += 1;
     }
-    (uses == draft.uses).then(|| UngatedText {
-        sql_hash: crate::events::sql_hash(&draft.text),
-        sql: draft.text,
-        needs: draft.needs.into(),
-    })
+    Some(uses)
 }
 
 /// Steps 3–5 for one statement: its text to forward, how it was made (what the verifier must
@@ -538,6 +582,7 @@ fn rewrite_statement(
     label: &str,
     actor: &ActorContext,
     policy: &dyn StatementPolicy,
+    want_draft: bool,
 ) -> Result<(String, Form, Vec<ParamRule>, Option<UngatedDraft>), Refusal> {
     let rules = gate::check_pg(&stmt.node)?;
     policy.check_pg(&stmt.node, actor)?;
@@ -562,7 +607,8 @@ fn rewrite_statement(
     };
     let mut draft = None;
     let (text, form) = match parsed {
-        Ok(parsed) => policy_and_print_ungated(parsed, &stmt.node, label, actor, policy, &mut draft),
+        Ok(parsed) if want_draft => policy_and_print_ungated(parsed, &stmt.node, label, actor, policy, &mut draft),
+        Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, false, None),
         // PostgreSQL proved this statement touches no data, so the client's own text may go
         // through unchanged (minus leading/trailing comments, see `trim_to_tokens`).
         Err(_) if DATA_FREE_KINDS.contains(&stmt.kind.as_str()) => {

@@ -431,7 +431,7 @@ impl Template {
             policy_version: self.base.policy_version.clone(),
             bound,
             param_rules: Arc::clone(&self.base.param_rules),
-            ungated: None,
+            gate_needs: self.base.gate_needs.clone(),
         })
     }
 

@@ -169,7 +169,7 @@ fn empty_input_is_an_empty_query() {
                 sql_hash: crate::events::sql_hash(""),
                 bound: None,
                 param_rules: Arc::default(),
-                ungated: None,
+                gate_needs: None,
                 policy_version: None
             },
             "{sql:?}"

@@ -284,25 +284,53 @@ impl ClientToUpstream<'_> {
         if self.discard_until_sync {
             return;
         }
-        let sql = match frame.tag {
-            b'Q' => decode_query(&frame.body).ok(),
-            b'P' => decode_parse(&frame.body).ok().map(|p| p.query),
-            _ => None,
+        let (sql, declared) = match frame.tag {
+            b'Q' => (decode_query(&frame.body).ok(), None),
+            b'P' => match decode_parse(&frame.body) {
+                Ok(p) => (Some(p.query), Some(p.param_types)),
+                Err(_) => (None, None),
+            },
+            _ => (None, None),
         };
         // A malformed message is `handle`'s to report.
         let Some(sql) = sql else { return };
         let started = Instant::now();
-        let result = match self.proxy.rewriter.cached(sql, actor) {
+        let mut result = match self.proxy.rewriter.cached(sql, actor) {
             Some(hit) => Ok(hit),
-            None => {
-                let (proxy, sql, actor) = (Arc::clone(self.proxy), sql.to_owned(), actor.clone());
-                tokio::task::spawn_blocking(move || proxy.rewriter.rewrite(&sql, &actor)).await.unwrap_or_else(|_| {
-                    // `rewrite` catches the rewriter's panics; this is the thread itself failing.
-                    Err(Refusal::Unverifiable(crate::rewrite::INTERNAL_ERROR.to_owned()))
-                })
-            }
+            None => self.rewrite_blocking(sql, actor, false).await,
         };
+        // A Parse whose declared types the text without conversion gates does not fit.
+        if let (Ok(rw), Some(declared)) = (&result, &declared)
+            && !rw.fits(declared)
+        {
+            result = match self.proxy.rewriter.cached_keeping_gates(sql, actor) {
+                Some(hit) => Ok(hit),
+                None => self.rewrite_blocking(sql, actor, true).await,
+            };
+        }
         self.ahead = Some(Ahead { result, took: started.elapsed() });
+    }
+
+    /// A rewrite (`keep_gates`: `Rewriter::rewrite_keeping_gates`) on a blocking thread.
+    async fn rewrite_blocking(
+        &self,
+        sql: &str,
+        actor: &ActorContext,
+        keep_gates: bool,
+    ) -> Result<Arc<Rewritten>, Refusal> {
+        let (proxy, sql, actor) = (Arc::clone(self.proxy), sql.to_owned(), actor.clone());
+        tokio::task::spawn_blocking(move || {
+            if keep_gates {
+                proxy.rewriter.rewrite_keeping_gates(&sql, &actor)
+            } else {
+                proxy.rewriter.rewrite(&sql, &actor)
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            // `rewrite` catches the rewriter's panics; this is the thread itself failing.
+            Err(Refusal::Unverifiable(crate::rewrite::INTERNAL_ERROR.to_owned()))
+        })
     }
 
     fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), SessionEnd> {
@@ -332,7 +360,7 @@ impl ClientToUpstream<'_> {
                         let sql = decode_query(&frame.body)?;
                         match self.rewrite(sql, actor).and_then(bindless) {
                             Ok(rw) => {
-                                self.decided(self.rewritten(&rw, &rw.sql_hash), true);
+                                self.decided(self.rewritten(&rw), true);
                                 if statements::forgets_statements(&rw.statement_kinds) {
                                     lock(&self.tracker).prepared.clear();
                                 }
@@ -361,7 +389,7 @@ impl ClientToUpstream<'_> {
                     }
                     Caller::Environment(actor) => {
                         let parse = decode_parse(&frame.body)?;
-                        match self.rewrite_one(parse.query, actor) {
+                        match self.rewrite_one(parse.query, &parse.param_types, actor) {
                             Ok(rw) if statements::is_reserved(parse.name) => {
                                 drop(rw);
                                 self.refuse_extended(reserved_name(parse.name), Some(actor), parse.query, out);
@@ -373,15 +401,12 @@ impl ClientToUpstream<'_> {
                                     self.refuse_extended(refusal, Some(actor), parse.query, out);
                                     return Ok(());
                                 }
-                                // Without the conversion gates when the declared types leave
-                                // them nothing to convert (`rewrite::engine::ungate`).
-                                let (sql, sql_hash) = rw.for_parse(&parse.param_types);
                                 if parse.name.is_empty() {
                                     self.unnamed = None;
                                     if statements::preparable(&rw.statement_kinds)
-                                        && self.parse_unnamed(&rw, sql, &parse.param_types, out)
+                                        && self.parse_unnamed(&rw, &parse.param_types, out)
                                     {
-                                        self.decided(self.rewritten(&rw, sql_hash), false);
+                                        self.decided(self.rewritten(&rw), false);
                                         return Ok(());
                                     }
                                     if !rw.param_rules.is_empty() {
@@ -397,8 +422,8 @@ impl ClientToUpstream<'_> {
                                     self.refuse_extended(refusal, Some(actor), parse.query, out);
                                     return Ok(());
                                 }
-                                self.decided(self.rewritten(&rw, sql_hash), false);
-                                encode_parse(out, parse.name, sql, &parse.param_types)
+                                self.decided(self.rewritten(&rw), false);
+                                encode_parse(out, parse.name, &rw.sql, &parse.param_types)
                             }
                             Err(refusal) => self.refuse_extended(refusal, Some(actor), parse.query, out),
                         }
@@ -471,7 +496,8 @@ impl ClientToUpstream<'_> {
     /// later Parses of the same text only parse the empty string (the client still gets its
     /// ParseComplete) and its Bind and Describe name the prepared statement. False (nothing
     /// written): the connection holds as many statements as it may.
-    fn parse_unnamed(&mut self, rw: &Rewritten, sql: &str, param_types: &[u32], out: &mut BytesMut) -> bool {
+    fn parse_unnamed(&mut self, rw: &Rewritten, param_types: &[u32], out: &mut BytesMut) -> bool {
+        let sql = rw.sql.as_str();
         let mut book = lock(&self.tracker);
         let Some(chosen) = book.prepared.use_for(sql, param_types) else {
             return false;
@@ -617,9 +643,14 @@ impl ClientToUpstream<'_> {
         r
     }
 
-    /// A Parse message holds at most one statement, as the server requires.
-    fn rewrite_one(&mut self, sql: &str, actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
-        let rw = self.rewrite(sql, actor)?;
+    /// A Parse message holds at most one statement, as the server requires. Its declared types
+    /// decide whether the text without conversion gates fits it (`Rewritten::fits`); the
+    /// rewrite ahead worked that out already, this is the way without it.
+    fn rewrite_one(&mut self, sql: &str, declared: &[u32], actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
+        let mut rw = self.rewrite(sql, actor)?;
+        if !rw.fits(declared) {
+            rw = self.proxy.rewriter.rewrite_keeping_gates(sql, actor)?;
+        }
         if rw.statement_kinds.len() > 1 {
             return Err(Refusal::Syntax("cannot insert multiple commands into a prepared statement".to_owned()));
         }
@@ -654,13 +685,12 @@ impl ClientToUpstream<'_> {
     }
 
     /// A rewritten text's event: everything but the caller comes from the (cached) rewrite.
-    /// The event of a rewrite forwarded as the text `sql_hash` hashes.
-    fn rewritten(&self, rw: &Rewritten, sql_hash: &Arc<str>) -> Event {
+    fn rewritten(&self, rw: &Rewritten) -> Event {
         let mut e = Event::new(&self.origin, Verdict::Rewritten);
         e.kinds = Arc::clone(&rw.statement_kinds);
         e.tables = Arc::clone(&rw.tables);
         e.policy_version = rw.policy_version.clone();
-        e.sql_hash = Some(Arc::clone(sql_hash));
+        e.sql_hash = Some(Arc::clone(&rw.sql_hash));
         e
     }
 

@@ -211,7 +211,14 @@ fn explain_prints_the_rewrite_or_the_refusal() {
     assert!(out.contains("'production'"), "{out}");
     // What a Parse prepares: without the conversion gate when `$1` converts nothing.
     let lookup = "SELECT data FROM entities WHERE id = $1";
-    for (args, gated) in [(&[][..], true), (&["--parse"], false), (&["--parse=0"], false), (&["--parse=1043"], true)] {
+    let cases = [
+        (&[][..], false),
+        (&["--parse"], false),
+        (&["--parse=0"], false),
+        (&["--parse=1043"], false),
+        (&["--parse=20"], true),
+    ];
+    for (args, gated) in cases {
         let (ok, out, err) = run(&[&["explain", "--key", &f.dev_key][..], args, &[lookup]].concat());
         assert!(ok, "{args:?}: {err}");
         assert!(out.contains("__struere_raw_id"), "{args:?}: {out}");

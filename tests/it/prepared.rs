@@ -211,8 +211,13 @@ async fn a_parse_whose_types_convert_nothing_is_prepared_without_the_conversion_
     // A table of two columns: PostgreSQL shows the first 1,024 bytes of a query.
     let sql = format!("SELECT id FROM organizations WHERE id = $1 AND '{marker}' <> ''");
     let want = p.org.clone();
-    for (types, gated) in [(&[][..], false), (&[Type::TEXT], false), (&[Type::VARCHAR], true), (&[Type::UNKNOWN], true)]
-    {
+    for (types, gated) in [
+        (&[][..], false),
+        (&[Type::TEXT], false),
+        (&[Type::VARCHAR], false),
+        (&[Type::UNKNOWN], true),
+        (&[Type::BPCHAR], true),
+    ] {
         let statement = c.prepare_typed(&sql, types).await.unwrap();
         let rows = c.query(&statement, &[&want]).await.unwrap();
         let got: Vec<String> = rows.iter().map(|r| r.get(0)).collect();

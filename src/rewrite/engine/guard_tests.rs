@@ -18,7 +18,11 @@ const ADMIN: &str = "admin";
 fn check(cases: &[Case]) {
     for c in cases {
         let a = if c.role == ADMIN { admin_dev() } else { actor(Environment::Development, &[c.role], "a-1") };
-        let out = run(&a, c.sql).unwrap_or_else(|e| panic!("{}: {e}", c.sql));
+        // The engine's whole output, conversion gates included (`ungate.rs` takes them off).
+        let out = crate::rewrite::Rewriter::new(0, super::super::tests::engine())
+            .rewrite_keeping_gates(c.sql, &a)
+            .map(|r| r.sql.clone())
+            .unwrap_or_else(|e| panic!("{}: {e}", c.sql));
         for want in c.contains {
             assert!(out.contains(want), "{}\n  should contain {want}\n  got {out}", c.sql);
         }
@@ -540,39 +544,48 @@ mod properties {
 }
 
 #[test]
-fn a_parse_whose_types_need_no_conversion_prepares_the_statement_without_its_gate() {
+fn a_statement_with_parameters_leaves_out_its_gates_for_the_parses_they_fit() {
     const TEXT: u32 = 25;
     const VARCHAR: u32 = 1043;
     const TIMESTAMPTZ: u32 = 1184;
-    let rewriter = crate::rewrite::Rewriter::new(0, super::super::tests::engine());
+    let rewriter = crate::rewrite::Rewriter::new(16, super::super::tests::engine());
     let rw = rewriter.rewrite("SELECT * FROM entities WHERE id = $1", &admin_dev()).unwrap();
-    assert!(rw.sql.contains("num_nulls"), "{}", rw.sql);
-    let ungated = rw.ungated.as_ref().expect("an ungated form");
-    assert!(!ungated.sql.contains("num_nulls"), "{}", ungated.sql);
-    assert!(ungated.sql.contains("\"entities\".\"__struere_raw_id\" = CAST($1 AS pg_catalog.text)"), "{}", ungated.sql);
-    assert_ne!(ungated.sql_hash, rw.sql_hash);
-    // Undeclared, or declared as the column's type: nothing to convert.
-    for declared in [&[][..], &[0], &[TEXT]] {
-        assert_eq!(rw.for_parse(declared).0, ungated.sql, "{declared:?}");
-        assert_eq!(rw.for_parse(declared).1, &ungated.sql_hash);
+    assert!(!rw.sql.contains("num_nulls"), "{}", rw.sql);
+    assert!(rw.sql.contains("WHERE \"entities\".\"__struere_raw_id\" = CAST($1 AS pg_catalog.text)"), "{}", rw.sql);
+    // Undeclared, declared as the column's type, or varchar (relabelled): nothing to convert.
+    for declared in [&[][..], &[0], &[TEXT], &[VARCHAR]] {
+        assert!(rw.fits(declared), "{declared:?}");
     }
-    // Declared with another type: converted at run time, so the gate stays.
-    for declared in [&[VARCHAR][..], &[TIMESTAMPTZ], &[705]] {
-        assert_eq!(rw.for_parse(declared).0, rw.sql, "{declared:?}");
+    // Declared with another type: converted at run time, so the gate is needed.
+    for declared in [&[TIMESTAMPTZ][..], &[705], &[20]] {
+        assert!(!rw.fits(declared), "{declared:?}");
     }
+    let gated = rewriter.rewrite_keeping_gates("SELECT * FROM entities WHERE id = $1", &admin_dev()).unwrap();
+    assert!(gated.sql.contains("AND num_nulls(CAST($1 AS pg_catalog.text)) >= 0"), "{}", gated.sql);
+    assert!(gated.fits(&[TIMESTAMPTZ]) && gated.gate_needs.is_none());
+    assert_ne!(gated.sql_hash, rw.sql_hash);
+    // Cached apart: the text without gates is still what `rewrite` answers.
+    let again = rewriter.rewrite("SELECT * FROM entities WHERE id = $1", &admin_dev()).unwrap();
+    assert_eq!(again.sql, rw.sql);
+    assert!(std::sync::Arc::ptr_eq(
+        &gated,
+        &rewriter.cached_keeping_gates("SELECT * FROM entities WHERE id = $1", &admin_dev()).unwrap()
+    ));
 
     // Another use of $1 PostgreSQL may type it from first: it must be declared.
     let rw = rewriter.rewrite("SELECT $1::varchar AS v, id FROM entities WHERE id = $1", &admin_dev()).unwrap();
-    assert_eq!(rw.for_parse(&[]).0, rw.sql);
-    assert!(!rw.for_parse(&[TEXT]).0.contains("num_nulls"));
+    assert!(!rw.fits(&[]) && rw.fits(&[TEXT]));
 
-    // Two parameters, each on its own: the second declared with another type keeps the gate.
+    // Two parameters, each on its own.
     let rw = rewriter.rewrite("SELECT id FROM entities WHERE id = $1 AND created_at > $2", &admin_dev()).unwrap();
-    assert!(!rw.for_parse(&[0, TIMESTAMPTZ]).0.contains("num_nulls"));
-    assert!(rw.for_parse(&[0, TEXT]).0.contains("num_nulls"));
+    assert!(rw.fits(&[0, TIMESTAMPTZ]));
+    assert!(!rw.fits(&[0, TEXT]));
 
-    // No parameter: the gate folds away while planning, so there is no second form.
+    // No parameter: the gate folds away while planning, and stays.
     let rw =
         rewriter.rewrite("SELECT id FROM entities WHERE created_at > '2026-01-01'::timestamptz", &admin_dev()).unwrap();
-    assert!(rw.ungated.is_none());
+    assert!(rw.gate_needs.is_none());
+    // Several statements: never a Parse's, the gates stay.
+    let rw = rewriter.rewrite("SELECT 1; SELECT * FROM entities WHERE id = $1", &admin_dev()).unwrap();
+    assert!(rw.gate_needs.is_none() && rw.sql.contains("num_nulls"), "{}", rw.sql);
 }

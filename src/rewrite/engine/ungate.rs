@@ -8,10 +8,13 @@
 //! gate, 27,100 for the client's statement).
 //!
 //! It converts nothing when `$n` already has type T when the statement runs: declared as T in
-//! the Parse, or left undeclared with every use of `$n` in the statement a `CAST($n AS T)`, which
-//! makes PostgreSQL give `$n` type T. For such a Parse the session prepares the same statement
-//! without its gates (`Rewritten::for_parse`); that text is verified like every other, and the
-//! uses of each `$n` counted here must be the ones PostgreSQL's own tree of it holds.
+//! the Parse (or `varchar` for `text`, a relabelling), or left undeclared with every use of `$n`
+//! in the statement a `CAST($n AS T)`, which makes PostgreSQL give `$n` type T. So the rewrite of
+//! a single statement leaves its gates out (`Rewritten::gate_needs` says for which types), and a
+//! Parse declaring other types prepares the same statement with them
+//! (`Rewriter::rewrite_keeping_gates`, cached apart). A simple Query cannot bind a `$n` at all.
+//! The text is verified like every other, and the uses of each `$n` counted here must be the
+//! ones PostgreSQL's own tree of it holds.
 //!
 //! A conjunct is taken off only where it has exactly the gate's shape: the last conjunct of a
 //! Select's WHERE (or the whole WHERE). A client's own conjunct of that shape would be taken off
@@ -27,6 +30,9 @@ use sqlparser::ast::{
 
 use super::guard::{exact_type, gate_arguments, is_param};
 
+const TEXT: u32 = 25;
+const VARCHAR: u32 = 1043;
+
 /// What a Parse's declared type of one parameter must be for the gates to convert nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ParamNeed {
@@ -41,7 +47,9 @@ pub struct ParamNeed {
 impl ParamNeed {
     pub fn met_by(&self, declared: &[u32]) -> bool {
         let d = self.number.checked_sub(1).and_then(|i| declared.get(i)).copied().unwrap_or(0);
-        d == self.type_oid || (d == 0 && self.undeclared_ok)
+        // `varchar` to `text` is a binary coercion: PostgreSQL relabels the value, no function
+        // runs (JDBC declares `setString`'s parameters varchar).
+        d == self.type_oid || (d == VARCHAR && self.type_oid == TEXT) || (d == 0 && self.undeclared_ok)
     }
 }
 
@@ -244,7 +252,6 @@ mod tests {
     }
 
     const INT4: u32 = 23;
-    const TEXT: u32 = 25;
 
     #[test]
     fn a_gate_is_taken_off_with_what_its_parameters_must_be() {
@@ -258,6 +265,7 @@ mod tests {
         assert!(needs[0].met_by(&[0]));
         assert!(needs[0].met_by(&[INT4]));
         assert!(!needs[0].met_by(&[TEXT]));
+        assert!(!needs[0].met_by(&[VARCHAR]));
         assert!(!needs[0].met_by(&[20]));
     }
 
@@ -277,6 +285,9 @@ mod tests {
         assert_eq!(needs, vec![ParamNeed { number: 1, type_oid: TEXT, undeclared_ok: false }]);
         assert!(!needs[0].met_by(&[]));
         assert!(needs[0].met_by(&[TEXT]));
+        // varchar relabels as text.
+        assert!(needs[0].met_by(&[VARCHAR]));
+        assert!(!needs[0].met_by(&[705]));
         // Cast to another type elsewhere.
         let (_, needs) = without_gates(
             "SELECT $1::int8, a FROM t WHERE (t.raw_id = CAST($1 AS pg_catalog.text)) AND num_nulls(CAST($1 AS pg_catalog.text)) >= 0",
