@@ -519,21 +519,16 @@ fn pipeline(
         kinds.push(stmt.kind);
     }
 
-    // The statement without its conversion gates, in place of the one with them.
-    let mut gate_needs = None;
-    let mut uses = None;
-    if let (Some(draft), [kind]) = (draft, kinds.as_slice()) {
-        out = draft.text;
-        checks = vec![PieceCheck { kind: kind.clone(), range: 0..out.len(), form: Form::Printed(draft.expected) }];
-        gate_needs = Some(Arc::from(draft.needs));
-        uses = Some(draft.uses);
-    }
+    let (gate_needs, uses) = match draft {
+        Some(d) => (Some(Arc::from(d.needs)), Some(d.uses)),
+        None => (None, None),
+    };
     if output == Output::Verified {
-        let statements = verify::verify(&out, &checks, &rules, policy, actor)?;
+        let tokens = verify::verify(&out, &checks, &rules, policy, actor)?;
         // `ParamNeed::undeclared_ok` counted the uses of each `$n` on sqlparser's tree:
-        // PostgreSQL's must hold exactly those.
+        // PostgreSQL's must hold exactly those (each PARAM token of its lexer is one `$n`).
         if let Some(uses) = uses
-            && statements.first().and_then(|s| param_uses(&s.node)) != Some(uses)
+            && param_uses(&out, &tokens) != Some(uses)
         {
             return Err(Refusal::Unverifiable(
                 "refused: the rewritten SQL did not verify: PostgreSQL reads other parameter references in it"
@@ -555,19 +550,20 @@ fn pipeline(
     })
 }
 
-/// A statement's text without its conversion gates (`engine::ungate`), not yet verified.
+/// What leaving a statement's conversion gates out depends on (`engine::ungate`).
 struct UngatedDraft {
-    text: String,
-    expected: Expected,
     needs: Vec<ParamNeed>,
+    /// The uses of each `$n` in the printed statement, as sqlparser's tree holds them.
     uses: std::collections::BTreeMap<usize, usize>,
 }
 
-/// How often each `$n` occurs in PostgreSQL's tree of a statement.
-fn param_uses(node: &pg_query::NodeEnum) -> Option<std::collections::BTreeMap<usize, usize>> {
+/// How often each `$n` occurs in a text, by PostgreSQL's lexer (its grammar makes every PARAM
+/// token a parameter reference).
+fn param_uses(text: &str, tokens: &[lexer::Tok]) -> Option<std::collections::BTreeMap<usize, usize>> {
     let mut uses = std::collections::BTreeMap::new();
-    for n in pgtree::param_numbers(node)? {
-        *uses.entry(usize::try_from(n).ok()?).or_insert(0usize) += 1;
+    for t in tokens.iter().filter(|t| t.token == Some(pg_query::protobuf::Token::Param)) {
+        let n = text.get(t.start..t.end)?.strip_prefix('$')?.parse().ok()?;
+        *uses.entry(n).or_insert(0usize) += 1;
     }
     Some(uses)
 }
@@ -653,8 +649,8 @@ fn rewrite_statement(
     Ok((text, form, rules, draft))
 }
 
-/// `policy_and_print` for a statement as the client wrote it, also printing it without its
-/// conversion gates into `draft` when it has any (`engine::ungate`).
+/// `policy_and_print` for a statement as the client wrote it, printed without the conversion
+/// gates of its `$n` when it has any (`engine::ungate`; what that depends on goes to `draft`).
 fn policy_and_print_ungated(
     parsed: Statement,
     node: &pg_query::NodeEnum,
@@ -711,14 +707,9 @@ fn policy_and_print_inner(
     if let Some(draft) = draft
         && same_as.is_none()
         && let Some(u) = engine::ungate::ungated(&parsed)
-        && let Ok(printed) = printer::print(u.statement)
     {
-        *draft = Some(UngatedDraft {
-            text: printed.text,
-            expected: Expected { emitted: printed.emitted, same_as: None },
-            needs: u.needs,
-            uses: u.uses,
-        });
+        parsed = u.statement;
+        *draft = Some(UngatedDraft { needs: u.needs, uses: u.uses });
     }
     let printed = printer::print(parsed)?;
     // Every wrapper came off: the marker is in no string of the client's tree, and the

@@ -64,13 +64,14 @@ fn unverifiable(what: impl std::fmt::Display) -> Refusal {
     Refusal::Unverifiable(format!("refused: the rewritten SQL did not verify: {what}"))
 }
 
+/// Returns PostgreSQL's tokens of `text`.
 pub(crate) fn verify(
     text: &str,
     pieces: &[PieceCheck],
     rules: &[gate::ParamRule],
     policy: &dyn super::StatementPolicy,
     actor: &crate::auth::identity::ActorContext,
-) -> Result<Vec<classify::PgStatement>, Refusal> {
+) -> Result<Vec<Tok>, Refusal> {
     let statements = classify::parse(text).map_err(|e| match e {
         PgParseError::Syntax(m) | PgParseError::TooDeep(m) | PgParseError::Internal(m) => {
             unverifiable(format!("PostgreSQL cannot parse it: {m}"))
@@ -119,7 +120,7 @@ pub(crate) fn verify(
     }
     let tokens = lexer::scan(text).map_err(|m| unverifiable(format!("PostgreSQL cannot scan it: {m}")))?;
     check_tokens(text, &tokens, pieces)?;
-    Ok(statements)
+    Ok(tokens)
 }
 
 fn check_tokens(text: &str, tokens: &[Tok], pieces: &[PieceCheck]) -> Result<(), Refusal> {
