@@ -628,8 +628,8 @@ def statement_cost(args, bindir, cluster, bench_key, bench_password):
         return run([PROXY, "--policies", POLICIES, "--admin-upstream", cluster.url("app"), "explain",
                     "--key", bench_key, *flags, PGBENCH_SELECT]).stdout.strip()
     # What pgbench -M prepared's Parse (its $1 undeclared) prepares, and the same statement with
-    # the conversion gate a Parse declaring another type gets (rewrite/engine/ungate.rs).
-    rewritten, gated = explain("--parse"), explain("--parse=1043")
+    # the conversion gate a Parse declaring another type (int8) gets (rewrite/engine/ungate.rs).
+    rewritten, gated = explain("--parse"), explain("--parse=20")
     scripts = {}
     for name, sql in [("pgbench -S", PGBENCH_SELECT), ("rewritten", rewritten), ("with gate", gated)]:
         path = os.path.join(cluster.dir, f"statement-{len(scripts)}.sql")
