@@ -603,8 +603,9 @@ fn rewrite_statement(
     };
     let mut draft = None;
     let (text, form) = match parsed {
-        Ok(parsed) if want_draft => policy_and_print_ungated(parsed, &stmt.node, label, actor, policy, &mut draft),
-        Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, false, None),
+        Ok(parsed) => {
+            policy_and_print(parsed, &stmt.node, label, actor, policy, false, None, want_draft.then_some(&mut draft))
+        }
         // PostgreSQL proved this statement touches no data, so the client's own text may go
         // through unchanged (minus leading/trailing comments, see `trim_to_tokens`).
         Err(_) if DATA_FREE_KINDS.contains(&stmt.kind.as_str()) => {
@@ -649,37 +650,13 @@ fn rewrite_statement(
     Ok((text, form, rules, draft))
 }
 
-/// `policy_and_print` for a statement as the client wrote it, printed without the conversion
-/// gates of its `$n` when it has any (`engine::ungate`; what that depends on goes to `draft`).
-fn policy_and_print_ungated(
-    parsed: Statement,
-    node: &pg_query::NodeEnum,
-    label: &str,
-    actor: &ActorContext,
-    policy: &dyn StatementPolicy,
-    draft: &mut Option<UngatedDraft>,
-) -> Result<(String, Form), Refusal> {
-    policy_and_print_inner(parsed, node, label, actor, policy, false, None, Some(draft))
-}
-
 /// Steps 4–5 for a statement sqlparser read: the gate, the policy, the printer. `deparsed`: the
 /// text sqlparser read is PostgreSQL's printing of the client's statement (`deparsed_ddl`).
 /// `marker`: sqlparser read a respelling with wrappers (`respell`), taken off after the policy;
-/// `node` is the tree without them.
-fn policy_and_print(
-    parsed: Statement,
-    node: &pg_query::NodeEnum,
-    label: &str,
-    actor: &ActorContext,
-    policy: &dyn StatementPolicy,
-    deparsed: bool,
-    marker: Option<&str>,
-) -> Result<(String, Form), Refusal> {
-    policy_and_print_inner(parsed, node, label, actor, policy, deparsed, marker, None)
-}
-
+/// `node` is the tree without them. `draft`: print the statement without the conversion gates
+/// of its `$n` when it has any (`engine::ungate`; what that depends on goes there).
 #[allow(clippy::too_many_arguments)]
-fn policy_and_print_inner(
+fn policy_and_print(
     mut parsed: Statement,
     node: &pg_query::NodeEnum,
     label: &str,
@@ -737,7 +714,7 @@ fn respelled(
     policy: &dyn StatementPolicy,
 ) -> Option<Result<(String, Form), Refusal>> {
     let respell::Reading { parsed, tree, marker } = respell::read(node, label)?;
-    Some(policy_and_print(parsed, &tree, label, actor, policy, false, marker.as_deref()))
+    Some(policy_and_print(parsed, &tree, label, actor, policy, false, marker.as_deref(), None))
 }
 
 /// DDL sqlparser cannot read: checked on PostgreSQL's tree and printed by PostgreSQL's printer
@@ -767,7 +744,7 @@ fn deparsed_ddl(
         }
     };
     match parse_one(&text) {
-        Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, true, None),
+        Ok(parsed) => policy_and_print(parsed, &stmt.node, label, actor, policy, true, None, None),
         Err(_) => Ok((text, Form::Deparsed { same_as: shape_of(&stmt.node, label)? })),
     }
 }
