@@ -309,12 +309,7 @@ impl Rewriter {
     /// Rewrite the text of one simple-Query message (may hold several statements) or one
     /// Parse message for an environment-key caller. Returns the exact text to forward upstream.
     pub fn rewrite(&self, sql: &str, actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
-        if sql.len() > MAX_SQL_BYTES {
-            return Err(Refusal::TooComplex(format!(
-                "refused: the SQL text is {} bytes; the proxy accepts at most {MAX_SQL_BYTES}",
-                sql.len()
-            )));
-        }
+        within_size_limit(sql)?;
         let shape = match self.lookup(sql, actor) {
             Lookup::Hit(hit) => return Ok(hit),
             Lookup::Miss(shape) => shape,
@@ -363,12 +358,7 @@ impl Rewriter {
         if let Some(hit) = self.cached_keeping_gates(sql, actor) {
             return Ok(hit);
         }
-        if sql.len() > MAX_SQL_BYTES {
-            return Err(Refusal::TooComplex(format!(
-                "refused: the SQL text is {} bytes; the proxy accepts at most {MAX_SQL_BYTES}",
-                sql.len()
-            )));
-        }
+        within_size_limit(sql)?;
         self.stats.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
         let (policy, generation) = self.current_policy();
@@ -397,6 +387,16 @@ impl Rewriter {
         }
         Ok(())
     }
+}
+
+fn within_size_limit(sql: &str) -> Result<(), Refusal> {
+    if sql.len() > MAX_SQL_BYTES {
+        return Err(Refusal::TooComplex(format!(
+            "refused: the SQL text is {} bytes; the proxy accepts at most {MAX_SQL_BYTES}",
+            sql.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The cache key of a text's rewrite with its conversion gates: no client text holds a NUL

@@ -222,11 +222,10 @@ impl Visitor for ParamUses {
 
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
         if let Expr::Value(v) = e
-            && let Value::Placeholder(p) = &v.value
+            && let Value::Placeholder(_) = &v.value
         {
             // A placeholder that is not `$n` has no number: counted apart, it can never match.
-            let n = if is_param(p) { p.get(1..).and_then(|d| d.parse().ok()).unwrap_or(0) } else { 0 };
-            *self.uses.entry(n).or_default() += 1;
+            *self.uses.entry(param_number(e).unwrap_or(0)).or_default() += 1;
         }
         if let Expr::Cast { kind: CastKind::Cast | CastKind::DoubleColon, expr, data_type, format: None } = e
             && let Some(n) = param_number(expr)
