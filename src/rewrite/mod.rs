@@ -294,7 +294,9 @@ impl Rewriter {
         match self.templates.get(actor, &shape.key).as_deref() {
             None => Lookup::Miss(Some(ShapeMiss { shape, build: false })),
             Some(ShapeState::SeenOnce) => Lookup::Miss(Some(ShapeMiss { shape, build: true })),
-            Some(ShapeState::Decided(template)) => match template.as_ref().and_then(|t| t.fill(&shape)) {
+            Some(ShapeState::Decided(template)) => match template.as_ref().and_then(|t| {
+                t.fill(&shape, |sql, types, base| self.parameterised_without_gates(sql, types, base, actor))
+            }) {
                 Some(filled) => {
                     self.stats.template_hits.fetch_add(1, Relaxed);
                     Lookup::Hit(Arc::new(filled))
@@ -374,6 +376,46 @@ impl Rewriter {
     /// `rewrite_keeping_gates` when the cache holds it.
     pub fn cached_keeping_gates(&self, sql: &str, actor: &ActorContext) -> Option<Arc<Rewritten>> {
         self.cache.get(actor, &keeping_gates_key(sql))
+    }
+
+    /// A template's parameterised form (`shape.rs`) without the conversion gates its declared
+    /// types make redundant (`engine::ungate::ungated_parameterised`), printed and verified like
+    /// every text the proxy forwards, with the types to declare for it (a parameter only a gate
+    /// held is declared `text`: PostgreSQL cannot type a parameter nothing uses, and its value
+    /// is the literal's text). `None` keeps the form as it is. Runs on a template's first fill.
+    fn parameterised_without_gates(
+        &self,
+        sql: &str,
+        types: &[u32],
+        base: &Rewritten,
+        actor: &ActorContext,
+    ) -> Option<(String, Vec<u32>)> {
+        const TEXT: u32 = 25;
+        // Most forms hold no gate (the printer spells it this way, and only it).
+        if !sql.contains("num_nulls(") {
+            return None;
+        }
+        let [kind] = base.statement_kinds.as_ref() else { return None };
+        let (policy, _) = self.current_policy();
+        let attempt = || {
+            let u = engine::ungate::ungated_parameterised(&parse_one(sql).ok()?, types)?;
+            let printed = printer::print(u.statement).ok()?;
+            let text = printed.text;
+            let checks = [PieceCheck {
+                kind: kind.clone(),
+                range: 0..text.len(),
+                form: Form::Printed(Expected { emitted: printed.emitted, same_as: None }),
+            }];
+            let tokens = verify::verify(&text, &checks, &base.param_rules, policy.as_ref(), actor).ok()?;
+            if param_uses(&text, &tokens)? != u.uses {
+                return None;
+            }
+            let numbered = |k: usize| u.uses.contains_key(&(k + 1));
+            let types = types.iter().enumerate().map(|(k, &t)| if t == 0 && !numbered(k) { TEXT } else { t });
+            Some((text, types.collect()))
+        };
+        // As in `rewrite_guarded`: a panic keeps the form with its gates.
+        catch_unwind(AssertUnwindSafe(attempt)).ok().flatten()
     }
 
     fn within_time_limit(&self, started: std::time::Instant) -> Result<(), Refusal> {

@@ -377,8 +377,15 @@ fn param_value(lit: &Lit) -> Option<String> {
 /// At most this many parameters in a parameterised form (a Parse message counts them in 16 bits).
 const MAX_PARAMS: usize = 1000;
 
-/// The parameterised form of a template (see the module docs), if PostgreSQL reads it right.
-fn param_form(pieces: &[String], classes: &[Class], kinds: &[String]) -> Option<ParamForm> {
+/// The parameterised form of a template (see the module docs), if PostgreSQL reads it right;
+/// `without_gates` may give the same form without conversion gates its types make redundant
+/// (`Rewriter::parameterised_without_gates`), with the types to declare for it.
+fn param_form(
+    pieces: &[String],
+    classes: &[Class],
+    kinds: &[String],
+    without_gates: impl FnOnce(&str, &[u32]) -> Option<(String, Vec<u32>)>,
+) -> Option<ParamForm> {
     let slots = classes.len();
     if kinds.len() != 1 || slots == 0 || slots > MAX_PARAMS {
         return None;
@@ -401,16 +408,21 @@ fn param_form(pieces: &[String], classes: &[Class], kinds: &[String]) -> Option<
     let mut numbers = super::pgtree::param_numbers(&statement.node)?;
     numbers.sort_unstable();
     let expected: Vec<i32> = (1..=i32::try_from(slots).ok()?).collect();
-    (numbers == expected).then(|| ParamForm {
-        hash: crate::events::sql_hash(&sql),
-        sql: Arc::from(sql),
-        types: Arc::from(types),
-    })
+    if numbers != expected {
+        return None;
+    }
+    let (sql, types) = without_gates(&sql, &types).unwrap_or((sql, types));
+    Some(ParamForm { hash: crate::events::sql_hash(&sql), sql: Arc::from(sql), types: Arc::from(types) })
 }
 
 impl Template {
-    /// The rewrite of the text `shape` was scanned from, if it fits.
-    pub(crate) fn fill(&self, shape: &Shape) -> Option<Rewritten> {
+    /// The rewrite of the text `shape` was scanned from, if it fits. `without_gates`: see
+    /// `param_form` (called on the first fill only).
+    pub(crate) fn fill(
+        &self,
+        shape: &Shape,
+        without_gates: impl FnOnce(&str, &[u32], &Rewritten) -> Option<(String, Vec<u32>)>,
+    ) -> Option<Rewritten> {
         for (i, text) in &self.fixed {
             if shape.literals.get(*i)?.text != text {
                 return None;
@@ -419,8 +431,11 @@ impl Template {
         // Each slot's value, decoded once: printed into the text, and bound as it is.
         let values = self.slot_values(shape)?;
         let sql = self.render(&values)?;
-        let params =
-            self.params.get_or_init(|| param_form(&self.pieces, &self.slot_classes, &self.base.statement_kinds));
+        let params = self.params.get_or_init(|| {
+            param_form(&self.pieces, &self.slot_classes, &self.base.statement_kinds, |sql, types| {
+                without_gates(sql, types, &self.base)
+            })
+        });
         let bound =
             params.as_ref().map(|p| super::Bound { sql: Arc::clone(&p.sql), types: Arc::clone(&p.types), values });
         Some(Rewritten {

@@ -137,16 +137,21 @@ async fn repeated_simple_statements_bind_their_literals_and_answer_like_the_lite
 async fn errors_of_bound_values_are_the_literals_errors_and_the_session_goes_on() {
     let p = Proxied::start().await;
     let c = p.client().await;
-    let q = |d: &str| format!("SELECT count(*) FROM entities WHERE created_at > '{d}'");
-    for d in ["2026-01-01", "2026-01-02", "2026-01-03"] {
-        c.simple_query(&q(d)).await.unwrap();
+    // Also cast: the conversion gate is left out of that parameterised form (its `$k` is
+    // typed by the cast, and converted at Bind).
+    for cast in ["", "::timestamptz"] {
+        let q = |d: &str| format!("SELECT count(*) FROM entities WHERE created_at > '{d}'{cast}");
+        for d in ["2026-01-01", "2026-01-02", "2026-01-03"] {
+            c.simple_query(&q(d)).await.unwrap();
+        }
+        // A value the column type rejects: the server's own error for the literal (22007).
+        let e = c.simple_query(&q("not a date")).await.unwrap_err();
+        assert_eq!(code(&e), "22007", "{e:?}");
+        assert!(!format!("{e:?}").contains("__struere"), "the proxy's names stay out of messages: {e:?}");
+        let rows = table(&c.simple_query(&q("2026-01-04")).await.unwrap()).1;
+        assert_eq!(rows, vec![vec![Some("3".to_owned())]], "the session goes on");
     }
-    // A value the column type rejects: the server's own error for the literal (22007).
-    let e = c.simple_query(&q("not a date")).await.unwrap_err();
-    assert_eq!(code(&e), "22007", "{e:?}");
-    assert!(!format!("{e:?}").contains("__struere"), "the proxy's names stay out of messages: {e:?}");
-    let rows = table(&c.simple_query(&q("2026-01-04")).await.unwrap()).1;
-    assert_eq!(rows, vec![vec![Some("3".to_owned())]], "the session goes on");
+    let q = |d: &str| format!("SELECT count(*) FROM entities WHERE created_at > '{d}'");
 
     // Inside a transaction: the error fails the transaction like the literal statement does.
     c.batch_execute("BEGIN").await.unwrap();
@@ -211,17 +216,21 @@ async fn a_parse_whose_types_convert_nothing_is_prepared_without_the_conversion_
     // A table of two columns: PostgreSQL shows the first 1,024 bytes of a query.
     let sql = format!("SELECT id FROM organizations WHERE id = $1 AND '{marker}' <> ''");
     let want = p.org.clone();
-    for (types, gated) in [
-        (&[][..], false),
-        (&[Type::TEXT], false),
-        (&[Type::VARCHAR], false),
-        (&[Type::UNKNOWN], true),
-        (&[Type::BPCHAR], true),
+    let text: &(dyn tokio_postgres::types::ToSql + Sync) = &want;
+    for (types, value, gated) in [
+        (&[][..], text, false),
+        (&[Type::TEXT], text, false),
+        (&[Type::VARCHAR], text, false),
+        (&[Type::UNKNOWN], text, true),
+        (&[Type::BPCHAR], text, true),
+        // An integer converts to text without fail: nothing for the gate to do either.
+        (&[Type::INT8], &12i64, false),
     ] {
         let statement = c.prepare_typed(&sql, types).await.unwrap();
-        let rows = c.query(&statement, &[&want]).await.unwrap();
+        let rows = c.query(&statement, &[value]).await.unwrap();
         let got: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-        assert_eq!(got, vec![want.clone()], "{types:?}");
+        let want = if types == [Type::INT8] { vec![] } else { vec![want.clone()] };
+        assert_eq!(got, want, "{types:?}");
         // What the session's upstream backend ran, as PostgreSQL reports it.
         let ran: Vec<String> = admin
             .query(
@@ -236,6 +245,57 @@ async fn a_parse_whose_types_convert_nothing_is_prepared_without_the_conversion_
         assert_eq!(ran.len(), 1, "{ran:?}");
         assert_eq!(ran[0].contains("num_nulls"), gated, "{types:?}: {}", ran[0]);
         assert!(ran[0].contains("__struere_raw_id"), "still the guarded statement: {}", ran[0]);
+    }
+}
+
+#[tokio::test]
+async fn a_simple_querys_bound_form_leaves_out_the_gates_its_literals_types_make_redundant() {
+    // `'…'::text` and `12::text` in a guarded condition are gated (`num_nulls(…) >= 0`). In the
+    // literal text PostgreSQL folds the gate while planning; in the bound form (a generic plan)
+    // it would be a Result node on every execution, yet converts nothing: the string's `$k` is
+    // typed by its cast at Bind, and an integer is always a text.
+    let p = Proxied::start().await;
+    let c = p.client().await;
+    let admin = fixture().admin().await;
+    let marker = unique("ungatesimple");
+    let ran = || async {
+        let ran: Vec<String> = admin
+            .query(
+                "SELECT query FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
+                &[&marker],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(ran.len(), 1, "{ran:?}");
+        ran[0].clone()
+    };
+    // A literal equal to a value of the policy's own conditions (the organization's id) never
+    // fills a template, so the row is found by a name of its own.
+    let name = format!("{} it's", unique("named"));
+    admin.execute("UPDATE organizations SET name = $2 WHERE id = $1", &[&p.org, &name]).await.unwrap();
+    for (round, value) in [name.as_str(), "nobody", name.as_str(), "12", name.as_str()].into_iter().enumerate() {
+        for (sql, want) in [
+            (
+                // Each text once (a text seen before is an exact hit, sent as it was).
+                format!(
+                    "SELECT id AS {marker} FROM organizations WHERE name = '{}'::text AND id <> 'r{round}'",
+                    value.replace('\'', "''")
+                ),
+                if value == name { vec![vec![Some(p.org.clone())]] } else { vec![] },
+            ),
+            (format!("SELECT name AS {marker} FROM organizations WHERE id = {}::text", 10 + round), vec![]),
+        ] {
+            assert_eq!(table(&c.simple_query(&sql).await.unwrap()).1, want, "{sql}");
+            let ran = ran().await;
+            assert!(ran.contains("__struere_raw_"), "the guarded statement: {ran}");
+            // The first two texts of a shape run as sent (rewritten, with their literals); from
+            // the third on the session binds the values to the shape's parameterised form.
+            assert_eq!(ran.contains("num_nulls"), round < 2, "round {round}: {ran}");
+            assert_eq!(ran.contains("$1"), round >= 2, "round {round}: {ran}");
+        }
     }
 }
 

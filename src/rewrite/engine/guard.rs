@@ -1017,19 +1017,19 @@ fn single_name(n: &ObjectName) -> Option<String> {
     }
 }
 
-const BOOL: u32 = 16;
-const INT8: u32 = 20;
-const INT2: u32 = 21;
-const INT4: u32 = 23;
-const TEXT: u32 = 25;
-const FLOAT4: u32 = 700;
-const FLOAT8: u32 = 701;
-const VARCHAR: u32 = 1043;
+pub(super) const BOOL: u32 = 16;
+pub(super) const INT8: u32 = 20;
+pub(super) const INT2: u32 = 21;
+pub(super) const INT4: u32 = 23;
+pub(super) const TEXT: u32 = 25;
+pub(super) const FLOAT4: u32 = 700;
+pub(super) const FLOAT8: u32 = 701;
+pub(super) const VARCHAR: u32 = 1043;
 const DATE: u32 = 1082;
 const TIMESTAMP: u32 = 1114;
 const TIMESTAMPTZ: u32 = 1184;
-const NUMERIC: u32 = 1700;
-const UUID: u32 = 2950;
+pub(super) const NUMERIC: u32 = 1700;
+pub(super) const UUID: u32 = 2950;
 
 /// Built-in types the fast path compares, by OID, with their name in `pg_catalog`.
 const TYPES: &[(u32, &str)] = &[

@@ -16,6 +16,15 @@
 //! The text is verified like every other, and the uses of each `$n` counted here must be the
 //! ones PostgreSQL's own tree of it holds.
 //!
+//! A gate is redundant as well where the conversion can never fail, whatever the value (an
+//! integer widened, a number printed as text: `converts_without_error`): the gate exists only so
+//! that a conversion that can fail fails once, before any row is read.
+//!
+//! A simple Query's parameterised form (`shape.rs`: a template's text with one `$k` for each
+//! value literal, declared with the literal's type) leaves its gates out the same way
+//! (`ungated_parameterised`): its undeclared `$k` (string literals) each occur once, so
+//! PostgreSQL types each from its only context and converts it at Bind.
+//!
 //! A conjunct is taken off only where it has exactly the gate's shape: the last conjunct of a
 //! Select's WHERE (or the whole WHERE). A client's own conjunct of that shape would be taken off
 //! with it, and that changes nothing either: `num_nulls` of values that convert to themselves is
@@ -28,10 +37,9 @@ use sqlparser::ast::{
     BinaryOperator, CastKind, DataType, Expr, Select, Statement, Value, Visit, VisitMut, Visitor, VisitorMut,
 };
 
-use super::guard::{exact_type, gate_arguments, is_param};
-
-const TEXT: u32 = 25;
-const VARCHAR: u32 = 1043;
+use super::guard::{
+    BOOL, FLOAT4, FLOAT8, INT2, INT4, INT8, NUMERIC, TEXT, UUID, VARCHAR, exact_type, gate_arguments, is_param,
+};
 
 /// What a Parse's declared type of one parameter must be for the gates to convert nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,10 +55,27 @@ pub struct ParamNeed {
 impl ParamNeed {
     pub fn met_by(&self, declared: &[u32]) -> bool {
         let d = self.number.checked_sub(1).and_then(|i| declared.get(i)).copied().unwrap_or(0);
-        // `varchar` to `text` is a binary coercion: PostgreSQL relabels the value, no function
-        // runs (JDBC declares `setString`'s parameters varchar).
-        d == self.type_oid || (d == VARCHAR && self.type_oid == TEXT) || (d == 0 && self.undeclared_ok)
+        (d == 0 && self.undeclared_ok) || converts_without_error(d, self.type_oid)
     }
+}
+
+/// Whether PostgreSQL's cast of any value of type `from` to type `to` succeeds: the same type;
+/// `varchar` to `text`, a binary coercion (PostgreSQL relabels the value, no function runs;
+/// JDBC declares `setString`'s parameters varchar); an integer widened, or made numeric or
+/// float8, and float4 made float8 (exact or rounded, never out of range); a number, boolean or
+/// uuid as text (its output function, which has no error). Narrowing, text to anything else,
+/// numeric to float (overflow) and the date and time types (out of range) can fail.
+fn converts_without_error(from: u32, to: u32) -> bool {
+    from != 0
+        && (from == to
+            || match to {
+                TEXT => matches!(from, VARCHAR | INT2 | INT4 | INT8 | NUMERIC | FLOAT4 | FLOAT8 | BOOL | UUID),
+                INT4 => from == INT2,
+                INT8 => matches!(from, INT2 | INT4),
+                NUMERIC => matches!(from, INT2 | INT4 | INT8),
+                FLOAT8 => matches!(from, INT2 | INT4 | INT8 | FLOAT4),
+                _ => false,
+            })
 }
 
 /// A statement without its conversion gates, and when it may run instead of the gated one.
@@ -98,6 +123,28 @@ pub fn ungated(stmt: &Statement) -> Option<Ungated> {
         needs.push(ParamNeed { number, type_oid, undeclared_ok });
     }
     Some(Ungated { statement, needs, uses: counter.uses })
+}
+
+/// A parameterised form's statement (`shape.rs`) without its conversion gates, when the types
+/// the form declares (`declared`: a literal's own type, 0 for a string) make them redundant.
+/// Every `$k` of such a form occurs once (`shape::param_form` checks it, and so does this for
+/// those left after the gates), so an undeclared one is typed by its only context while
+/// PostgreSQL parses the statement (a cast of it declares its type) and its value is converted
+/// at Bind, before anything runs: only declared types need meeting. Parameters only the gates
+/// held occur no more (`Ungated::uses` does not list them).
+pub fn ungated_parameterised(stmt: &Statement, declared: &[u32]) -> Option<Ungated> {
+    let u = ungated(stmt)?;
+    let once = u.uses.iter().all(|(&k, &n)| k != 0 && n == 1);
+    (once && u.needs.iter().all(|n| ParamNeed { undeclared_ok: true, ..*n }.met_by(declared))).then_some(u)
+}
+
+/// `stmt` with every conversion gate taken off, whatever it converts (tests compare a
+/// parameterised form without gates with the text it was made from).
+#[cfg(test)]
+pub(crate) fn without_any_gates(stmt: &Statement) -> Statement {
+    let mut statement = stmt.clone();
+    let _ = VisitMut::visit(&mut statement, &mut GateRemover { casts: Vec::new(), usable: true });
+    statement
 }
 
 fn unnested(mut e: &Expr) -> &Expr {
@@ -250,8 +297,6 @@ mod tests {
         ungated(&parse(sql)).map(|u| (u.statement.to_string(), u.needs))
     }
 
-    const INT4: u32 = 23;
-
     #[test]
     fn a_gate_is_taken_off_with_what_its_parameters_must_be() {
         let (sql, needs) = without_gates(
@@ -266,6 +311,64 @@ mod tests {
         assert!(!needs[0].met_by(&[TEXT]));
         assert!(!needs[0].met_by(&[VARCHAR]));
         assert!(!needs[0].met_by(&[20]));
+    }
+
+    #[test]
+    fn a_conversion_that_cannot_fail_needs_no_gate() {
+        let need = |type_oid| ParamNeed { number: 1, type_oid, undeclared_ok: false };
+        const DATE: u32 = 1082;
+        const TIMESTAMPTZ: u32 = 1184;
+        const BPCHAR: u32 = 1042;
+        const UNKNOWN: u32 = 705;
+        for (to, met, unmet) in [
+            (
+                TEXT,
+                &[TEXT, VARCHAR, INT2, INT4, INT8, NUMERIC, FLOAT4, FLOAT8, BOOL, UUID][..],
+                &[0, UNKNOWN, BPCHAR, DATE, TIMESTAMPTZ][..],
+            ),
+            (INT4, &[INT4, INT2], &[INT8, NUMERIC, FLOAT8, TEXT, VARCHAR, 0]),
+            (INT8, &[INT8, INT4, INT2], &[NUMERIC, FLOAT4, FLOAT8, TEXT]),
+            (NUMERIC, &[NUMERIC, INT2, INT4, INT8], &[FLOAT4, FLOAT8, TEXT]),
+            (FLOAT8, &[FLOAT8, FLOAT4, INT2, INT4, INT8], &[NUMERIC, TEXT]),
+            (FLOAT4, &[FLOAT4], &[FLOAT8, INT4, NUMERIC]),
+            (TIMESTAMPTZ, &[TIMESTAMPTZ], &[DATE, 1114, TEXT, UNKNOWN]),
+            (UUID, &[UUID], &[TEXT, VARCHAR]),
+        ] {
+            for d in met {
+                assert!(need(to).met_by(&[*d]), "{d} to {to}");
+            }
+            for d in unmet {
+                assert!(!need(to).met_by(&[*d]), "{d} to {to}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_parameterised_forms_gates_need_only_its_declared_types() {
+        // A string literal cast: one `$k` in the condition, one in the gate, both undeclared.
+        let stmt = parse(
+            "SELECT a FROM t WHERE (t.c > CAST($1 AS pg_catalog.timestamptz)) AND num_nulls(CAST($2 AS pg_catalog.timestamptz)) >= 0",
+        );
+        let u = ungated_parameterised(&stmt, &[0, 0]).unwrap();
+        assert_eq!(u.statement.to_string(), "SELECT a FROM t WHERE t.c > CAST($1 AS pg_catalog.timestamptz)");
+        assert_eq!(u.uses, BTreeMap::from([(1, 1)]));
+        // A Parse's rule would keep that gate: its `$2` occurs nowhere else.
+        assert!(!u.needs.iter().all(|n| n.met_by(&[0, 0])));
+        // Numeric literals: declared with their own type.
+        let stmt = parse("SELECT a FROM t WHERE (t.n = $1::INT4) AND num_nulls($2::INT4) >= 0");
+        assert!(ungated_parameterised(&stmt, &[INT4, INT4]).is_some());
+        assert!(ungated_parameterised(&stmt, &[INT2, INT2]).is_some());
+        // An int8 literal cast to int4 may overflow: converted at run time, the gate stays.
+        assert!(ungated_parameterised(&stmt, &[INT8, INT8]).is_none());
+        assert!(ungated_parameterised(&stmt, &[NUMERIC, NUMERIC]).is_none());
+        // A `$k` used twice is no parameterised form's: its type could come from the other use.
+        let stmt = parse(
+            "SELECT $1, a FROM t WHERE (t.c = CAST($1 AS pg_catalog.text)) AND num_nulls(CAST($2 AS pg_catalog.text)) >= 0",
+        );
+        assert!(ungated_parameterised(&stmt, &[0, 0]).is_none());
+        // Nothing but literals: no form to make.
+        let stmt = parse("SELECT a FROM t WHERE (t.n = 1::INT4) AND num_nulls(1::INT4) >= 0");
+        assert!(ungated_parameterised(&stmt, &[]).is_none());
     }
 
     #[test]
