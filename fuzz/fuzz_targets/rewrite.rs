@@ -171,6 +171,16 @@ fuzz_target!(|data: &[u8]| {
         check_new_ways(sql, rw, &actor, true);
         check_engine_output(sql, rw, first.as_deref().ok(), &actor);
     }
+    // A text whose rewrite holds conversion gates: its template's fill, whose parameterised form
+    // may leave them out (`Rewriter::parameterised_without_gates`), answers the same.
+    if let Ok(rw) = &by_engine
+        && rw.sql.contains("num_nulls(")
+    {
+        let templates = Rewriter::new(1000, engine()).with_exact_cache_capacity(0);
+        for _ in 0..3 {
+            check_cached(&templates, sql, &actor, &by_engine);
+        }
+    }
     // A Parse whose declared types the text without conversion gates does not fit gets the same
     // statement with them (`rewrite/engine/ungate.rs`): accepted whenever that text is.
     if let Ok(rw) = &by_engine
@@ -205,23 +215,46 @@ fn check_cached(rewriter: &Rewriter, sql: &str, actor: &ActorContext, first: &Re
 }
 
 /// A parameterised form is one statement with one typed parameter per value, and with the values
-/// put back as literals (through the printer's quoting) it is the filled text.
+/// put back as literals (through the printer's quoting) it is the filled text; where the form left
+/// out conversion gates (its parameters only they held then occur no more), the filled text
+/// without its gates, as sqlparser reads both.
 fn check_bound(b: &struere_proxy::rewrite::Bound, filled: &str) {
     assert_eq!(b.types.len(), b.values.len());
     let parsed = pg_query::parse(&b.sql, 0).expect("the parameterised form parses");
     assert_eq!(parsed.protobuf.stmts.len(), 1, "one statement: {}", b.sql);
-    if b.sql.matches('$').count() != b.values.len() {
+    let ungated = !b.sql.contains("num_nulls(") && filled.contains("num_nulls(");
+    // `$k` not followed by a digit (`$1` is no part of `$12`).
+    let uses = |k: usize| {
+        let marker = format!("${}", k + 1);
+        b.sql.match_indices(&marker).filter(|(i, _)| !b.sql[i + marker.len()..].starts_with(|c: char| c.is_ascii_digit())).count()
+    };
+    let counts: Vec<usize> = (0..b.values.len()).map(uses).collect();
+    if b.sql.matches('$').count() != counts.iter().sum::<usize>() {
         return; // a `$` inside a fixed literal: the text replacement below would be ambiguous
     }
+    assert!(counts.iter().all(|&n| n == 1 || (ungated && n == 0)), "each parameter once: {counts:?} in {}", b.sql);
     let mut text = b.sql.to_string();
-    for k in (0..b.values.len()).rev() {
+    for k in (0..b.values.len()).rev().filter(|&k| counts[k] == 1) {
         let literal = match b.types[k] {
             0 => struere_proxy::rewrite::string_literal(&b.values[k]),
             _ => b.values[k].clone(),
         };
         text = text.replacen(&format!("${}", k + 1), &literal, 1);
     }
-    assert_eq!(text, filled, "the parameterised form is not the filled text");
+    if !ungated {
+        assert_eq!(text, filled, "the parameterised form is not the filled text");
+        return;
+    }
+    let read = |sql: &str| sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql);
+    let (Ok(mut form), Ok(mut filled_stmts)) = (read(&text), read(filled)) else {
+        panic!("sqlparser reads neither the filled text nor the form: {filled:?} / {text:?}")
+    };
+    let (Some(form), Some(whole)) = (form.pop(), filled_stmts.pop()) else { panic!("no statement: {filled:?}") };
+    assert_eq!(
+        form,
+        struere_proxy::rewrite::engine::ungate::without_any_gates(&whole),
+        "the parameterised form is not the filled text without its gates: {filled:?} / {text:?}"
+    );
 }
 
 /// The engine's output re-parses, re-prints to itself, is refused back when it carries reserved names, and is a fixed

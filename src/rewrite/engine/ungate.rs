@@ -138,10 +138,9 @@ pub fn ungated_parameterised(stmt: &Statement, declared: &[u32]) -> Option<Ungat
     (once && u.needs.iter().all(|n| ParamNeed { undeclared_ok: true, ..*n }.met_by(declared))).then_some(u)
 }
 
-/// `stmt` with every conversion gate taken off, whatever it converts (tests compare a
-/// parameterised form without gates with the text it was made from).
-#[cfg(test)]
-pub(crate) fn without_any_gates(stmt: &Statement) -> Statement {
+/// `stmt` with every conversion gate taken off, whatever it converts (for checks: the tests and
+/// the fuzz target compare a parameterised form without gates with the text it was made from).
+pub fn without_any_gates(stmt: &Statement) -> Statement {
     let mut statement = stmt.clone();
     let _ = VisitMut::visit(&mut statement, &mut GateRemover { casts: Vec::new(), usable: true });
     statement
