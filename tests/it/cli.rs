@@ -216,7 +216,9 @@ fn explain_prints_the_rewrite_or_the_refusal() {
         (&["--parse"], false),
         (&["--parse=0"], false),
         (&["--parse=1043"], false),
-        (&["--parse=20"], true),
+        // An int8 converts to text without fail; the proxy counts no date or time type among those.
+        (&["--parse=20"], false),
+        (&["--parse=1184"], true),
     ];
     for (args, gated) in cases {
         let (ok, out, err) = run(&[&["explain", "--key", &f.dev_key][..], args, &[lookup]].concat());

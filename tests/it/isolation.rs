@@ -83,6 +83,45 @@ async fn an_erroring_cast_on_other_tenants_values_reveals_nothing() {
 }
 
 #[tokio::test]
+async fn values_are_computed_only_for_the_callers_rows_where_every_condition_is_raw() {
+    // Conditions on raw columns only: the secure relation's columns are not guarded
+    // (`CASE WHEN <predicate> …`, guard.rs), since PostgreSQL evaluates the predicate at the
+    // scan, before it computes anything of the row. An erroring cast in the select list, an
+    // ORDER BY, an aggregate or above a join meets the caller's own rows first, whatever the plan.
+    let f = fixture();
+    let dev = f.dev().await;
+    let teacher = f.as_actor("acme", Environment::Development, "teacher", ActorType::User, "acme-teacher-1").await;
+    for (c, own, sql) in [
+        (
+            &dev,
+            "PAYMENT-acme-development",
+            "SELECT (data->>'paymentAmount')::int FROM entities WHERE entity_type = 'session'",
+        ),
+        (
+            &dev,
+            "PAYMENT-acme-development",
+            "SELECT id FROM entities WHERE id > '' ORDER BY (data->>'paymentAmount')::int",
+        ),
+        (
+            &dev,
+            "PAYMENT-acme-development",
+            "SELECT sum((data->>'paymentAmount')::int) FROM entities WHERE entity_type = 'session'",
+        ),
+        (
+            &dev,
+            "PAYMENT-acme-development",
+            "SELECT (e.data->>'paymentAmount')::int FROM entities e JOIN organizations o ON o.id = e.organization_id \
+             WHERE e.entity_type = 'session'",
+        ),
+        (&teacher, "acme-development-student", "SELECT (data->>'studentId')::int FROM entities WHERE id > ''"),
+    ] {
+        let err = c.query(sql, &[]).await.expect_err(sql);
+        let msg = err.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+        assert!(msg.contains(own), "{sql}: the error may only show the caller's own value: {msg}");
+    }
+}
+
+#[tokio::test]
 async fn teachers_see_their_sessions_without_hidden_fields() {
     let f = fixture();
     let t = f.as_actor("acme", Environment::Development, "teacher", ActorType::User, "acme-teacher-1").await;

@@ -22,6 +22,16 @@ pub struct TableAccess {
     pub denied_kinds: Vec<String>,
 }
 
+impl TableAccess {
+    /// Whether the row predicate of this access (`Ctx::scope_predicate`) reads the row alone:
+    /// no scope rule looks rows up in another table (`in_scope_of`, `via`: `x IN (SELECT …)`,
+    /// which PostgreSQL may make a semi-join above the row's scan). PostgreSQL then evaluates
+    /// the whole predicate at the row's scan, before anything computes a value of the row.
+    pub fn predicate_reads_the_row_alone(&self) -> bool {
+        self.parts.iter().flat_map(|p| p.rules.iter().flatten()).all(|r| matches!(r, ScopeRule::Match { .. }))
+    }
+}
+
 /// The caller's roles as defined in the environment's policy set (unknown role names grant nothing).
 pub fn roles_of<'a>(set: &'a PolicySet, names: &[String]) -> Vec<&'a Role> {
     names.iter().filter_map(|n| set.roles.get(n)).collect()

@@ -8,7 +8,8 @@
 //!
 //! - every output column is guarded: `CASE WHEN <row predicate> THEN <masked value> END`, so an
 //!   expression that PostgreSQL evaluates on a row before the predicate has filtered it only ever
-//!   sees NULL;
+//!   sees NULL. (Not where nothing could: no wrapped conjunct reads the relation and PostgreSQL
+//!   evaluates the whole predicate at its scan; see `Ctx::guarded_relation`.);
 //! - every column the caller sees unmasked may also be exposed raw, as `__struere_raw_<col>`, and
 //!   the predicate itself as `__struere_in_scope` (in the forwarded text: only those the rewritten
 //!   conditions read). Client text may not name either (reserved prefix).
@@ -131,12 +132,26 @@ impl Ctx<'_> {
         if columns.is_empty() {
             return Err(format!("{} has no columns", table.name));
         }
+        // The column guards keep a value from any expression of the client's that PostgreSQL
+        // evaluates on a row before the predicate excluded it: a wrapped conjunct (which reads
+        // `__struere_in_scope` too). Where the rewritten conditions wrap none on this relation
+        // (all raw), and PostgreSQL evaluates the whole predicate at the row's scan (no scope
+        // rule with a subquery), what the client's expressions read of the relation is computed
+        // at or above that scan, so only on rows the predicate let through: the guards would
+        // only repeat the predicate for every column of every row. (Not for a write's target:
+        // its rows are re-checked, and its expressions read, elsewhere.)
+        let guard_columns =
+            !(used.is_some_and(|u| !u.in_scope) && also.is_none() && access.predicate_reads_the_row_alone());
         let mut guarded = Vec::new();
         let mut raw_items = Vec::new();
         let mut raw = BTreeSet::new();
         for col in columns {
             let value = self.column_value(table, &alias, col, &access)?;
-            guarded.push(format!("CASE WHEN ({pred}) THEN {value} END AS {}", ident(&col.name)));
+            guarded.push(if guard_columns {
+                format!("CASE WHEN ({pred}) THEN {value} END AS {}", ident(&col.name))
+            } else {
+                format!("{value} AS {}", ident(&col.name))
+            });
             let plain = format!("{}.{}", ident(&alias), ident(&col.name));
             let exposed = raw_name(&col.name);
             let wanted = used.is_none_or(|u| u.raw.contains(&col.name));
