@@ -655,7 +655,8 @@ def print_statement_cost(args, rewritten, results):
     print(f"\n## Statement cost: pgbench -S's statement and its rewrite, directly on PostgreSQL\n")
     print(f"-M prepared, -T {args.seconds}, {args.reps} interleaved repetitions, medians. The rewrite "
           f"(`struere-proxy explain --key <bench key> --parse`, {len(rewritten)} bytes) is what the proxy prepares "
-          "upstream for the bench key's pgbench -S: the tenant and environment conditions and the column guards. "
+          "upstream for the bench key's pgbench -S: the tenant and environment conditions (no column guards: "
+          "its only condition is raw, ARCHITECTURE.md). "
           "*With gate* is the same statement with the one-time conversion gate, which the proxy adds only where "
           "a Parse declares `$1` with another type than the column's (ARCHITECTURE.md).\n")
     print("| clients | pgbench -S TPS | rewritten TPS | with gate TPS | rewritten / pgbench -S | with gate / pgbench -S "
