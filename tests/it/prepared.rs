@@ -231,21 +231,27 @@ async fn a_parse_whose_types_convert_nothing_is_prepared_without_the_conversion_
         let got: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
         let want = if types == [Type::INT8] { vec![] } else { vec![want.clone()] };
         assert_eq!(got, want, "{types:?}");
-        // What the session's upstream backend ran, as PostgreSQL reports it.
-        let ran: Vec<String> = admin
-            .query(
-                "SELECT query FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
-                &[&marker],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        assert_eq!(ran.len(), 1, "{ran:?}");
-        assert_eq!(ran[0].contains("num_nulls"), gated, "{types:?}: {}", ran[0]);
-        assert!(ran[0].contains("__struere_raw_id"), "still the guarded statement: {}", ran[0]);
+        let ran = upstream_ran(&admin, &marker).await;
+        assert_eq!(ran.contains("num_nulls"), gated, "{types:?}: {ran}");
+        assert!(ran.contains("__struere_raw_id"), "still the guarded statement: {ran}");
     }
+}
+
+/// The one statement holding `marker` that the upstream runs or ran last, as PostgreSQL
+/// reports it (`pg_stat_activity`: a backend's current or last query).
+async fn upstream_ran(admin: &Client, marker: &str) -> String {
+    let ran: Vec<String> = admin
+        .query(
+            "SELECT query FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
+            &[&marker],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ran.len(), 1, "{ran:?}");
+    ran[0].clone()
 }
 
 #[tokio::test]
@@ -258,20 +264,6 @@ async fn a_simple_querys_bound_form_leaves_out_the_gates_its_literals_types_make
     let c = p.client().await;
     let admin = fixture().admin().await;
     let marker = unique("ungatesimple");
-    let ran = || async {
-        let ran: Vec<String> = admin
-            .query(
-                "SELECT query FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
-                &[&marker],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        assert_eq!(ran.len(), 1, "{ran:?}");
-        ran[0].clone()
-    };
     // A literal equal to a value of the policy's own conditions (the organization's id) never
     // fills a template, so the row is found by a name of its own.
     let name = format!("{} it's", unique("named"));
@@ -289,7 +281,7 @@ async fn a_simple_querys_bound_form_leaves_out_the_gates_its_literals_types_make
             (format!("SELECT name AS {marker} FROM organizations WHERE id = {}::text", 10 + round), vec![]),
         ] {
             assert_eq!(table(&c.simple_query(&sql).await.unwrap()).1, want, "{sql}");
-            let ran = ran().await;
+            let ran = upstream_ran(&admin, &marker).await;
             assert!(ran.contains("__struere_raw_"), "the guarded statement: {ran}");
             // The first two texts of a shape run as sent (rewritten, with their literals); from
             // the third on the session binds the values to the shape's parameterised form.
