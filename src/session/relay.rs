@@ -618,13 +618,25 @@ impl ClientToUpstream<'_> {
 
     /// Rewrite a text for an environment key; DDL that went through schedules a catalog re-read.
     fn rewrite(&mut self, sql: &str, actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
+        let ahead = self.ahead.take();
+        self.observed_rewrite(sql, ahead, |rewriter| rewriter.rewrite(sql, actor))
+    }
+
+    /// A rewrite (worked out ahead, or by `run` now) with its latency metric, its log line and
+    /// the catalog refresh DDL asks for.
+    fn observed_rewrite(
+        &self,
+        sql: &str,
+        ahead: Option<Ahead>,
+        run: impl FnOnce(&crate::rewrite::Rewriter) -> Result<Arc<Rewritten>, Refusal>,
+    ) -> Result<Arc<Rewritten>, Refusal> {
         let span = tracing::debug_span!("statement", bytes = sql.len());
         let _g = span.enter();
-        let (r, took) = match self.ahead.take() {
+        let (r, took) = match ahead {
             Some(Ahead { result, took }) => (result, took),
             None => {
                 let started = std::time::Instant::now();
-                (self.proxy.rewriter.rewrite(sql, actor), started.elapsed())
+                (run(&self.proxy.rewriter), started.elapsed())
             }
         };
         self.proxy.metrics.rewrite_latency.observe(took);
@@ -649,7 +661,7 @@ impl ClientToUpstream<'_> {
     fn rewrite_one(&mut self, sql: &str, declared: &[u32], actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
         let mut rw = self.rewrite(sql, actor)?;
         if !rw.fits(declared) {
-            rw = self.proxy.rewriter.rewrite_keeping_gates(sql, actor)?;
+            rw = self.observed_rewrite(sql, None, |rewriter| rewriter.rewrite_keeping_gates(sql, actor))?;
         }
         if rw.statement_kinds.len() > 1 {
             return Err(Refusal::Syntax("cannot insert multiple commands into a prepared statement".to_owned()));

@@ -221,7 +221,8 @@ async fn a_parse_whose_types_convert_nothing_is_prepared_without_the_conversion_
         (&[][..], text, false),
         (&[Type::TEXT], text, false),
         (&[Type::VARCHAR], text, false),
-        (&[Type::UNKNOWN], text, true),
+        // `unknown` declares nothing: PostgreSQL types `$1` from its cast, as an undeclared one.
+        (&[Type::UNKNOWN], text, false),
         (&[Type::BPCHAR], text, true),
         // An integer converts to text without fail: nothing for the gate to do either.
         (&[Type::INT8], &12i64, false),

@@ -41,6 +41,9 @@ use super::guard::{
     BOOL, FLOAT4, FLOAT8, INT2, INT4, INT8, NUMERIC, TEXT, UUID, VARCHAR, exact_type, gate_arguments, is_param,
 };
 
+/// PostgreSQL's `unknown` type.
+const UNKNOWN: u32 = 705;
+
 /// What a Parse's declared type of one parameter must be for the gates to convert nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ParamNeed {
@@ -55,7 +58,9 @@ pub struct ParamNeed {
 impl ParamNeed {
     pub fn met_by(&self, declared: &[u32]) -> bool {
         let d = self.number.checked_sub(1).and_then(|i| declared.get(i)).copied().unwrap_or(0);
-        (d == 0 && self.undeclared_ok) || converts_without_error(d, self.type_oid)
+        // Declared `unknown`, a parameter is typed as an undeclared one is (PostgreSQL's
+        // `variable_coerce_param_hook` resolves both from their uses).
+        ((d == 0 || d == UNKNOWN) && self.undeclared_ok) || converts_without_error(d, self.type_oid)
     }
 }
 
@@ -306,6 +311,8 @@ mod tests {
         assert_eq!(needs, vec![ParamNeed { number: 1, type_oid: INT4, undeclared_ok: true }]);
         assert!(needs[0].met_by(&[]));
         assert!(needs[0].met_by(&[0]));
+        // Declared `unknown`: PostgreSQL types it from its uses, as an undeclared one.
+        assert!(needs[0].met_by(&[UNKNOWN]));
         assert!(needs[0].met_by(&[INT4]));
         assert!(!needs[0].met_by(&[TEXT]));
         assert!(!needs[0].met_by(&[VARCHAR]));
@@ -318,7 +325,6 @@ mod tests {
         const DATE: u32 = 1082;
         const TIMESTAMPTZ: u32 = 1184;
         const BPCHAR: u32 = 1042;
-        const UNKNOWN: u32 = 705;
         for (to, met, unmet) in [
             (
                 TEXT,
@@ -388,7 +394,7 @@ mod tests {
         assert!(needs[0].met_by(&[TEXT]));
         // varchar relabels as text.
         assert!(needs[0].met_by(&[VARCHAR]));
-        assert!(!needs[0].met_by(&[705]));
+        assert!(!needs[0].met_by(&[UNKNOWN]));
         // Cast to another type elsewhere.
         let (_, needs) = without_gates(
             "SELECT $1::int8, a FROM t WHERE (t.raw_id = CAST($1 AS pg_catalog.text)) AND num_nulls(CAST($1 AS pg_catalog.text)) >= 0",
