@@ -276,10 +276,9 @@ pub async fn explain(raw: &RawConfig, args: ExplainArgs) -> AppResult<bool> {
         None => Vec::new(),
     };
     let rewriter = crate::rewrite::Rewriter::new(0, engine);
-    let rewritten = match rewriter.rewrite(&args.sql, &actor) {
-        // A Parse whose declared types need the conversion gates (`Rewritten::fits`).
-        Ok(r) if args.parse.is_some() && !r.fits(&declared) => rewriter.rewrite_keeping_gates(&args.sql, &actor),
-        other => other,
+    let rewritten = match args.parse {
+        Some(_) => rewriter.rewrite_parse(&args.sql, &declared, &actor),
+        None => rewriter.rewrite(&args.sql, &actor),
     };
     match rewritten {
         Ok(r) => {

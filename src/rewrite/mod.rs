@@ -326,11 +326,7 @@ impl Rewriter {
             })
         });
         self.within_time_limit(started)?;
-        // A rewrite made under a policy that was swapped out meanwhile is used once but never
-        // cached, or it would outlive the swap's cache clear. The read lock is held across the
-        // check and the insert, so a swap (write lock, then clear) cannot fall in between.
-        let current = self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if current.1 == generation {
+        self.unless_swapped(generation, || {
             match (shape, template) {
                 // Texts with a template are found through it; keeping each literal variant as
                 // well would only churn the exact cache.
@@ -348,12 +344,37 @@ impl Rewriter {
                 }
                 (None, _) => self.cache.insert(actor, sql, Arc::clone(&rewritten)),
             }
-        }
+        });
         Ok(rewritten)
+    }
+
+    /// Run `insert` (into a cache) unless the policy was swapped since `generation`: a rewrite
+    /// made under a policy that was swapped out meanwhile is used once but never cached, or it
+    /// would outlive the swap's cache clear. The read lock is held across the check and the
+    /// insert, so a swap (write lock, then clear) cannot fall in between.
+    fn unless_swapped(&self, generation: u64, insert: impl FnOnce()) {
+        let current = self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.1 == generation {
+            insert();
+        }
     }
 }
 
 impl Rewriter {
+    /// What a Parse of `sql` declaring these parameter types prepares: `rewrite`'s text, or,
+    /// where the types do not meet its `gate_needs` (`Rewritten::fits`), the same statement
+    /// with its conversion gates (`rewrite_keeping_gates`).
+    pub fn rewrite_parse(&self, sql: &str, declared: &[u32], actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
+        let rw = self.rewrite(sql, actor)?;
+        if rw.fits(declared) { Ok(rw) } else { self.rewrite_keeping_gates(sql, actor) }
+    }
+
+    /// `rewrite_parse` when the cache holds it.
+    pub fn cached_parse(&self, sql: &str, declared: &[u32], actor: &ActorContext) -> Option<Arc<Rewritten>> {
+        let rw = self.cached(sql, actor)?;
+        if rw.fits(declared) { Some(rw) } else { self.cached_keeping_gates(sql, actor) }
+    }
+
     /// The rewrite of a Parse whose declared types do not meet `Rewritten::gate_needs`: the same
     /// statement with its conversion gates, cached apart from the text without them.
     pub fn rewrite_keeping_gates(&self, sql: &str, actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
@@ -366,10 +387,7 @@ impl Rewriter {
         let (policy, generation) = self.current_policy();
         let rewritten = Arc::new(rewrite_guarded(sql, actor, policy.as_ref(), Output::Verified, Gates::Keep)?);
         self.within_time_limit(started)?;
-        let current = self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if current.1 == generation {
-            self.cache.insert(actor, &keeping_gates_key(sql), Arc::clone(&rewritten));
-        }
+        self.unless_swapped(generation, || self.cache.insert(actor, &keeping_gates_key(sql), Arc::clone(&rewritten)));
         Ok(rewritten)
     }
 
@@ -380,9 +398,9 @@ impl Rewriter {
 
     /// A template's parameterised form (`shape.rs`) without the conversion gates its declared
     /// types make redundant (`engine::ungate::ungated_parameterised`), printed and verified like
-    /// every text the proxy forwards, with the types to declare for it (a parameter only a gate
-    /// held is declared `text`: PostgreSQL cannot type a parameter nothing uses, and its value
-    /// is the literal's text). `None` keeps the form as it is. Runs on a template's first fill.
+    /// every text the proxy forwards, with the types to declare for it
+    /// (`Ungated::parameter_types`). `None` keeps the form as it is. Runs on a template's first
+    /// fill.
     fn parameterised_without_gates(
         &self,
         sql: &str,
@@ -390,7 +408,6 @@ impl Rewriter {
         base: &Rewritten,
         actor: &ActorContext,
     ) -> Option<(String, Vec<u32>)> {
-        const TEXT: u32 = 25;
         // Most forms hold no gate (the printer spells it this way, and only it).
         if !sql.contains("num_nulls(") {
             return None;
@@ -399,6 +416,7 @@ impl Rewriter {
         let (policy, _) = self.current_policy();
         let attempt = || {
             let u = engine::ungate::ungated_parameterised(&parse_one(sql).ok()?, types)?;
+            let declare = u.parameter_types(types);
             let printed = printer::print(u.statement).ok()?;
             let text = printed.text;
             let checks = [PieceCheck {
@@ -410,9 +428,7 @@ impl Rewriter {
             if param_uses(&text, &tokens)? != u.uses {
                 return None;
             }
-            let numbered = |k: usize| u.uses.contains_key(&(k + 1));
-            let types = types.iter().enumerate().map(|(k, &t)| if t == 0 && !numbered(k) { TEXT } else { t });
-            Some((text, types.collect()))
+            Some((text, declare))
         };
         // As in `rewrite_guarded`: a panic keeps the form with its gates.
         catch_unwind(AssertUnwindSafe(attempt)).ok().flatten()

@@ -295,42 +295,27 @@ impl ClientToUpstream<'_> {
         // A malformed message is `handle`'s to report.
         let Some(sql) = sql else { return };
         let started = Instant::now();
-        let mut result = match self.proxy.rewriter.cached(sql, actor) {
-            Some(hit) => Ok(hit),
-            None => self.rewrite_blocking(sql, actor, false).await,
+        let rewriter = &self.proxy.rewriter;
+        let cached = match &declared {
+            Some(types) => rewriter.cached_parse(sql, types, actor),
+            None => rewriter.cached(sql, actor),
         };
-        // A Parse whose declared types the text without conversion gates does not fit.
-        if let (Ok(rw), Some(declared)) = (&result, &declared)
-            && !rw.fits(declared)
-        {
-            result = match self.proxy.rewriter.cached_keeping_gates(sql, actor) {
-                Some(hit) => Ok(hit),
-                None => self.rewrite_blocking(sql, actor, true).await,
-            };
-        }
-        self.ahead = Some(Ahead { result, took: started.elapsed() });
-    }
-
-    /// A rewrite (`keep_gates`: `Rewriter::rewrite_keeping_gates`) on a blocking thread.
-    async fn rewrite_blocking(
-        &self,
-        sql: &str,
-        actor: &ActorContext,
-        keep_gates: bool,
-    ) -> Result<Arc<Rewritten>, Refusal> {
-        let (proxy, sql, actor) = (Arc::clone(self.proxy), sql.to_owned(), actor.clone());
-        tokio::task::spawn_blocking(move || {
-            if keep_gates {
-                proxy.rewriter.rewrite_keeping_gates(&sql, &actor)
-            } else {
-                proxy.rewriter.rewrite(&sql, &actor)
+        let result = match cached {
+            Some(hit) => Ok(hit),
+            None => {
+                let (proxy, sql, actor) = (Arc::clone(self.proxy), sql.to_owned(), actor.clone());
+                tokio::task::spawn_blocking(move || match declared {
+                    Some(types) => proxy.rewriter.rewrite_parse(&sql, &types, &actor),
+                    None => proxy.rewriter.rewrite(&sql, &actor),
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    // `rewrite` catches the rewriter's panics; this is the thread itself failing.
+                    Err(Refusal::Unverifiable(crate::rewrite::INTERNAL_ERROR.to_owned()))
+                })
             }
-        })
-        .await
-        .unwrap_or_else(|_| {
-            // `rewrite` catches the rewriter's panics; this is the thread itself failing.
-            Err(Refusal::Unverifiable(crate::rewrite::INTERNAL_ERROR.to_owned()))
-        })
+        };
+        self.ahead = Some(Ahead { result, took: started.elapsed() });
     }
 
     fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), SessionEnd> {
@@ -656,13 +641,11 @@ impl ClientToUpstream<'_> {
     }
 
     /// A Parse message holds at most one statement, as the server requires. Its declared types
-    /// decide whether the text without conversion gates fits it (`Rewritten::fits`); the
-    /// rewrite ahead worked that out already, this is the way without it.
+    /// decide whether the text without conversion gates fits it (`Rewriter::rewrite_parse`,
+    /// which the rewrite ahead called already).
     fn rewrite_one(&mut self, sql: &str, declared: &[u32], actor: &ActorContext) -> Result<Arc<Rewritten>, Refusal> {
-        let mut rw = self.rewrite(sql, actor)?;
-        if !rw.fits(declared) {
-            rw = self.observed_rewrite(sql, None, |rewriter| rewriter.rewrite_keeping_gates(sql, actor))?;
-        }
+        let ahead = self.ahead.take();
+        let rw = self.observed_rewrite(sql, ahead, |rewriter| rewriter.rewrite_parse(sql, declared, actor))?;
         if rw.statement_kinds.len() > 1 {
             return Err(Refusal::Syntax("cannot insert multiple commands into a prepared statement".to_owned()));
         }

@@ -94,6 +94,16 @@ pub struct Ungated {
     pub uses: BTreeMap<usize, usize>,
 }
 
+impl Ungated {
+    /// The types a parameterised form without its gates (`ungated_parameterised`) declares:
+    /// the form's own, except that a parameter only a gate held, left undeclared, is declared
+    /// `text` (PostgreSQL cannot type a parameter nothing uses; its value is a string literal's).
+    pub fn parameter_types(&self, declared: &[u32]) -> Vec<u32> {
+        let used = |k: usize| self.uses.contains_key(&(k + 1));
+        declared.iter().enumerate().map(|(k, &t)| if t == 0 && !used(k) { TEXT } else { t }).collect()
+    }
+}
+
 /// `stmt` without its conversion gates, when every gate converts only `$n` or literals with
 /// a cast to a type without modifiers; `None` when it has none, when they convert only literals
 /// (PostgreSQL folds those gates away at planning), or when no declared types could meet them.
@@ -357,6 +367,7 @@ mod tests {
         let u = ungated_parameterised(&stmt, &[0, 0]).unwrap();
         assert_eq!(u.statement.to_string(), "SELECT a FROM t WHERE t.c > CAST($1 AS pg_catalog.timestamptz)");
         assert_eq!(u.uses, BTreeMap::from([(1, 1)]));
+        assert_eq!(u.parameter_types(&[0, 0]), [0, TEXT]);
         // A Parse's rule would keep that gate: its `$2` occurs nowhere else.
         assert!(!u.needs.iter().all(|n| n.met_by(&[0, 0])));
         // Numeric literals: declared with their own type.
