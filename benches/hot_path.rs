@@ -8,7 +8,7 @@ use std::hint::black_box;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use bytes::BytesMut;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use std::sync::Arc;
 use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
 use struere_proxy::protocol::frame::split_frontend;
@@ -119,6 +119,9 @@ fn normalised(c: &mut Criterion) {
     for (name, shape, actor) in [
         ("lookup by literal (teacher)", "SELECT * FROM entities WHERE id = 'acme-session-{}'", actor_with("teacher")),
         ("small by literal (admin)", "SELECT id, name FROM users WHERE id = '{}' AND email = 'a@b.c'", actor()),
+        // A cast literal in a guarded condition is gated: the first fill also takes the gate
+        // out of the parameterised form (`Rewriter::parameterised_without_gates`).
+        ("lookup by cast literal (teacher)", "SELECT * FROM entities WHERE id = '{}'::text", actor_with("teacher")),
         ("catalog by literal (admin)", catalog.as_str(), actor()),
     ] {
         let warm = Rewriter::new(1024, engine.clone());
@@ -126,6 +129,32 @@ fn normalised(c: &mut Criterion) {
         let _ = warm.rewrite(&shape.replace("{}", "first"), &actor);
         let _ = warm.rewrite(&shape.replace("{}", "second"), &actor);
         let texts: Vec<String> = (0..1024).map(|i| shape.replace("{}", &i.to_string())).collect();
+        // The second text of a shape: a miss that also builds the shape's template.
+        c.bench_function(&format!("rewrite second miss {name}"), |b| {
+            b.iter_batched_ref(
+                || {
+                    let r = Rewriter::new(16, engine.clone());
+                    let _ = r.rewrite(&shape.replace("{}", "first"), &actor);
+                    r
+                },
+                |r| black_box(r.rewrite(&shape.replace("{}", "second"), &actor).map(|rw| rw.sql.len())),
+                BatchSize::SmallInput,
+            )
+        });
+        // The third text: the template's first fill, looked up where sessions look (`cached`,
+        // on the event loop), so whatever it costs stalls every session of that thread.
+        c.bench_function(&format!("rewrite first fill {name}"), |b| {
+            b.iter_batched_ref(
+                || {
+                    let r = Rewriter::new(16, engine.clone());
+                    let _ = r.rewrite(&shape.replace("{}", "first"), &actor);
+                    let _ = r.rewrite(&shape.replace("{}", "second"), &actor);
+                    r
+                },
+                |r| black_box(r.cached(&shape.replace("{}", "third"), &actor).map(|rw| rw.sql.len())),
+                BatchSize::SmallInput,
+            )
+        });
         let mut i = 0;
         c.bench_function(&format!("rewrite normalised hit {name}"), |b| {
             b.iter(|| {

@@ -294,9 +294,7 @@ impl Rewriter {
         match self.templates.get(actor, &shape.key).as_deref() {
             None => Lookup::Miss(Some(ShapeMiss { shape, build: false })),
             Some(ShapeState::SeenOnce) => Lookup::Miss(Some(ShapeMiss { shape, build: true })),
-            Some(ShapeState::Decided(template)) => match template.as_ref().and_then(|t| {
-                t.fill(&shape, |sql, types, base| self.parameterised_without_gates(sql, types, base, actor))
-            }) {
+            Some(ShapeState::Decided(template)) => match template.as_ref().and_then(|t| t.fill(&shape)) {
                 Some(filled) => {
                     self.stats.template_hits.fetch_add(1, Relaxed);
                     Lookup::Hit(Arc::new(filled))
@@ -321,9 +319,14 @@ impl Rewriter {
         let (policy, generation) = self.current_policy();
         let rewritten = Arc::new(rewrite_uncached(sql, actor, policy.as_ref())?);
         let template = shape.as_ref().filter(|miss| miss.build).map(|miss| {
-            shape::Template::build(sql, &miss.shape, &rewritten, &self.nonce, |probe| {
-                rewrite_guarded(probe, actor, policy.as_ref(), Output::TemplateProbe, Gates::LeaveOut).ok()
-            })
+            shape::Template::build(
+                sql,
+                &miss.shape,
+                &rewritten,
+                &self.nonce,
+                |probe| rewrite_guarded(probe, actor, policy.as_ref(), Output::TemplateProbe, Gates::LeaveOut).ok(),
+                |form, types, base| parameterised_without_gates(form, types, base, actor, policy.as_ref()),
+            )
         });
         self.within_time_limit(started)?;
         self.unless_swapped(generation, || {
@@ -396,44 +399,6 @@ impl Rewriter {
         self.cache.get(actor, &keeping_gates_key(sql))
     }
 
-    /// A template's parameterised form (`shape.rs`) without the conversion gates its declared
-    /// types make redundant (`engine::ungate::ungated_parameterised`), printed and verified like
-    /// every text the proxy forwards, with the types to declare for it
-    /// (`Ungated::parameter_types`). `None` keeps the form as it is. Runs on a template's first
-    /// fill.
-    fn parameterised_without_gates(
-        &self,
-        sql: &str,
-        types: &[u32],
-        base: &Rewritten,
-        actor: &ActorContext,
-    ) -> Option<(String, Vec<u32>)> {
-        // Most forms hold no gate (the printer spells it this way, and only it).
-        if !sql.contains("num_nulls(") {
-            return None;
-        }
-        let [kind] = base.statement_kinds.as_ref() else { return None };
-        let (policy, _) = self.current_policy();
-        let attempt = || {
-            let u = engine::ungate::ungated_parameterised(&parse_one(sql).ok()?, types)?;
-            let declare = u.parameter_types(types);
-            let printed = printer::print(u.statement).ok()?;
-            let text = printed.text;
-            let checks = [PieceCheck {
-                kind: kind.clone(),
-                range: 0..text.len(),
-                form: Form::Printed(Expected { emitted: printed.emitted, same_as: None }),
-            }];
-            let tokens = verify::verify(&text, &checks, &base.param_rules, policy.as_ref(), actor).ok()?;
-            if param_uses(&text, &tokens)? != u.uses {
-                return None;
-            }
-            Some((text, declare))
-        };
-        // As in `rewrite_guarded`: a panic keeps the form with its gates.
-        catch_unwind(AssertUnwindSafe(attempt)).ok().flatten()
-    }
-
     fn within_time_limit(&self, started: std::time::Instant) -> Result<(), Refusal> {
         let took = started.elapsed();
         if took > self.time_limit {
@@ -461,6 +426,43 @@ fn within_size_limit(sql: &str) -> Result<(), Refusal> {
 /// (`protocol::frontend` refuses one), so it is never another text's key.
 fn keeping_gates_key(sql: &str) -> String {
     format!("{sql}\0gates")
+}
+
+/// A template's parameterised form (`shape.rs`) without the conversion gates its declared
+/// types make redundant (`engine::ungate::ungated_parameterised`), printed and verified like
+/// every text the proxy forwards, with the types to declare for it
+/// (`Ungated::parameter_types`). `None` keeps the form as it is. Runs when a template is
+/// built, under the policy its probe was rewritten by.
+fn parameterised_without_gates(
+    sql: &str,
+    types: &[u32],
+    base: &Rewritten,
+    actor: &ActorContext,
+    policy: &dyn StatementPolicy,
+) -> Option<(String, Vec<u32>)> {
+    // Most forms hold no gate (the printer spells it this way, and only it).
+    if !sql.contains("num_nulls(") {
+        return None;
+    }
+    let [kind] = base.statement_kinds.as_ref() else { return None };
+    let attempt = || {
+        let u = engine::ungate::ungated_parameterised(&parse_one(sql).ok()?, types)?;
+        let declare = u.parameter_types(types);
+        let printed = printer::print(u.statement).ok()?;
+        let text = printed.text;
+        let checks = [PieceCheck {
+            kind: kind.clone(),
+            range: 0..text.len(),
+            form: Form::Printed(Expected { emitted: printed.emitted, same_as: None }),
+        }];
+        let tokens = verify::verify(&text, &checks, &base.param_rules, policy, actor).ok()?;
+        if param_uses(&text, &tokens)? != u.uses {
+            return None;
+        }
+        Some((text, declare))
+    };
+    // As in `rewrite_guarded`: a panic keeps the form with its gates.
+    catch_unwind(AssertUnwindSafe(attempt)).ok().flatten()
 }
 
 /// The statement kinds and the relations a text names (CTE names excluded), for the audit

@@ -341,9 +341,10 @@ pub(crate) struct Template {
     /// The class of the literal each slot takes (the key fixes them).
     slot_classes: Vec<Class>,
     /// The text with `$k` for slot k (one parameter per slot) and its parameter types. Built
-    /// on the first fill, not on the miss: it costs a parse by PostgreSQL's parser, which a
-    /// statement seen only once never needs.
-    params: std::sync::OnceLock<Option<ParamForm>>,
+    /// with the template, on the shape's second miss, which runs off the event loop: it costs
+    /// a parse by PostgreSQL's parser (and, for a form with gates, a second verified text),
+    /// which a fill, looked up on the event loop, must not.
+    params: Option<ParamForm>,
 }
 
 #[derive(Debug)]
@@ -416,13 +417,9 @@ fn param_form(
 }
 
 impl Template {
-    /// The rewrite of the text `shape` was scanned from, if it fits. `without_gates`: see
-    /// `param_form` (called on the first fill only).
-    pub(crate) fn fill(
-        &self,
-        shape: &Shape,
-        without_gates: impl FnOnce(&str, &[u32], &Rewritten) -> Option<(String, Vec<u32>)>,
-    ) -> Option<Rewritten> {
+    /// The rewrite of the text `shape` was scanned from, if it fits: a lexer pass's literals
+    /// put into the verified text, cheap enough for the event loop.
+    pub(crate) fn fill(&self, shape: &Shape) -> Option<Rewritten> {
         for (i, text) in &self.fixed {
             if shape.literals.get(*i)?.text != text {
                 return None;
@@ -431,11 +428,7 @@ impl Template {
         // Each slot's value, decoded once: printed into the text, and bound as it is.
         let values = self.slot_values(shape)?;
         let sql = self.render(&values)?;
-        let params = self.params.get_or_init(|| {
-            param_form(&self.pieces, &self.slot_classes, &self.base.statement_kinds, |sql, types| {
-                without_gates(sql, types, &self.base)
-            })
-        });
+        let params = &self.params;
         let bound =
             params.as_ref().map(|p| super::Bound { sql: Arc::clone(&p.sql), types: Arc::clone(&p.types), values });
         Some(Rewritten {
@@ -476,12 +469,14 @@ impl Template {
 
     /// Build the template of `sql` (whose verified rewrite is `original`) by rewriting a probe
     /// with `rewrite`. `None` when no literal is a slot or anything does not line up.
+    /// `without_gates`: see `param_form`.
     pub(crate) fn build(
         sql: &str,
         shape: &Shape,
         original: &Arc<Rewritten>,
         nonce: &str,
         rewrite: impl FnOnce(&str) -> Option<Rewritten>,
+        without_gates: impl FnOnce(&str, &[u32], &Rewritten) -> Option<(String, Vec<u32>)>,
     ) -> Option<Template> {
         let slot_of = slot_literals(sql, shape)?;
         if !slot_of.iter().any(|s| *s) {
@@ -545,14 +540,20 @@ impl Template {
             .map(|(i, l)| (i, l.text.to_owned()))
             .collect();
         let slot_classes = slots.iter().map(|&i| shape.literals.get(i).map(|l| l.class)).collect::<Option<_>>()?;
-        let template =
-            Template { pieces, slots, fixed, base: Arc::clone(original), slot_classes, params: Default::default() };
+        let mut template = Template { pieces, slots, fixed, base: Arc::clone(original), slot_classes, params: None };
         // Filled with the original literals it must give exactly the original's rewrite. This
         // exact equality with a verified text is also why the probe itself is not verified
         // (`Output::TemplateProbe` in mod.rs): it must stay exact.
-        (template.render(&template.slot_values(shape)?)? == original.sql
-            && rewritten.statement_kinds == original.statement_kinds)
-            .then_some(template)
+        if template.render(&template.slot_values(shape)?)? != original.sql
+            || rewritten.statement_kinds != original.statement_kinds
+        {
+            return None;
+        }
+        template.params =
+            param_form(&template.pieces, &template.slot_classes, &original.statement_kinds, |sql, types| {
+                without_gates(sql, types, original)
+            });
+        Some(template)
     }
 }
 
