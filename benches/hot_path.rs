@@ -119,8 +119,9 @@ fn normalised(c: &mut Criterion) {
     for (name, shape, actor) in [
         ("lookup by literal (teacher)", "SELECT * FROM entities WHERE id = 'acme-session-{}'", actor_with("teacher")),
         ("small by literal (admin)", "SELECT id, name FROM users WHERE id = '{}' AND email = 'a@b.c'", actor()),
-        // A cast literal in a guarded condition is gated: the first fill also takes the gate
-        // out of the parameterised form (`Rewriter::parameterised_without_gates`).
+        // A cast literal in a guarded condition is gated: the second miss, which builds the
+        // template, also takes the gate out of its parameterised form and verifies that text
+        // (`rewrite::parameterised_without_gates`).
         ("lookup by cast literal (teacher)", "SELECT * FROM entities WHERE id = '{}'::text", actor_with("teacher")),
         ("catalog by literal (admin)", catalog.as_str(), actor()),
     ] {
