@@ -39,6 +39,7 @@ mod ddl;
 pub mod engine;
 mod gate;
 mod lexer;
+pub use lexer::without_constants;
 mod locking;
 mod pgparse;
 mod pgtree;

@@ -776,7 +776,14 @@ fn looks_like_ddl(sql: &str) -> bool {
 }
 
 fn audit_operator(sql: &str) {
-    tracing::info!(target: "struere_proxy::audit", bytes = sql.len(), statement = sql, "operator statement");
+    // Its shape, not its values: a role's password or a row's contents never reach the log (the
+    // field is computed only when the line is logged).
+    tracing::info!(
+        target: "struere_proxy::audit",
+        bytes = sql.len(),
+        statement = crate::rewrite::without_constants(sql).as_deref().unwrap_or("(not readable by PostgreSQL's lexer)"),
+        "operator statement"
+    );
 }
 
 struct UpstreamToClient<'a> {

@@ -308,10 +308,19 @@ fn keys_and_masked_values_never_reach_the_log() {
     assert!(String::from_utf8_lossy(&admin_out.stdout).contains("SESSION-PHONE"), "the admin sees them");
     let _ = run(&teacher[4], "SELECT * FROM threads WHERE id = 'SESSION-PHONE-literal'");
     let _ = run(&bad_key, "SELECT 1");
+    // An operator's statements are forwarded as sent and audited without their values.
+    let operator = &banner.values["OPERATOR"];
+    let out = run(operator, "SELECT 'OPERATOR-VALUE-4711' AS v, 90210417 AS n");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OPERATOR-VALUE-4711|90210417"), "{out:?}");
+    let _ = run(operator, "CREATE ROLE struere_log_probe PASSWORD 'OPERATOR-PASSWORD-4711'");
     send_sigint(child.id());
     assert!(child.wait().unwrap().success());
     let text = std::fs::read_to_string(log.path()).unwrap();
     assert!(text.contains("statement"), "the log has the per-statement events: {text}");
+    assert!(text.contains("SELECT ? AS v, ? AS n") && text.contains("PASSWORD ?"), "operator statements: {text}");
+    for value in ["OPERATOR-VALUE-4711", "90210417", "OPERATOR-PASSWORD-4711"] {
+        assert!(!text.contains(value), "an operator statement's value reached the log");
+    }
     assert!(!text.contains(&banner.values["ADMIN_TOKEN"][4..]), "the admin token reached the log");
     for k in banner.keys.iter().map(|k| &k[4]).chain([&banner.values["OPERATOR"], &bad_key]) {
         // At most the display prefix (sk_xxx_ + 6 characters) of a key is logged.
