@@ -76,6 +76,11 @@ fn framing(c: &mut Criterion) {
             black_box(f.as_deref().and_then(|body| decode_query(body).ok()).map(str::len))
         })
     });
+    // What the audit log holds of an operator's statement (forwarded as sent): PostgreSQL's
+    // lexer over the text, on the event loop, once per statement.
+    c.bench_function("operator statement without constants", |b| {
+        b.iter(|| black_box(struere_proxy::rewrite::without_constants(black_box(SMALL)).map(|s| s.len())))
+    });
     c.bench_function("frame+decode Parse", |b| {
         b.iter(|| {
             let mut buf = p.clone();
