@@ -124,6 +124,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         origin: Arc::clone(&origin),
         pooled: pool_key.is_some(),
         ahead: None,
+        refusal_described: std::cell::Cell::new(None),
     };
     let notify_prefix = caller.actor().map(crate::rewrite::engine::notify_prefix);
     let mut outbound = UpstreamToClient {
@@ -232,13 +233,21 @@ struct ClientToUpstream<'a> {
     /// The rewrite of the message about to be handled, worked out off the event loop (a
     /// cache miss); taken by the next `rewrite`.
     ahead: Option<Ahead>,
+    /// The description of the refusal the rewrite ahead came to, for `refused` (same message).
+    refusal_described: std::cell::Cell<Option<Described>>,
 }
 
 /// A rewrite worked out on a blocking thread, and how long it took there.
 struct Ahead {
     result: Result<Arc<Rewritten>, Refusal>,
     took: std::time::Duration,
+    /// For a refusal: the statement kinds and relations its audit event names
+    /// (`rewrite::kinds_and_relations_named`, a parse of the whole text), worked out there too.
+    described: Option<Described>,
 }
+
+/// Statement kinds and relations named, for a refusal's audit event.
+type Described = (Vec<String>, Vec<String>);
 
 impl ClientToUpstream<'_> {
     /// `Ok(true)`: the client sent Terminate and the upstream connection stays open for the pool.
@@ -260,6 +269,7 @@ impl ClientToUpstream<'_> {
                 self.rewrite_ahead(&frame).await;
                 let handled = self.handle(frame, &mut out);
                 self.ahead = None;
+                self.refusal_described.set(None);
                 handled?;
             }
             if !out.is_empty() {
@@ -300,22 +310,27 @@ impl ClientToUpstream<'_> {
             Some(types) => rewriter.cached_parse(sql, types, actor),
             None => rewriter.cached(sql, actor),
         };
-        let result = match cached {
-            Some(hit) => Ok(hit),
+        let (result, described) = match cached {
+            Some(hit) => (Ok(hit), None),
             None => {
                 let (proxy, sql, actor) = (Arc::clone(self.proxy), sql.to_owned(), actor.clone());
-                tokio::task::spawn_blocking(move || match declared {
-                    Some(types) => proxy.rewriter.rewrite_parse(&sql, &types, &actor),
-                    None => proxy.rewriter.rewrite(&sql, &actor),
+                tokio::task::spawn_blocking(move || {
+                    let result = match declared {
+                        Some(types) => proxy.rewriter.rewrite_parse(&sql, &types, &actor),
+                        None => proxy.rewriter.rewrite(&sql, &actor),
+                    };
+                    // A refused text can be as large as any: its parse stays off the event loop too.
+                    let described = result.is_err().then(|| crate::rewrite::kinds_and_relations_named(&sql));
+                    (result, described)
                 })
                 .await
                 .unwrap_or_else(|_| {
                     // `rewrite` catches the rewriter's panics; this is the thread itself failing.
-                    Err(Refusal::Unverifiable(crate::rewrite::INTERNAL_ERROR.to_owned()))
+                    (Err(Refusal::Unverifiable(crate::rewrite::INTERNAL_ERROR.to_owned())), None)
                 })
             }
         };
-        self.ahead = Some(Ahead { result, took: started.elapsed() });
+        self.ahead = Some(Ahead { result, took: started.elapsed(), described });
     }
 
     fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), SessionEnd> {
@@ -618,7 +633,10 @@ impl ClientToUpstream<'_> {
         let span = tracing::debug_span!("statement", bytes = sql.len());
         let _g = span.enter();
         let (r, took) = match ahead {
-            Some(Ahead { result, took }) => (result, took),
+            Some(Ahead { result, took, described }) => {
+                self.refusal_described.set(described);
+                (result, took)
+            }
             None => {
                 let started = std::time::Instant::now();
                 (run(&self.proxy.rewriter), started.elapsed())
@@ -691,7 +709,9 @@ impl ClientToUpstream<'_> {
 
     fn refused(&self, refusal: &Refusal, actor: Option<&ActorContext>, sql: &str) -> Event {
         let mut e = Event::new(&self.origin, Verdict::Refused);
-        let (kinds, tables) = crate::rewrite::kinds_and_relations_named(sql);
+        // Worked out with the rewrite ahead where that refused this text; else parsed here.
+        let (kinds, tables) =
+            self.refusal_described.take().unwrap_or_else(|| crate::rewrite::kinds_and_relations_named(sql));
         (e.kinds, e.tables) = (Arc::from(kinds), Arc::from(tables));
         e.reason = Some(refusal.to_string());
         e.sqlstate = Some(refusal.sqlstate().code().to_owned());
