@@ -81,6 +81,11 @@ fn framing(c: &mut Criterion) {
     c.bench_function("operator statement without constants", |b| {
         b.iter(|| black_box(struere_proxy::rewrite::without_constants(black_box(SMALL)).map(|s| s.len())))
     });
+    // What a refusal's audit event names (kinds, relations): PostgreSQL's parse of the whole
+    // text, worked out off the event loop with the rewrite that refused it.
+    c.bench_function("refusal description catalog", |b| {
+        b.iter(|| black_box(struere_proxy::rewrite::kinds_and_relations_named(black_box(CATALOG)).1.len()))
+    });
     c.bench_function("frame+decode Parse", |b| {
         b.iter(|| {
             let mut buf = p.clone();
