@@ -233,7 +233,9 @@ struct ClientToUpstream<'a> {
     /// The rewrite of the message about to be handled, worked out off the event loop (a
     /// cache miss); taken by the next `rewrite`.
     ahead: Option<Ahead>,
-    /// The description of the refusal the rewrite ahead came to, for `refused` (same message).
+    /// The description of the refusal about to be recorded for this message, for `refused`:
+    /// from the rewrite ahead that refused it, or from a rewrite that went through
+    /// (`refuse_rewritten`). Cleared after every message.
     refusal_described: std::cell::Cell<Option<Described>>,
 }
 
@@ -391,14 +393,13 @@ impl ClientToUpstream<'_> {
                         let parse = decode_parse(&frame.body)?;
                         match self.rewrite_one(parse.query, &parse.param_types, actor) {
                             Ok(rw) if statements::is_reserved(parse.name) => {
-                                drop(rw);
-                                self.refuse_extended(reserved_name(parse.name), Some(actor), parse.query, out);
+                                self.refuse_rewritten(reserved_name(parse.name), &rw, actor, parse.query, out);
                             }
                             Ok(rw) => {
                                 let declared =
                                     rw.param_rules.iter().try_for_each(|r| r.check_declared(&parse.param_types));
                                 if let Err(refusal) = declared {
-                                    self.refuse_extended(refusal, Some(actor), parse.query, out);
+                                    self.refuse_rewritten(refusal, &rw, actor, parse.query, out);
                                     return Ok(());
                                 }
                                 if parse.name.is_empty() {
@@ -415,11 +416,11 @@ impl ClientToUpstream<'_> {
                                              proxy's, and this connection holds as many as it may (run DISCARD ALL)"
                                                 .to_owned(),
                                         );
-                                        self.refuse_extended(refusal, Some(actor), parse.query, out);
+                                        self.refuse_rewritten(refusal, &rw, actor, parse.query, out);
                                         return Ok(());
                                     }
                                 } else if let Err(refusal) = self.note_named_rules(parse.name, &rw.param_rules) {
-                                    self.refuse_extended(refusal, Some(actor), parse.query, out);
+                                    self.refuse_rewritten(refusal, &rw, actor, parse.query, out);
                                     return Ok(());
                                 }
                                 self.decided(self.rewritten(&rw), false);
@@ -605,6 +606,21 @@ impl ClientToUpstream<'_> {
         }
         out.extend_from_slice(&frame.raw);
         Ok(())
+    }
+
+    /// `refuse_extended` for a Parse whose text was rewritten (and so read by PostgreSQL's parser
+    /// already): its audit event names the rewrite's statement kinds and relations, the same
+    /// ones a parse of the text would give, without parsing it again on the event loop.
+    fn refuse_rewritten(
+        &mut self,
+        refusal: Refusal,
+        rw: &Rewritten,
+        actor: &ActorContext,
+        sql: &str,
+        out: &mut BytesMut,
+    ) {
+        self.refusal_described.set(Some((rw.statement_kinds.to_vec(), rw.tables.to_vec())));
+        self.refuse_extended(refusal, Some(actor), sql, out);
     }
 
     /// Refuse an extended-protocol message: the client gets the refusal in its place, and the

@@ -168,3 +168,33 @@ async fn a_repeated_statement_is_one_row_with_its_count() {
     assert!(row.0 < 50, "identical decisions of a flush share a row: {} rows for 50 statements", row.0);
     assert_eq!(row.1, 50, "rows summed (one count row per statement)");
 }
+
+#[tokio::test]
+async fn a_refusal_after_a_rewrite_names_what_the_rewrite_read() {
+    // A Parse under a name reserved by the proxy is rewritten, then refused: its event names
+    // the statement's kind and relations (taken from the rewrite, not parsed again).
+    let name = format!("__struere_{}", unique("evreserved"));
+    let mut raw = crate::hostile::Raw::session().await;
+    let mut batch = crate::hostile::msg(
+        b'P',
+        &[crate::hostile::cstr(&name), crate::hostile::cstr("SELECT id FROM entities"), vec![0, 0]].concat(),
+    );
+    batch.extend(crate::hostile::msg(b'S', b""));
+    raw.send(&batch).await;
+    let answer = raw.until_ready().await;
+    assert_eq!(crate::hostile::sqlstate(&answer[0].1), "42501");
+    let admin = fixture().admin().await;
+    let pattern = format!("%{name}%");
+    let n = wait_for(&admin, "SELECT count(*) FROM struere.events WHERE reason LIKE $1", &pattern, 1).await;
+    assert_eq!(n, 1, "the refusal's event");
+    let row = admin
+        .query_one(
+            "SELECT array_to_string(kinds, ','), array_to_string(tables, ','), verdict \
+             FROM struere.events WHERE reason LIKE $1",
+            &[&pattern],
+        )
+        .await
+        .unwrap();
+    let got: (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(got, ("SelectStmt".into(), "entities".into(), "refused".into()));
+}
