@@ -251,6 +251,12 @@ struct Ahead {
 /// Statement kinds and relations named, for a refusal's audit event.
 type Described = (Vec<String>, Vec<String>);
 
+/// A rewritten text's description: the kinds and relations the rewrite read from PostgreSQL's
+/// parse of it, the same as `rewrite::kinds_and_relations_named` would parse again.
+fn described_by(rw: &Rewritten) -> Described {
+    (rw.statement_kinds.to_vec(), rw.tables.to_vec())
+}
+
 impl ClientToUpstream<'_> {
     /// `Ok(true)`: the client sent Terminate and the upstream connection stays open for the pool.
     async fn run(&mut self) -> Result<bool, SessionEnd> {
@@ -360,7 +366,7 @@ impl ClientToUpstream<'_> {
                     }
                     Caller::Environment(actor) => {
                         let sql = decode_query(&frame.body)?;
-                        match self.rewrite(sql, actor).and_then(bindless) {
+                        match self.rewrite(sql, actor).and_then(|rw| bindless(rw, &self.refusal_described)) {
                             Ok(rw) => {
                                 self.decided(self.rewritten(&rw), true);
                                 if statements::forgets_statements(&rw.statement_kinds) {
@@ -619,7 +625,7 @@ impl ClientToUpstream<'_> {
         sql: &str,
         out: &mut BytesMut,
     ) {
-        self.refusal_described.set(Some((rw.statement_kinds.to_vec(), rw.tables.to_vec())));
+        self.refusal_described.set(Some(described_by(rw)));
         self.refuse_extended(refusal, Some(actor), sql, out);
     }
 
@@ -738,10 +744,12 @@ impl ClientToUpstream<'_> {
 
 /// A simple Query's rewrite, which binds no values: one whose acceptance depends on bound
 /// values (`gate::ParamRule`) is refused.
-fn bindless(rw: Arc<Rewritten>) -> Result<Arc<Rewritten>, Refusal> {
+fn bindless(rw: Arc<Rewritten>, described: &std::cell::Cell<Option<Described>>) -> Result<Arc<Rewritten>, Refusal> {
     if rw.param_rules.is_empty() {
         return Ok(rw);
     }
+    // As in `refuse_rewritten`: the refusal's event names what the rewrite read.
+    described.set(Some(described_by(&rw)));
     Err(Refusal::Denied(
         "refused: set_config with a parameter is accepted only in a prepared statement (Parse, then Bind), whose \
          bound values the proxy checks"

@@ -198,3 +198,24 @@ async fn a_refusal_after_a_rewrite_names_what_the_rewrite_read() {
     let got: (String, String, String) = (row.get(0), row.get(1), row.get(2));
     assert_eq!(got, ("SelectStmt".into(), "entities".into(), "refused".into()));
 }
+
+#[tokio::test]
+async fn a_simple_query_refused_for_its_bound_value_rule_names_what_the_rewrite_read() {
+    let f = fixture();
+    let org = unique("evbindless");
+    let dev = f.as_actor(&org, Environment::Development, "admin", ActorType::User, "a-1").await;
+    let err = dev.simple_query("SELECT set_config($1, 'x', false) FROM entities").await.unwrap_err();
+    assert!(err.as_db_error().is_some_and(|e| e.message().contains("only in a prepared statement")), "{err:?}");
+    let admin = f.admin().await;
+    let sql = "SELECT count(*) FROM struere.events WHERE organization_id = $1 AND verdict = 'refused'";
+    assert_eq!(wait_for(&admin, sql, &org, 1).await, 1);
+    let row = admin
+        .query_one(
+            "SELECT array_to_string(kinds, ','), array_to_string(tables, ',') FROM struere.events \
+             WHERE organization_id = $1 AND verdict = 'refused'",
+            &[&org],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("SelectStmt".into(), "entities".into()));
+}
