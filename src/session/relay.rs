@@ -687,6 +687,7 @@ impl ClientToUpstream<'_> {
         let ahead = self.ahead.take();
         let rw = self.observed_rewrite(sql, ahead, |rewriter| rewriter.rewrite_parse(sql, declared, actor))?;
         if rw.statement_kinds.len() > 1 {
+            self.refusal_described.set(Some(described_by(&rw)));
             return Err(Refusal::Syntax("cannot insert multiple commands into a prepared statement".to_owned()));
         }
         Ok(rw)
@@ -731,7 +732,9 @@ impl ClientToUpstream<'_> {
 
     fn refused(&self, refusal: &Refusal, actor: Option<&ActorContext>, sql: &str) -> Event {
         let mut e = Event::new(&self.origin, Verdict::Refused);
-        // Worked out with the rewrite ahead where that refused this text; else parsed here.
+        // Worked out off the event loop by the rewrite ahead that refused this text, or taken
+        // from a rewrite that went through (`described_by`); parsed here only for what was
+        // never rewritten (a Bind, a fastpath call: no text, nothing to parse).
         let (kinds, tables) =
             self.refusal_described.take().unwrap_or_else(|| crate::rewrite::kinds_and_relations_named(sql));
         (e.kinds, e.tables) = (Arc::from(kinds), Arc::from(tables));
