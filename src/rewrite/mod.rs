@@ -467,10 +467,11 @@ fn parameterised_without_gates(
 }
 
 /// The statement kinds and the relations a text names (CTE names excluded), for the audit
-/// event of a refused text; empty when PostgreSQL's parser cannot read it.
-pub fn kinds_and_relations_named(sql: &str) -> (Vec<String>, Vec<String>) {
+/// event of a refused text (shared the way `Rewritten::statement_kinds` and `tables` are);
+/// empty when PostgreSQL's parser cannot read it.
+pub fn kinds_and_relations_named(sql: &str) -> (Arc<[String]>, Arc<[String]>) {
     if sql.len() > MAX_SQL_BYTES {
-        return (Vec::new(), Vec::new());
+        return (Arc::default(), Arc::default());
     }
     let (mut kinds, mut tables) = (Vec::new(), std::collections::BTreeSet::new());
     if let Ok(statements) = classify::parse(sql) {
@@ -479,7 +480,7 @@ pub fn kinds_and_relations_named(sql: &str) -> (Vec<String>, Vec<String>) {
             kinds.push(stmt.kind);
         }
     }
-    (kinds, tables.into_iter().collect())
+    (Arc::from(kinds), tables.into_iter().collect())
 }
 
 /// Whether `pipeline` leaves out the conversion gates of a single statement's `$n` where

@@ -428,11 +428,10 @@ impl Template {
         // Each slot's value, decoded once: printed into the text, and bound as it is.
         let values = self.slot_values(shape)?;
         let sql = self.render(&values)?;
-        let params = &self.params;
-        let bound =
-            params.as_ref().map(|p| super::Bound { sql: Arc::clone(&p.sql), types: Arc::clone(&p.types), values });
+        let params = self.params.as_ref();
+        let bound = params.map(|p| super::Bound { sql: Arc::clone(&p.sql), types: Arc::clone(&p.types), values });
         Some(Rewritten {
-            sql_hash: params.as_ref().map_or_else(|| crate::events::sql_hash(&sql), |p| Arc::clone(&p.hash)),
+            sql_hash: params.map_or_else(|| crate::events::sql_hash(&sql), |p| Arc::clone(&p.hash)),
             sql,
             statement_kinds: Arc::clone(&self.base.statement_kinds),
             tables: Arc::clone(&self.base.tables),

@@ -249,13 +249,7 @@ struct Ahead {
 }
 
 /// Statement kinds and relations named, for a refusal's audit event.
-type Described = (Vec<String>, Vec<String>);
-
-/// A rewritten text's description: the kinds and relations the rewrite read from PostgreSQL's
-/// parse of it, the same as `rewrite::kinds_and_relations_named` would parse again.
-fn described_by(rw: &Rewritten) -> Described {
-    (rw.statement_kinds.to_vec(), rw.tables.to_vec())
-}
+type Described = (Arc<[String]>, Arc<[String]>);
 
 impl ClientToUpstream<'_> {
     /// `Ok(true)`: the client sent Terminate and the upstream connection stays open for the pool.
@@ -366,7 +360,7 @@ impl ClientToUpstream<'_> {
                     }
                     Caller::Environment(actor) => {
                         let sql = decode_query(&frame.body)?;
-                        match self.rewrite(sql, actor).and_then(|rw| bindless(rw, &self.refusal_described)) {
+                        match self.rewrite(sql, actor).and_then(|rw| self.bindless(rw)) {
                             Ok(rw) => {
                                 self.decided(self.rewritten(&rw), true);
                                 if statements::forgets_statements(&rw.statement_kinds) {
@@ -625,8 +619,29 @@ impl ClientToUpstream<'_> {
         sql: &str,
         out: &mut BytesMut,
     ) {
-        self.refusal_described.set(Some(described_by(rw)));
+        self.refusing_rewritten(rw);
         self.refuse_extended(refusal, Some(actor), sql, out);
+    }
+
+    /// A refusal of `rw`'s text is coming: its audit event names the kinds and relations the
+    /// rewrite read from PostgreSQL's parse of the text, the same as
+    /// `rewrite::kinds_and_relations_named` would parse again on the event loop.
+    fn refusing_rewritten(&self, rw: &Rewritten) {
+        self.refusal_described.set(Some((Arc::clone(&rw.statement_kinds), Arc::clone(&rw.tables))));
+    }
+
+    /// A simple Query's rewrite, which binds no values: one whose acceptance depends on bound
+    /// values (`gate::ParamRule`) is refused.
+    fn bindless(&self, rw: Arc<Rewritten>) -> Result<Arc<Rewritten>, Refusal> {
+        if rw.param_rules.is_empty() {
+            return Ok(rw);
+        }
+        self.refusing_rewritten(&rw);
+        Err(Refusal::Denied(
+            "refused: set_config with a parameter is accepted only in a prepared statement (Parse, then Bind), whose \
+             bound values the proxy checks"
+                .to_owned(),
+        ))
     }
 
     /// Refuse an extended-protocol message: the client gets the refusal in its place, and the
@@ -687,7 +702,7 @@ impl ClientToUpstream<'_> {
         let ahead = self.ahead.take();
         let rw = self.observed_rewrite(sql, ahead, |rewriter| rewriter.rewrite_parse(sql, declared, actor))?;
         if rw.statement_kinds.len() > 1 {
-            self.refusal_described.set(Some(described_by(&rw)));
+            self.refusing_rewritten(&rw);
             return Err(Refusal::Syntax("cannot insert multiple commands into a prepared statement".to_owned()));
         }
         Ok(rw)
@@ -733,31 +748,15 @@ impl ClientToUpstream<'_> {
     fn refused(&self, refusal: &Refusal, actor: Option<&ActorContext>, sql: &str) -> Event {
         let mut e = Event::new(&self.origin, Verdict::Refused);
         // Worked out off the event loop by the rewrite ahead that refused this text, or taken
-        // from a rewrite that went through (`described_by`); parsed here only for what was
+        // from a rewrite that went through (`refusing_rewritten`); parsed here only for what was
         // never rewritten (a Bind, a fastpath call: no text, nothing to parse).
-        let (kinds, tables) =
+        (e.kinds, e.tables) =
             self.refusal_described.take().unwrap_or_else(|| crate::rewrite::kinds_and_relations_named(sql));
-        (e.kinds, e.tables) = (Arc::from(kinds), Arc::from(tables));
         e.reason = Some(refusal.to_string());
         e.sqlstate = Some(refusal.sqlstate().code().to_owned());
         e.policy_version = actor.map(|a| Arc::from(self.proxy.policy_version(a.environment)));
         e
     }
-}
-
-/// A simple Query's rewrite, which binds no values: one whose acceptance depends on bound
-/// values (`gate::ParamRule`) is refused.
-fn bindless(rw: Arc<Rewritten>, described: &std::cell::Cell<Option<Described>>) -> Result<Arc<Rewritten>, Refusal> {
-    if rw.param_rules.is_empty() {
-        return Ok(rw);
-    }
-    // As in `refuse_rewritten`: the refusal's event names what the rewrite read.
-    described.set(Some(described_by(&rw)));
-    Err(Refusal::Denied(
-        "refused: set_config with a parameter is accepted only in a prepared statement (Parse, then Bind), whose \
-         bound values the proxy checks"
-            .to_owned(),
-    ))
 }
 
 /// At most this many rules of named statements per session (`note_named_rules`).

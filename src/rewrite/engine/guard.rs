@@ -1039,6 +1039,8 @@ pub(super) const INT4: u32 = 23;
 pub(super) const TEXT: u32 = 25;
 pub(super) const FLOAT4: u32 = 700;
 pub(super) const FLOAT8: u32 = 701;
+/// `unknown`: what a Parse may declare for a parameter it leaves to PostgreSQL to type.
+pub(super) const UNKNOWN: u32 = 705;
 pub(super) const VARCHAR: u32 = 1043;
 const DATE: u32 = 1082;
 const TIMESTAMP: u32 = 1114;

@@ -38,11 +38,8 @@ use sqlparser::ast::{
 };
 
 use super::guard::{
-    BOOL, FLOAT4, FLOAT8, INT2, INT4, INT8, NUMERIC, TEXT, UUID, VARCHAR, exact_type, gate_arguments, is_param,
+    BOOL, FLOAT4, FLOAT8, INT2, INT4, INT8, NUMERIC, TEXT, UNKNOWN, UUID, VARCHAR, exact_type, gate_arguments, is_param,
 };
-
-/// PostgreSQL's `unknown` type.
-const UNKNOWN: u32 = 705;
 
 /// What a Parse's declared type of one parameter must be for the gates to convert nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
