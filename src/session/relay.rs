@@ -689,7 +689,7 @@ impl ClientToUpstream<'_> {
             }
             Err(refusal) => {
                 self.proxy.metrics.refusal(refusal);
-                tracing::info!(code = refusal.sqlstate().code(), reason = %refusal, "refused")
+                tracing::info!(code = refusal.sqlstate().code(), reason = %refusal.logged(), "refused")
             }
         }
         r
@@ -752,7 +752,7 @@ impl ClientToUpstream<'_> {
         // never rewritten (a Bind, a fastpath call: no text, nothing to parse).
         (e.kinds, e.tables) =
             self.refusal_described.take().unwrap_or_else(|| crate::rewrite::kinds_and_relations_named(sql));
-        e.reason = Some(refusal.to_string());
+        e.reason = Some(refusal.logged().into_owned());
         e.sqlstate = Some(refusal.sqlstate().code().to_owned());
         e.policy_version = actor.map(|a| Arc::from(self.proxy.policy_version(a.environment)));
         e

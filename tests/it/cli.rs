@@ -307,6 +307,9 @@ fn keys_and_masked_values_never_reach_the_log() {
     let admin_out = run(&admin[4], "SELECT data->>'guardianPhone' FROM entities WHERE entity_type = 'session'");
     assert!(String::from_utf8_lossy(&admin_out.stdout).contains("SESSION-PHONE"), "the admin sees them");
     let _ = run(&teacher[4], "SELECT * FROM threads WHERE id = 'SESSION-PHONE-literal'");
+    // A refusal's reason quotes no value the parsers stopped at (the client is told it).
+    let out = run(&teacher[4], "SELECT 'x' 'SYNTAX-VALUE-4711'");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SYNTAX-VALUE-4711"), "{out:?}");
     let _ = run(&bad_key, "SELECT 1");
     // An operator's statements are forwarded as sent and audited without their values.
     let operator = &banner.values["OPERATOR"];
@@ -318,8 +321,9 @@ fn keys_and_masked_values_never_reach_the_log() {
     let text = std::fs::read_to_string(log.path()).unwrap();
     assert!(text.contains("statement"), "the log has the per-statement events: {text}");
     assert!(text.contains("SELECT ? AS v, ? AS n") && text.contains("PASSWORD ?"), "operator statements: {text}");
-    for value in ["OPERATOR-VALUE-4711", "90210417", "OPERATOR-PASSWORD-4711"] {
-        assert!(!text.contains(value), "an operator statement's value reached the log");
+    assert!(text.contains(r#"syntax error at or near \"?\""#), "the refusal is logged: {text}");
+    for value in ["OPERATOR-VALUE-4711", "90210417", "OPERATOR-PASSWORD-4711", "SYNTAX-VALUE-4711"] {
+        assert!(!text.contains(value), "a value reached the log: {value}");
     }
     assert!(!text.contains(&banner.values["ADMIN_TOKEN"][4..]), "the admin token reached the log");
     for k in banner.keys.iter().map(|k| &k[4]).chain([&banner.values["OPERATOR"], &bad_key]) {

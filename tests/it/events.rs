@@ -219,3 +219,26 @@ async fn a_simple_query_refused_for_its_bound_value_rule_names_what_the_rewrite_
         .unwrap();
     assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("SelectStmt".into(), "entities".into()));
 }
+
+#[tokio::test]
+async fn a_refusals_reason_holds_no_value_the_parsers_quote() {
+    let f = fixture();
+    let org = unique("evquoted");
+    let dev = f.as_actor(&org, Environment::Development, "admin", ActorType::User, "a-2").await;
+    // The client is told the token PostgreSQL stopped at; the audit event is not.
+    let err = dev.simple_query("SELECT 'x' 'EVENT-VALUE-4711'").await.unwrap_err();
+    assert!(err.as_db_error().is_some_and(|e| e.message().contains("EVENT-VALUE-4711")), "{err:?}");
+    let admin = f.admin().await;
+    let sql = "SELECT count(*) FROM struere.events WHERE organization_id = $1 AND verdict = 'refused'";
+    assert_eq!(wait_for(&admin, sql, &org, 1).await, 1);
+    let row = admin
+        .query_one(
+            "SELECT sqlstate, reason FROM struere.events WHERE organization_id = $1 AND verdict = 'refused'",
+            &[&org],
+        )
+        .await
+        .unwrap();
+    let (code, reason): (String, String) = (row.get(0), row.get(1));
+    assert_eq!(code, "42601");
+    assert!(reason.ends_with(r#"syntax error at or near "?""#), "{reason}");
+}
