@@ -265,8 +265,8 @@ async fn a_simple_querys_bound_form_leaves_out_the_gates_its_literals_types_make
     let c = p.client().await;
     let admin = fixture().admin().await;
     let marker = unique("ungatesimple");
-    // A literal equal to a value of the policy's own conditions (the organization's id) never
-    // fills a template, so the row is found by a name of its own.
+    // The row is found by a name of its own, with a quote in it: the bound value must arrive
+    // undoubled, where the literal text carries it doubled.
     let name = format!("{} it's", unique("named"));
     admin.execute("UPDATE organizations SET name = $2 WHERE id = $1", &[&p.org, &name]).await.unwrap();
     for (round, value) in [name.as_str(), "nobody", name.as_str(), "12", name.as_str()].into_iter().enumerate() {
