@@ -249,6 +249,62 @@ pub fn worker_threads(setting: Option<usize>) -> Result<usize, ConfigError> {
     }
 }
 
+/// The `search_path` setting, checked: a list of schema names as PostgreSQL reads it
+/// (`SplitIdentifierString`: comma-separated, each double-quoted or folded to lower case), not
+/// empty, and without `pg_catalog`. Environment keys' sessions put the tenant's scratch schema
+/// first (`handshake::pinned_params`); a path that names `pg_catalog` would then search it after
+/// the scratch schema, so a tenant's own types and operators would shadow the built-in ones the
+/// rewriter's conditions name unqualified. Left out, PostgreSQL searches it before any other.
+pub fn search_path(setting: Option<String>) -> Result<String, ConfigError> {
+    let Some(path) = setting else { return Ok("public".to_owned()) };
+    let invalid = |reason: &str| ConfigError::Invalid { name: "search_path", reason: reason.to_owned() };
+    let mut rest = path.trim_start();
+    if rest.is_empty() {
+        return Err(invalid("must name at least one schema"));
+    }
+    loop {
+        let name = if let Some(quoted) = rest.strip_prefix('"') {
+            let mut name = String::new();
+            let mut chars = quoted.char_indices();
+            loop {
+                match chars.next() {
+                    Some((i, '"')) if quoted.get(i + 1..).is_some_and(|r| r.starts_with('"')) => {
+                        name.push('"');
+                        chars.next();
+                    }
+                    Some((i, '"')) => {
+                        rest = quoted.get(i + 1..).unwrap_or_default();
+                        break;
+                    }
+                    Some((_, c)) => name.push(c),
+                    None => return Err(invalid("has an unterminated quoted name")),
+                }
+            }
+            name
+        } else {
+            let end = rest.find(|c: char| c == ',' || c.is_whitespace()).unwrap_or(rest.len());
+            let (name, after) = rest.split_at(end);
+            rest = after;
+            name.to_lowercase()
+        };
+        if name.is_empty() {
+            return Err(invalid("has an empty schema name"));
+        }
+        if name == "pg_catalog" {
+            return Err(invalid(
+                "names pg_catalog: environment keys search their scratch schema first, so their own types \
+                 and operators would shadow built-in ones; leave it out (PostgreSQL then searches it first)",
+            ));
+        }
+        rest = rest.trim_start();
+        match rest.strip_prefix(',') {
+            Some(after) => rest = after.trim_start(),
+            None if rest.is_empty() => return Ok(path),
+            None => return Err(invalid("is not a comma-separated list of schema names")),
+        }
+    }
+}
+
 /// Limits on how long a client session may sit idle or a statement may run (`None`: no limit).
 /// The proxy enforces them itself, so a client's own `SET statement_timeout` cannot lift them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -352,7 +408,7 @@ impl Settings {
             log_format: raw.log_format.unwrap_or(LogFormat::Text),
             event_store: raw.event_store.unwrap_or(EventStore::All),
             operator_keys: raw.operator_keys.unwrap_or(false),
-            search_path: raw.search_path.unwrap_or_else(|| "public".to_owned()),
+            search_path: search_path(raw.search_path)?,
             max_clients: raw.max_clients.unwrap_or(1000).max(1),
             rewrite_cache_capacity: raw.rewrite_cache_capacity.unwrap_or(10_000),
             connect_timeout: Duration::from_secs(raw.connect_timeout_secs.unwrap_or(10).max(1)),
@@ -522,6 +578,35 @@ mod tests {
         assert!(!s.operator_keys);
         assert!(!s.allow_unsafe_upstream_role, "production keys are refused on an unsafe role by default");
         assert!(!format!("{s:?}").contains("pw"));
+    }
+
+    #[test]
+    fn search_path_is_a_list_of_schemas_without_pg_catalog() {
+        for ok in ["public", "app, public", " \"My Schema\" ,public", "\"a\"\"b\"", "$user, public", "pg_temp, public"]
+        {
+            assert_eq!(search_path(Some(ok.to_owned())).unwrap(), ok);
+        }
+        assert_eq!(search_path(None).unwrap(), "public");
+        for bad in [
+            "",
+            "  ",
+            "public,",
+            ",public",
+            "a,,b",
+            "a b",
+            "\"unterminated",
+            "\"\"",
+            "public, pg_catalog",
+            "PG_Catalog",
+            "\"pg_catalog\"",
+        ] {
+            assert!(
+                matches!(search_path(Some(bad.to_owned())), Err(ConfigError::Invalid { name: "search_path", .. })),
+                "{bad:?}"
+            );
+        }
+        // Quoted, case is kept: another schema.
+        assert!(search_path(Some("\"PG_CATALOG\"".to_owned())).is_ok());
     }
 
     #[test]
