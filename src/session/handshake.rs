@@ -403,10 +403,10 @@ async fn direct_tls(proxy: &Proxy, client: &mut ClientConn) -> Result<(), Sessio
 }
 
 async fn handle_cancel(proxy: &Proxy, pid: i32, secret: i32) {
-    match proxy.cancels.resolve(pid, secret) {
-        Some(t) => {
+    match proxy.cancels.cancel(pid, secret) {
+        Some(cancel) => {
             tracing::info!(pid, "cancel request forwarded");
-            if let Err(e) = upstream::send_cancel(&t.upstream, t.upstream_pid, t.upstream_secret).await {
+            if let Err(e) = cancel.await {
                 tracing::warn!(error = %e, "cancel request failed");
             }
         }

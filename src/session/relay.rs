@@ -108,6 +108,9 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         timed_out: false,
     }));
 
+    let cancel_target = proxy.cancels.resolve(cancel.pid, cancel.secret);
+    let statement_started = Arc::new(tokio::sync::Notify::new());
+    let cancels_in_flight = cancel_target.as_ref().map(|t| Arc::clone(&t.in_flight));
     let mut inbound = ClientToUpstream {
         proxy,
         caller: &caller,
@@ -125,6 +128,8 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         pooled: pool_key.is_some(),
         ahead: None,
         refusal_described: std::cell::Cell::new(None),
+        cancels_in_flight: cancels_in_flight.clone(),
+        statement_started: Arc::clone(&statement_started),
     };
     let notify_prefix = caller.actor().map(crate::rewrite::engine::notify_prefix);
     let mut outbound = UpstreamToClient {
@@ -137,7 +142,8 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         tracker: Arc::clone(&tracker),
         usage: UsageKey::of(&origin),
         last_status: transaction_status,
-        cancel_target: proxy.cancels.resolve(cancel.pid, cancel.secret),
+        cancel_target,
+        statement_started,
         started: Instant::now(),
         cancel_sent: false,
         pending_usage: Usage::default(),
@@ -193,7 +199,18 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         let pool = Arc::clone(&proxy.pool);
         if quiescent {
             let status = outbound.last_status;
-            tokio::spawn(async move { pool.give_back(key, conn, status).await });
+            tokio::spawn(async move {
+                // A cancel still on its way would reach whoever has the connection next.
+                let cancels_through = match &cancels_in_flight {
+                    Some(flight) => flight.settled().await,
+                    None => true,
+                };
+                if cancels_through {
+                    pool.give_back(key, conn, status).await;
+                } else {
+                    pool.discard(conn).await;
+                }
+            });
         } else {
             // Something was still in flight: the connection is not in a state to hand over.
             tokio::spawn(async move { pool.discard(conn).await });
@@ -237,6 +254,13 @@ struct ClientToUpstream<'a> {
     /// from the rewrite ahead that refused it, or from a rewrite that went through
     /// (`refuse_rewritten`). Cleared after every message.
     refusal_described: std::cell::Cell<Option<Described>>,
+    /// Cancels on their way to this session's backend (a statement timeout's, the client's
+    /// own): nothing more goes upstream until they are through (`cancel::CancelsInFlight`).
+    cancels_in_flight: Option<Arc<crate::cancel::CancelsInFlight>>,
+    /// Told when something goes upstream while a statement limit is configured: the other
+    /// direction arms its alarm only when it wakes, and a statement that sends nothing until
+    /// it ends would not wake it.
+    statement_started: Arc<tokio::sync::Notify>,
 }
 
 /// A rewrite worked out on a blocking thread, and how long it took there.
@@ -246,6 +270,14 @@ struct Ahead {
     /// For a refusal: the statement kinds and relations its audit event names
     /// (`rewrite::kinds_and_relations_named`, a parse of the whole text), worked out there too.
     described: Option<Described>,
+}
+
+/// Wait until no cancel is on its way to the backend: one arriving once its statement has ended
+/// would cancel whatever is sent next. (A free function: the session's state is not `Sync`.)
+async fn cancels_through(in_flight: Option<&crate::cancel::CancelsInFlight>) {
+    if let Some(flight) = in_flight.filter(|f| !f.none()) {
+        flight.settled().await;
+    }
 }
 
 /// Statement kinds and relations named, for a refusal's audit event.
@@ -259,6 +291,7 @@ impl ClientToUpstream<'_> {
             while let Some(frame) = frame::split_frontend(&mut self.buf, self.max_message)? {
                 if frame.tag == b'X' {
                     if self.pooled {
+                        cancels_through(self.cancels_in_flight.as_deref()).await;
                         self.upstream.write_all(&out).await?;
                         self.upstream.flush().await?;
                         return Ok(true);
@@ -275,8 +308,12 @@ impl ClientToUpstream<'_> {
                 handled?;
             }
             if !out.is_empty() {
+                cancels_through(self.cancels_in_flight.as_deref()).await;
                 self.upstream.write_all(&out).await?;
                 out.clear();
+                if self.proxy.current().timeouts.statement.is_some() {
+                    self.statement_started.notify_one();
+                }
             }
             if self.buf.capacity() - self.buf.len() < 4096 {
                 self.buf.reserve(8192);
@@ -859,6 +896,8 @@ struct UpstreamToClient<'a> {
     /// session's own notifications (NOTIFY on a channel it listens to) carry the client's, as
     /// they would from the server.
     own_pid: Option<(i32, i32)>,
+    /// See `ClientToUpstream::statement_started`.
+    statement_started: Arc<tokio::sync::Notify>,
 }
 
 impl UpstreamToClient<'_> {
@@ -876,6 +915,7 @@ impl UpstreamToClient<'_> {
         let mut drain_wait = Box::pin(drain_changed(self.proxy.drain.subscribe()));
         let mut draining = *self.proxy.drain.borrow() != Drain::Running;
         let mut drain_open = true;
+        let mut started_wait = std::pin::pin!(Arc::clone(&self.statement_started).notified_owned());
         loop {
             // Relay whatever complete messages are buffered (leftovers from the handshake first).
             self.relay_buffered(&mut out)?;
@@ -909,6 +949,8 @@ impl UpstreamToClient<'_> {
                         self.limit_reached()?;
                     }
                 }
+                // A statement went out: the loop's next turn arms its limit.
+                () = &mut started_wait => started_wait.set(Arc::clone(&self.statement_started).notified_owned()),
                 (rx, state) = &mut drain_wait, if drain_open => match state {
                     Some(Drain::Force) => return Err(shutting_down()),
                     Some(Drain::Draining) => {
@@ -1005,11 +1047,10 @@ impl UpstreamToClient<'_> {
                 tracing::info!(limit = limit.as_str(), "session limit reached: cancelling the running statement");
                 self.cancel_sent = true;
                 lock(&self.tracker).timed_out = true;
-                if let Some(t) = self.cancel_target.clone() {
+                if let Some(t) = &self.cancel_target {
+                    let cancel = t.cancel();
                     tokio::spawn(async move {
-                        if let Err(e) =
-                            crate::upstream::send_cancel(&t.upstream, t.upstream_pid, t.upstream_secret).await
-                        {
+                        if let Err(e) = cancel.await {
                             tracing::warn!(error = %e, "statement timeout: cancel request failed");
                         }
                     });

@@ -93,3 +93,64 @@ async fn a_statement_over_the_limit_is_cancelled_with_57014_and_the_session_goes
     }
     assert_eq!(counted(&proxy, "statement"), 1);
 }
+
+#[tokio::test]
+async fn a_statement_timeouts_cancel_never_reaches_the_statement_after() {
+    // PostgreSQL cancels whatever runs when a cancel request arrives, so the session holds what
+    // the client sends next until the proxy's request is through (a backend that is idle when
+    // it arrives ignores it). The next statement, well under the limit, must never fail.
+    let (addr, proxy) = start(SessionTimeouts { statement: Some(Duration::from_millis(40)), ..Default::default() });
+    let mut raw = Raw::session_at(addr).await;
+    for round in 0..60u32 {
+        raw.send(&boundary_statement(round)).await;
+        raw.until_ready().await;
+        raw.send(&msg(b'Q', &cstr("SELECT pg_sleep(0.01)"))).await;
+        assert_eq!(error_of(&raw.until_ready().await), None, "round {round}: the statement after the boundary one");
+    }
+    assert!(counted(&proxy, "statement") > 0, "some statements reached the limit");
+}
+
+#[tokio::test]
+async fn a_statement_timeouts_cancel_never_reaches_the_next_session_of_its_connection() {
+    // As above, with the session ending right after the statement: its connection goes back
+    // to the pool only once the cancel is through, and the next session never sees it.
+    let (addr, proxy) = start(SessionTimeouts { statement: Some(Duration::from_millis(40)), ..Default::default() });
+    for round in 0..60u32 {
+        let mut raw = Raw::session_at(addr).await;
+        raw.send(&boundary_statement(round)).await;
+        raw.until_ready().await;
+        raw.send(&msg(b'X', &[])).await;
+        let mut next = Raw::session_at(addr).await;
+        next.send(&msg(b'Q', &cstr("SELECT pg_sleep(0.01)"))).await;
+        assert_eq!(error_of(&next.until_ready().await), None, "round {round}: the next session's statement");
+    }
+    assert!(counted(&proxy, "statement") > 0, "some statements reached the limit");
+    assert!(
+        proxy.pool.stats.reused.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the sessions took over pooled connections"
+    );
+}
+
+/// A statement that ends around a 40 ms limit (36 to 44 ms): the proxy's cancel of it may be
+/// on its way when it has ended already.
+fn boundary_statement(round: u32) -> Vec<u8> {
+    let sleep_ms = 36 + round % 9;
+    msg(b'Q', &cstr(&format!("SELECT pg_sleep({sleep_ms} / 1000.0)")))
+}
+
+fn error_of(answer: &[(u8, Vec<u8>)]) -> Option<String> {
+    answer.iter().find(|m| m.0 == b'E').map(|m| String::from_utf8_lossy(&m.1).into_owned())
+}
+
+#[tokio::test]
+async fn a_statement_that_sends_nothing_is_cancelled_at_the_limit_not_at_the_next_wake_up() {
+    // The session's first statement, silent until it ends (0.9 s), against a 0.3 s limit: the
+    // side that enforces limits wakes for nothing from the server before the key re-check
+    // (1 s in these tests), so it must be told that a statement went out.
+    let (addr, proxy) = start(SessionTimeouts { statement: Some(Duration::from_millis(300)), ..Default::default() });
+    let mut raw = Raw::session_at(addr).await;
+    raw.send(&msg(b'Q', &cstr("SELECT pg_sleep(0.9)"))).await;
+    let error = error_of(&raw.until_ready().await).expect("cancelled at the limit");
+    assert!(error.contains("statement_timeout_ms"), "{error}");
+    assert_eq!(counted(&proxy, "statement"), 1);
+}
