@@ -157,6 +157,17 @@ impl StatementLog {
         self.segments.front().copied().or(self.segment_start)
     }
 
+    /// What was held back while a cancel was on its way goes out now: whatever is in flight is
+    /// timed from now, as the hold was the proxy's, not the statements'. (A statement sent
+    /// before the hold is timed anew too: it is the one being cancelled, or queued behind it.)
+    pub fn held_until_now(&mut self) {
+        let now = Instant::now();
+        self.segments.iter_mut().for_each(|s| *s = now);
+        if let Some(s) = &mut self.segment_start {
+            *s = now;
+        }
+    }
+
     /// When the server last answered (`None`: not yet in this session).
     pub fn last_answer(&self) -> Option<Instant> {
         self.last_answer
@@ -604,6 +615,26 @@ pub async fn flush_usage(admin_url: String, sink: std::sync::Weak<EventSink>) {
 mod tests {
     use super::*;
     use crate::auth::identity::{ActorContext, ActorType};
+
+    #[test]
+    fn statements_held_back_are_timed_from_when_they_go_out() {
+        let mut log = StatementLog::default();
+        assert_eq!(log.busy_since(), None);
+        log.touch();
+        log.boundary_sent();
+        log.touch();
+        let first = log.busy_since().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        log.held_until_now();
+        let held = log.busy_since().unwrap();
+        assert!(held > first, "timed from the release, not from the decision");
+        log.ready();
+        // The open segment (sent after the boundary) was restarted too.
+        assert!(log.busy_since().unwrap() >= held);
+        log.boundary_sent();
+        log.ready();
+        assert_eq!(log.busy_since(), None);
+    }
 
     fn ev() -> Event {
         let actor = ActorContext {

@@ -109,7 +109,9 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
     }));
 
     let cancel_target = proxy.cancels.resolve(cancel.pid, cancel.secret);
-    let statement_started = Arc::new(tokio::sync::Notify::new());
+    let statement_starts = Arc::new(StatementStarts::default());
+    // Before the server side's first turn: the client's first statement may already be here.
+    statement_starts.watch(proxy.current().timeouts);
     let cancels_in_flight = cancel_target.as_ref().map(|t| Arc::clone(&t.in_flight));
     let mut inbound = ClientToUpstream {
         proxy,
@@ -129,7 +131,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         ahead: None,
         refusal_described: std::cell::Cell::new(None),
         cancels_in_flight: cancels_in_flight.clone(),
-        statement_started: Arc::clone(&statement_started),
+        statement_starts: Arc::clone(&statement_starts),
     };
     let notify_prefix = caller.actor().map(crate::rewrite::engine::notify_prefix);
     let mut outbound = UpstreamToClient {
@@ -143,7 +145,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         usage: UsageKey::of(&origin),
         last_status: transaction_status,
         cancel_target,
-        statement_started,
+        statement_starts,
         started: Instant::now(),
         cancel_sent: false,
         pending_usage: Usage::default(),
@@ -257,10 +259,7 @@ struct ClientToUpstream<'a> {
     /// Cancels on their way to this session's backend (a statement timeout's, the client's
     /// own): nothing more goes upstream until they are through (`cancel::CancelsInFlight`).
     cancels_in_flight: Option<Arc<crate::cancel::CancelsInFlight>>,
-    /// Told when something goes upstream while a statement limit is configured: the other
-    /// direction arms its alarm only when it wakes, and a statement that sends nothing until
-    /// it ends would not wake it.
-    statement_started: Arc<tokio::sync::Notify>,
+    statement_starts: Arc<StatementStarts>,
 }
 
 /// A rewrite worked out on a blocking thread, and how long it took there.
@@ -273,10 +272,42 @@ struct Ahead {
 }
 
 /// Wait until no cancel is on its way to the backend: one arriving once its statement has ended
-/// would cancel whatever is sent next. (A free function: the session's state is not `Sync`.)
-async fn cancels_through(in_flight: Option<&crate::cancel::CancelsInFlight>) {
+/// would cancel whatever is sent next. The statements held meanwhile are timed from when they
+/// go out. (A free function: the session's state is not `Sync`.)
+async fn cancels_through(in_flight: Option<&crate::cancel::CancelsInFlight>, tracker: &Tracker) {
     if let Some(flight) = in_flight.filter(|f| !f.none()) {
         flight.settled().await;
+        lock(tracker).statements.held_until_now();
+    }
+}
+
+/// How the client side tells the server side that something went upstream, for the statement
+/// limit: the server side arms its alarm only when it wakes, and a statement that sends nothing
+/// until it ends would not wake it. Each notice costs a wake-up, so it is given only while the
+/// server side watches (a statement limit is configured).
+#[derive(Default)]
+struct StatementStarts {
+    watched: std::sync::atomic::AtomicBool,
+    notice: tokio::sync::Notify,
+}
+
+impl StatementStarts {
+    fn went_out(&self) {
+        if self.watched.load(std::sync::atomic::Ordering::Relaxed) {
+            self.notice.notify_one();
+        }
+    }
+
+    /// Watch while `limits` has a statement limit; `true` if it does.
+    fn watch(&self, limits: SessionTimeouts) -> bool {
+        let on = limits.statement.is_some();
+        self.watched.store(on, std::sync::atomic::Ordering::Relaxed);
+        on
+    }
+
+    /// The next notice (one given while nobody waited is kept for the next wait).
+    async fn told(self: Arc<Self>) {
+        self.notice.notified().await;
     }
 }
 
@@ -291,7 +322,7 @@ impl ClientToUpstream<'_> {
             while let Some(frame) = frame::split_frontend(&mut self.buf, self.max_message)? {
                 if frame.tag == b'X' {
                     if self.pooled {
-                        cancels_through(self.cancels_in_flight.as_deref()).await;
+                        cancels_through(self.cancels_in_flight.as_deref(), &self.tracker).await;
                         self.upstream.write_all(&out).await?;
                         self.upstream.flush().await?;
                         return Ok(true);
@@ -308,12 +339,10 @@ impl ClientToUpstream<'_> {
                 handled?;
             }
             if !out.is_empty() {
-                cancels_through(self.cancels_in_flight.as_deref()).await;
+                cancels_through(self.cancels_in_flight.as_deref(), &self.tracker).await;
                 self.upstream.write_all(&out).await?;
                 out.clear();
-                if self.proxy.current().timeouts.statement.is_some() {
-                    self.statement_started.notify_one();
-                }
+                self.statement_starts.went_out();
             }
             if self.buf.capacity() - self.buf.len() < 4096 {
                 self.buf.reserve(8192);
@@ -896,8 +925,7 @@ struct UpstreamToClient<'a> {
     /// session's own notifications (NOTIFY on a channel it listens to) carry the client's, as
     /// they would from the server.
     own_pid: Option<(i32, i32)>,
-    /// See `ClientToUpstream::statement_started`.
-    statement_started: Arc<tokio::sync::Notify>,
+    statement_starts: Arc<StatementStarts>,
 }
 
 impl UpstreamToClient<'_> {
@@ -915,7 +943,7 @@ impl UpstreamToClient<'_> {
         let mut drain_wait = Box::pin(drain_changed(self.proxy.drain.subscribe()));
         let mut draining = *self.proxy.drain.borrow() != Drain::Running;
         let mut drain_open = true;
-        let mut started_wait = std::pin::pin!(Arc::clone(&self.statement_started).notified_owned());
+        let mut started_wait = std::pin::pin!(Arc::clone(&self.statement_starts).told());
         loop {
             // Relay whatever complete messages are buffered (leftovers from the handshake first).
             self.relay_buffered(&mut out)?;
@@ -927,7 +955,9 @@ impl UpstreamToClient<'_> {
             if draining && self.last_status == b'I' && lock(&self.tracker).statements.quiescent() {
                 return Err(shutting_down());
             }
-            let limit = self.next_limit();
+            let limits = self.proxy.current().timeouts;
+            let limit = self.next_limit(limits);
+            let watching = self.statement_starts.watch(limits);
             let due = limit.map_or(recheck_at, |(at, _)| recheck_at.min(at.into()));
             if due != armed {
                 alarm.as_mut().reset(due);
@@ -950,7 +980,7 @@ impl UpstreamToClient<'_> {
                     }
                 }
                 // A statement went out: the loop's next turn arms its limit.
-                () = &mut started_wait => started_wait.set(Arc::clone(&self.statement_started).notified_owned()),
+                () = &mut started_wait, if watching => started_wait.set(Arc::clone(&self.statement_starts).told()),
                 (rx, state) = &mut drain_wait, if drain_open => match state {
                     Some(Drain::Force) => return Err(shutting_down()),
                     Some(Drain::Draining) => {
@@ -994,8 +1024,7 @@ impl UpstreamToClient<'_> {
     /// The next session limit due (`config::SessionTimeouts`): while something is in flight,
     /// the statement timeout from its start; while idle, the idle or idle-in-transaction
     /// timeout from the server's last answer.
-    fn next_limit(&self) -> Option<(Instant, SessionLimit)> {
-        let limits = self.proxy.current().timeouts;
+    fn next_limit(&self, limits: SessionTimeouts) -> Option<(Instant, SessionLimit)> {
         if limits == SessionTimeouts::default() {
             return None;
         }
@@ -1014,7 +1043,8 @@ impl UpstreamToClient<'_> {
     /// A limit's deadline passed: act if it still holds (the client may have sent something
     /// meanwhile, which the other direction does not announce).
     fn limit_reached(&mut self) -> Result<(), SessionEnd> {
-        let Some((at, limit)) = self.next_limit() else { return Ok(()) };
+        let limits = self.proxy.current().timeouts;
+        let Some((at, limit)) = self.next_limit(limits) else { return Ok(()) };
         if at > Instant::now() {
             return Ok(());
         }
