@@ -145,6 +145,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(again.param_rules, rw.param_rules, "bound-value rules changed for {sql:?}");
         check_new_ways(sql, rw, &actor, false);
     }
+    if let Err(e) = &first {
+        // What is logged of a refusal only ever leaves things out (`Refusal::logged`).
+        assert!(e.logged().len() <= e.to_string().len() + 1, "logged reason grew: {e}");
+    }
     if verbose() {
         match &first {
             Ok(rw) => eprintln!("PASS OK {:?} -> {:?} {:?}", sql, rw.sql, rw.statement_kinds),
