@@ -76,7 +76,7 @@ fn quoted_values_left_out(message: &str) -> Cow<'_, str> {
                         tail
                     }
                     None => {
-                        out.push_str("?\"");
+                        out.push_str(word_or_mark(after));
                         ""
                     }
                 }
@@ -96,12 +96,12 @@ fn quoted_values_left_out(message: &str) -> Cow<'_, str> {
                 match after.split_once(q) {
                     Some((token, tail)) => {
                         // Between apostrophes is a string, whatever it reads like.
-                        out.push_str(if q == '"' { word_or_mark(token) } else { "?" });
+                        out.push_str(if q == '"' { word_or_mark(token) } else { mark(token) });
                         out.push(q);
                         tail
                     }
                     None => {
-                        out.push('?');
+                        out.push_str(mark(after));
                         ""
                     }
                 }
@@ -137,14 +137,20 @@ fn next_quote(text: &str) -> Option<(usize, Quoted)> {
 }
 
 /// `token` if it is a word (a keyword or a name), a parameter (`$1`) or an operator or
-/// punctuation: what a parser's message may keep; `?` for anything else (a string in any
-/// quoting, a number, an expression).
+/// punctuation: what a parser's message may keep; else `mark(token)` (a string in any quoting,
+/// a number, an expression).
 fn word_or_mark(token: &str) -> &str {
     let word = token.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
         && token.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '$' | '.'));
     let parameter = token.strip_prefix('$').is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
     let operator = !token.is_empty() && token.chars().all(|c| "+-*/<>=~!@#%^&|`?()[]{},;:.".contains(c));
-    if word || parameter || operator { token } else { "?" }
+    if word || parameter || operator { token } else { mark(token) }
+}
+
+/// `?` in place of a value; nothing for nothing (so what is logged is never longer than the
+/// message).
+fn mark(token: &str) -> &str {
+    if token.is_empty() { token } else { "?" }
 }
 
 #[cfg(test)]
@@ -200,6 +206,9 @@ mod tests {
             ),
             ("refused: PostgreSQL's printing of it reads differently; the proxy's own", None),
             ("refused: unterminated \"SECRET", Some("unterminated \"?")),
+            ("refused: cannot parse SQL: syntax error at or near \"'SECRET", Some("at or near \"?")),
+            ("Expected: an expression, found: ''", Some("found: ?")),
+            ("a '' b \"\" c", None),
         ] {
             let refusal = Refusal::Syntax(message.to_owned());
             let got = refusal.logged();
@@ -210,6 +219,13 @@ mod tests {
                     assert!(!got.contains("SECRET") && !got.contains("4111"), "{got:?}");
                 }
             }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn what_is_logged_is_never_longer_than_the_message(message in "(.|'|\"| at or near \"|found: | at Line: )*") {
+            proptest::prop_assert!(quoted_values_left_out(&message).len() <= message.len());
         }
     }
 
