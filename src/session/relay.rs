@@ -259,6 +259,7 @@ struct ClientToUpstream<'a> {
     /// Cancels on their way to this session's backend (a statement timeout's, the client's
     /// own): nothing more goes upstream until they are through (`cancel::CancelsInFlight`).
     cancels_in_flight: Option<Arc<crate::cancel::CancelsInFlight>>,
+    /// Says when something went upstream, for the other side's statement limit.
     statement_starts: Arc<StatementStarts>,
 }
 
@@ -925,6 +926,7 @@ struct UpstreamToClient<'a> {
     /// session's own notifications (NOTIFY on a channel it listens to) carry the client's, as
     /// they would from the server.
     own_pid: Option<(i32, i32)>,
+    /// Hears when something went upstream: the statement limit is armed from then.
     statement_starts: Arc<StatementStarts>,
 }
 
@@ -1041,7 +1043,7 @@ impl UpstreamToClient<'_> {
     }
 
     /// A limit's deadline passed: act if it still holds (the client may have sent something
-    /// meanwhile, which the other direction does not announce).
+    /// meanwhile: an idle limit armed before it no longer applies).
     fn limit_reached(&mut self) -> Result<(), SessionEnd> {
         let limits = self.proxy.current().timeouts;
         let Some((at, limit)) = self.next_limit(limits) else { return Ok(()) };
