@@ -227,14 +227,19 @@ fn check_bound(b: &struere_proxy::rewrite::Bound, filled: &str) {
     let parsed = pg_query::parse(&b.sql, 0).expect("the parameterised form parses");
     assert_eq!(parsed.protobuf.stmts.len(), 1, "one statement: {}", b.sql);
     let ungated = !b.sql.contains("num_nulls(") && filled.contains("num_nulls(");
+    // A `$` that may start a parameter: not inside a word (`a$1` is an identifier).
+    let may_start = |i: usize| !b.sql[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == '$');
     // `$k` not followed by a digit (`$1` is no part of `$12`).
     let uses = |k: usize| {
         let marker = format!("${}", k + 1);
-        b.sql.match_indices(&marker).filter(|(i, _)| !b.sql[i + marker.len()..].starts_with(|c: char| c.is_ascii_digit())).count()
+        b.sql
+            .match_indices(&marker)
+            .filter(|(i, _)| may_start(*i) && !b.sql[i + marker.len()..].starts_with(|c: char| c.is_ascii_digit()))
+            .count()
     };
     let counts: Vec<usize> = (0..b.values.len()).map(uses).collect();
     if b.sql.matches('$').count() != counts.iter().sum::<usize>() {
-        return; // a `$` inside a fixed literal: the text replacement below would be ambiguous
+        return; // a `$` inside a fixed literal or a name: the text replacement below would be ambiguous
     }
     assert!(counts.iter().all(|&n| n == 1 || (ungated && n == 0)), "each parameter once: {counts:?} in {}", b.sql);
     let mut text = b.sql.to_string();
