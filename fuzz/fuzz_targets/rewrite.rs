@@ -227,28 +227,27 @@ fn check_bound(b: &struere_proxy::rewrite::Bound, filled: &str) {
     let parsed = pg_query::parse(&b.sql, 0).expect("the parameterised form parses");
     assert_eq!(parsed.protobuf.stmts.len(), 1, "one statement: {}", b.sql);
     let ungated = !b.sql.contains("num_nulls(") && filled.contains("num_nulls(");
-    // A `$` that may start a parameter: not inside a word (`a$1` is an identifier).
-    let may_start = |i: usize| !b.sql[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == '$');
-    // `$k` not followed by a digit (`$1` is no part of `$12`).
-    let uses = |k: usize| {
-        let marker = format!("${}", k + 1);
-        b.sql
-            .match_indices(&marker)
-            .filter(|(i, _)| may_start(*i) && !b.sql[i + marker.len()..].starts_with(|c: char| c.is_ascii_digit()))
-            .count()
-    };
-    let counts: Vec<usize> = (0..b.values.len()).map(uses).collect();
-    if b.sql.matches('$').count() != counts.iter().sum::<usize>() {
-        return; // a `$` inside a fixed literal or a name: the text replacement below would be ambiguous
-    }
+    // The parameters as PostgreSQL's lexer finds them (a `$1` inside a string or a name is none).
+    let scanned = pg_query::scan(&b.sql).expect("the parameterised form scans");
+    let params: Vec<(usize, usize)> = scanned
+        .tokens
+        .iter()
+        .filter(|t| t.token == pg_query::protobuf::Token::Param as i32)
+        .map(|t| (t.start as usize, t.end as usize))
+        .collect();
+    let number = |&(start, end): &(usize, usize)| b.sql[start + 1..end].parse::<usize>().expect("a parameter number");
+    let counts: Vec<usize> = (1..=b.values.len()).map(|k| params.iter().filter(|p| number(p) == k).count()).collect();
     assert!(counts.iter().all(|&n| n == 1 || (ungated && n == 0)), "each parameter once: {counts:?} in {}", b.sql);
+    assert_eq!(counts.iter().sum::<usize>(), params.len(), "no parameter beyond the values: {}", b.sql);
+    // Each parameter where the lexer found it, back to front, replaced by its value as a literal.
     let mut text = b.sql.to_string();
-    for k in (0..b.values.len()).rev().filter(|&k| counts[k] == 1) {
+    for p in params.iter().rev() {
+        let k = number(p) - 1;
         let literal = match b.types[k] {
             0 => struere_proxy::rewrite::string_literal(&b.values[k]),
             _ => b.values[k].clone(),
         };
-        text = text.replacen(&format!("${}", k + 1), &literal, 1);
+        text.replace_range(p.0..p.1, &literal);
     }
     if !ungated {
         assert_eq!(text, filled, "the parameterised form is not the filled text");
