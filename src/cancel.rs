@@ -176,9 +176,14 @@ impl CancelRegistry {
 
     /// The target for a CancelRequest, if and only if the secret matches.
     pub fn resolve(&self, pid: i32, secret: i32) -> Option<CancelTarget> {
+        self.matching(pid, secret).map(|t| t.clone())
+    }
+
+    /// The registered entry for `pid`, if `secret` is its own (compared in constant time).
+    fn matching(&self, pid: i32, secret: i32) -> Option<dashmap::mapref::one::Ref<'_, i32, CancelTarget>> {
         let t = self.targets.get(&pid)?;
         let ok: bool = t.secret.to_be_bytes().ct_eq(&secret.to_be_bytes()).into();
-        ok.then(|| t.clone())
+        ok.then_some(t)
     }
 
     /// The cancel a CancelRequest asks for, if and only if the secret matches. It counts as in
@@ -189,9 +194,8 @@ impl CancelRegistry {
         pid: i32,
         secret: i32,
     ) -> Option<impl Future<Output = Result<(), UpstreamError>> + Send + use<>> {
-        let t = self.targets.get(&pid)?;
-        let ok: bool = t.secret.to_be_bytes().ct_eq(&secret.to_be_bytes()).into();
-        ok.then(|| t.cancel())
+        // Started while the entry is held: unregistering waits for it.
+        self.matching(pid, secret).map(|t| t.cancel())
     }
 
     pub fn len(&self) -> usize {

@@ -203,11 +203,11 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
             let status = outbound.last_status;
             tokio::spawn(async move {
                 // A cancel still on its way would reach whoever has the connection next.
-                let cancels_through = match &cancels_in_flight {
+                let through = match &cancels_in_flight {
                     Some(flight) => flight.settled().await,
                     None => true,
                 };
-                if cancels_through {
+                if through {
                     pool.give_back(key, conn, status).await;
                 } else {
                     pool.discard(conn).await;
@@ -1051,7 +1051,6 @@ impl UpstreamToClient<'_> {
             return Ok(());
         }
         self.proxy.metrics.timeout(limit);
-        let limits = self.proxy.current().timeouts;
         let secs = |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_secs());
         match limit {
             SessionLimit::IdleSession => {

@@ -206,17 +206,8 @@ async fn a_simple_query_refused_for_its_bound_value_rule_names_what_the_rewrite_
     let dev = f.as_actor(&org, Environment::Development, "admin", ActorType::User, "a-1").await;
     let err = dev.simple_query("SELECT set_config($1, 'x', false) FROM entities").await.unwrap_err();
     assert!(err.as_db_error().is_some_and(|e| e.message().contains("only in a prepared statement")), "{err:?}");
-    let admin = f.admin().await;
-    let sql = "SELECT count(*) FROM struere.events WHERE organization_id = $1 AND verdict = 'refused'";
-    assert_eq!(wait_for(&admin, sql, &org, 1).await, 1);
-    let row = admin
-        .query_one(
-            "SELECT array_to_string(kinds, ','), array_to_string(tables, ',') FROM struere.events \
-             WHERE organization_id = $1 AND verdict = 'refused'",
-            &[&org],
-        )
-        .await
-        .unwrap();
+    let row =
+        the_refused_event(&f.admin().await, &org, "array_to_string(kinds, ','), array_to_string(tables, ',')").await;
     assert_eq!((row.get::<_, String>(0), row.get::<_, String>(1)), ("SelectStmt".into(), "entities".into()));
 }
 
@@ -228,17 +219,15 @@ async fn a_refusals_reason_holds_no_value_the_parsers_quote() {
     // The client is told the token PostgreSQL stopped at; the audit event is not.
     let err = dev.simple_query("SELECT 'x' 'EVENT-VALUE-4711'").await.unwrap_err();
     assert!(err.as_db_error().is_some_and(|e| e.message().contains("EVENT-VALUE-4711")), "{err:?}");
-    let admin = f.admin().await;
-    let sql = "SELECT count(*) FROM struere.events WHERE organization_id = $1 AND verdict = 'refused'";
-    assert_eq!(wait_for(&admin, sql, &org, 1).await, 1);
-    let row = admin
-        .query_one(
-            "SELECT sqlstate, reason FROM struere.events WHERE organization_id = $1 AND verdict = 'refused'",
-            &[&org],
-        )
-        .await
-        .unwrap();
+    let row = the_refused_event(&f.admin().await, &org, "sqlstate, reason").await;
     let (code, reason): (String, String) = (row.get(0), row.get(1));
     assert_eq!(code, "42601");
     assert!(reason.ends_with(r#"syntax error at or near "?""#), "{reason}");
+}
+
+/// `columns` of the one refused event of `org`, once it is stored.
+async fn the_refused_event(admin: &Client, org: &str, columns: &str) -> tokio_postgres::Row {
+    let refused = "FROM struere.events WHERE organization_id = $1 AND verdict = 'refused'";
+    assert_eq!(wait_for(admin, &format!("SELECT count(*) {refused}"), org, 1).await, 1);
+    admin.query_one(&format!("SELECT {columns} {refused}"), &[&org]).await.unwrap()
 }
