@@ -115,6 +115,11 @@ pub struct RawConfig {
     pub pool_max_idle: Option<usize>,
     /// Seconds an idle pooled upstream connection is kept.
     pub pool_idle_timeout_secs: Option<u64>,
+    /// Upstream connections busy at once (in a transaction, or answering), across all sessions;
+    /// the others wait their turn. 0: no limit.
+    pub pool_max_active: Option<usize>,
+    /// Longest a session waits for its turn under `pool_max_active`, in seconds; then it is ended (53300).
+    pub pool_wait_timeout_secs: Option<u64>,
     /// Address of the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`); off when unset.
     pub admin_listen: Option<String>,
     /// Concurrent sessions one key may hold.
@@ -169,6 +174,8 @@ impl RawConfig {
             allow_unsafe_upstream_role: over.allow_unsafe_upstream_role.or(self.allow_unsafe_upstream_role),
             pool_max_idle: over.pool_max_idle.or(self.pool_max_idle),
             pool_idle_timeout_secs: over.pool_idle_timeout_secs.or(self.pool_idle_timeout_secs),
+            pool_max_active: over.pool_max_active.or(self.pool_max_active),
+            pool_wait_timeout_secs: over.pool_wait_timeout_secs.or(self.pool_wait_timeout_secs),
             admin_listen: over.admin_listen.or(self.admin_listen),
             max_connections_per_key: over.max_connections_per_key.or(self.max_connections_per_key),
             max_rewrite_ms: over.max_rewrite_ms.or(self.max_rewrite_ms),
@@ -320,6 +327,10 @@ pub struct PoolSettings {
     /// Idle connections kept per pool key; 0: no pooling (every session connects and closes).
     pub max_idle: usize,
     pub idle_timeout: Duration,
+    /// Upstream connections busy at once across all sessions (`pool::ActiveLimit`); 0: no limit.
+    pub max_active: usize,
+    /// How long a session waits for its turn before it is ended.
+    pub wait_timeout: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -418,6 +429,9 @@ impl Settings {
             pool: PoolSettings {
                 max_idle: raw.pool_max_idle.unwrap_or(32),
                 idle_timeout: Duration::from_secs(raw.pool_idle_timeout_secs.unwrap_or(300).max(1)),
+                max_active: raw.pool_max_active.unwrap_or(0),
+                // PgBouncer's query_wait_timeout.
+                wait_timeout: Duration::from_secs(raw.pool_wait_timeout_secs.unwrap_or(120).max(1)),
             },
             admin_listen: raw.admin_listen,
             max_connections_per_key: raw.max_connections_per_key.unwrap_or(100).max(1),

@@ -187,6 +187,28 @@ pub fn render(proxy: &crate::server::Proxy) -> String {
     line(&mut out, "struere_pool_returned_total", "counter", "Connections reset and pooled.", get(&pool.returned));
     line(&mut out, "struere_pool_closed_total", "counter", "Pooled or returned connections closed.", get(&pool.closed));
     line(&mut out, "struere_pool_idle", "gauge", "Idle pooled upstream connections.", proxy.pool.idle_count() as u64);
+    let active = &proxy.pool.active;
+    line(
+        &mut out,
+        "struere_pool_active",
+        "gauge",
+        "Upstream connections holding a turn under pool_max_active (0 without a limit).",
+        active.in_use() as u64,
+    );
+    line(&mut out, "struere_pool_waiting", "gauge", "Sessions waiting for a turn.", get(&active.stats.waiting));
+    line(&mut out, "struere_pool_waits_total", "counter", "Turns that had to wait.", get(&active.stats.waits));
+    let _ = writeln!(
+        out,
+        "# HELP struere_pool_wait_seconds_total Time sessions waited for a turn.\n# TYPE struere_pool_wait_seconds_total counter\nstruere_pool_wait_seconds_total {:.6}",
+        get(&active.stats.wait_us) as f64 / 1e6
+    );
+    line(
+        &mut out,
+        "struere_pool_wait_timeouts_total",
+        "counter",
+        "Sessions ended after pool_wait_timeout_secs without a turn.",
+        get(&active.stats.wait_timeouts),
+    );
 
     let _ =
         writeln!(out, "# HELP struere_statements_total Statement decisions.\n# TYPE struere_statements_total counter");

@@ -10,7 +10,17 @@
 //! environments. Anything unexpected during the reset closes the connection instead.
 //! Transaction pooling would hand connections over at ReadyForQuery 'I' instead of at Terminate;
 //! the key and the reset stay the same.
+//!
+//! Apart from the pool, `pool_max_active` bounds how many upstream connections are busy at once
+//! ([`ActiveLimit`]): a session takes a turn when it sends something while it holds none, and
+//! gives it back at a ReadyForQuery that leaves it idle with nothing else sent ([`ActiveHold`]).
+//! Idle sessions keep their backends but cost PostgreSQL nothing; what the bound saves is the
+//! CPU many runnable backends waste on a few cores (PgBouncer's transaction mode gets the same
+//! from its pool size). A transaction keeps its turn until it ends, so only a session outside
+//! any transaction ever waits for one (and holds no lock then, save session-level advisory
+//! locks, which `allow_functions` would have to allow).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -66,11 +76,18 @@ pub struct UpstreamPool {
     settings: PoolSettings,
     idle: DashMap<PoolKey, Vec<Idle>>,
     pub stats: PoolStats,
+    /// The bound on busy upstream connections, pooled or not.
+    pub active: ActiveLimit,
 }
 
 impl UpstreamPool {
     pub fn new(settings: PoolSettings) -> UpstreamPool {
-        UpstreamPool { settings, idle: DashMap::new(), stats: PoolStats::default() }
+        UpstreamPool {
+            settings,
+            idle: DashMap::new(),
+            stats: PoolStats::default(),
+            active: ActiveLimit::new(settings.max_active, settings.wait_timeout),
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -158,6 +175,117 @@ impl UpstreamPool {
     }
 }
 
+/// At most `max_active` upstream connections busy at once, across all sessions (`pool_max_active`).
+pub struct ActiveLimit {
+    /// `None`: no limit.
+    turns: Option<Arc<tokio::sync::Semaphore>>,
+    max: usize,
+    wait_timeout: Duration,
+    pub stats: ActiveStats,
+}
+
+/// A session's turn: given back when dropped.
+pub type Turn = tokio::sync::OwnedSemaphorePermit;
+
+/// Counters for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct ActiveStats {
+    /// Sessions waiting for a turn now.
+    pub waiting: AtomicU64,
+    /// Turns that had to wait.
+    pub waits: AtomicU64,
+    /// Time spent waiting, in microseconds.
+    pub wait_us: AtomicU64,
+    /// Sessions ended for having waited `pool_wait_timeout_secs`.
+    pub wait_timeouts: AtomicU64,
+}
+
+impl ActiveLimit {
+    pub fn new(max: usize, wait_timeout: Duration) -> ActiveLimit {
+        let turns = (max > 0).then(|| Arc::new(tokio::sync::Semaphore::new(max)));
+        ActiveLimit { turns, max, wait_timeout, stats: ActiveStats::default() }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.turns.is_some()
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    pub fn wait_timeout(&self) -> Duration {
+        self.wait_timeout
+    }
+
+    /// Turns held now.
+    pub fn in_use(&self) -> usize {
+        self.turns.as_ref().map_or(0, |t| self.max.saturating_sub(t.available_permits()))
+    }
+
+    /// A turn: at once if one is free, else in order of arrival (tokio's semaphore is fair).
+    /// `None` without a limit; `Err` after `wait_timeout`.
+    pub async fn turn(&self) -> Result<Option<Turn>, WaitedTooLong> {
+        let Some(turns) = &self.turns else { return Ok(None) };
+        if let Ok(turn) = Arc::clone(turns).try_acquire_owned() {
+            return Ok(Some(turn));
+        }
+        let started = Instant::now();
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let waited = tokio::time::timeout(self.wait_timeout, Arc::clone(turns).acquire_owned()).await;
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.stats.waits.fetch_add(1, Ordering::Relaxed);
+        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.stats.wait_us.fetch_add(took, Ordering::Relaxed);
+        match waited {
+            // The semaphore is never closed.
+            Ok(turn) => Ok(turn.ok()),
+            Err(_) => {
+                self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(WaitedTooLong)
+            }
+        }
+    }
+}
+
+/// No turn came within `pool_wait_timeout_secs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitedTooLong;
+
+/// What one session holds of the [`ActiveLimit`], kept beside the round trips it has sent.
+#[derive(Debug, Default)]
+pub struct ActiveHold {
+    turn: Option<Turn>,
+    /// Extended-protocol messages went upstream after the last Sync: the server owes answers
+    /// that no ReadyForQuery announces yet.
+    trailing: bool,
+}
+
+impl ActiveHold {
+    /// Whether the session must take a turn before it sends (only asked under a limit).
+    pub fn needs_turn(&self) -> bool {
+        self.turn.is_none()
+    }
+
+    pub fn hold(&mut self, turn: Turn) {
+        self.turn = Some(turn);
+    }
+
+    /// Something is about to go upstream; `trailing`: extended-protocol messages without their
+    /// Sync are among what has gone since the last Sync.
+    pub fn sending(&mut self, trailing: bool) {
+        self.trailing = trailing;
+    }
+
+    /// A ReadyForQuery with transaction status `status` came, with `unanswered` round trips
+    /// still owed one: the turn goes back when the connection is idle and owes nothing.
+    pub fn ready(&mut self, status: u8, unanswered: usize) {
+        if status == b'I' && unanswered == 0 && !self.trailing {
+            self.turn = None;
+        }
+    }
+}
+
 /// An idle backend sends nothing: any byte waiting (or the end of the stream) means it is
 /// terminating, or in a state the pool did not leave it in.
 async fn still_idle(conn: &mut UpstreamConn) -> bool {
@@ -207,4 +335,79 @@ async fn reset(conn: &mut UpstreamConn, status: u8) -> Result<(), &'static str> 
     tokio::time::timeout(RESET_TIMEOUT, exchange).await.map_err(|_| "reset timed out")??;
     conn.transaction_status = b'I';
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAIT: Duration = Duration::from_millis(50);
+
+    #[tokio::test]
+    async fn without_a_limit_no_turn_is_taken() {
+        let limit = ActiveLimit::new(0, WAIT);
+        assert!(!limit.enabled());
+        assert!(limit.turn().await.unwrap().is_none());
+        assert_eq!(limit.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn turns_are_bounded_and_a_wait_ends_after_the_timeout() {
+        let limit = ActiveLimit::new(2, WAIT);
+        let a = limit.turn().await.unwrap();
+        let b = limit.turn().await.unwrap();
+        assert!(a.is_some() && b.is_some());
+        assert_eq!(limit.in_use(), 2);
+        assert_eq!(limit.turn().await.unwrap_err(), WaitedTooLong);
+        assert_eq!(limit.stats.wait_timeouts.load(Ordering::Relaxed), 1);
+        assert_eq!(limit.stats.waits.load(Ordering::Relaxed), 1);
+        assert_eq!(limit.stats.waiting.load(Ordering::Relaxed), 0);
+        drop(a);
+        assert_eq!(limit.in_use(), 1);
+        assert!(limit.turn().await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_session_gets_the_turn_given_back() {
+        let limit = Arc::new(ActiveLimit::new(1, Duration::from_secs(30)));
+        let held = limit.turn().await.unwrap();
+        let waiter = tokio::spawn({
+            let limit = Arc::clone(&limit);
+            async move { limit.turn().await.map(|t| t.is_some()) }
+        });
+        while limit.stats.waiting.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished());
+        drop(held);
+        assert_eq!(waiter.await.unwrap(), Ok(true));
+    }
+
+    /// The hold's rule: the turn goes back only at a ReadyForQuery that leaves the connection
+    /// idle, owing no other ReadyForQuery and no answers to unsynced extended messages.
+    #[tokio::test]
+    async fn a_turn_is_kept_through_transactions_and_owed_answers() {
+        let limit = ActiveLimit::new(1, WAIT);
+        let mut hold = ActiveHold::default();
+        assert!(hold.needs_turn());
+        hold.sending(false);
+        hold.hold(limit.turn().await.unwrap().unwrap());
+        // BEGIN: in a transaction ('T'), then failed ('E'): kept.
+        hold.ready(b'T', 0);
+        hold.ready(b'E', 0);
+        assert!(!hold.needs_turn());
+        // Idle, but another Query's ReadyForQuery is still owed: kept.
+        hold.ready(b'I', 1);
+        assert!(!hold.needs_turn());
+        // Idle, but a Parse/Bind/Execute went up without its Sync: kept.
+        hold.sending(true);
+        hold.ready(b'I', 0);
+        assert!(!hold.needs_turn());
+        assert_eq!(limit.in_use(), 1);
+        // The Sync went, and its ReadyForQuery says idle: given back.
+        hold.sending(false);
+        hold.ready(b'I', 0);
+        assert!(hold.needs_turn());
+        assert_eq!(limit.in_use(), 0);
+    }
 }

@@ -56,6 +56,8 @@ struct Book {
     /// The proxy cancelled the running statement (`statement_timeout_ms`): the server's 57014
     /// for it is reported as a statement timeout.
     timed_out: bool,
+    /// This session's turn under `pool_max_active` (`pool::ActiveLimit`).
+    active: crate::pool::ActiveHold,
 }
 
 impl Book {
@@ -106,6 +108,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         open_unit: Synthetic::default(),
         units: VecDeque::new(),
         timed_out: false,
+        active: crate::pool::ActiveHold::default(),
     }));
 
     let cancel_target = proxy.cancels.resolve(cancel.pid, cancel.secret);
@@ -341,6 +344,7 @@ impl ClientToUpstream<'_> {
             }
             if !out.is_empty() {
                 cancels_through(self.cancels_in_flight.as_deref(), &self.tracker).await;
+                self.take_turn().await?;
                 self.upstream.write_all(&out).await?;
                 out.clear();
                 self.statement_starts.went_out();
@@ -352,6 +356,38 @@ impl ClientToUpstream<'_> {
                 return Err(SessionEnd::ClientClosed);
             }
         }
+    }
+
+    /// Under `pool_max_active`, hold a turn before anything goes upstream: at once if the
+    /// session holds one (its transaction, or answers still owed) or one is free, else in
+    /// order of arrival; ended (53300) after `pool_wait_timeout_secs`.
+    async fn take_turn(&mut self) -> Result<(), SessionEnd> {
+        let limit = &self.proxy.pool.active;
+        if !limit.enabled() {
+            return Ok(());
+        }
+        let needed = {
+            let mut book = lock(&self.tracker);
+            book.active.sending(self.extended_open);
+            book.active.needs_turn()
+        };
+        if needed {
+            match limit.turn().await {
+                Ok(Some(turn)) => lock(&self.tracker).active.hold(turn),
+                Ok(None) => {}
+                Err(crate::pool::WaitedTooLong) => {
+                    return Err(SessionEnd::fatal(
+                        SqlState::TOO_MANY_CONNECTIONS,
+                        format!(
+                            "no upstream connection was free for {} s (pool_max_active = {}); try again later",
+                            limit.wait_timeout().as_secs(),
+                            limit.max()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A Query or Parse of an environment session whose rewrite the cache does not hold: work
@@ -518,7 +554,7 @@ impl ClientToUpstream<'_> {
                 self.extended_open = true;
                 self.named_message(&frame, out)?;
             }
-            b'E' | b'H' => {
+            b'B' | b'D' | b'C' | b'E' | b'H' => {
                 self.extended_open = true;
                 out.extend_from_slice(&frame.raw);
             }
@@ -528,7 +564,7 @@ impl ClientToUpstream<'_> {
                     "protocol violation: unexpected password message after authentication",
                 ));
             }
-            // Bind, Describe, Execute, Close, Flush and the COPY messages carry no SQL text.
+            // The COPY messages carry no SQL text.
             _ => out.extend_from_slice(&frame.raw),
         }
         Ok(())
@@ -1165,6 +1201,8 @@ impl UpstreamToClient<'_> {
         let action = tracker.refusals.on_backend(frame.tag, frame.body);
         if frame.tag == b'Z' {
             tracker.units.pop_front();
+            let unanswered = tracker.units.len();
+            tracker.active.ready(self.last_status, unanswered);
             tracker.timed_out = false;
             self.cancel_sent = false;
         }

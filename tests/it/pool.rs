@@ -131,3 +131,123 @@ async fn a_connection_left_with_a_query_in_flight_is_closed_not_pooled() {
     let c = p.connect(&acme).await;
     assert_ne!(pid(&c).await, first);
 }
+
+// ---------------------------------------------------------------------------------------------
+// pool_max_active: at most N upstream connections busy at once; the others wait their turn.
+
+fn limited(max_active: usize, wait_timeout: Duration) -> Pooled {
+    let mut settings = fixture().settings.clone();
+    settings.pool.max_active = max_active;
+    settings.pool.wait_timeout = wait_timeout;
+    let (addr, proxy) = fixture().start_proxy(settings);
+    Pooled { addr, proxy }
+}
+
+impl Pooled {
+    fn turns_held(&self) -> usize {
+        self.proxy.pool.active.in_use()
+    }
+
+    /// Wait until no turn is held. (`query_one` returns at CommandComplete, which may reach
+    /// the client before the proxy has read the ReadyForQuery that gives the turn back.)
+    async fn no_turn_held(&self, after: &str) {
+        let start = Instant::now();
+        while self.turns_held() != 0 {
+            assert!(start.elapsed() < Duration::from_secs(30), "a turn was kept after {after}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Wait until `n` sessions wait for a turn.
+    async fn wait_waiting(&self, n: u64) {
+        let start = Instant::now();
+        while self.proxy.pool.active.stats.waiting.load(Ordering::Relaxed) != n {
+            assert!(start.elapsed() < Duration::from_secs(30), "no session came to wait for a turn");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_transaction_keeps_its_turn_and_the_next_session_waits_for_it() {
+    let p = limited(1, Duration::from_secs(60));
+    let acme = key("acme", Environment::Development).await;
+    let (a, b) = (p.connect(&acme).await, p.connect(&acme).await);
+    a.batch_execute("BEGIN").await.unwrap();
+    a.query_one("SELECT 1", &[]).await.unwrap();
+    assert_eq!(p.turns_held(), 1);
+    let waiting = tokio::spawn(async move { b.query_one("SELECT 2", &[]).await.map(|r| r.get::<_, i32>(0)) });
+    p.wait_waiting(1).await;
+    // The transaction goes on; the other session still waits (it holds no turn).
+    a.query_one("SELECT 3", &[]).await.unwrap();
+    assert!(!waiting.is_finished());
+    assert_eq!(p.proxy.pool.active.stats.waiting.load(Ordering::Relaxed), 1);
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap(), 2);
+    p.no_turn_held("after the waiting session's statement").await;
+    assert_eq!(p.proxy.pool.active.stats.waits.load(Ordering::Relaxed), 1);
+    let metrics = struere_proxy::metrics::render(&p.proxy);
+    assert!(metrics.contains("\nstruere_pool_waits_total 1\n"), "{metrics}");
+}
+
+/// Every kind of exchange gives its turn back once the connection is idle and owes nothing:
+/// a turn kept by mistake would stall every other session for good.
+#[tokio::test]
+async fn every_kind_of_round_trip_gives_its_turn_back_when_it_is_answered() {
+    let p = limited(1, Duration::from_secs(60));
+    let acme = key("acme", Environment::Development).await;
+    let c = p.connect(&acme).await;
+    c.batch_execute("SELECT 1; SELECT 2").await.unwrap();
+    p.no_turn_held("simple Query, two statements").await;
+    let statement = c.prepare("SELECT $1::int + 1").await.unwrap();
+    c.query_one(&statement, &[&1i32]).await.unwrap();
+    p.no_turn_held("Parse/Describe/Sync, then Bind/Execute/Sync").await;
+    // Pipelined: tokio-postgres sends each query's messages without waiting for the others'.
+    let (x, y, z) = tokio::join!(
+        c.query_one(&statement, &[&1i32]),
+        c.query_one(&statement, &[&2i32]),
+        c.query_one("SELECT count(*) FROM users", &[])
+    );
+    x.unwrap();
+    y.unwrap();
+    z.unwrap();
+    p.no_turn_held("pipelined round trips").await;
+    assert_eq!(code(&c.query_one("SELECT 1/0", &[]).await.unwrap_err()), "22012");
+    p.no_turn_held("a statement the server fails").await;
+    let refused = c.query_one("SELECT * FROM pg_authid", &[]).await.unwrap_err();
+    assert_eq!(code(&refused), "42501");
+    p.no_turn_held("a statement the proxy refuses").await;
+    let copied = c.copy_out("COPY (SELECT 1) TO STDOUT").await.unwrap();
+    let rows: Vec<_> = futures_util::TryStreamExt::try_collect::<Vec<_>>(copied).await.unwrap();
+    assert_eq!(rows.concat(), b"1\n".as_slice());
+    p.no_turn_held("COPY TO STDOUT").await;
+    c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    assert_eq!(p.turns_held(), 1, "an open transaction keeps it");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    p.no_turn_held("ROLLBACK").await;
+    // A client that leaves in the middle of its transaction gives its turn back too.
+    c.batch_execute("BEGIN").await.unwrap();
+    drop(c);
+    p.no_turn_held("a client gone in its transaction").await;
+    let next = p.connect(&acme).await;
+    next.query_one("SELECT 1", &[]).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_session_that_waits_longer_than_pool_wait_timeout_secs_is_ended_with_53300() {
+    let p = limited(1, Duration::from_secs(1));
+    let acme = key("acme", Environment::Development).await;
+    let (a, b) = (p.connect(&acme).await, p.connect(&acme).await);
+    a.batch_execute("BEGIN").await.unwrap();
+    let err = b.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(code(&err), "53300", "{err}");
+    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert!(message.contains("pool_max_active = 1"), "{message}");
+    // FATAL: the session is over.
+    assert!(b.batch_execute("SELECT 1").await.unwrap_err().is_closed());
+    assert_eq!(p.proxy.pool.active.stats.wait_timeouts.load(Ordering::Relaxed), 1);
+    // The session holding the turn goes on, and gives it back at its end.
+    a.batch_execute("SELECT 1; COMMIT").await.unwrap();
+    p.no_turn_held("COMMIT").await;
+    p.connect(&acme).await.query_one("SELECT 1", &[]).await.unwrap();
+}
