@@ -325,6 +325,10 @@ impl ClientToUpstream<'_> {
         loop {
             while let Some(frame) = frame::split_frontend(&mut self.buf, self.max_message)? {
                 if frame.tag == b'X' {
+                    if !out.is_empty() {
+                        // What came before Terminate in the same read still runs upstream.
+                        self.take_turn().await?;
+                    }
                     if self.pooled {
                         cancels_through(self.cancels_in_flight.as_deref(), &self.tracker).await;
                         self.upstream.write_all(&out).await?;
