@@ -230,13 +230,9 @@ impl ActiveLimit {
         if let Ok(turn) = Arc::clone(turns).try_acquire_owned() {
             return Ok(Some(turn));
         }
-        let started = Instant::now();
-        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let waiting = Waiting::new(&self.stats);
         let waited = tokio::time::timeout(self.wait_timeout, Arc::clone(turns).acquire_owned()).await;
-        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
-        self.stats.waits.fetch_add(1, Ordering::Relaxed);
-        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.stats.wait_us.fetch_add(took, Ordering::Relaxed);
+        drop(waiting);
         match waited {
             // The semaphore is never closed.
             Ok(turn) => Ok(turn.ok()),
@@ -245,6 +241,29 @@ impl ActiveLimit {
                 Err(WaitedTooLong)
             }
         }
+    }
+}
+
+/// One session's wait, counted in the stats until it ends, also when the session ends first
+/// (its wait dropped).
+struct Waiting<'a> {
+    stats: &'a ActiveStats,
+    started: Instant,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(stats: &'a ActiveStats) -> Waiting<'a> {
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting { stats, started: Instant::now() }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.stats.waits.fetch_add(1, Ordering::Relaxed);
+        let took = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.stats.wait_us.fetch_add(took, Ordering::Relaxed);
     }
 }
 
@@ -365,6 +384,19 @@ mod tests {
         drop(a);
         assert_eq!(limit.in_use(), 1);
         assert!(limit.turn().await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_wait_given_up_is_no_longer_counted_as_waiting() {
+        let limit = ActiveLimit::new(1, Duration::from_secs(30));
+        let _held = limit.turn().await.unwrap();
+        let mut wait = Box::pin(limit.turn());
+        assert!(futures_util::poll!(wait.as_mut()).is_pending());
+        assert_eq!(limit.stats.waiting.load(Ordering::Relaxed), 1);
+        // The session ended while it waited.
+        drop(wait);
+        assert_eq!(limit.stats.waiting.load(Ordering::Relaxed), 0);
+        assert_eq!(limit.stats.waits.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]
