@@ -59,3 +59,33 @@ async fn sessions_still_busy_at_the_timeout_get_57p01() {
     let code = e.as_db_error().map(|d| d.code().code().to_owned());
     assert!(code.as_deref() == Some("57P01") || e.is_closed(), "{e:?}");
 }
+
+/// Under `pool_max_active`, a session waiting for its turn when the drain starts is not idle: it
+/// gets the turn when the transaction holding it ends, runs its statement, then ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_waiting_for_its_turn_runs_its_statement_before_the_drain_ends_it() {
+    let mut settings = fixture().settings.clone();
+    settings.pool.max_active = 1;
+    let running = fixture().start_running(settings);
+    let addr = running.addr;
+    let proxy = std::sync::Arc::clone(&running.proxy);
+    let holder = connect_to(&url(addr)).await.unwrap();
+    let waiter = connect_to(&url(addr)).await.unwrap();
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiting = tokio::spawn(async move {
+        let r = waiter.simple_query("SELECT 2").await.map(|_| ());
+        (r, waiter)
+    });
+    let start = std::time::Instant::now();
+    while proxy.pool.active.stats.waiting.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the second session never waited");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let drain = tokio::spawn(running.drain(Duration::from_secs(20)));
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (result, waiter) = waiting.await.unwrap();
+    assert!(result.is_ok(), "the waiting statement runs once the turn is free: {result:?}");
+    assert!(closed_within(&waiter, Duration::from_secs(10)).await, "then its session ends");
+    assert!(closed_within(&holder, Duration::from_secs(10)).await);
+    assert_eq!(drain.await.unwrap(), 0, "nothing had to be ended by force");
+}
