@@ -181,6 +181,29 @@ impl StatementLog {
         self.segments.push_back(start);
     }
 
+    /// The next `n` boundaries sent and not yet answered get no ReadyForQuery of their own:
+    /// Syncs PostgreSQL read in COPY FROM STDIN's copy-in mode, which it ignores (libpq and
+    /// tokio-postgres send one right after the COPY's Execute). They join the segment after
+    /// them, which began when the first of them did.
+    pub fn boundaries_ignored(&mut self, n: u64) {
+        let n = n.min(self.sent - self.seen);
+        if n == 0 {
+            return;
+        }
+        let first = self.seen + 1;
+        self.sent -= n;
+        for o in &mut self.open {
+            o.closes_at = renumbered(o.closes_at, first, n);
+        }
+        let count = usize::try_from(n).unwrap_or(usize::MAX).min(self.segments.len());
+        let start = self.segments.drain(..count).next();
+        match (start, self.segments.front_mut()) {
+            (Some(start), Some(next)) => *next = start,
+            (Some(start), None) => self.segment_start = Some(start),
+            (None, _) => {}
+        }
+    }
+
     /// A decision on a Query (`own_boundary`: its ReadyForQuery was already counted) or a
     /// Parse (ends with the next Sync).
     pub fn decided(&mut self, event: Event, own_boundary: bool) {
@@ -244,6 +267,19 @@ impl StatementLog {
     /// Decisions still waiting for the server (the session ended): reported as they are.
     pub fn drain(&mut self) -> Vec<Event> {
         self.open.drain(..).map(|o| o.event).collect()
+    }
+}
+
+/// The number of the ReadyForQuery that ends a segment once the `n` boundaries numbered from
+/// `first` turned out to get none (`StatementLog::boundaries_ignored`): a segment that ended at
+/// one of them ends at the next real one, numbered `first` now; later ones move down by `n`.
+pub fn renumbered(closes_at: u64, first: u64, n: u64) -> u64 {
+    if closes_at < first {
+        closes_at
+    } else if closes_at < first + n {
+        first
+    } else {
+        closes_at - n
     }
 }
 
@@ -634,6 +670,30 @@ mod tests {
         log.boundary_sent();
         log.ready();
         assert_eq!(log.busy_since(), None);
+    }
+
+    #[test]
+    fn boundaries_the_server_ignores_join_the_segment_after_them() {
+        assert_eq!(renumbered(3, 5, 2), 3, "ended before them");
+        assert_eq!(renumbered(5, 5, 2), 5, "ended at one of them: at the next real one");
+        assert_eq!(renumbered(6, 5, 2), 5);
+        assert_eq!(renumbered(9, 5, 2), 7, "later ones move down");
+        let mut log = StatementLog::default();
+        // COPY's Parse/Bind/Execute, then the Sync the server will ignore.
+        log.touch();
+        log.decided(ev(), false);
+        log.boundary_sent();
+        log.boundaries_ignored(1);
+        assert!(!log.quiescent(), "the server is mid-exchange");
+        // Its data, CopyDone and the Sync that counts.
+        log.touch();
+        log.boundary_sent();
+        let (done, _) = log.ready();
+        assert_eq!(done.len(), 1, "the COPY's decision ends with the one ReadyForQuery");
+        assert!(log.quiescent());
+        // Never more than is in flight.
+        log.boundaries_ignored(3);
+        assert!(log.quiescent());
     }
 
     fn ev() -> Event {

@@ -67,6 +67,17 @@ impl RefusalTracker {
         self.boundaries_sent += 1;
     }
 
+    /// The next `n` boundaries sent and not yet answered get no ReadyForQuery of their own
+    /// (`StatementLog::boundaries_ignored`).
+    pub fn boundaries_ignored(&mut self, n: u64) {
+        let n = n.min(self.boundaries_sent - self.boundaries_seen);
+        let first = self.boundaries_seen + 1;
+        self.boundaries_sent -= n;
+        for p in &mut self.pending {
+            p.closes_at = crate::events::renumbered(p.closes_at, first, n);
+        }
+    }
+
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }
@@ -147,6 +158,24 @@ mod tests {
         let sql = t.inject(ours());
         assert!(sql.starts_with("SELECT \"struere_refused_n0_1\""));
         t.boundary_sent();
+        let msg = server_error("42883", "function struere_refused_n0_1() does not exist");
+        assert_eq!(t.on_backend(b'E', &msg), BackendAction::Replace(ours()));
+        assert_eq!(t.on_backend(b'Z', b"I"), BackendAction::Forward);
+        assert!(!t.has_pending());
+    }
+
+    #[test]
+    fn a_refusal_after_a_sync_the_server_ignored_is_still_swapped() {
+        let mut t = RefusalTracker::new("n0".into());
+        // COPY … Sync (ignored in copy-in mode), data, CopyDone, Sync; then a refused Parse and
+        // its Sync.
+        t.boundary_sent();
+        t.boundaries_ignored(1);
+        t.boundary_sent();
+        let _ = t.inject(ours());
+        t.boundary_sent();
+        assert_eq!(t.on_backend(b'Z', b"I"), BackendAction::Forward);
+        assert!(t.has_pending(), "the COPY's ReadyForQuery does not close the refusal's segment");
         let msg = server_error("42883", "function struere_refused_n0_1() does not exist");
         assert_eq!(t.on_backend(b'E', &msg), BackendAction::Replace(ours()));
         assert_eq!(t.on_backend(b'Z', b"I"), BackendAction::Forward);

@@ -53,6 +53,12 @@ struct Book {
     open_unit: Synthetic,
     /// Added messages of each round trip sent and not yet answered with ReadyForQuery.
     units: VecDeque<Synthetic>,
+    /// For each of `units`: whether it ended with a Sync and no COPY data had been sent since
+    /// the round trip before it. If the server turns out to be in COPY FROM STDIN's copy-in
+    /// mode (CopyInResponse), it ignores such a Sync (`Book::copy_in_began`).
+    sync_before_copy_data: VecDeque<bool>,
+    /// CopyData, CopyDone or CopyFail went upstream since the last boundary.
+    copy_traffic: bool,
     /// The proxy cancelled the running statement (`statement_timeout_ms`): the server's 57014
     /// for it is reported as a statement timeout.
     timed_out: bool,
@@ -61,11 +67,47 @@ struct Book {
 }
 
 impl Book {
-    /// A message the server answers with exactly one ReadyForQuery was forwarded.
-    fn boundary_sent(&mut self) {
+    /// A message the server answers with exactly one ReadyForQuery (`sync`: a Sync) was
+    /// forwarded.
+    fn boundary_sent(&mut self, sync: bool) {
         self.refusals.boundary_sent();
         self.statements.boundary_sent();
         self.units.push_back(std::mem::take(&mut self.open_unit));
+        self.sync_before_copy_data.push_back(sync && !self.copy_traffic);
+        self.copy_traffic = false;
+    }
+
+    /// The server answered the oldest round trip with ReadyForQuery.
+    fn answered(&mut self) {
+        self.units.pop_front();
+        self.sync_before_copy_data.pop_front();
+    }
+
+    /// The server sent CopyInResponse for the round trip it is answering: it reads COPY data
+    /// now, and ignores every Sync until the copy ends. The Syncs sent after the COPY's Execute
+    /// and before any of its data (libpq and tokio-postgres send one at once) will get no
+    /// ReadyForQuery: their round trips join the next one, in every count kept of them. (A
+    /// Sync sent among the data is counted: were an earlier CopyData to fail, the server would
+    /// read it.)
+    fn copy_in_began(&mut self) {
+        let ignored = self.sync_before_copy_data.iter().take_while(|&&before| before).count();
+        if ignored == 0 {
+            return;
+        }
+        let mut merged = Synthetic::default();
+        for _ in 0..ignored {
+            if let Some(unit) = self.units.pop_front() {
+                merged.absorb(unit);
+            }
+            self.sync_before_copy_data.pop_front();
+        }
+        match self.units.front_mut() {
+            Some(next) => next.absorb(merged),
+            None => self.open_unit.absorb(merged),
+        }
+        let n = u64::try_from(ignored).unwrap_or(u64::MAX);
+        self.refusals.boundaries_ignored(n);
+        self.statements.boundaries_ignored(n);
     }
 
     /// The round trip the server is answering now.
@@ -107,6 +149,8 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         prepared: UpstreamStatements::default(),
         open_unit: Synthetic::default(),
         units: VecDeque::new(),
+        sync_before_copy_data: VecDeque::new(),
+        copy_traffic: false,
         timed_out: false,
         active: crate::pool::ActiveHold::default(),
     }));
@@ -456,7 +500,7 @@ impl ClientToUpstream<'_> {
             b'Q' => {
                 // A simple Query ends the unnamed statement (as the server does).
                 self.unnamed = None;
-                lock(&self.tracker).boundary_sent();
+                lock(&self.tracker).boundary_sent(false);
                 match self.caller {
                     // Forwarded as sent, in whatever encoding the client chose.
                     Caller::Operator => {
@@ -544,14 +588,14 @@ impl ClientToUpstream<'_> {
                     "refused: the fastpath FunctionCall protocol is not supported through the proxy; call the function in SQL"
                         .to_owned(),
                 );
-                lock(&self.tracker).boundary_sent();
+                lock(&self.tracker).boundary_sent(false);
                 let injected = self.refuse(&refusal);
                 self.decided(self.refused(&refusal, None, ""), true);
                 encode_query(out, &injected);
             }
             b'S' => {
                 self.extended_open = false;
-                lock(&self.tracker).boundary_sent();
+                lock(&self.tracker).boundary_sent(true);
                 out.extend_from_slice(&frame.raw);
             }
             b'B' | b'D' | b'C' if !self.caller.is_operator() => {
@@ -568,7 +612,11 @@ impl ClientToUpstream<'_> {
                     "protocol violation: unexpected password message after authentication",
                 ));
             }
-            // The COPY messages carry no SQL text.
+            // CopyData, CopyDone, CopyFail: no SQL text.
+            b'd' | b'c' | b'f' => {
+                lock(&self.tracker).copy_traffic = true;
+                out.extend_from_slice(&frame.raw);
+            }
             _ => out.extend_from_slice(&frame.raw),
         }
         Ok(())
@@ -1188,6 +1236,11 @@ impl UpstreamToClient<'_> {
                 out.extend_from_slice(frame.raw);
                 return Ok(());
             }
+            b'G' => {
+                lock(&self.tracker).copy_in_began();
+                out.extend_from_slice(frame.raw);
+                return Ok(());
+            }
             b'E' => self.pending_usage.errors += 1,
             b'Z' => self.last_status = frame.body.first().copied().unwrap_or(b'E'),
             _ => {
@@ -1204,7 +1257,7 @@ impl UpstreamToClient<'_> {
         });
         let action = tracker.refusals.on_backend(frame.tag, frame.body);
         if frame.tag == b'Z' {
-            tracker.units.pop_front();
+            tracker.answered();
             let unanswered = tracker.units.len();
             tracker.active.ready(self.last_status, unanswered);
             tracker.timed_out = false;

@@ -140,6 +140,15 @@ pub struct Synthetic {
 }
 
 impl Synthetic {
+    /// Take on the answers still owed for `other`, a round trip merged into this one.
+    pub fn absorb(&mut self, other: Synthetic) {
+        self.parse_complete += other.parse_complete;
+        self.bind_complete += other.bind_complete;
+        self.close_complete += other.close_complete;
+        self.no_data += other.no_data;
+        self.names.extend(other.names);
+    }
+
     /// Whether the backend message with this tag is one of the proxy's own (and consume it).
     pub fn swallow(&mut self, tag: u8) -> bool {
         let counter = match tag {

@@ -221,6 +221,14 @@ async fn every_kind_of_round_trip_gives_its_turn_back_when_it_is_answered() {
     let rows: Vec<_> = futures_util::TryStreamExt::try_collect::<Vec<_>>(copied).await.unwrap();
     assert_eq!(rows.concat(), b"1\n".as_slice());
     p.no_turn_held("COPY TO STDOUT").await;
+    let table = unique("turns");
+    c.batch_execute(&format!("CREATE TABLE {table} (n int)")).await.unwrap();
+    let sink = c.copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN")).await.unwrap();
+    futures_util::pin_mut!(sink);
+    futures_util::SinkExt::send(&mut sink, bytes::Bytes::from_static(b"1\n2\n")).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 2);
+    p.no_turn_held("COPY FROM STDIN").await;
+    c.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();
     c.batch_execute("BEGIN; SELECT 1").await.unwrap();
     assert_eq!(p.turns_held(), 1, "an open transaction keeps it");
     c.batch_execute("ROLLBACK").await.unwrap();

@@ -366,3 +366,46 @@ async fn the_proxys_statement_names_are_out_of_the_clients_reach() {
         assert_eq!(tags, "TCZ", "simple round {round}");
     }
 }
+
+/// PostgreSQL ignores a Sync it reads in COPY FROM STDIN's copy-in mode, and libpq and
+/// tokio-postgres send one right after the COPY's Execute: that Sync gets no ReadyForQuery. The
+/// proxy counted one for it, and from then on paired the server's answers with the wrong round
+/// trips: the answers to its own messages of a later bound statement reached the client
+/// (tokio-postgres: "unexpected message").
+#[tokio::test]
+async fn after_an_extended_copy_from_stdin_the_proxys_own_answers_stay_its_own() {
+    use futures_util::SinkExt;
+    let p = Proxied::start().await;
+    let c = p.client().await;
+    let table = unique("copied");
+    c.batch_execute(&format!("CREATE TABLE {table} (n int)")).await.unwrap();
+    let sink = c.copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN")).await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"1\n2\n")).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 2);
+    // A COPY the server fails in the middle of its data: it then waits for the Sync after
+    // the data, the one the client sends at the end.
+    let sink = c.copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN")).await.unwrap();
+    futures_util::pin_mut!(sink);
+    let failed = async {
+        sink.send(bytes::Bytes::from_static(b"3\nnot a number\n")).await?;
+        sink.finish().await
+    };
+    assert_eq!(code(&failed.await.unwrap_err()), "22P02");
+    for round in 0..6 {
+        // Texts of one shape: from the third on, Bind/Describe/Execute of the proxy's own
+        // prepared statement, whose ParseComplete and BindComplete the client must not see.
+        let rows = c.simple_query(&format!("SELECT n FROM {table} WHERE n = {}", 1 + round % 2)).await.unwrap();
+        assert_eq!(table_of(&rows), vec![vec![Some((1 + round % 2).to_string())]], "round {round}");
+        let rows = c.query(&format!("SELECT n FROM {table} WHERE n = $1"), &[&2i32]).await.unwrap();
+        assert_eq!(rows.len(), 1, "round {round}");
+    }
+    assert!(p.counts().1 > 0, "the bound statements were reused");
+    // Refusals keep their place too.
+    assert_eq!(code(&c.query_one("SELECT * FROM pg_authid", &[]).await.unwrap_err()), "42501");
+    assert_eq!(c.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0), 7);
+}
+
+fn table_of(msgs: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
+    table(msgs).1
+}
