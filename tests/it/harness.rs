@@ -232,3 +232,13 @@ pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
+
+/// `COPY table FROM STDIN` of `data` as tokio-postgres sends it (Bind, Execute and Sync, then
+/// the data, CopyDone and Sync): the rows copied.
+pub async fn copy_in(c: &Client, table: &str, data: &'static [u8]) -> Result<u64, tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    let sink = c.copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN")).await?;
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(data)).await?;
+    sink.finish().await
+}

@@ -10,7 +10,7 @@ use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
 use struere_proxy::server::Proxy;
 use tokio_postgres::Client;
 
-use crate::harness::{code, connect_to, fixture, unique};
+use crate::harness::{code, connect_to, copy_in, fixture, unique};
 
 struct Pooled {
     addr: std::net::SocketAddr,
@@ -223,10 +223,7 @@ async fn every_kind_of_round_trip_gives_its_turn_back_when_it_is_answered() {
     p.no_turn_held("COPY TO STDOUT").await;
     let table = unique("turns");
     c.batch_execute(&format!("CREATE TABLE {table} (n int)")).await.unwrap();
-    let sink = c.copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN")).await.unwrap();
-    futures_util::pin_mut!(sink);
-    futures_util::SinkExt::send(&mut sink, bytes::Bytes::from_static(b"1\n2\n")).await.unwrap();
-    assert_eq!(sink.finish().await.unwrap(), 2);
+    assert_eq!(copy_in(&c, &table, b"1\n2\n").await.unwrap(), 2);
     p.no_turn_held("COPY FROM STDIN").await;
     c.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();
     c.batch_execute("BEGIN; SELECT 1").await.unwrap();

@@ -12,7 +12,7 @@ use struere_proxy::auth::identity::{ActorContext, ActorType, Environment};
 use struere_proxy::server::Proxy;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::harness::{code, connect_to, fixture, unique};
+use crate::harness::{code, connect_to, copy_in, fixture, unique};
 use crate::hostile::{Raw, cstr, msg};
 
 struct Proxied {
@@ -374,24 +374,14 @@ async fn the_proxys_statement_names_are_out_of_the_clients_reach() {
 /// (tokio-postgres: "unexpected message").
 #[tokio::test]
 async fn after_an_extended_copy_from_stdin_the_proxys_own_answers_stay_its_own() {
-    use futures_util::SinkExt;
     let p = Proxied::start().await;
     let c = p.client().await;
     let table = unique("copied");
     c.batch_execute(&format!("CREATE TABLE {table} (n int)")).await.unwrap();
-    let sink = c.copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN")).await.unwrap();
-    futures_util::pin_mut!(sink);
-    sink.send(bytes::Bytes::from_static(b"1\n2\n")).await.unwrap();
-    assert_eq!(sink.finish().await.unwrap(), 2);
+    assert_eq!(copy_in(&c, &table, b"1\n2\n").await.unwrap(), 2);
     // A COPY the server fails in the middle of its data: it then waits for the Sync after
     // the data, the one the client sends at the end.
-    let sink = c.copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN")).await.unwrap();
-    futures_util::pin_mut!(sink);
-    let failed = async {
-        sink.send(bytes::Bytes::from_static(b"3\nnot a number\n")).await?;
-        sink.finish().await
-    };
-    assert_eq!(code(&failed.await.unwrap_err()), "22P02");
+    assert_eq!(code(&copy_in(&c, &table, b"3\nnot a number\n").await.unwrap_err()), "22P02");
     for round in 0..6 {
         // Texts of one shape: from the third on, Bind/Describe/Execute of the proxy's own
         // prepared statement, whose ParseComplete and BindComplete the client must not see.
