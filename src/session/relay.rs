@@ -51,14 +51,8 @@ struct Book {
     prepared: UpstreamStatements,
     /// Added messages of the round trip the client has not ended with Sync yet.
     open_unit: Synthetic,
-    /// Added messages of each round trip sent and not yet answered with ReadyForQuery.
-    units: VecDeque<Synthetic>,
-    /// For each of `units`: whether it ended with a Sync and no COPY data had been sent since
-    /// the round trip before it. If the server turns out to be in COPY FROM STDIN's copy-in
-    /// mode (CopyInResponse), it ignores such a Sync (`Book::copy_in_began`).
-    sync_before_copy_data: VecDeque<bool>,
-    /// CopyData, CopyDone or CopyFail went upstream since the last boundary.
-    copy_traffic: bool,
+    /// Each round trip sent and not yet answered with ReadyForQuery.
+    units: VecDeque<Unit>,
     /// The proxy cancelled the running statement (`statement_timeout_ms`): the server's 57014
     /// for it is reported as a statement timeout.
     timed_out: bool,
@@ -66,21 +60,23 @@ struct Book {
     active: crate::pool::ActiveHold,
 }
 
+/// One round trip sent and not yet answered.
+struct Unit {
+    /// The answers to the proxy's own added messages in it.
+    added: Synthetic,
+    /// It ended with a Sync, and no COPY data had gone since the round trip before it. If the
+    /// server turns out to be in COPY FROM STDIN's copy-in mode (CopyInResponse), it ignores
+    /// such a Sync (`Book::copy_in_began`).
+    sync_before_copy_data: bool,
+}
+
 impl Book {
-    /// A message the server answers with exactly one ReadyForQuery (`sync`: a Sync) was
-    /// forwarded.
-    fn boundary_sent(&mut self, sync: bool) {
+    /// A message the server answers with exactly one ReadyForQuery was forwarded;
+    /// `sync_before_copy_data`: see `Unit`.
+    fn boundary_sent(&mut self, sync_before_copy_data: bool) {
         self.refusals.boundary_sent();
         self.statements.boundary_sent();
-        self.units.push_back(std::mem::take(&mut self.open_unit));
-        self.sync_before_copy_data.push_back(sync && !self.copy_traffic);
-        self.copy_traffic = false;
-    }
-
-    /// The server answered the oldest round trip with ReadyForQuery.
-    fn answered(&mut self) {
-        self.units.pop_front();
-        self.sync_before_copy_data.pop_front();
+        self.units.push_back(Unit { added: std::mem::take(&mut self.open_unit), sync_before_copy_data });
     }
 
     /// The server sent CopyInResponse for the round trip it is answering: it reads COPY data
@@ -90,19 +86,16 @@ impl Book {
     /// Sync sent among the data is counted: were an earlier CopyData to fail, the server would
     /// read it.)
     fn copy_in_began(&mut self) {
-        let ignored = self.sync_before_copy_data.iter().take_while(|&&before| before).count();
+        let ignored = self.units.iter().take_while(|u| u.sync_before_copy_data).count();
         if ignored == 0 {
             return;
         }
         let mut merged = Synthetic::default();
-        for _ in 0..ignored {
-            if let Some(unit) = self.units.pop_front() {
-                merged.absorb(unit);
-            }
-            self.sync_before_copy_data.pop_front();
+        for unit in self.units.drain(..ignored) {
+            merged.absorb(unit.added);
         }
         match self.units.front_mut() {
-            Some(next) => next.absorb(merged),
+            Some(next) => next.added.absorb(merged),
             None => self.open_unit.absorb(merged),
         }
         let n = u64::try_from(ignored).unwrap_or(u64::MAX);
@@ -113,7 +106,7 @@ impl Book {
     /// The round trip the server is answering now.
     fn answering(&mut self) -> &mut Synthetic {
         match self.units.front_mut() {
-            Some(unit) => unit,
+            Some(unit) => &mut unit.added,
             None => &mut self.open_unit,
         }
     }
@@ -149,8 +142,6 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         prepared: UpstreamStatements::default(),
         open_unit: Synthetic::default(),
         units: VecDeque::new(),
-        sync_before_copy_data: VecDeque::new(),
-        copy_traffic: false,
         timed_out: false,
         active: crate::pool::ActiveHold::default(),
     }));
@@ -169,6 +160,7 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
         upstream: up_w,
         tracker: Arc::clone(&tracker),
         discard_until_sync: false,
+        copy_traffic: false,
         extended_open: false,
         unnamed: None,
         unnamed_rules: Arc::default(),
@@ -278,6 +270,8 @@ struct ClientToUpstream<'a> {
     tracker: Tracker,
     /// After a refused extended-protocol message the server skips until Sync; so does the proxy.
     discard_until_sync: bool,
+    /// CopyData, CopyDone or CopyFail went upstream since the last boundary.
+    copy_traffic: bool,
     /// Extended-protocol messages were sent since the last Sync (a simple Query then goes as
     /// it is, so that the proxy's added messages never share a round trip with the client's).
     extended_open: bool,
@@ -406,6 +400,14 @@ impl ClientToUpstream<'_> {
         }
     }
 
+    /// A message the server answers with exactly one ReadyForQuery (`sync`: a Sync, which
+    /// copy-in mode would ignore) was forwarded.
+    fn boundary_sent(&mut self, sync: bool) {
+        let sync_before_copy_data = sync && !self.copy_traffic;
+        self.copy_traffic = false;
+        lock(&self.tracker).boundary_sent(sync_before_copy_data);
+    }
+
     /// Under `pool_max_active`, hold a turn before anything goes upstream: at once if the
     /// session holds one (its transaction, or answers still owed) or one is free, else in
     /// order of arrival; ended (53300) after `pool_wait_timeout_secs`.
@@ -500,7 +502,7 @@ impl ClientToUpstream<'_> {
             b'Q' => {
                 // A simple Query ends the unnamed statement (as the server does).
                 self.unnamed = None;
-                lock(&self.tracker).boundary_sent(false);
+                self.boundary_sent(false);
                 match self.caller {
                     // Forwarded as sent, in whatever encoding the client chose.
                     Caller::Operator => {
@@ -588,14 +590,14 @@ impl ClientToUpstream<'_> {
                     "refused: the fastpath FunctionCall protocol is not supported through the proxy; call the function in SQL"
                         .to_owned(),
                 );
-                lock(&self.tracker).boundary_sent(false);
+                self.boundary_sent(false);
                 let injected = self.refuse(&refusal);
                 self.decided(self.refused(&refusal, None, ""), true);
                 encode_query(out, &injected);
             }
             b'S' => {
                 self.extended_open = false;
-                lock(&self.tracker).boundary_sent(true);
+                self.boundary_sent(true);
                 out.extend_from_slice(&frame.raw);
             }
             b'B' | b'D' | b'C' if !self.caller.is_operator() => {
@@ -614,7 +616,7 @@ impl ClientToUpstream<'_> {
             }
             // CopyData, CopyDone, CopyFail: no SQL text.
             b'd' | b'c' | b'f' => {
-                lock(&self.tracker).copy_traffic = true;
+                self.copy_traffic = true;
                 out.extend_from_slice(&frame.raw);
             }
             _ => out.extend_from_slice(&frame.raw),
@@ -629,7 +631,7 @@ impl ClientToUpstream<'_> {
         let Some(chosen) = book.prepared.use_for(&bound.sql, &bound.types) else { return false };
         self.count_use(&chosen);
         // This Query's round trip: its boundary was counted before the rewrite.
-        let Some(unit) = book.units.back_mut() else { return false };
+        let Some(unit) = book.units.back_mut().map(|u| &mut u.added) else { return false };
         if let Use::Prepare { name, close } = &chosen {
             if let Some(old) = close {
                 encode_target(out, b'C', b'S', old);
@@ -1257,7 +1259,7 @@ impl UpstreamToClient<'_> {
         });
         let action = tracker.refusals.on_backend(frame.tag, frame.body);
         if frame.tag == b'Z' {
-            tracker.answered();
+            tracker.units.pop_front();
             let unanswered = tracker.units.len();
             tracker.active.ready(self.last_status, unanswered);
             tracker.timed_out = false;
