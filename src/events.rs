@@ -474,7 +474,7 @@ pub(crate) fn aggregate(batch: Vec<Event>) -> Vec<Aggregate> {
         )
     };
     let mut out: Vec<Aggregate> = Vec::new();
-    let mut index: std::collections::HashMap<Key, usize> = std::collections::HashMap::new();
+    let mut index: std::collections::HashMap<Key, usize, crate::TextHasher> = Default::default();
     for e in batch {
         match index.entry(key_of(&e)) {
             std::collections::hash_map::Entry::Occupied(at) => {

@@ -46,3 +46,11 @@ pub mod rewrite;
 pub mod server;
 pub mod session;
 pub mod upstream;
+
+/// The hasher of the maps the statement path keys by text: the rewrite cache (whole statements
+/// and their shapes' keys, up to 64 KiB each), each upstream connection's named statements (by
+/// rewritten text) and the event writer's aggregation (by caller and statement). SipHash, std's
+/// default, was a sixth of a pgbench `-M simple` transaction in the relay; foldhash costs a
+/// fraction of that. Its seed is drawn per process and no hash leaves it; a client that still
+/// made its texts collide would lengthen one bucket of a bounded map.
+pub(crate) type TextHasher = foldhash::fast::RandomState;

@@ -21,7 +21,7 @@ pub struct Parse<'a> {
 
 /// Read a NUL-terminated UTF-8 string from the front of `b`.
 fn cstr<'a>(msg: &'static str, b: &'a [u8]) -> Result<(&'a str, &'a [u8]), DecodeError> {
-    let nul = b.iter().position(|&c| c == 0).ok_or(DecodeError::Malformed(msg, "string is not NUL-terminated"))?;
+    let nul = memchr::memchr(0, b).ok_or(DecodeError::Malformed(msg, "string is not NUL-terminated"))?;
     let (s, rest) = b.split_at(nul);
     let s = std::str::from_utf8(s).map_err(|_| DecodeError::Malformed(msg, "text is not valid UTF-8"))?;
     Ok((s, rest.get(1..).unwrap_or_default()))

@@ -96,7 +96,7 @@ fn parse_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, StartupError> 
 }
 
 fn cstr(b: &[u8]) -> Result<(&str, &[u8]), StartupError> {
-    let nul = b.iter().position(|&c| c == 0).ok_or(StartupError::Malformed("unterminated string"))?;
+    let nul = memchr::memchr(0, b).ok_or(StartupError::Malformed("unterminated string"))?;
     let (s, rest) = b.split_at(nul);
     let s = std::str::from_utf8(s).map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?;
     Ok((s, rest.get(1..).unwrap_or_default()))

@@ -22,12 +22,9 @@ use crate::auth::identity::ActorContext;
 /// SQL texts longer than this are rewritten every time rather than held in memory.
 pub(crate) const MAX_CACHED_SQL_BYTES: usize = 64 * 1024;
 
-/// The keys' hasher. Every simple-protocol statement the exact cache does not hold hashes its
-/// whole text and then its shape's key (up to 64 KiB each) before a template fill; SipHash
-/// took a seventh of a 1.4 KB statement's fill, foldhash a fraction of that. Its seed is drawn
-/// per process and no hash leaves it; a client that still made its texts collide would lengthen
-/// one bucket of a map that holds at most `capacity` entries (and is cleared when full).
-type KeyHasher = foldhash::fast::RandomState;
+/// The keys' hasher: every simple-protocol statement the exact cache does not hold hashes its
+/// whole text and then its shape's key before a template fill.
+type KeyHasher = crate::TextHasher;
 
 /// Keyed by (caller, text); holds verified rewrites (`Rewritten`) or, for literal-normalised
 /// texts, templates of them (`shape::Template`).

@@ -74,7 +74,7 @@ impl Use {
 /// The named statements of one upstream connection, by rewritten text and parameter types.
 #[derive(Debug, Default)]
 pub struct UpstreamStatements {
-    by_text: HashMap<Arc<str>, Vec<Entry>>,
+    by_text: HashMap<Arc<str>, Vec<Entry>, crate::TextHasher>,
     count: usize,
     next: u64,
 }
