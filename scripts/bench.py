@@ -28,8 +28,9 @@ Everything runs on a throwaway PostgreSQL cluster this script starts (initdb + p
 
 6. Statement cost: pgbench -S's statement and the proxy's rewrite of it (`struere-proxy explain`),
    both directly on PostgreSQL: what executing the guarded statement costs, apart from the relay.
-7. Instructions: the proxy's instructions per pgbench -S transaction under valgrind's callgrind
-   (1 client, per protocol), a count that does not depend on the machine's load.
+7. Instructions: the proxy's and PgBouncer's (session mode) instructions per pgbench -S
+   transaction under valgrind's callgrind (1 client, per protocol), a count that does not depend
+   on the machine's load.
 
 Usage: scripts/bench.sh [--seconds 15] [--reps 3] [--quick] [--phases throughput,statement,policy,memory,misses] ...
 """
@@ -182,7 +183,7 @@ lc_messages = 'C'
 
 
 class PgBouncer:
-    def __init__(self, cluster, name, mode, pool, user, password):
+    def __init__(self, cluster, name, mode, pool, user, password, wrapper=()):
         self.name, self.mode, self.pool = name, mode, pool
         self.port = free_port()
         d = os.path.join(cluster.dir, f"pgbouncer-{name}")
@@ -213,10 +214,11 @@ logfile = {d}/pgbouncer.log
         if IS_ROOT:
             for p in [d] + [os.path.join(d, x) for x in os.listdir(d)]:
                 shutil.chown(p, "postgres", "postgres")
-        self.proc = subprocess.Popen(["pgbouncer", self.ini], stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([*wrapper, "pgbouncer", self.ini], stdout=subprocess.DEVNULL,
                                      stderr=open(os.path.join(cluster.dir, f"pgbouncer-{name}.stderr"), "w"),
                                      start_new_session=True, **as_server_user())
-        for _ in range(100):
+        # Under valgrind it takes seconds to listen.
+        for _ in range(600):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
@@ -836,64 +838,104 @@ def misses(args, bindir, cluster, proxy, key):
 
 
 RELAY_TXNS = 3000
+SHORT_TXNS = 500
 
 
-def relay_instructions(args, bindir, cluster, proxy, config_path):
-    """Instructions the proxy runs per pgbench -S transaction, counted by valgrind's callgrind:
-    unlike CPU time, the count does not depend on what else the machine runs, so a change to
-    the relay path shows as a number a rerun reproduces. One client (each transaction a full
-    round trip, none batched with another), RELAY_TXNS transactions after 200 to warm the
-    caches and the upstream statement, counting switched on for the measured run only. The
+def callgrind_per_transaction(pid, out, mode, pgbench_t, server_user):
+    """Instructions the process `pid` (running under callgrind with --instr-atstart=no) spends per
+    pgbench transaction of `mode`: the least count of three runs of RELAY_TXNS + SHORT_TXNS
+    transactions less the least of three runs of SHORT_TXNS, over RELAY_TXNS. The difference
+    cancels what a connection costs (its authentication above all: a SCRAM exchange is some 10^8
+    instructions in PgBouncer); the least of each cancels work that is not the relay's, which
+    lands in some runs and only ever adds (a usage writer's first connection, the proxy's 30 s
+    catalog refresh). Returns (per transaction, the short runs' counts, the long runs')."""
+    as_user = as_server_user() if server_user else {}
+
+    def counted(n, label):
+        run(["callgrind_control", "-i", "on", str(pid)], **as_user)
+        pgbench_t(mode, n)
+        run(["callgrind_control", "-i", "off", str(pid)], **as_user)
+        before = set(glob.glob(f"{out}.{pid}*"))
+        run(["callgrind_control", "-d", label, str(pid)], **as_user)
+        # The dump holds the costs since the last one: this run's.
+        dumps = set()
+        for _ in range(100):
+            dumps = set(glob.glob(f"{out}.{pid}*")) - before
+            if dumps:
+                break
+            time.sleep(0.1)
+        with open(dumps.pop()) as f:
+            return int(re.search(r"^totals: (\d+)", f.read(), re.M).group(1))
+
+    pgbench_t(mode, 200)
+    shorts, longs = [], []
+    for _ in range(3):
+        shorts.append(counted(SHORT_TXNS, f"{mode}-short"))
+        longs.append(counted(SHORT_TXNS + RELAY_TXNS, f"{mode}-long"))
+    return (min(longs) - min(shorts)) / RELAY_TXNS, shorts, longs
+
+
+def relay_instructions(args, bindir, cluster, proxy, config_path, bench_password):
+    """Instructions the proxy, and PgBouncer in session mode for comparison, run per pgbench -S
+    transaction, counted by valgrind's callgrind: unlike CPU time, the count does not depend on
+    what else the machine runs, so a change to the relay path shows as a number a rerun
+    reproduces. One client (each transaction a full round trip, none batched with another). The
     proxy that served the other phases is stopped first (one demo per database)."""
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         log("instructions: valgrind is missing (apt-get install valgrind); skipped")
         return None
     proxy.stop()
-    out = os.path.join(cluster.dir, "callgrind")
-    wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p"]
-    cg = Proxy(cluster, config_path, os.path.join(cluster.dir, "proxy-callgrind.log"), wrapper)
+    wrapper = lambda out: ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p"]
     results = {}
+    out = os.path.join(cluster.dir, "callgrind")
+    cg = Proxy(cluster, config_path, os.path.join(cluster.dir, "proxy-callgrind.log"), wrapper(out))
     try:
         conn = cg.conninfo(cg.key("development", "acme", "bench"))
         pgbench_t = lambda mode, n: pgbench(bindir, conn, ["-S", "-M", mode, "-c", "1", "-t", str(n)], None)
         for mode in args.modes:
-            pgbench_t(mode, 200)
-            counts = []
-            # The least of three runs: work that is not the relay's lands in some runs and only
-            # ever adds (the usage writer's first connection, a SCRAM exchange, put 19 k
-            # instructions per transaction into one run; the 30 s catalog refresh).
-            for _ in range(3):
-                run(["callgrind_control", "-i", "on", str(cg.pid)])
-                pgbench_t(mode, RELAY_TXNS)
-                run(["callgrind_control", "-i", "off", str(cg.pid)])
-                before = set(glob.glob(f"{out}.{cg.pid}*"))
-                run(["callgrind_control", "-d", mode, str(cg.pid)])
-                # The dump holds the costs since the last one: this run's.
-                dumps = set()
-                for _ in range(50):
-                    dumps = set(glob.glob(f"{out}.{cg.pid}*")) - before
-                    if dumps:
-                        break
-                    time.sleep(0.1)
-                with open(dumps.pop()) as f:
-                    counts.append(int(re.search(r"^totals: (\d+)", f.read(), re.M).group(1)) / RELAY_TXNS)
-            results[mode] = min(counts)
-            log(f"instructions: -M {mode} {', '.join(f'{c:,.0f}' for c in counts)} per transaction")
+            n, shorts, longs = callgrind_per_transaction(cg.pid, out, mode, pgbench_t, server_user=False)
+            results[mode] = {"proxy": n}
+            log(f"instructions: proxy -M {mode} {n:,.0f} per transaction (runs: {shorts}, {longs})")
     finally:
         cg.stop()
+    if not shutil.which("pgbouncer"):
+        log("instructions: pgbouncer is missing; PgBouncer's column skipped")
+        return results
+    # The callgrind files of a process running as the server user go where that user may write.
+    pgb_out = os.path.join(cluster.dir, "callgrind-pgbouncer")
+    os.makedirs(pgb_out)
+    if IS_ROOT:
+        shutil.chown(pgb_out, "postgres", "postgres")
+    pgb = PgBouncer(cluster, "callgrind", "session", PGB_POOL, "bench_user", bench_password,
+                    wrapper(os.path.join(pgb_out, "cg")))
+    try:
+        conn = conninfo("127.0.0.1", pgb.port, "bench_user", bench_password, "app")
+        pgbench_t = lambda mode, n: pgbench(bindir, conn, ["-S", "-M", mode, "-c", "1", "-t", str(n)], None)
+        for mode in args.modes:
+            n, shorts, longs = callgrind_per_transaction(pgb.proc.pid, os.path.join(pgb_out, "cg"), mode, pgbench_t,
+                                                         server_user=True)
+            results[mode]["pgbouncer"] = n
+            log(f"instructions: PgBouncer -M {mode} {n:,.0f} per transaction (runs: {shorts}, {longs})")
+    finally:
+        pgb.stop()
     return results
 
 
 def print_relay_instructions(results):
-    print("\n## Instructions per transaction in the proxy (callgrind)\n")
-    print(f"pgbench -S, 1 client, {RELAY_TXNS:,} transactions after 200 to warm up, the least of three runs; the "
-          "proxy's instructions (all its threads, user space only: system calls count as their libc wrappers) "
-          "divided by the transactions. "
+    print("\n## Instructions per transaction in the proxy and in PgBouncer (callgrind)\n")
+    print(f"pgbench -S, 1 client, after 200 transactions to warm up: the least instructions of three runs of "
+          f"{SHORT_TXNS + RELAY_TXNS:,} transactions less the least of three runs of {SHORT_TXNS:,}, over "
+          f"{RELAY_TXNS:,} (what a connection costs cancels; work that lands in some runs only, such as a catalog "
+          "refresh, is left out); all the process's threads, user space only "
+          "(system calls count as their libc wrappers). PgBouncer 1.18 in session mode, which only relays. "
           "Independent of the machine's load: compare across commits.\n")
-    print("| mode | instructions per transaction |")
-    print("|---|---:|")
-    for mode, n in results.items():
-        print(f"| -M {mode} | {n:,.0f} |")
+    print("| mode | proxy | PgBouncer session | proxy/PgBouncer |")
+    print("|---|---:|---:|---:|")
+    for mode, r in results.items():
+        pgb = r.get("pgbouncer")
+        ratio = f"{r['proxy'] / pgb:.2f}×" if pgb else "–"
+        print(f"| -M {mode} | {r['proxy']:,.0f} | {pgb:,.0f} | {ratio} |" if pgb else
+              f"| -M {mode} | {r['proxy']:,.0f} | – | – |")
 
 
 def print_misses(args, alone, flooded, flood):
@@ -1042,7 +1084,8 @@ def main():
             print_policy(args, res, diffs, problems)
         if "instructions" in phases:
             # Last: it replaces the proxy with one under valgrind.
-            res = relay_instructions(args, bindir, cluster, proxy, os.path.join(cluster.dir, "proxy.toml"))
+            res = relay_instructions(args, bindir, cluster, proxy, os.path.join(cluster.dir, "proxy.toml"),
+                                     bench_password)
             if res:
                 print_relay_instructions(res)
         print(f"\n(total {time.monotonic() - started:.0f} s)")
