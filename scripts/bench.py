@@ -886,12 +886,13 @@ def relay_instructions(args, bindir, cluster, proxy, config_path, bench_password
         return None
     proxy.stop()
     wrapper = lambda out: ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p"]
+    # pgbench -S through `conn`: one client, a number of transactions.
+    one_client = lambda conn: lambda mode, n: pgbench(bindir, conn, ["-S", "-M", mode, "-c", "1", "-t", str(n)], None)
     results = {}
     out = os.path.join(cluster.dir, "callgrind")
     cg = Proxy(cluster, config_path, os.path.join(cluster.dir, "proxy-callgrind.log"), wrapper(out))
     try:
-        conn = cg.conninfo(cg.key("development", "acme", "bench"))
-        pgbench_t = lambda mode, n: pgbench(bindir, conn, ["-S", "-M", mode, "-c", "1", "-t", str(n)], None)
+        pgbench_t = one_client(cg.conninfo(cg.key("development", "acme", "bench")))
         for mode in args.modes:
             n, shorts, longs = callgrind_per_transaction(cg.pid, out, mode, pgbench_t, server_user=False)
             results[mode] = {"proxy": n}
@@ -909,8 +910,7 @@ def relay_instructions(args, bindir, cluster, proxy, config_path, bench_password
     pgb = PgBouncer(cluster, "callgrind", "session", PGB_POOL, "bench_user", bench_password,
                     wrapper(os.path.join(pgb_out, "cg")))
     try:
-        conn = conninfo("127.0.0.1", pgb.port, "bench_user", bench_password, "app")
-        pgbench_t = lambda mode, n: pgbench(bindir, conn, ["-S", "-M", mode, "-c", "1", "-t", str(n)], None)
+        pgbench_t = one_client(conninfo("127.0.0.1", pgb.port, "bench_user", bench_password, "app"))
         for mode in args.modes:
             n, shorts, longs = callgrind_per_transaction(pgb.proc.pid, os.path.join(pgb_out, "cg"), mode, pgbench_t,
                                                          server_user=True)
@@ -933,9 +933,8 @@ def print_relay_instructions(results):
     print("|---|---:|---:|---:|")
     for mode, r in results.items():
         pgb = r.get("pgbouncer")
-        ratio = f"{r['proxy'] / pgb:.2f}×" if pgb else "–"
-        print(f"| -M {mode} | {r['proxy']:,.0f} | {pgb:,.0f} | {ratio} |" if pgb else
-              f"| -M {mode} | {r['proxy']:,.0f} | – | – |")
+        pgb_cells = f"{pgb:,.0f} | {r['proxy'] / pgb:.2f}×" if pgb else "– | –"
+        print(f"| -M {mode} | {r['proxy']:,.0f} | {pgb_cells} |")
 
 
 def print_misses(args, alone, flooded, flood):

@@ -186,12 +186,10 @@ impl StatementLog {
     /// tokio-postgres send one right after the COPY's Execute). They join the segment after
     /// them, which began when the first of them did.
     pub fn boundaries_ignored(&mut self, n: u64) {
-        let n = n.min(self.sent - self.seen);
+        let (first, n) = ignore_in_flight(&mut self.sent, self.seen, n);
         if n == 0 {
             return;
         }
-        let first = self.seen + 1;
-        self.sent -= n;
         for o in &mut self.open {
             o.closes_at = renumbered(o.closes_at, first, n);
         }
@@ -268,6 +266,16 @@ impl StatementLog {
     pub fn drain(&mut self) -> Vec<Event> {
         self.open.drain(..).map(|o| o.event).collect()
     }
+}
+
+/// Of the boundaries `sent`, `seen` of them answered, the next `n` in flight turned out to get
+/// no ReadyForQuery (`StatementLog::boundaries_ignored`, `RefusalTracker::boundaries_ignored`):
+/// takes them off `sent` and returns the number the first of them had and how many there were,
+/// never more than are in flight (nor any, should the server have answered more than was sent).
+pub fn ignore_in_flight(sent: &mut u64, seen: u64, n: u64) -> (u64, u64) {
+    let n = n.min(sent.saturating_sub(seen));
+    *sent -= n;
+    (seen + 1, n)
 }
 
 /// The number of the ReadyForQuery that ends a segment once the `n` boundaries numbered from
@@ -694,6 +702,17 @@ mod tests {
         // Never more than is in flight.
         log.boundaries_ignored(3);
         assert!(log.quiescent());
+    }
+
+    #[test]
+    fn boundaries_ignored_are_at_most_those_in_flight() {
+        let mut sent = 5;
+        assert_eq!(ignore_in_flight(&mut sent, 3, 4), (4, 2));
+        assert_eq!(sent, 3);
+        // A server that answered more than was sent leaves nothing to take off.
+        let mut sent = 2;
+        assert_eq!(ignore_in_flight(&mut sent, 3, 1), (4, 0));
+        assert_eq!(sent, 2);
     }
 
     fn ev() -> Event {

@@ -70,9 +70,7 @@ impl RefusalTracker {
     /// The next `n` boundaries sent and not yet answered get no ReadyForQuery of their own
     /// (`StatementLog::boundaries_ignored`).
     pub fn boundaries_ignored(&mut self, n: u64) {
-        let n = n.min(self.boundaries_sent - self.boundaries_seen);
-        let first = self.boundaries_seen + 1;
-        self.boundaries_sent -= n;
+        let (first, n) = crate::events::ignore_in_flight(&mut self.boundaries_sent, self.boundaries_seen, n);
         for p in &mut self.pending {
             p.closes_at = crate::events::renumbered(p.closes_at, first, n);
         }
