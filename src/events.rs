@@ -458,18 +458,26 @@ pub(crate) struct Aggregate {
 }
 
 pub(crate) fn aggregate(batch: Vec<Event>) -> Vec<Aggregate> {
-    // Everything but the times and counts; the shared parts are compared by content.
-    type Key = (
-        Arc<Origin>,
-        Arc<[String]>,
-        Arc<[String]>,
-        Verdict,
-        Option<String>,
-        Option<String>,
-        Option<Arc<str>>,
-        Option<Arc<str>>,
-    );
-    let key_of = |e: &Event| -> Key {
+    // Two passes, for the same rows as one grouping by content. A session's events share its
+    // origin, and every execution of a cached statement shares the cache's kinds, tables and
+    // hashes, so the batch is first grouped by those allocations (hashing a few addresses, not
+    // the caller's and the statement's strings per event); then the few groups are merged by
+    // content. Equal addresses mean equal contents, and no address is reused within a batch
+    // (every event of it holds its allocations), so the merge sees every content class once
+    // per group. The rows come in the order of each class's first event either way.
+    let by_allocation = group(batch.into_iter().map(Aggregate::of), |e| {
+        (
+            Arc::as_ptr(&e.origin) as usize,
+            Arc::as_ptr(&e.kinds).cast::<String>() as usize,
+            Arc::as_ptr(&e.tables).cast::<String>() as usize,
+            e.verdict,
+            e.reason.clone(),
+            e.sqlstate.clone(),
+            e.policy_version.as_ref().map(|v| Arc::as_ptr(v).cast::<u8>() as usize),
+            e.sql_hash.as_ref().map(|h| Arc::as_ptr(h).cast::<u8>() as usize),
+        )
+    });
+    group(by_allocation.into_iter(), |e| {
         (
             Arc::clone(&e.origin),
             Arc::clone(&e.kinds),
@@ -480,27 +488,45 @@ pub(crate) fn aggregate(batch: Vec<Event>) -> Vec<Aggregate> {
             e.policy_version.clone(),
             e.sql_hash.clone(),
         )
-    };
+    })
+}
+
+/// `items` merged where `key_of` their event is equal, in the order of each key's first item.
+fn group<K: std::hash::Hash + Eq>(
+    items: impl Iterator<Item = Aggregate>,
+    key_of: impl Fn(&Event) -> K,
+) -> Vec<Aggregate> {
     let mut out: Vec<Aggregate> = Vec::new();
-    let mut index: std::collections::HashMap<Key, usize, crate::TextHasher> = Default::default();
-    for e in batch {
-        match index.entry(key_of(&e)) {
+    let mut index: std::collections::HashMap<K, usize, crate::TextHasher> = Default::default();
+    for item in items {
+        match index.entry(key_of(&item.event)) {
             std::collections::hash_map::Entry::Occupied(at) => {
                 if let Some(a) = out.get_mut(*at.get()) {
-                    a.statements += 1;
-                    a.event.rows = a.event.rows.saturating_add(e.rows);
-                    a.event.duration = a.event.duration.saturating_add(e.duration);
-                    a.event.at = a.event.at.min(e.at);
-                    a.last_at = a.last_at.max(e.at);
+                    a.absorb(item);
                 }
             }
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(out.len());
-                out.push(Aggregate { last_at: e.at, event: e, statements: 1 });
+                out.push(item);
             }
         }
     }
     out
+}
+
+impl Aggregate {
+    fn of(event: Event) -> Aggregate {
+        Aggregate { last_at: event.at, event, statements: 1 }
+    }
+
+    /// Counts `other`'s decisions in this row (same key).
+    fn absorb(&mut self, other: Aggregate) {
+        self.statements += other.statements;
+        self.event.rows = self.event.rows.saturating_add(other.event.rows);
+        self.event.duration = self.event.duration.saturating_add(other.event.duration);
+        self.event.at = self.event.at.min(other.event.at);
+        self.last_at = self.last_at.max(other.last_at);
+    }
 }
 
 /// Arrays become text (`{a,b}`) in the unnest above and are cast back by the column types.
@@ -771,6 +797,36 @@ mod tests {
         assert_eq!(first.event.rows, 6);
         assert_eq!(first.event.duration, Duration::from_micros(30));
         assert!(rows[1..].iter().all(|a| a.statements == 1));
+    }
+
+    #[test]
+    fn shared_and_equal_allocations_group_alike_in_first_seen_order() {
+        // One session's executions of one cached statement share every allocation; another
+        // session's of the same statement are equal in content only.
+        let mut shared = ev();
+        shared.sql_hash = Some("h1".into());
+        shared.kinds = Arc::from(vec!["SelectStmt".to_owned()]);
+        let copy = |e: &Event, ms: u64| Event { at: SystemTime::UNIX_EPOCH + Duration::from_millis(ms), ..e.clone() };
+        let mut other_session = ev();
+        other_session.sql_hash = Some("h1".into());
+        other_session.kinds = Arc::from(vec!["SelectStmt".to_owned()]);
+        let mut other_statement = copy(&shared, 0);
+        other_statement.sql_hash = Some("h2".into());
+        let batch = vec![
+            copy(&other_statement, 1),
+            copy(&shared, 2),
+            copy(&other_session, 3),
+            copy(&shared, 4),
+            copy(&other_statement, 5),
+            copy(&other_session, 6),
+        ];
+        let rows = aggregate(batch);
+        let summary: Vec<_> = rows.iter().map(|a| (a.event.sql_hash.as_deref(), a.statements)).collect();
+        assert_eq!(summary, vec![(Some("h2"), 2), (Some("h1"), 4)]);
+        assert_eq!(
+            (rows[1].event.at, rows[1].last_at),
+            (SystemTime::UNIX_EPOCH + Duration::from_millis(2), SystemTime::UNIX_EPOCH + Duration::from_millis(6))
+        );
     }
 
     #[test]

@@ -87,16 +87,20 @@ impl Splitter {
         // (Not where the splitter wants more bytes: both readers reserve room for the whole
         // message there, up to 1 GiB from a length word, and a second reservation per call
         // slowed the target fiftyfold. `frame`'s unit tests cover partial messages.)
-        if !self.in_startup && self.mode == Mode::Backend && !matches!(res, Ok(None)) {
-            // The relay's in-place reader sees exactly the message the splitter splits off.
+        if !self.in_startup && !matches!(res, Ok(None)) {
+            // The relay's in-place readers see exactly the message the splitter splits off.
             let mut in_place = before.clone();
-            match (frame::backend_message(&mut in_place), &res) {
+            let seen = match self.mode {
+                Mode::Backend => frame::backend_message(&mut in_place),
+                _ => frame::frontend_message(&mut in_place, self.max_message),
+            };
+            match (seen, &res) {
                 (Ok(Some(m)), Ok(Some(Item::Typed(f)))) => {
                     assert_eq!((m.tag, m.body, m.raw), (f.tag, &f.body[..], &f.raw[..]), "in place vs split");
                 }
                 (Ok(None), Ok(None)) => {}
                 (Err(a), Err(b)) => assert_eq!(&a, b, "in place vs split"),
-                (seen, split) => panic!("backend_message gave {seen:?}, split_backend {split:?}"),
+                (seen, split) => panic!("the in-place reader gave {seen:?}, the splitter {split:?}"),
             }
         }
         match &res {

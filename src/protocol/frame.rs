@@ -16,7 +16,7 @@ pub const MAX_STARTUP_PACKET: usize = 10_000;
 /// The largest message PostgreSQL will ever accept or send (1 GiB - 1).
 pub const MAX_PROTOCOL_MESSAGE: usize = 0x3fff_ffff;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum FrameError {
     #[error("invalid message length {0}")]
     BadLength(i64),
@@ -54,27 +54,20 @@ fn frontend_body_limit(tag: u8, configured: usize) -> usize {
 /// Split one typed frontend message off the front of `buf`, or `Ok(None)` if more bytes are needed.
 /// On error the connection must be closed: the stream can no longer be trusted to be in step.
 pub fn split_frontend(buf: &mut BytesMut, max_message: usize) -> Result<Option<Frame>, FrameError> {
-    let Some(&tag) = buf.first() else {
-        return Ok(None);
-    };
-    if !is_frontend_tag(tag) {
-        return Err(FrameError::UnknownType(tag));
-    }
-    let limit = frontend_body_limit(tag, max_message);
-    split_typed(buf, limit)
+    let total = frontend_message(buf, max_message)?.map(|m| m.raw.len());
+    Ok(total.map(|total| split_off(buf, total)))
 }
 
 /// Split one backend message (tag + length + body). The server is trusted more than a client,
 /// but its bytes are still never indexed blindly.
 pub fn split_backend(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-    if buf.is_empty() {
-        return Ok(None);
-    }
-    split_typed(buf, MAX_PROTOCOL_MESSAGE)
+    let total = backend_message(buf)?.map(|m| m.raw.len());
+    Ok(total.map(|total| split_off(buf, total)))
 }
 
-/// One complete backend message, read where it lies in the buffer: the relay's way, which hands
-/// out no reference-counted handle per message (rows come one message each).
+/// One complete typed message, read where it lies in the buffer: the relay's way, which hands
+/// out no reference-counted handle per message (rows come one message each, and a prepared
+/// statement's execution is three client messages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Message<'a> {
     pub tag: u8,
@@ -84,10 +77,28 @@ pub struct Message<'a> {
     pub raw: &'a [u8],
 }
 
+/// The frontend message at the front of `buf`, left there (the caller advances past
+/// `raw.len()` bytes), or `Ok(None)` if more bytes are needed; checked as `split_frontend`
+/// checks it (which splits off exactly this message).
+pub fn frontend_message(buf: &mut BytesMut, max_message: usize) -> Result<Option<Message<'_>>, FrameError> {
+    let Some(&tag) = buf.first() else {
+        return Ok(None);
+    };
+    if !is_frontend_tag(tag) {
+        return Err(FrameError::UnknownType(tag));
+    }
+    let limit = frontend_body_limit(tag, max_message);
+    in_place(buf, limit)
+}
+
 /// The backend message at the front of `buf`, left there (the caller advances past
 /// `raw.len()` bytes), or `Ok(None)` if more bytes are needed.
 pub fn backend_message(buf: &mut BytesMut) -> Result<Option<Message<'_>>, FrameError> {
-    let Some(total) = complete_len(buf, MAX_PROTOCOL_MESSAGE)? else {
+    in_place(buf, MAX_PROTOCOL_MESSAGE)
+}
+
+fn in_place(buf: &mut BytesMut, body_limit: usize) -> Result<Option<Message<'_>>, FrameError> {
+    let Some(total) = complete_len(buf, body_limit)? else {
         return Ok(None);
     };
     let (Some(raw), Some(&tag)) = (buf.get(..total), buf.first()) else {
@@ -96,14 +107,10 @@ pub fn backend_message(buf: &mut BytesMut) -> Result<Option<Message<'_>>, FrameE
     Ok(Some(Message { tag, body: raw.get(5..).unwrap_or_default(), raw }))
 }
 
-fn split_typed(buf: &mut BytesMut, body_limit: usize) -> Result<Option<Frame>, FrameError> {
-    let Some(total) = complete_len(buf, body_limit)? else {
-        return Ok(None);
-    };
-    let Some(&tag) = buf.first() else { return Ok(None) };
+/// The first `total` bytes of `buf` (a whole message `in_place` found) as a `Frame`.
+fn split_off(buf: &mut BytesMut, total: usize) -> Frame {
     let raw = buf.split_to(total).freeze();
-    let body = raw.slice(5..);
-    Ok(Some(Frame { tag, body, raw }))
+    Frame { tag: raw.first().copied().unwrap_or_default(), body: raw.slice(5..), raw }
 }
 
 /// The length of the typed message at the front of `buf` (tag, length word, body) once all of
@@ -225,6 +232,30 @@ mod tests {
     }
 
     #[test]
+    fn frontend_messages_are_read_in_place_and_checked_as_split() {
+        let bind = b"\0s1\0\0\0\0\0\0\0";
+        let mut buf = msg(b'B', bind);
+        buf.extend_from_slice(&msg(b'S', b""));
+        let first = frontend_message(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!((first.tag, first.body, first.raw.len()), (b'B', &bind[..], bind.len() + 5));
+        let len = first.raw.len();
+        buf.advance(len);
+        assert_eq!(frontend_message(&mut buf, 1 << 20).unwrap().map(|m| (m.tag, m.body)), Some((b'S', &b""[..])));
+        // The same refusals as the splitter's: type, length, and the per-type limit.
+        let mut unknown = msg(b'!', b"");
+        assert_eq!(frontend_message(&mut unknown, 100), Err(FrameError::UnknownType(b'!')));
+        let mut fat_sync = msg(b'S', b"x");
+        assert!(matches!(frontend_message(&mut fat_sync, 100), Err(FrameError::TooLarge { .. })));
+        let mut neg = BytesMut::from(&[b'Q', 0xff, 0xff, 0xff, 0xff][..]);
+        assert_eq!(frontend_message(&mut neg, 100), Err(FrameError::BadLength(-1)));
+        let full = msg(b'Q', b"SELECT 1\0");
+        for cut in 0..full.len() {
+            let mut partial = BytesMut::from(&full[..cut]);
+            assert_eq!(frontend_message(&mut partial, 1 << 20), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
     fn startup_packets() {
         let mut ssl = BytesMut::from(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f][..]);
         let body = split_startup(&mut ssl).unwrap().unwrap();
@@ -241,8 +272,19 @@ mod tests {
         #[test]
         fn frontend_splitter_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             let mut buf = BytesMut::from(&bytes[..]);
-            while let Ok(Some(f)) = split_frontend(&mut buf, 32) {
-                prop_assert_eq!(f.raw.len(), f.body.len() + 5);
+            loop {
+                // The relay's in-place reader sees exactly what the splitter splits off.
+                let seen = frontend_message(&mut buf.clone(), 32).map(|o| o.map(|m| m.raw.to_vec()));
+                let split = split_frontend(&mut buf, 32);
+                let split_raw = match &split {
+                    Ok(o) => Ok(o.as_ref().map(|f| f.raw.to_vec())),
+                    Err(e) => Err(e.clone()),
+                };
+                prop_assert_eq!(&seen, &split_raw);
+                match split {
+                    Ok(Some(f)) => prop_assert_eq!(f.raw.len(), f.body.len() + 5),
+                    _ => break,
+                }
             }
         }
 

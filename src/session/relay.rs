@@ -29,7 +29,7 @@ use crate::metrics::SessionLimit;
 use crate::net::stream::ClientStream;
 use crate::protocol::backend::parse_error_fields;
 use crate::protocol::backend::{self, Severity, parse_parameter_status};
-use crate::protocol::frame::{self, Frame};
+use crate::protocol::frame;
 use crate::protocol::frontend::{
     decode_bind_names, decode_bind_values, decode_parse, decode_query, decode_target, encode_bind_renamed,
     encode_bind_text, encode_execute_sync, encode_parse, encode_query, encode_target, statement_text_lossy,
@@ -361,28 +361,12 @@ impl ClientToUpstream<'_> {
     async fn run(&mut self) -> Result<bool, SessionEnd> {
         let mut out = BytesMut::with_capacity(8192);
         loop {
-            while let Some(frame) = frame::split_frontend(&mut self.buf, self.max_message)? {
-                if frame.tag == b'X' {
-                    if !out.is_empty() {
-                        // What came before Terminate in the same read still runs upstream.
-                        self.take_turn().await?;
-                    }
-                    if self.pooled {
-                        cancels_through(self.cancels_in_flight.as_deref(), &self.tracker).await;
-                        self.upstream.write_all(&out).await?;
-                        self.upstream.flush().await?;
-                        return Ok(true);
-                    }
-                    out.extend_from_slice(&frame.raw);
-                    self.upstream.write_all(&out).await?;
-                    let _ = self.upstream.shutdown().await;
-                    return Ok(false);
-                }
-                self.rewrite_ahead(&frame).await;
-                let handled = self.handle(frame, &mut out);
-                self.ahead = None;
-                self.refusal_described.set(None);
-                handled?;
+            // Messages are read where they lie (no reference-counted handle per message).
+            let mut buf = std::mem::take(&mut self.buf);
+            let handled = self.handle_buffered(&mut buf, &mut out).await;
+            self.buf = buf;
+            if let Some(pooled) = handled? {
+                return Ok(pooled);
             }
             if !out.is_empty() {
                 cancels_through(self.cancels_in_flight.as_deref(), &self.tracker).await;
@@ -398,6 +382,37 @@ impl ClientToUpstream<'_> {
                 return Err(SessionEnd::ClientClosed);
             }
         }
+    }
+
+    /// Handle every complete message in `buf`; `Some(pooled)` when the client sent Terminate
+    /// (`pooled`: the upstream connection stays open for the pool).
+    async fn handle_buffered(&mut self, buf: &mut BytesMut, out: &mut BytesMut) -> Result<Option<bool>, SessionEnd> {
+        while let Some(frame) = frame::frontend_message(buf, self.max_message)? {
+            if frame.tag == b'X' {
+                if !out.is_empty() {
+                    // What came before Terminate in the same read still runs upstream.
+                    self.take_turn().await?;
+                }
+                if self.pooled {
+                    cancels_through(self.cancels_in_flight.as_deref(), &self.tracker).await;
+                    self.upstream.write_all(out).await?;
+                    self.upstream.flush().await?;
+                    return Ok(Some(true));
+                }
+                out.extend_from_slice(frame.raw);
+                self.upstream.write_all(out).await?;
+                let _ = self.upstream.shutdown().await;
+                return Ok(Some(false));
+            }
+            self.rewrite_ahead(frame).await;
+            let handled = self.handle(frame, out);
+            self.ahead = None;
+            self.refusal_described.set(None);
+            let len = frame.raw.len();
+            handled?;
+            buf.advance(len);
+        }
+        Ok(None)
     }
 
     /// A message the server answers with exactly one ReadyForQuery (`sync`: a Sync, which
@@ -444,7 +459,7 @@ impl ClientToUpstream<'_> {
     /// it out on a blocking thread. A miss costs from a few hundred microseconds up to
     /// `max_rewrite_ms`; on the event loop (one worker thread by default) it would stall every
     /// other session meanwhile. Hits (a lookup, at most a template fill) stay inline.
-    async fn rewrite_ahead(&mut self, frame: &Frame) {
+    async fn rewrite_ahead(&mut self, frame: frame::Message<'_>) {
         let Caller::Environment(actor) = self.caller else { return };
         if self.discard_until_sync {
             return;
@@ -488,7 +503,7 @@ impl ClientToUpstream<'_> {
         self.ahead = Some(Ahead { result, took: started.elapsed(), described });
     }
 
-    fn handle(&mut self, frame: Frame, out: &mut BytesMut) -> Result<(), SessionEnd> {
+    fn handle(&mut self, frame: frame::Message<'_>, out: &mut BytesMut) -> Result<(), SessionEnd> {
         lock(&self.tracker).statements.touch();
         if self.discard_until_sync {
             match frame.tag {
@@ -602,7 +617,7 @@ impl ClientToUpstream<'_> {
             }
             b'B' | b'D' | b'C' if !self.caller.is_operator() => {
                 self.extended_open = true;
-                self.named_message(&frame, out)?;
+                self.named_message(frame, out)?;
             }
             b'B' | b'D' | b'C' | b'E' | b'H' => {
                 self.extended_open = true;
@@ -722,7 +737,7 @@ impl ClientToUpstream<'_> {
 
     /// Bind, Describe and Close of an environment session: the proxy's names are out of reach,
     /// and the unnamed statement may stand for one of the proxy's prepared statements.
-    fn named_message(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), SessionEnd> {
+    fn named_message(&mut self, frame: frame::Message<'_>, out: &mut BytesMut) -> Result<(), SessionEnd> {
         let (statement, portal) = match frame.tag {
             b'B' => {
                 let names = decode_bind_names(&frame.body)?;
