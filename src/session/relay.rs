@@ -465,8 +465,8 @@ impl ClientToUpstream<'_> {
             return;
         }
         let (sql, declared) = match frame.tag {
-            b'Q' => (decode_query(&frame.body).ok(), None),
-            b'P' => match decode_parse(&frame.body) {
+            b'Q' => (decode_query(frame.body).ok(), None),
+            b'P' => match decode_parse(frame.body) {
                 Ok(p) => (Some(p.query), Some(p.param_types)),
                 Err(_) => (None, None),
             },
@@ -521,13 +521,13 @@ impl ClientToUpstream<'_> {
                 match self.caller {
                     // Forwarded as sent, in whatever encoding the client chose.
                     Caller::Operator => {
-                        let sql = statement_text_lossy(b'Q', &frame.body);
+                        let sql = statement_text_lossy(b'Q', frame.body);
                         self.operator_statement(&sql);
                         self.decided(self.forwarded(&sql), true);
-                        out.extend_from_slice(&frame.raw);
+                        out.extend_from_slice(frame.raw);
                     }
                     Caller::Environment(actor) => {
-                        let sql = decode_query(&frame.body)?;
+                        let sql = decode_query(frame.body)?;
                         match self.rewrite(sql, actor).and_then(|rw| self.bindless(rw)) {
                             Ok(rw) => {
                                 self.decided(self.rewritten(&rw), true);
@@ -552,13 +552,13 @@ impl ClientToUpstream<'_> {
                 self.extended_open = true;
                 match self.caller {
                     Caller::Operator => {
-                        let sql = statement_text_lossy(b'P', &frame.body);
+                        let sql = statement_text_lossy(b'P', frame.body);
                         self.operator_statement(&sql);
                         self.decided(self.forwarded(&sql), false);
-                        out.extend_from_slice(&frame.raw);
+                        out.extend_from_slice(frame.raw);
                     }
                     Caller::Environment(actor) => {
-                        let parse = decode_parse(&frame.body)?;
+                        let parse = decode_parse(frame.body)?;
                         match self.rewrite_one(parse.query, &parse.param_types, actor) {
                             Ok(rw) if statements::is_reserved(parse.name) => {
                                 self.refuse_rewritten(reserved_name(parse.name), &rw, actor, parse.query, out);
@@ -613,7 +613,7 @@ impl ClientToUpstream<'_> {
             b'S' => {
                 self.extended_open = false;
                 self.boundary_sent(true);
-                out.extend_from_slice(&frame.raw);
+                out.extend_from_slice(frame.raw);
             }
             b'B' | b'D' | b'C' if !self.caller.is_operator() => {
                 self.extended_open = true;
@@ -621,7 +621,7 @@ impl ClientToUpstream<'_> {
             }
             b'B' | b'D' | b'C' | b'E' | b'H' => {
                 self.extended_open = true;
-                out.extend_from_slice(&frame.raw);
+                out.extend_from_slice(frame.raw);
             }
             b'p' => {
                 return Err(SessionEnd::fatal(
@@ -632,9 +632,9 @@ impl ClientToUpstream<'_> {
             // CopyData, CopyDone, CopyFail: no SQL text.
             b'd' | b'c' | b'f' => {
                 self.copy_traffic = true;
-                out.extend_from_slice(&frame.raw);
+                out.extend_from_slice(frame.raw);
             }
-            _ => out.extend_from_slice(&frame.raw),
+            _ => out.extend_from_slice(frame.raw),
         }
         Ok(())
     }
@@ -740,7 +740,7 @@ impl ClientToUpstream<'_> {
     fn named_message(&mut self, frame: frame::Message<'_>, out: &mut BytesMut) -> Result<(), SessionEnd> {
         let (statement, portal) = match frame.tag {
             b'B' => {
-                let names = decode_bind_names(&frame.body)?;
+                let names = decode_bind_names(frame.body)?;
                 if let Err(refusal) = self.check_bind(names.statement, names.rest)? {
                     self.refuse_extended(refusal, self.caller.actor(), "", out);
                     return Ok(());
@@ -753,7 +753,7 @@ impl ClientToUpstream<'_> {
             }
             tag => {
                 let what = if tag == b'D' { "Describe" } else { "Close" };
-                match decode_target(what, &frame.body)? {
+                match decode_target(what, frame.body)? {
                     (b'S', name) => {
                         if name.is_empty()
                             && let Some(standing) = &self.unnamed
@@ -776,7 +776,7 @@ impl ClientToUpstream<'_> {
                 return Ok(());
             }
         }
-        out.extend_from_slice(&frame.raw);
+        out.extend_from_slice(frame.raw);
         Ok(())
     }
 
