@@ -7,6 +7,7 @@ pub mod io;
 pub mod refusal;
 pub mod relay;
 pub mod statements;
+mod woken;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

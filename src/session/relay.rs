@@ -196,14 +196,10 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
     let result = {
         let c2u = inbound.run();
         let u2c = outbound.run(&mut client_w);
+        let u2c = async { u2c.await.map(|()| false) };
         tokio::pin!(c2u, u2c);
-        tokio::select! {
-            // Both run until the session ends, and each is polled at every wake-up until it is
-            // pending: the order is no matter of fairness, and no random number is drawn.
-            biased;
-            r = &mut c2u => r,
-            r = &mut u2c => r.map(|()| false),
-        }
+        // Both run until the session ends; each is polled only when woken for itself.
+        super::woken::first_to_finish(c2u, u2c).await
     };
     let terminated = matches!(result, Ok(true));
     let result = result.map(|_| ());
