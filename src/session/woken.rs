@@ -82,11 +82,14 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
+    /// The waker a pending `Gate` was last polled with.
+    type Kept = Arc<std::sync::Mutex<Option<Waker>>>;
+
     /// Counts its polls; ready once `open` is set, pending (waking nobody) before.
     struct Gate {
         polls: Arc<AtomicUsize>,
         open: Arc<AtomicBool>,
-        waker: Arc<std::sync::Mutex<Option<Waker>>>,
+        waker: Kept,
     }
 
     impl Future for Gate {
@@ -101,7 +104,7 @@ mod tests {
         }
     }
 
-    fn gate() -> (Gate, Arc<AtomicUsize>, Arc<AtomicBool>, Arc<std::sync::Mutex<Option<Waker>>>) {
+    fn gate() -> (Gate, Arc<AtomicUsize>, Arc<AtomicBool>, Kept) {
         let (polls, open, waker) = (Arc::default(), Arc::default(), Arc::default());
         let g = Gate { polls: Arc::clone(&polls), open: Arc::clone(&open), waker: Arc::clone(&waker) };
         (g, polls, open, waker)
