@@ -382,13 +382,18 @@ async fn after_an_extended_copy_from_stdin_the_proxys_own_answers_stay_its_own()
     // A COPY the server fails in the middle of its data: it then waits for the Sync after
     // the data, the one the client sends at the end.
     assert_eq!(code(&copy_in(&c, &table, b"3\nnot a number\n").await.unwrap_err()), "22P02");
-    for round in 0..6 {
-        // Texts of one shape: from the third on, Bind/Describe/Execute of the proxy's own
-        // prepared statement, whose ParseComplete and BindComplete the client must not see.
+    // Texts of one shape: from the fourth on, Bind/Describe/Execute of the proxy's own prepared
+    // statement, whose ParseComplete and BindComplete the client must not see. Until one was
+    // reused: other tests' DDL in the shared database reloads the catalog, which starts the
+    // rewrite cache (and the shape's template) over.
+    for round in 0..40 {
         let rows = c.simple_query(&format!("SELECT n FROM {table} WHERE n = {}", 1 + round % 2)).await.unwrap();
         assert_eq!(table_of(&rows), vec![vec![Some((1 + round % 2).to_string())]], "round {round}");
         let rows = c.query(&format!("SELECT n FROM {table} WHERE n = $1"), &[&2i32]).await.unwrap();
         assert_eq!(rows.len(), 1, "round {round}");
+        if round >= 5 && p.counts().1 > 0 {
+            break;
+        }
     }
     assert!(p.counts().1 > 0, "the bound statements were reused");
     // Refusals keep their place too.
