@@ -196,10 +196,9 @@ pub async fn run(proxy: &Arc<Proxy>, est: Established) -> Result<(), SessionEnd>
     let result = {
         let c2u = inbound.run();
         let u2c = outbound.run(&mut client_w);
-        let u2c = async { u2c.await.map(|()| false) };
         tokio::pin!(c2u, u2c);
         // Both run until the session ends; each is polled only when woken for itself.
-        super::woken::first_to_finish(c2u, u2c).await
+        super::woken::first_to_finish(c2u, u2c, |r: Result<(), SessionEnd>| r.map(|()| false)).await
     };
     let terminated = matches!(result, Ok(true));
     let result = result.map(|_| ());
