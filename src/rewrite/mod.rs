@@ -467,6 +467,26 @@ fn parameterised_without_gates(
     catch_unwind(AssertUnwindSafe(attempt)).ok().flatten()
 }
 
+/// PostgreSQL's tree of `sql` as the rewriter reads it (`pgparse.c`, run on the deep stack when
+/// the tree needs it), or why not; for the `pgparse` fuzz target, which compares it with
+/// libpg_query's own (`pg_query::parse`). The error is PostgreSQL's message, or the failure's
+/// name (`TooDeep`, `Nul`, ...).
+#[doc(hidden)]
+pub fn postgres_tree(sql: &str) -> Result<pg_query::protobuf::ParseResult, String> {
+    let parse = || {
+        pgparse::parse(sql).map_err(|e| match e {
+            pgparse::Failure::Parse(message) => message,
+            other => format!("{other:?}"),
+        })
+    };
+    match parse() {
+        Err(_) if pgparse::take_deep_stack_request() => {
+            pgparse::on_deep_stack(parse).unwrap_or_else(|| Err("no deep-stack thread".to_owned()))
+        }
+        other => other,
+    }
+}
+
 /// The statement kinds and the relations a text names (CTE names excluded), for the audit
 /// event of a refused text (shared the way `Rewritten::statement_kinds` and `tables` are);
 /// empty when PostgreSQL's parser cannot read it.
