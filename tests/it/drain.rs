@@ -29,10 +29,30 @@ async fn draining_lets_running_work_finish_and_ends_idle_sessions() {
     in_tx.batch_execute("BEGIN; SELECT 1").await.unwrap();
     let busy = connect_to(&url(addr)).await.unwrap();
     let slow = tokio::spawn(async move {
-        let r = busy.simple_query("SELECT pg_sleep(0.5)").await.map(|_| ());
+        let r = busy.simple_query("SELECT pg_sleep(1.37)").await.map(|_| ());
         (r, busy)
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The drain starts once the statement runs upstream (a duration no other test sleeps for),
+    // not after a fixed pause, which a loaded machine's first rewrite of the text can outlast:
+    // the session was then still idle.
+    let owner = fixture().admin().await;
+    let start = std::time::Instant::now();
+    loop {
+        let running: i64 = owner
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%pg_sleep(1.37)%' \
+                 AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running > 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "the statement never ran upstream");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let drain = tokio::spawn(running.drain(Duration::from_secs(20)));
 
     assert!(closed_within(&idle, Duration::from_secs(10)).await, "the idle session ends at once");
