@@ -210,15 +210,10 @@ pb_end(PbOut *out, size_t start)
 #define WRITE_ENUM_FIELD(msgtype, enumtype, outname, outname_json, fldname) \
 	PB_SIGNED(PBF_##msgtype##_##outname, _enumToInt##enumtype(node->fldname));
 
+/* Each item a Node message (_outListItems, below). */
 #define WRITE_LIST_FIELD(msgtype, outname, outname_json, fldname) \
-	if (node->fldname != NULL) { \
-		const ListCell *__lc; \
-		foreach(__lc, node->fldname) { \
-			size_t __s = pb_begin(out, PBF_##msgtype##_##outname); \
-			_outNode(out, lfirst(__lc)); \
-			pb_end(out, __s); \
-		} \
-	}
+	if (node->fldname != NULL) \
+		_outListItems(out, PBF_##msgtype##_##outname, node->fldname);
 
 #define WRITE_BITMAPSET_FIELD(msgtype, outname, outname_json, fldname) \
 	if (!bms_is_empty(node->fldname)) { \
@@ -262,6 +257,7 @@ pb_end(PbOut *out, size_t start)
 
 static void _outNode(PbOut *out, const void *obj);
 
+/* Each item of `node` as a Node message in repeated field `field`. */
 static void
 _outListItems(PbOut *out, uint32_t field, const List *node)
 {
@@ -333,39 +329,35 @@ _outAConst(PbOut *out, const A_Const *node)
 
 	if (!node->isnull)
 	{
-		size_t		s;
-
+		/* The value message for the constant's kind, present even when its value is default. */
+#define CONST_VALUE(field, out_fn, member) \
+		{ \
+			size_t __s = pb_begin(out, (field)); \
+			out_fn(out, &node->val.member); \
+			pb_end(out, __s); \
+		}
 		switch (nodeTag(&node->val.node))
 		{
 			case T_Integer:
-				s = pb_begin(out, PBF_A_Const_ival);
-				_outInteger(out, &node->val.ival);
-				pb_end(out, s);
+				CONST_VALUE(PBF_A_Const_ival, _outInteger, ival);
 				break;
 			case T_Float:
-				s = pb_begin(out, PBF_A_Const_fval);
-				_outFloat(out, &node->val.fval);
-				pb_end(out, s);
+				CONST_VALUE(PBF_A_Const_fval, _outFloat, fval);
 				break;
 			case T_Boolean:
-				s = pb_begin(out, PBF_A_Const_boolval);
-				_outBoolean(out, &node->val.boolval);
-				pb_end(out, s);
+				CONST_VALUE(PBF_A_Const_boolval, _outBoolean, boolval);
 				break;
 			case T_String:
-				s = pb_begin(out, PBF_A_Const_sval);
-				_outString(out, &node->val.sval);
-				pb_end(out, s);
+				CONST_VALUE(PBF_A_Const_sval, _outString, sval);
 				break;
 			case T_BitString:
-				s = pb_begin(out, PBF_A_Const_bsval);
-				_outBitString(out, &node->val.bsval);
-				pb_end(out, s);
+				CONST_VALUE(PBF_A_Const_bsval, _outBitString, bsval);
 				break;
 			default:
 				/* Unreachable, as in libpg_query. */
 				break;
 		}
+#undef CONST_VALUE
 	}
 }
 
@@ -427,6 +419,8 @@ struere_parse_protobuf(const char *input, int parser_options, size_t max_depth, 
 	{
 		const ListCell *lc;
 
+		/* The message is typically three to six times the text: one allocation for most. */
+		pb_reserve(out, 256 + 6 * strlen(input));
 		PB_SIGNED(PBF_ParseResult_version, PG_VERSION_NUM);
 		if (parsed.tree != NULL)
 		{
