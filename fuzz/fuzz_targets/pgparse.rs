@@ -6,7 +6,8 @@
 //! - no crash and no pathological running time, for any text;
 //! - where the proxy's parse succeeds, libpg_query's does, and the two trees are equal;
 //! - where PostgreSQL's parser refuses the text, both report its same message;
-//! - the proxy refuses a tree only as deeper than it decodes (`TooDeep`), never otherwise.
+//! - the proxy refuses a tree only as deeper than it decodes (`TooDeep`) or past PostgreSQL's stack
+//!   budget, never otherwise.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -83,7 +83,7 @@ pub(crate) fn take_deep_stack_request() -> bool {
 /// Why the text did not become a decoded tree.
 #[derive(Debug)]
 pub(crate) enum Failure {
-    /// PostgreSQL's message (a syntax error, or its own stack-depth or protobuf-depth guard).
+    /// PostgreSQL's message (a syntax error, or its stack-depth guard).
     Parse(String),
     /// The tree is deeper than [`MAX_TREE_DEPTH`].
     TooDeep,
@@ -91,7 +91,7 @@ pub(crate) enum Failure {
     NeedsDeepStack,
     /// The text holds a NUL byte.
     Nul,
-    /// libpg_query's bytes did not decode.
+    /// The message `pgparse.c` wrote did not decode (a string that is not UTF-8).
     Decode(String),
 }
 
