@@ -22,8 +22,6 @@ fn main() {
         Ok(dir) => dir,
         Err(e) => panic!("struere-proxy build: {e}"),
     };
-    // The tests compare `pgparse.c`'s message with libpg_query's own, and read its sources.
-    println!("cargo:rustc-env=STRUERE_PG_QUERY_SRC_DIR={}", src.display());
     let lib = src.join("libpg_query");
     let proto = lib.join("protobuf/pg_query.proto");
     println!("cargo:rerun-if-changed={}", proto.display());
