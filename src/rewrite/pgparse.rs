@@ -495,10 +495,17 @@ mod tests {
     }
 
     /// The same over every statement of PostgreSQL's own SQL scripts (the server's catalog
-    /// views, information schema and extension scripts, from Debian's PostgreSQL 15 packages).
+    /// views, information schema and extension scripts, from Debian's PostgreSQL server package:
+    /// the newest major version installed).
     #[test]
     fn pgparse_c_matches_libpg_query_over_postgresqls_scripts() {
-        let share = Path::new("/usr/share/postgresql/15");
+        let root = Path::new("/usr/share/postgresql");
+        let share = std::fs::read_dir(root)
+            .unwrap_or_else(|e| panic!("{}: {e} (PostgreSQL's server package installs it)", root.display()))
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .max()
+            .map(|major| root.join(major.to_string()))
+            .unwrap_or_else(|| panic!("no PostgreSQL version under {}", root.display()));
         let mut files: Vec<_> = [share.to_path_buf(), share.join("extension")]
             .iter()
             .flat_map(|d| std::fs::read_dir(d).unwrap_or_else(|e| panic!("{}: {e}", d.display())))
