@@ -780,10 +780,12 @@ async fn key_brute_force_is_slowed_per_address_and_a_real_key_is_not() {
         messages.push(e.as_db_error().unwrap().message().to_owned());
     }
     assert!(messages.iter().all(|m| m == &messages[0]), "{messages:?}");
-    // 100 ms, 200 ms, 400 ms, 800 ms, 1.6 s: each failure waits longer.
-    assert!(delays[0] >= Duration::from_millis(90), "{delays:?}");
-    assert!(delays[4] >= Duration::from_millis(1500), "{delays:?}");
-    assert!(delays[4] > delays[2] && delays[2] > delays[0], "{delays:?}");
+    // 100 ms, 200 ms, 400 ms, 800 ms, 1.6 s: each failure waits longer. Lower bounds only (a
+    // loaded machine only adds; comparing two attempts' times failed once, when the first one,
+    // a fresh proxy's first connection, took 480 ms).
+    for (i, delay) in delays.iter().enumerate() {
+        assert!(*delay >= Duration::from_millis(90 << i), "attempt {}: {delays:?}", i + 1);
+    }
     // The right key is never delayed, however many failures came before from this address.
     let started = Instant::now();
     let c = crate::harness::connect_to(&url(&f.dev_key)).await.expect("the real key connects");
