@@ -479,12 +479,7 @@ pub fn postgres_tree(sql: &str) -> Result<pg_query::protobuf::ParseResult, Strin
             other => format!("{other:?}"),
         })
     };
-    match parse() {
-        Err(_) if pgparse::take_deep_stack_request() => {
-            pgparse::on_deep_stack(parse).unwrap_or_else(|| Err("no deep-stack thread".to_owned()))
-        }
-        other => other,
-    }
+    pgparse::with_deep_stack_retry(parse, || "no deep-stack thread".to_owned())
 }
 
 /// The statement kinds and the relations a text names (CTE names excluded), for the audit
@@ -545,14 +540,10 @@ fn rewrite_guarded(
         }
     };
     // A tree too deep to decode on this stack (the client's, or one the rewrite built) sends the
-    // whole statement to the deep stack, where every parse and walk of it runs again.
-    pgparse::take_deep_stack_request();
-    match run() {
-        Err(_) if pgparse::take_deep_stack_request() => pgparse::on_deep_stack(run).unwrap_or_else(|| {
-            Err(Refusal::TooComplex("refused: the statement is nested too deeply for the proxy's stack".to_owned()))
-        }),
-        done => done,
-    }
+    // whole statement to the deep stack.
+    pgparse::with_deep_stack_retry(run, || {
+        Refusal::TooComplex("refused: the statement is nested too deeply for the proxy's stack".to_owned())
+    })
 }
 
 fn pipeline(

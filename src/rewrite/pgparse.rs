@@ -18,8 +18,8 @@
 //! of stack per level, so two bounds apply to the message's depth, which `pgparse.c` measures
 //! while writing it, before prost (built with `no-recursion-limit`) decodes it:
 //! - on an ordinary stack (a tokio worker's 2 MiB) at most [`ORDINARY_STACK_DEPTH`] levels; a
-//!   deeper tree is not decoded, and the request is noted ([`take_deep_stack_request`]), so that
-//!   the rewriter can run the statement again on a stack of its own ([`on_deep_stack`]);
+//!   deeper tree is not decoded, and the request is noted, so that the rewriter runs the whole
+//!   statement again on a stack of its own ([`with_deep_stack_retry`]);
 //! - on that stack at most [`MAX_TREE_DEPTH`] levels: deeper is refused (54000); `pgparse.c`
 //!   stops writing there.
 
@@ -52,7 +52,7 @@ thread_local! {
 /// [`MAX_TREE_DEPTH`] decode (or here, if this is such a thread already); `None` when no thread
 /// could be started. A thread, not a stack switch on this one (`stacker`): libpg_query sizes its
 /// own stack-depth check from the thread's stack, which a switched stack is not part of.
-pub(crate) fn on_deep_stack<T: Send>(f: impl FnOnce() -> T + Send) -> Option<T> {
+fn on_deep_stack<T: Send>(f: impl FnOnce() -> T + Send) -> Option<T> {
     if ON_DEEP_STACK.get() {
         return Some(f());
     }
@@ -74,9 +74,23 @@ pub(crate) fn on_deep_stack<T: Send>(f: impl FnOnce() -> T + Send) -> Option<T> 
     })
 }
 
+/// `run`, and when a tree was too deep to decode on this stack while it ran and it failed, `run`
+/// again on the deep stack (where every parse and walk it makes runs again); `no_thread`'s error
+/// when that thread could not start.
+pub(crate) fn with_deep_stack_retry<T: Send, E: Send>(
+    run: impl Fn() -> Result<T, E> + Send,
+    no_thread: impl FnOnce() -> E,
+) -> Result<T, E> {
+    take_deep_stack_request();
+    match run() {
+        Err(_) if take_deep_stack_request() => on_deep_stack(run).unwrap_or_else(|| Err(no_thread())),
+        done => done,
+    }
+}
+
 /// Whether a decode was declined for want of the deep stack since the last call (and forgets
 /// it).
-pub(crate) fn take_deep_stack_request() -> bool {
+fn take_deep_stack_request() -> bool {
     DEEP_STACK_REQUESTED.replace(false)
 }
 
